@@ -1,0 +1,1 @@
+"""The cache_store service of kvcluster."""

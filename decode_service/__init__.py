@@ -1,0 +1,1 @@
+"""The decode_service service of kvcluster."""

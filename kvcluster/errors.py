@@ -1,0 +1,30 @@
+"""Typed errors. Code raises these; one gRPC interceptor maps them to status codes."""
+
+
+class KVClusterError(Exception):
+    """Base of every error kvcluster raises on purpose."""
+
+
+class InvalidArgument(KVClusterError):
+    """Bad input from a caller. The message names the field and the limit."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class ResourceExhausted(KVClusterError):
+    """Overload or a full pool: the caller may retry later."""
+
+
+class NotFound(KVClusterError):
+    """A block or key that is not (or no longer) held. Internally becomes a recompute."""
+
+
+class Unavailable(KVClusterError):
+    """A dependency (store, Redis, prefill service) cannot be reached."""
+
+
+class IntegrityError(KVClusterError):
+    """A block failed its checksum, fingerprint, layout or token check."""

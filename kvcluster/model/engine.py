@@ -1,0 +1,222 @@
+"""The in-process engine: continuous batching over a paged KV pool.
+
+Each `step()` is either one prefill step (waiting sequences, chunked under a token budget,
+batched into one forward) or one decode step (every running sequence advances one token).
+Blocks are allocated on demand; when the pool runs dry a running sequence is preempted by
+recomputation (its blocks freed, its tokens prefilled again later), as vLLM does. Sampling is
+stateless per step, so a preempted sequence continues exactly where it stopped.
+"""
+
+import itertools
+from collections import deque
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvcluster.blocks import Fingerprint, make_fingerprint
+from kvcluster.errors import InvalidArgument, ResourceExhausted
+from kvcluster.kvpool import KVPool
+from kvcluster.model.gguf_loader import load_gguf
+from kvcluster.model.llama import DecodeSeq, LlamaModel, LlamaWeights, ModelConfig, PrefillSeq
+from kvcluster.model.sampling import SamplingParams, sample
+from kvcluster.model.sequence import FinishReason, Sequence, TokenEvent
+from kvcluster.model.tokenizer import Tokenizer
+
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of one engine (one pool, one model)."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    kv_capacity_bytes: int = DEFAULT_KV_BYTES
+    max_batch: int = 16                 # sequences decoded together
+    max_prefill_tokens: int = 512       # prompt tokens computed per prefill step (chunking)
+
+
+class Engine:
+    """Owns the model and its KV pool. Not thread-safe: one engine thread drives it."""
+
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, model_digest: bytes, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[model.dtype]
+        self.layout = model.config.kv_layout(config.block_size, dtype)
+        self.fingerprint: Fingerprint = make_fingerprint(model_digest, self.layout.canonical())
+        self.pool = KVPool.from_budget(self.layout, config.kv_capacity_bytes, model.device)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._ids = itertools.count()
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def check_prompt(self, prompt_ids: Seq[int], field: str = "prompt") -> None:
+        """Raise InvalidArgument unless the prompt can be served."""
+        limit = self.model_config.context_length - 1
+        if not prompt_ids:
+            raise InvalidArgument(field, "must not be empty")
+        if len(prompt_ids) > limit:
+            raise InvalidArgument(field, f"has {len(prompt_ids)} tokens; the limit is {limit} (context {limit + 1} minus one output token)")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidArgument("token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None,
+                    block_table: Seq[int] = (), num_computed: int = 0, output_ids: Seq[int] = ()) -> Sequence:
+        """Queue a request. `block_table`/`num_computed` hand over K/V already in the pool (pulled from a
+        cache); `output_ids` hands over tokens already sampled elsewhere (e.g. a prefill worker's first)."""
+        self.check_prompt(prompt_ids)
+        params.validate(self.model_config.vocab_size, self.model_config.context_length)
+        seq = Sequence.create(request_id or f"req-{next(self._ids)}", prompt_ids, params.with_seed(),
+                              self.tokenizer, self.model_config.context_length)
+        seq.block_table, seq.num_computed = list(block_table), num_computed
+        for token_id in output_ids:
+            seq.append_token(token_id)
+        queue = self.running if seq.num_computed == seq.num_tokens - 1 and output_ids else self.waiting
+        queue.append(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        for queue in (self.waiting, self.running):
+            for seq in list(queue):
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    seq.finish_reason = FinishReason.CANCELLED
+                    self._release(seq)
+                    return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- stepping ------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """One prefill step if a waiting sequence fits, else one decode step."""
+        events = self._prefill_step()
+        if events is None:
+            events = self._decode_step()
+        for seq in [s for s in self.running if s.finish_reason]:
+            self.running.remove(seq)
+            self._release(seq)
+        return events
+
+    def _prefill_step(self) -> list[TokenEvent] | None:
+        budget, bs = self.config.max_prefill_tokens, self.config.block_size
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in self.waiting:
+            if budget == 0 or len(self.running) + len(chunks) >= self.config.max_batch:
+                break
+            count = min(seq.num_tokens - seq.num_computed, budget)
+            slots = self.pool.allocate(seq.blocks_needed(seq.num_computed + count, bs))
+            if slots is None:
+                break
+            seq.block_table.extend(slots)
+            chunks.append((seq, count))
+            budget -= count
+        if not chunks:
+            if self.waiting and not self.running:
+                raise ResourceExhausted(f"KV pool of {self.pool.num_blocks} blocks cannot hold the next prompt")
+            return None
+        logits = self.model.prefill(self.pool.kv, [
+            PrefillSeq(seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.block_table)
+            for seq, n in chunks])
+        done = []
+        for (seq, n), row in zip(chunks, range(len(chunks))):
+            seq.num_computed += n
+            if seq.num_computed == seq.num_tokens:
+                done.append((seq, row))
+        for seq, _ in done:
+            self.waiting.remove(seq)
+            self.running.append(seq)
+        return self._sample([s for s, _ in done], logits[[row for _, row in done]])
+
+    def _decode_step(self) -> list[TokenEvent]:
+        bs = self.config.block_size
+        batch = self.running[: self.config.max_batch]
+        for seq in list(batch):
+            while seq in batch and seq.blocks_needed(seq.num_tokens, bs):
+                slots = self.pool.allocate(1)
+                if slots is None:
+                    self._preempt(batch.pop())
+                    continue
+                seq.block_table.extend(slots)
+        if not batch:
+            return []
+        logits = self.model.decode(self.pool.kv, [
+            DecodeSeq(seq.token_ids[-1], seq.num_tokens - 1, seq.block_table) for seq in batch])
+        for seq in batch:
+            seq.num_computed = seq.num_tokens
+        # Sequences past max_batch rotate to the back so every one advances in turn.
+        self.running = self.running[len(batch):] + batch
+        return self._sample(batch, logits)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        tokens = sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+        return [seq.append_token(t) for seq, t in zip(seqs, tokens)]
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table, seq.num_computed = [], 0
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+
+    # ---- convenience drivers (CLI, tests, benchmarks) ---------------------------------------
+
+    def generate(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        """Stream one request's tokens (other queued requests advance alongside)."""
+        seq = self.add_request(prompt_ids, params)
+        while seq.finish_reason is None:
+            yield from (e for e in self.step() if e.request_id == seq.request_id)
+
+    def generate_batch(self, prompts: Seq[Seq[int]], params: SamplingParams) -> list[list[int]]:
+        """Output ids of several prompts run together with continuous batching."""
+        seqs = [self.add_request(p, params) for p in prompts]
+        while any(s.finish_reason is None for s in seqs):
+            self.step()
+        return [s.output_ids for s in seqs]
+
+    def generate_no_cache(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        """The exactness reference: recompute the whole sequence from scratch for every token."""
+        self.check_prompt(prompt_ids)
+        params.validate(self.model_config.vocab_size, self.model_config.context_length)
+        seq = Sequence.create("no-cache", prompt_ids, params.with_seed(), self.tokenizer, self.model_config.context_length)
+        while seq.finish_reason is None:
+            slots = self.pool.allocate(seq.blocks_needed(seq.num_tokens, self.config.block_size))
+            if slots is None:
+                raise ResourceExhausted("KV pool too small for a no-cache recompute")
+            try:
+                logits = self.model.prefill(self.pool.kv, [PrefillSeq(seq.token_ids, 0, slots)])
+            finally:
+                self.pool.free(slots)
+            yield seq.append_token(sample(logits, [seq.params], [len(seq.output_ids)])[0])
+
+
+def load_engine(model_path: str | Path | None = None, device: str | None = None,
+                config: EngineConfig = EngineConfig()) -> Engine:
+    """Load a GGUF (the default SmolLM2 when None): fp32 on CPU, fp16 on CUDA."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gguf_model = load_gguf(model_path)
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    model = LlamaModel(gguf_model.config, gguf_model.weights, device, dtype)
+    return Engine(model, Tokenizer(gguf_model.tokenizer), gguf_model.digest, config)
+
+
+def random_engine(config: ModelConfig, tokenizer: Tokenizer, seed: int = 0, engine_config: EngineConfig = EngineConfig()) -> Engine:
+    """An engine over seeded random weights (tests of the mechanics)."""
+    model = LlamaModel(config, LlamaWeights.random(config, seed))
+    return Engine(model, tokenizer, f"random-{seed}-{config}".encode(), engine_config)

@@ -1,0 +1,84 @@
+"""A request's token sequence as the engine tracks it: blocks, stop conditions, streamed text."""
+
+import enum
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from kvcluster.model.sampling import SamplingParams
+from kvcluster.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"          # EOS, a stop token or a stop string
+    LENGTH = "length"      # max_tokens or the context limit
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class TokenEvent:
+    """One generated token and the text it completed."""
+
+    request_id: str
+    token_id: int
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class Sequence:
+    """Prompt + output ids, the pool blocks holding their KV, and how much of it is computed."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    eos_id: int
+    context_length: int
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0          # leading tokens whose K/V is in the pool
+    finish_reason: FinishReason | None = None
+    text: str = ""                 # output text so far (cut at a stop string)
+    num_emitted_chars: int = 0
+
+    @classmethod
+    def create(cls, request_id: str, prompt_ids: Seq[int], params: SamplingParams, tokenizer: Tokenizer,
+               context_length: int) -> "Sequence":
+        return cls(request_id, list(prompt_ids), params, IncrementalDetokenizer(tokenizer, prompt_ids),
+                   tokenizer.eos_id, context_length)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def blocks_needed(self, num_tokens: int, block_size: int) -> int:
+        """Extra blocks required to hold K/V for the first `num_tokens` tokens."""
+        return max(0, -(-num_tokens // block_size) - len(self.block_table))
+
+    def append_token(self, token_id: int) -> TokenEvent:
+        """Record a sampled token, apply the stop rules, and return the text it releases."""
+        self.output_ids.append(token_id)
+        p = self.params
+        if (token_id == self.eos_id and not p.ignore_eos) or token_id in p.stop_token_ids:
+            self.finish_reason = FinishReason.STOP
+        else:
+            self.text += self.detokenizer.push(token_id)
+            cut = min((i for i in (self.text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                self.finish_reason = FinishReason.STOP
+        if self.finish_reason is None and (len(self.output_ids) >= p.max_tokens or self.num_tokens >= self.context_length):
+            self.finish_reason = FinishReason.LENGTH
+        return TokenEvent(self.request_id, token_id, self._release_text(), self.finish_reason)
+
+    def _release_text(self) -> str:
+        # Hold back a possible stop-string prefix until it is ruled out.
+        held = 0 if self.finish_reason or not self.params.stop else max(map(len, self.params.stop)) - 1
+        end = max(self.num_emitted_chars, len(self.text) - held)
+        delta = self.text[self.num_emitted_chars:end]
+        self.num_emitted_chars = end
+        return delta

@@ -1,0 +1,1 @@
+"""The prefill_service service of kvcluster."""
