@@ -13,8 +13,6 @@ import torch
 LAYOUT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# torch.frombuffer warns on read-only buffers (protobuf bytes); we only ever read from them.
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 @dataclass(frozen=True)
@@ -96,5 +94,8 @@ class KVPool:
         """Write wire-format bytes into `slot`."""
         if len(payload) != self.layout.block_nbytes:
             raise ValueError(f"block payload is {len(payload)} bytes, layout needs {self.layout.block_nbytes}")
-        source = torch.frombuffer(payload, dtype=torch.uint8)
+        with warnings.catch_warnings():
+            # frombuffer warns on read-only buffers (protobuf bytes); this view is only read.
+            warnings.simplefilter("ignore", UserWarning)
+            source = torch.frombuffer(payload, dtype=torch.uint8)
         self.kv[slot].view(torch.uint8).view(-1).copy_(source)

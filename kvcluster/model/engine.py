@@ -52,6 +52,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
+        self.num_preemptions = 0
 
     @property
     def model_config(self) -> ModelConfig:
@@ -166,6 +167,7 @@ class Engine:
         return [seq.append_token(t) for seq, t in zip(seqs, tokens)]
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.pool.free(seq.block_table)
         seq.block_table, seq.num_computed = [], 0

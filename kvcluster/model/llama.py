@@ -199,15 +199,18 @@ class LlamaModel:
         t, nh, d = q.shape
         ctx = num_cached + t
         blocks = kv_layer[table]                                    # [nb, 2, bs, KV, D]
-        k = blocks[:, 0].flatten(0, 1)[:ctx].transpose(0, 1)       # [KV, ctx, D]
-        v = blocks[:, 1].flatten(0, 1)[:ctx].transpose(0, 1)
+        # SDPA takes its fast (flash) CPU kernel only for contiguous 4-D inputs.
+        k = blocks[:, 0].flatten(0, 1)[:ctx].transpose(0, 1).contiguous()[None]  # [1, KV, ctx, D]
+        v = blocks[:, 1].flatten(0, 1)[:ctx].transpose(0, 1).contiguous()[None]
+        q4 = q.transpose(0, 1).contiguous()[None]                   # [1, H, T, D]
         if num_cached == 0:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q4, k, v, is_causal=True, enable_gqa=True)
         else:
             key_pos = torch.arange(ctx, device=q.device)
             query_pos = torch.arange(num_cached, ctx, device=q.device)
             allowed = key_pos[None, :] <= query_pos[:, None]        # [T, ctx]
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=allowed, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q4, k, v, attn_mask=allowed, enable_gqa=True)
+        out = out[0]
         return out.transpose(0, 1).reshape(t, nh * d)
 
     def _attend_batch(self, q: torch.Tensor, kv_layer: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

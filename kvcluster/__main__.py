@@ -1,0 +1,7 @@
+"""`python -m kvcluster`: see kvcluster.cli."""
+
+import sys
+
+from kvcluster.cli import main
+
+sys.exit(main())

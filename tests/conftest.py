@@ -1,0 +1,36 @@
+"""Shared fixtures: the real SmolLM2 engine (loaded once) and a seeded tiny llama."""
+
+import pytest
+
+from kvcluster.model.engine import Engine, EngineConfig, load_engine, random_engine
+from kvcluster.model.gguf_loader import default_model_path, load_gguf
+from kvcluster.model.llama import ModelConfig
+from kvcluster.model.tokenizer import Tokenizer
+
+TINY_CONFIG = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                          intermediate_size=128, vocab_size=49152, rope_theta=10000.0, rms_eps=1e-5,
+                          context_length=512)
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf():
+    return load_gguf(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm_gguf) -> Tokenizer:
+    return Tokenizer(smollm_gguf.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm_engine() -> Engine:
+    return load_engine(device="cpu", config=EngineConfig(kv_capacity_bytes=192 << 20))
+
+
+def make_tiny_engine(tokenizer: Tokenizer, **engine_kwargs) -> Engine:
+    return random_engine(TINY_CONFIG, tokenizer, seed=1234, engine_config=EngineConfig(kv_capacity_bytes=8 << 20, **engine_kwargs))
+
+
+@pytest.fixture
+def tiny_engine(tokenizer) -> Engine:
+    return make_tiny_engine(tokenizer)
