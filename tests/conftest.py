@@ -27,8 +27,10 @@ def smollm_engine() -> Engine:
     return load_engine(device="cpu", config=EngineConfig(kv_capacity_bytes=192 << 20))
 
 
-def make_tiny_engine(tokenizer: Tokenizer, **engine_kwargs) -> Engine:
-    return random_engine(TINY_CONFIG, tokenizer, seed=1234, engine_config=EngineConfig(kv_capacity_bytes=8 << 20, **engine_kwargs))
+def make_tiny_engine(tokenizer: Tokenizer, kv_blocks: int = 1024, **engine_kwargs) -> Engine:
+    block_bytes = TINY_CONFIG.kv_layout(16, "float32").block_nbytes
+    config = EngineConfig(kv_capacity_bytes=kv_blocks * block_bytes, **engine_kwargs)
+    return random_engine(TINY_CONFIG, tokenizer, seed=1234, engine_config=config)
 
 
 @pytest.fixture

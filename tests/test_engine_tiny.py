@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from kvcluster.kvpool import KVPool
-from kvcluster.model.engine import EngineConfig, random_engine
 from kvcluster.model.llama import DecodeSeq, PrefillSeq
 from kvcluster.model.sampling import SamplingParams
-from tests.conftest import TINY_CONFIG, make_tiny_engine
+from tests.conftest import make_tiny_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -60,9 +59,8 @@ def test_chunked_prefill_matches_unchunked(tokenizer):
 def test_preemption_by_recompute_keeps_outputs(tokenizer):
     prompts = [prompt(60, seed=s) for s in range(4)]
     roomy = make_tiny_engine(tokenizer).generate_batch(prompts, GREEDY)
-    block_bytes = TINY_CONFIG.kv_layout(16, "float32").block_nbytes
     # 4 prompts of 60 tokens take 16 blocks; growing past 64 tokens needs 20: someone is preempted.
-    tight = random_engine(TINY_CONFIG, tokenizer, seed=1234, engine_config=EngineConfig(kv_capacity_bytes=18 * block_bytes))
+    tight = make_tiny_engine(tokenizer, kv_blocks=18)
     assert tight.generate_batch(prompts, GREEDY) == roomy
     assert tight.num_preemptions > 0
     assert tight.pool.num_used == 0

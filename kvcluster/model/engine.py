@@ -73,14 +73,19 @@ class Engine:
             raise InvalidArgument("token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})")
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None,
-                    block_table: Seq[int] = (), num_computed: int = 0, output_ids: Seq[int] = ()) -> Sequence:
+                    block_table: Seq[int] = (), num_computed: int = 0, output_ids: Seq[int] = (),
+                    keep_blocks: bool = False) -> Sequence:
         """Queue a request. `block_table`/`num_computed` hand over K/V already in the pool (pulled from a
-        cache); `output_ids` hands over tokens already sampled elsewhere (e.g. a prefill worker's first)."""
+        cache); `output_ids` hands over tokens already sampled elsewhere (e.g. a prefill worker's first).
+        With `keep_blocks` a finished sequence keeps its blocks until the caller's `release(seq)`."""
         self.check_prompt(prompt_ids)
         params.validate(self.model_config.vocab_size, self.model_config.context_length)
+        worst = -(-min(len(prompt_ids) + params.max_tokens, self.model_config.context_length) // self.config.block_size)
+        if worst > self.pool.num_blocks:
+            raise ResourceExhausted(f"prompt + max_tokens need {worst} KV blocks; this worker's pool holds {self.pool.num_blocks}")
         seq = Sequence.create(request_id or f"req-{next(self._ids)}", prompt_ids, params.with_seed(),
                               self.tokenizer, self.model_config.context_length)
-        seq.block_table, seq.num_computed = list(block_table), num_computed
+        seq.block_table, seq.num_computed, seq.keep_blocks = list(block_table), num_computed, keep_blocks
         for token_id in output_ids:
             seq.append_token(token_id)
         queue = self.running if seq.num_computed == seq.num_tokens - 1 and output_ids else self.waiting
@@ -93,7 +98,7 @@ class Engine:
                 if seq.request_id == request_id:
                     queue.remove(seq)
                     seq.finish_reason = FinishReason.CANCELLED
-                    self._release(seq)
+                    self.release(seq)
                     return True
         return False
 
@@ -109,7 +114,8 @@ class Engine:
             events = self._decode_step()
         for seq in [s for s in self.running if s.finish_reason]:
             self.running.remove(seq)
-            self._release(seq)
+            if not seq.keep_blocks:
+                self.release(seq)
         return events
 
     def _prefill_step(self) -> list[TokenEvent] | None:
@@ -127,7 +133,8 @@ class Engine:
             budget -= count
         if not chunks:
             if self.waiting and not self.running:
-                raise ResourceExhausted(f"KV pool of {self.pool.num_blocks} blocks cannot hold the next prompt")
+                # add_request admits only what fits an empty pool, so this is a broken invariant.
+                raise RuntimeError(f"KV pool of {self.pool.num_blocks} blocks cannot hold the next prompt")
             return None
         logits = self.model.prefill(self.pool.kv, [
             PrefillSeq(seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.block_table)
@@ -173,7 +180,8 @@ class Engine:
         seq.block_table, seq.num_computed = [], 0
         self.waiting.appendleft(seq)
 
-    def _release(self, seq: Sequence) -> None:
+    def release(self, seq: Sequence) -> None:
+        """Return a sequence's blocks to the pool."""
         self.pool.free(seq.block_table)
         seq.block_table = []
 

@@ -40,6 +40,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text: str = ""                 # output text so far (cut at a stop string)
     num_emitted_chars: int = 0
+    keep_blocks: bool = False      # the owner releases the blocks (e.g. after exporting them)
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: Seq[int], params: SamplingParams, tokenizer: Tokenizer,

@@ -1,0 +1,133 @@
+"""EngineWorker: one thread owns an Engine (model + KV pool); other threads hand it work via a queue.
+
+gRPC handler threads never touch the model or the pool: they submit closures that run on the
+engine thread between steps, and subscribe to a request's token events. New requests therefore
+join the running batch between decode steps (continuous batching).
+"""
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import TypeVar
+
+from kvcluster.errors import ResourceExhausted
+from kvcluster.model.engine import Engine
+from kvcluster.model.sequence import Sequence, TokenEvent
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+class EngineWorker:
+    """Drives an Engine on a dedicated thread."""
+
+    def __init__(self, engine: Engine, max_waiting: int = 64, name: str = "engine"):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._subscribers: dict[str, queue.SimpleQueue] = {}
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._stopped = threading.Event()
+        self.last_batch_size = 0
+
+    def start(self) -> "EngineWorker":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopped.set()
+        self._commands.put(_STOP)
+        self._thread.join(timeout)
+
+    def submit(self, fn: Callable[[Engine], T]) -> "Future[T]":
+        """Run `fn(engine)` on the engine thread between steps."""
+        future: Future[T] = Future()
+        if self._stopped.is_set():
+            future.set_exception(ResourceExhausted("engine is shutting down"))
+        else:
+            self._commands.put((fn, future))
+        return future
+
+    def call(self, fn: Callable[[Engine], T], timeout: float | None = None) -> T:
+        return self.submit(fn).result(timeout)
+
+    def stream(self, add: Callable[[Engine], Sequence]) -> Iterator[TokenEvent]:
+        """Admit a sequence with `add(engine)` and yield its token events until it finishes.
+        Closing the iterator early (client cancel) aborts the sequence and frees its blocks."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+
+        def admit(engine: Engine) -> Sequence:
+            if len(engine.waiting) >= self.max_waiting:
+                raise ResourceExhausted(f"{len(engine.waiting)} requests already waiting (max_waiting={self.max_waiting})")
+            seq = add(engine)
+            self._subscribers[seq.request_id] = events
+            return seq
+
+        seq = self.call(admit)
+        finished = False
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.submit(lambda engine: self._drop(engine, seq.request_id))
+
+    # ---- the engine thread ----------------------------------------------------------------
+
+    def _drop(self, engine: Engine, request_id: str) -> None:
+        self._subscribers.pop(request_id, None)
+        engine.abort(request_id)
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            self._run_commands(block=not self.engine.has_work())
+            if self._stopped.is_set() or not self.engine.has_work():
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as err:  # a broken step must not kill the worker: fail its requests
+                log.exception("engine step failed")
+                self._fail_all(err)
+                continue
+            self.last_batch_size = len(events)
+            for event in events:
+                subscriber = self._subscribers.get(event.request_id)
+                if subscriber is not None:
+                    subscriber.put(event)
+                    if event.finish_reason is not None:
+                        del self._subscribers[event.request_id]
+        self._fail_all(ResourceExhausted("engine stopped"))
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            if item is _STOP:
+                return
+            fn, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except BaseException as err:
+                    future.set_exception(err)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _fail_all(self, err: BaseException) -> None:
+        for request_id, subscriber in list(self._subscribers.items()):
+            subscriber.put(err)
+            self.engine.abort(request_id)
+        self._subscribers.clear()
