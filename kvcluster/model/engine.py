@@ -140,8 +140,10 @@ class Engine:
             PrefillSeq(seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.block_table)
             for seq, n in chunks])
         done = []
-        for (seq, n), row in zip(chunks, range(len(chunks))):
+        for row, (seq, n) in enumerate(chunks):
             seq.num_computed += n
+            if seq.on_chunk is not None:
+                seq.on_chunk(seq)
             if seq.num_computed == seq.num_tokens:
                 done.append((seq, row))
         for seq, _ in done:

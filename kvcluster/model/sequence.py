@@ -1,7 +1,7 @@
 """A request's token sequence as the engine tracks it: blocks, stop conditions, streamed text."""
 
 import enum
-from collections.abc import Sequence as Seq
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 
 from kvcluster.model.sampling import SamplingParams
@@ -41,6 +41,7 @@ class Sequence:
     text: str = ""                 # output text so far (cut at a stop string)
     num_emitted_chars: int = 0
     keep_blocks: bool = False      # the owner releases the blocks (e.g. after exporting them)
+    on_chunk: Callable[["Sequence"], None] | None = None  # called on the engine thread after each prefill chunk
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: Seq[int], params: SamplingParams, tokenizer: Tokenizer,
