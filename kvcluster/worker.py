@@ -24,14 +24,15 @@ _STOP = object()
 class EngineWorker:
     """Drives an Engine on a dedicated thread."""
 
-    def __init__(self, engine: Engine, max_waiting: int = 64, name: str = "engine"):
+    def __init__(self, engine: Engine, max_waiting: int = 64, name: str = "engine",
+                 on_step: Callable[[Engine], None] | None = None):
         self.engine = engine
+        self.on_step = on_step  # called on the engine thread after every step (metrics)
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._subscribers: dict[str, queue.SimpleQueue] = {}
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._stopped = threading.Event()
-        self.last_batch_size = 0
 
     def start(self) -> "EngineWorker":
         self._thread.start()
@@ -98,7 +99,8 @@ class EngineWorker:
                 log.exception("engine step failed")
                 self._fail_all(err)
                 continue
-            self.last_batch_size = len(events)
+            if self.on_step is not None:
+                self.on_step(self.engine)
             for event in events:
                 subscriber = self._subscribers.get(event.request_id)
                 if subscriber is not None:

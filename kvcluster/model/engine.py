@@ -53,6 +53,7 @@ class Engine:
         self.running: list[Sequence] = []
         self._ids = itertools.count()
         self.num_preemptions = 0
+        self.last_step: tuple[str, int] = ("idle", 0)  # ("prefill" | "decode", sequences in the forward)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -136,6 +137,7 @@ class Engine:
                 # add_request admits only what fits an empty pool, so this is a broken invariant.
                 raise RuntimeError(f"KV pool of {self.pool.num_blocks} blocks cannot hold the next prompt")
             return None
+        self.last_step = ("prefill", len(chunks))
         logits = self.model.prefill(self.pool.kv, [
             PrefillSeq(seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.block_table)
             for seq, n in chunks])
@@ -163,6 +165,7 @@ class Engine:
                 seq.block_table.extend(slots)
         if not batch:
             return []
+        self.last_step = ("decode", len(batch))
         logits = self.model.decode(self.pool.kv, [
             DecodeSeq(seq.token_ids[-1], seq.num_tokens - 1, seq.block_table) for seq in batch])
         for seq in batch:

@@ -1,0 +1,173 @@
+"""The shared KV cache as a worker sees it: one Redis lookup, pulls from holders, pushes to shards.
+
+Used by prefill and decode. Nothing here raises on a cache failure: every shortfall comes back as
+a `fallback` reason ("redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch",
+"token_mismatch", "push_failed") and the caller recomputes what it did not get.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvcluster.blocks import BlockHash, Fingerprint
+from kvcluster.errors import IntegrityError, Unavailable
+from kvcluster.index import RedisIndex, StoreRef, group_runs, pick_store
+from kvcluster.kvpool import KVLayout
+from kvcluster.proto import common_pb2
+from kvcluster.store_client import StoreClient, make_ref
+from kvcluster.wire import block_key
+
+log = logging.getLogger(__name__)
+LIVE_STORES_TTL_S = 2.0  # how long a live-store list is reused for placing pushes
+
+
+@dataclass
+class Fetched:
+    """Block payloads obtained from the cache, in prompt order, and how it went."""
+
+    payloads: list[bytes] = field(default_factory=list)
+    holders: list[StoreRef] = field(default_factory=list)
+    lookup_s: float = 0.0
+    pull_s: float = 0.0
+    bytes_pulled: int = 0
+    fallback: str | None = None
+
+
+@dataclass
+class Pushed:
+    refs: list[common_pb2.BlockRef]  # per block, in order; store_address is empty where the push failed
+    bytes_pushed: int = 0
+    push_s: float = 0.0
+    fallback: str | None = None
+
+
+class KVCacheClient:
+    """Index + store clients for one (fingerprint, layout). Thread-safe."""
+
+    def __init__(self, index: RedisIndex | None, layout: KVLayout, fingerprint: Fingerprint, timeout_s: float = 10.0):
+        self.index = index
+        self.layout = layout
+        self.fingerprint = fingerprint
+        self.timeout_s = timeout_s
+        self._stores: dict[str, StoreClient] = {}
+        self._lock = threading.Lock()
+        self._live: tuple[float, list[StoreRef]] = (0.0, [])
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._stores.values():
+                client.close()
+            self._stores.clear()
+
+    def store(self, address: str) -> StoreClient:
+        with self._lock:
+            client = self._stores.get(address)
+            if client is None:
+                client = self._stores[address] = StoreClient(address, self.layout, self.timeout_s)
+            return client
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def fetch_prefix(self, hashes: Sequence[BlockHash], token_blocks: Sequence[Sequence[int]]) -> Fetched:
+        """Longest cached prefix of `hashes`: one index lookup, then one pull per run of blocks per holder."""
+        result = Fetched()
+        if self.index is None or not hashes:
+            return result
+        start = time.perf_counter()
+        try:
+            holders = self.index.lookup(hashes)
+        except Unavailable as exc:
+            log.warning("index lookup failed: %s", exc)
+            result.fallback = "redis_unavailable"
+            return result
+        finally:
+            result.lookup_s = time.perf_counter() - start
+        refs = [common_pb2.BlockRef(block_hash=h, store_id=s.store_id, store_address=s.address,
+                                    token_ids=token_blocks[i]) for i, (h, s) in enumerate(zip(hashes, holders))]
+        pulled = self.pull(refs)
+        pulled.lookup_s = result.lookup_s
+        return pulled
+
+    def pull(self, refs: Sequence[common_pb2.BlockRef]) -> Fetched:
+        """Pull `refs` in order from their holders, stopping at the first block not delivered intact.
+        Each ref's token_ids are the tokens the caller expects; the block's header must match them."""
+        result = Fetched()
+        start = time.perf_counter()
+        holders = [StoreRef(r.store_id, r.store_address) for r in refs]
+        for run in group_runs(holders):
+            wanted = refs[run.start:run.end]
+            reason = self._pull_run(run.store.address, wanted, result)
+            if reason is not None:
+                result.fallback = reason
+                break
+            result.holders.extend(holders[run.start:run.end])
+        result.pull_s = time.perf_counter() - start
+        return result
+
+    def _pull_run(self, address: str, wanted: Sequence[common_pb2.BlockRef], result: Fetched) -> str | None:
+        if not address:
+            return "store_unavailable"
+        keys = [r.block_hash if r.WhichOneof("key") == "block_hash" else r.request_key for r in wanted]
+        try:
+            pulled = self.store(address).pull_blocks(self.fingerprint, keys)
+        except IntegrityError as exc:
+            log.warning("pull from %s: %s", address, exc)
+            return "checksum_mismatch"
+        except grpc.RpcError as exc:
+            log.warning("pull from %s failed: %s", address, exc.code() if hasattr(exc, "code") else exc)
+            return "store_unavailable"
+        for (header, payload), ref in zip(pulled.blocks, wanted):
+            if list(header.token_ids) != list(ref.token_ids):
+                return "token_mismatch"
+            result.payloads.append(payload)
+            result.bytes_pulled += len(payload)
+        return None if len(pulled.blocks) == len(wanted) else "short_pull"
+
+    # ---- writing --------------------------------------------------------------------------
+
+    def live_stores(self) -> list[StoreRef]:
+        """Live stores, re-read from the index at most every LIVE_STORES_TTL_S."""
+        stamp, stores = self._live
+        if time.monotonic() - stamp > LIVE_STORES_TTL_S and self.index is not None:
+            stores = self.index.live_stores()
+            self._live = (time.monotonic(), stores)
+        return stores
+
+    def push(self, blocks: Sequence[tuple[bytes | str, Sequence[int], bytes]], lease_seconds: int = 0) -> Pushed:
+        """Push (hash or request key, token ids, payload) blocks, each to its rendezvous-chosen store."""
+        start = time.perf_counter()
+        result = Pushed([make_ref(payload, tokens, key if isinstance(key, bytes) else None,
+                                  None if isinstance(key, bytes) else key) for key, tokens, payload in blocks])
+        try:
+            stores = self.live_stores()
+        except Unavailable:
+            result.fallback = "redis_unavailable"
+            return result
+        if not stores:
+            result.fallback = "store_unavailable" if blocks else None
+            return result
+        by_store: dict[StoreRef, list[int]] = {}
+        refs = result.refs
+        for i, (key, _, _) in enumerate(blocks):
+            by_store.setdefault(pick_store(key if isinstance(key, bytes) else key.encode(), stores), []).append(i)
+        for target, members in by_store.items():
+            try:
+                response = self.store(target.address).push_blocks(
+                    self.fingerprint, [(refs[i], blocks[i][2]) for i in members], lease_seconds)
+            except grpc.RpcError as exc:
+                log.warning("push to %s failed: %s", target.address, exc)
+                result.fallback = "push_failed"
+                continue
+            held = {block_key(o.block) for o in response.results if o.status in (o.STORED, o.DUPLICATE)}
+            for i in members:
+                if block_key(refs[i]) in held:
+                    refs[i].store_id, refs[i].store_address = target.store_id, target.address
+                    result.bytes_pushed += len(blocks[i][2])
+                else:
+                    result.fallback = "push_failed"
+        result.push_s = time.perf_counter() - start
+        return result

@@ -1,0 +1,28 @@
+"""Metrics every worker that reads the shared cache exports (prefill and decode)."""
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+INDEX_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5)
+
+
+class FallbackMetrics:
+    """Fallbacks to recompute and Redis index latency: shared by prefill and decode."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.fallbacks = Counter("kvcluster_fallbacks", "Cache path failures that fell back to recompute",
+                                 ["reason"], registry=registry)
+        self.index_lookup = Histogram("kvcluster_index_lookup_seconds", "Redis index lookup latency",
+                                      buckets=INDEX_BUCKETS, registry=registry)
+
+    def observe_cache(self, fallback: str | None, lookup_s: float | None) -> None:
+        if fallback is not None:
+            self.fallbacks.labels(fallback).inc()
+        if lookup_s:
+            self.index_lookup.observe(lookup_s)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int):
+    """Start the /metrics HTTP endpoint (port 0: a free one). Returns (http server, bound port)."""
+    host = "::" if host == "[::]" else host
+    http_server, _ = start_http_server(port, addr=host, registry=registry)
+    return http_server, http_server.server_port

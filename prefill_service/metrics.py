@@ -1,0 +1,32 @@
+"""Prefill metrics. Handlers and the engine thread call the `observe_*` methods; the registry is passed in."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvcluster.model.engine import Engine
+from kvcluster.serving_metrics import FallbackMetrics
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class PrefillMetrics(FallbackMetrics):
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__(registry)
+        self.tokens = Counter("kvcluster_prefill_tokens", "Prompt tokens by where their KV came from",
+                              ["kind"], registry=registry)
+        self.seconds = Histogram("kvcluster_prefill_seconds", "Prefill call latency", buckets=LATENCY_BUCKETS,
+                                 registry=registry)
+        self.queue_depth = Gauge("kvcluster_prefill_queue_depth", "Prompts waiting for the engine", registry=registry)
+        self.batch_size = Histogram("kvcluster_prefill_batch_size", "Prompts per prefill forward",
+                                    buckets=BATCH_BUCKETS, registry=registry)
+
+    def observe_step(self, engine: Engine) -> None:
+        kind, size = engine.last_step
+        if kind == "prefill":
+            self.batch_size.observe(size)
+        self.queue_depth.set(len(engine.waiting))
+
+    def observe_request(self, cached: int, computed: int, seconds: float) -> None:
+        self.tokens.labels("cached").inc(cached)
+        self.tokens.labels("computed").inc(computed)
+        self.seconds.observe(seconds)

@@ -1,0 +1,99 @@
+"""Assembles a prefill worker: engine thread, shared-cache client, gRPC servicer and /metrics."""
+
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from kvcluster import rpc
+from kvcluster.cache_client import KVCacheClient
+from kvcluster.index import RedisIndex
+from kvcluster.messages import sampling_from_proto
+from kvcluster.model.engine import Engine, EngineConfig, load_engine
+from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
+from kvcluster.serving_metrics import serve_metrics
+from kvcluster.worker import EngineWorker
+from prefill_service.config import PrefillConfig
+from prefill_service.metrics import PrefillMetrics
+from prefill_service.prefiller import PrefillOutcome, Prefiller
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, prefiller: Prefiller):
+        self.prefiller = prefiller
+
+    def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
+        outcome = self.prefiller.prefill(request.request_id, list(request.token_ids),
+                                         sampling_from_proto(request.sampling), request.bypass_cache)
+        return to_response(outcome, self.prefiller.worker.engine.fingerprint)
+
+
+def to_response(outcome: PrefillOutcome, fingerprint: bytes) -> prefill_pb2.PrefillResponse:
+    ms = 1000.0
+    return prefill_pb2.PrefillResponse(
+        first_token_id=outcome.first_token_id, blocks=outcome.blocks,
+        num_prompt_tokens=outcome.num_cached_tokens + outcome.num_computed_tokens,
+        num_cached_tokens=outcome.num_cached_tokens, num_computed_tokens=outcome.num_computed_tokens,
+        timing=prefill_pb2.PrefillTiming(lookup_ms=outcome.lookup_s * ms, pull_ms=outcome.pull_s * ms,
+                                         compute_ms=outcome.compute_s * ms, push_ms=outcome.push_s * ms,
+                                         total_ms=outcome.total_s * ms),
+        bytes_pulled=outcome.bytes_pulled, bytes_pushed=outcome.bytes_pushed, fingerprint=fingerprint,
+        seed=outcome.seed)
+
+
+@dataclass
+class PrefillServer:
+    config: PrefillConfig
+    rpc_server: rpc.RpcServer
+    prefiller: Prefiller
+    registry: CollectorRegistry
+    port: int
+    metrics_port: int | None = None
+    _metrics_http: object = None
+
+    @property
+    def worker(self) -> EngineWorker:
+        return self.prefiller.worker
+
+    def start(self) -> "PrefillServer":
+        self.worker.start()
+        self.rpc_server.start()
+        if self.config.metrics_port >= 0:
+            self._metrics_http, self.metrics_port = serve_metrics(self.registry, self.config.host, self.config.metrics_port)
+        log.info("prefill serving on %s:%d (metrics port %s)", self.config.host, self.port, self.metrics_port)
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
+        self.worker.stop()
+        self.prefiller.close()
+        if self.prefiller.cache is not None:
+            self.prefiller.cache.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+def make_cache_client(redis_url: str, namespace: str, engine: Engine, timeout_s: float) -> KVCacheClient | None:
+    if not redis_url:
+        return None
+    return KVCacheClient(RedisIndex(redis_url, namespace), engine.layout, engine.fingerprint, timeout_s)
+
+
+def create_server(config: PrefillConfig, engine: Engine | None = None,
+                  registry: CollectorRegistry | None = None) -> tuple[PrefillServer, int]:
+    """Build a prefill worker (not started). `engine` lets tests share one loaded model."""
+    engine = engine or load_engine(config.model or None, config.device or None, EngineConfig(
+        block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes,
+        max_batch=config.max_batch, max_prefill_tokens=config.chunk_tokens))
+    registry = registry or CollectorRegistry()
+    metrics = PrefillMetrics(registry)
+    worker = EngineWorker(engine, config.max_waiting, name="prefill-engine", on_step=metrics.observe_step)
+    cache = make_cache_client(config.redis_url, config.index_namespace, engine, config.store_timeout_seconds)
+    prefiller = Prefiller(worker, cache, metrics, config.lease_seconds)
+    service = rpc.Service(PrefillServicer(prefiller), prefill_pb2_grpc.add_PrefillServiceServicer_to_server,
+                          rpc.service_name(prefill_pb2, "PrefillService"))
+    rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers)
+    return PrefillServer(config, rpc_server, prefiller, registry, port), port

@@ -1,0 +1,35 @@
+"""Real pieces for service tests: a private redis-server, cache stores and workers on port 0."""
+
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+
+from cache_store.config import StoreConfig
+from cache_store.server import StoreServer, create_server as create_store
+from kvcluster.redis_server import RedisServer, start_redis_server
+from kvcluster.rpc import make_channel
+
+SMOLLM_BLOCK_BYTES = 737_280
+
+
+@contextlib.contextmanager
+def running_redis() -> Iterator[RedisServer]:
+    server = start_redis_server()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def start_store(redis_url: str, blocks: int = 256, store_id: str = "", port: int = 0, **overrides) -> StoreServer:
+    """A SmolLM2-layout cache store on a free (or given) port, its index published to `redis_url`."""
+    config = StoreConfig(host="127.0.0.1", port=port, metrics_port=-1, redis_url=redis_url,
+                         capacity_bytes=blocks * SMOLLM_BLOCK_BYTES, store_id=store_id,
+                         heartbeat_seconds=0.5, grace_seconds=0.5, **overrides)
+    server, _ = create_store(config)
+    return server.start()
+
+
+def channel_to(port: int) -> grpc.Channel:
+    return make_channel(f"127.0.0.1:{port}")
