@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,6 +19,9 @@ from kvcluster.errors import IntegrityError, Unavailable
 from kvcluster.index import RedisIndex, StoreRef, group_runs, pick_store
 from kvcluster.kvpool import KVLayout
 from kvcluster.proto import common_pb2
+
+if TYPE_CHECKING:
+    from kvcluster.model.engine import Engine
 from kvcluster.store_client import StoreClient, make_ref
 from kvcluster.wire import block_key
 
@@ -72,25 +76,30 @@ class KVCacheClient:
 
     # ---- reading --------------------------------------------------------------------------
 
-    def fetch_prefix(self, hashes: Sequence[BlockHash], token_blocks: Sequence[Sequence[int]]) -> Fetched:
-        """Longest cached prefix of `hashes`: one index lookup, then one pull per run of blocks per holder."""
-        result = Fetched()
+    def lookup(self, hashes: Sequence[BlockHash]) -> tuple[list[StoreRef], float, str | None]:
+        """Holders of the longest indexed prefix (one Redis round trip), its latency, and a fallback reason."""
         if self.index is None or not hashes:
-            return result
+            return [], 0.0, None
         start = time.perf_counter()
         try:
-            holders = self.index.lookup(hashes)
+            return self.index.lookup(hashes), time.perf_counter() - start, None
         except Unavailable as exc:
             log.warning("index lookup failed: %s", exc)
-            result.fallback = "redis_unavailable"
-            return result
-        finally:
-            result.lookup_s = time.perf_counter() - start
-        refs = [common_pb2.BlockRef(block_hash=h, store_id=s.store_id, store_address=s.address,
-                                    token_ids=token_blocks[i]) for i, (h, s) in enumerate(zip(hashes, holders))]
-        pulled = self.pull(refs)
-        pulled.lookup_s = result.lookup_s
-        return pulled
+            return [], time.perf_counter() - start, "redis_unavailable"
+
+    def fetch_prefix(self, hashes: Sequence[BlockHash], token_blocks: Sequence[Sequence[int]]) -> Fetched:
+        """Longest cached prefix of `hashes`: one index lookup, then one pull per run of blocks per holder."""
+        holders, lookup_s, fallback = self.lookup(hashes)
+        fetched = self.pull_held(hashes, token_blocks, holders) if holders else Fetched(fallback=fallback)
+        fetched.lookup_s = lookup_s
+        return fetched
+
+    def pull_held(self, hashes: Sequence[BlockHash], token_blocks: Sequence[Sequence[int]],
+                  holders: Sequence[StoreRef]) -> Fetched:
+        """Pull the blocks a lookup found, from their holders."""
+        return self.pull([common_pb2.BlockRef(block_hash=h, store_id=s.store_id, store_address=s.address,
+                                              token_ids=token_blocks[i])
+                          for i, (h, s) in enumerate(zip(hashes, holders))])
 
     def pull(self, refs: Sequence[common_pb2.BlockRef]) -> Fetched:
         """Pull `refs` in order from their holders, stopping at the first block not delivered intact.
@@ -111,7 +120,7 @@ class KVCacheClient:
     def _pull_run(self, address: str, wanted: Sequence[common_pb2.BlockRef], result: Fetched) -> str | None:
         if not address:
             return "store_unavailable"
-        keys = [r.block_hash if r.WhichOneof("key") == "block_hash" else r.request_key for r in wanted]
+        keys = [block_key(r) for r in wanted]
         try:
             pulled = self.store(address).pull_blocks(self.fingerprint, keys)
         except IntegrityError as exc:
@@ -171,3 +180,9 @@ class KVCacheClient:
                     result.fallback = "push_failed"
         result.push_s = time.perf_counter() - start
         return result
+
+
+def make_cache_client(redis_url: str, namespace: str, engine: "Engine", timeout_s: float) -> KVCacheClient | None:
+    if not redis_url:
+        return None
+    return KVCacheClient(RedisIndex(redis_url, namespace), engine.layout, engine.fingerprint, timeout_s)

@@ -64,13 +64,15 @@ class EngineWorker:
             if len(engine.waiting) >= self.max_waiting:
                 raise ResourceExhausted(f"{len(engine.waiting)} requests already waiting (max_waiting={self.max_waiting})")
             seq = add(engine)
-            self._subscribers[seq.request_id] = events
+            if seq.finish_reason is None:
+                self._subscribers[seq.request_id] = events
             return seq
 
         seq = self.call(admit)
-        finished = False
+        finished = seq.finish_reason is not None
         try:
-            while True:
+            yield from seq.initial_events
+            while not finished:
                 event = events.get()
                 if isinstance(event, BaseException):
                     raise event

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from kvcluster import rpc
-from kvcluster.cache_client import KVCacheClient
-from kvcluster.index import RedisIndex
+from kvcluster.cache_client import make_cache_client
 from kvcluster.messages import sampling_from_proto
 from kvcluster.model.engine import Engine, EngineConfig, load_engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
@@ -74,12 +73,6 @@ class PrefillServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-
-
-def make_cache_client(redis_url: str, namespace: str, engine: Engine, timeout_s: float) -> KVCacheClient | None:
-    if not redis_url:
-        return None
-    return KVCacheClient(RedisIndex(redis_url, namespace), engine.layout, engine.fingerprint, timeout_s)
 
 
 def create_server(config: PrefillConfig, engine: Engine | None = None,

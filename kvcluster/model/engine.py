@@ -87,8 +87,11 @@ class Engine:
         seq = Sequence.create(request_id or f"req-{next(self._ids)}", prompt_ids, params.with_seed(),
                               self.tokenizer, self.model_config.context_length)
         seq.block_table, seq.num_computed, seq.keep_blocks = list(block_table), num_computed, keep_blocks
-        for token_id in output_ids:
-            seq.append_token(token_id)
+        seq.initial_events = [seq.append_token(t) for t in output_ids]
+        if seq.finish_reason is not None:  # the handed-over token already ended it
+            if not keep_blocks:
+                self.release(seq)
+            return seq
         queue = self.running if seq.num_computed == seq.num_tokens - 1 and output_ids else self.waiting
         queue.append(seq)
         return seq

@@ -41,6 +41,7 @@ class Sequence:
     text: str = ""                 # output text so far (cut at a stop string)
     num_emitted_chars: int = 0
     keep_blocks: bool = False      # the owner releases the blocks (e.g. after exporting them)
+    initial_events: list[TokenEvent] = field(default_factory=list)  # from tokens handed over at admission
     on_chunk: Callable[["Sequence"], None] | None = None  # called on the engine thread after each prefill chunk
 
     @classmethod

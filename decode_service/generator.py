@@ -1,0 +1,154 @@
+"""Generate: tokenize the input, get the prompt's KV, join the continuous batch, stream tokens.
+
+Runs on a gRPC handler thread; only the EngineWorker's thread touches the model and the pool.
+A finished request's new full blocks (prompt + output) are pushed to the cache in the
+background (`cache_generated`), so the next turn of a chat finds its history cached.
+"""
+
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import grpc
+
+from decode_service.metrics import DecodeMetrics
+from decode_service.prompt_kv import PromptKV, PromptKVSource
+from kvcluster.blocks import prefix_hashes
+from kvcluster.cache_client import KVCacheClient
+from kvcluster.errors import InvalidArgument
+from kvcluster.messages import FINISH_REASONS, sampling_from_proto
+from kvcluster.model.engine import Engine
+from kvcluster.model.sequence import Sequence as EngineSeq
+from kvcluster.model.tokenizer import ChatMessage
+from kvcluster.proto import decode_pb2
+from kvcluster.worker import EngineWorker
+
+MS = 1000.0
+
+
+class Generator:
+    """The Generate logic, independent of gRPC plumbing."""
+
+    def __init__(self, worker: EngineWorker, source: PromptKVSource, cache: KVCacheClient | None,
+                 metrics: DecodeMetrics, cache_generated: bool = True, lease_seconds: int = 30):
+        self.worker = worker
+        self.source = source
+        self.cache = cache
+        self.metrics = metrics
+        self.cache_generated = cache_generated and cache is not None
+        self.lease_seconds = lease_seconds
+        self._pushers = ThreadPoolExecutor(2, thread_name_prefix="push-generated")
+        self._pending: set[Future] = set()
+
+    def close(self) -> None:
+        self._pushers.shutdown(wait=True)
+
+    def flush_pushes(self, timeout_s: float = 10.0) -> None:
+        """Wait until every finished request's blocks have been pushed (tests; graceful stop)."""
+        self.worker.call(lambda engine: None, timeout_s)  # exports queued before now have run
+        for future in list(self._pending):
+            future.result(timeout_s)
+
+    def tokenize(self, request: decode_pb2.GenerateRequest) -> tuple[list[int], str]:
+        """Prompt token ids and the name of the input field they came from."""
+        tokenizer = self.worker.engine.tokenizer
+        which = request.WhichOneof("input")
+        if which == "prompt":
+            return tokenizer.encode(request.prompt), "prompt"
+        if which == "messages":
+            messages = [ChatMessage(m.role, m.content) for m in request.messages.messages]
+            return tokenizer.encode_chat(messages), "messages"
+        if which == "token_ids":
+            return list(request.token_ids.ids), "token_ids"
+        raise InvalidArgument("input", "set one of prompt, messages or token_ids")
+
+    def generate(self, request: decode_pb2.GenerateRequest, context: grpc.ServicerContext | None = None
+                 ) -> Iterator[decode_pb2.GenerateResponse]:
+        arrival = time.perf_counter()
+        engine = self.worker.engine
+        prompt_ids, field = self.tokenize(request)
+        engine.check_prompt(prompt_ids, field)
+        params = sampling_from_proto(request.sampling).with_seed()
+        params.validate(engine.model_config.vocab_size, engine.model_config.context_length)
+        request_id = uuid.uuid4().hex
+        use_cache = not request.bypass_cache
+        time_left = context.time_remaining() if context is not None else None
+        kv = self.source.fetch(request_id, prompt_ids, params, time_left) if use_cache else PromptKV()
+        for reason in kv.fallbacks:
+            self.metrics.fallbacks.labels(reason).inc()
+        if kv.lookup_s:
+            self.metrics.index_lookup.observe(kv.lookup_s)
+        keep = self.cache_generated and use_cache
+        holder: list[EngineSeq] = []
+
+        def admit(engine: Engine) -> EngineSeq:
+            seq = self._admit(engine, request_id, prompt_ids, params, kv, keep)
+            holder.append(seq)
+            return seq
+
+        if context is not None:  # a cancelled or expired call leaves the batch at once
+            context.add_callback(lambda: self.worker.submit(lambda eng: eng.abort(request_id)))
+        last = first = None
+        count = 0
+        finished = False
+        try:
+            for event in self.worker.stream(admit):
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    self.metrics.ttft.observe(now - arrival)
+                else:
+                    self.metrics.itl.observe(now - last)
+                last, count = now, count + 1
+                response = decode_pb2.GenerateResponse(text=event.text, token_ids=[event.token_id])
+                if event.finish_reason is not None:
+                    finished = True
+                    response.finish_reason = FINISH_REASONS[event.finish_reason]
+                    response.usage.CopyFrom(self._usage(prompt_ids, kv, count, arrival, first))
+                yield response
+        finally:
+            if finished and keep and holder:
+                self.worker.submit(lambda eng: self._push_generated(eng, holder[0], kv.held_blocks))
+        self.metrics.latency.observe(time.perf_counter() - arrival)
+        self.metrics.prompt_tokens.labels("cached").inc(kv.cached_tokens)
+        self.metrics.prompt_tokens.labels("computed").inc(len(prompt_ids) - kv.cached_tokens)
+        self.metrics.generation_tokens.inc(count)
+
+    def _admit(self, engine: Engine, request_id: str, prompt_ids: list[int], params, kv: PromptKV, keep: bool) -> EngineSeq:
+        """On the engine thread: load the pulled blocks and queue the sequence."""
+        slots = engine.pool.allocate(len(kv.payloads)) if kv.payloads else []
+        if slots is None:  # the pool cannot take them now: recompute instead
+            slots, kv.num_tokens, kv.cached_tokens = [], 0, 0
+        for slot, payload in zip(slots, kv.payloads):
+            engine.pool.import_block(slot, payload)
+        handed = [kv.first_token] if kv.first_token is not None else []
+        try:
+            return engine.add_request(prompt_ids, params, request_id, block_table=slots, num_computed=kv.num_tokens,
+                                      output_ids=handed, keep_blocks=keep)
+        except Exception:
+            engine.pool.free(slots)
+            raise
+
+    def _push_generated(self, engine: Engine, seq: EngineSeq, held_blocks: int) -> None:
+        """On the engine thread: export the finished sequence's uncached full blocks, free it, push them."""
+        bs = engine.config.block_size
+        computed = seq.token_ids[:seq.num_computed]
+        hashes = prefix_hashes(engine.fingerprint, computed, bs)
+        blocks = [(hashes[i], computed[i * bs:(i + 1) * bs], engine.pool.export_block(seq.block_table[i]))
+                  for i in range(held_blocks, len(hashes))]
+        engine.release(seq)
+        if blocks:
+            future = self._pushers.submit(self.cache.push, blocks, self.lease_seconds)
+            self._pending.add(future)
+            future.add_done_callback(self._pending.discard)
+
+    @staticmethod
+    def _usage(prompt_ids: Sequence[int], kv: PromptKV, completion: int, arrival: float, first: float) -> decode_pb2.Usage:
+        return decode_pb2.Usage(
+            prompt_tokens=len(prompt_ids), cached_tokens=kv.cached_tokens,
+            computed_tokens=len(prompt_ids) - kv.cached_tokens, completion_tokens=completion,
+            bytes_pulled=kv.bytes_pulled, bytes_handoff=kv.bytes_handoff,
+            timing=decode_pb2.Timing(lookup_ms=kv.lookup_s * MS, prefill_ms=kv.prefill_s * MS, kv_pull_ms=kv.pull_s * MS,
+                                     first_token_ms=(first - arrival) * MS,
+                                     total_ms=(time.perf_counter() - arrival) * MS))

@@ -1,0 +1,42 @@
+"""Decode (serving) metrics; the registry is passed in."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvcluster.model.engine import Engine
+from kvcluster.serving_metrics import FallbackMetrics
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+OUTCOMES = ("ok", "cancelled", "invalid", "rejected", "error")
+
+
+class DecodeMetrics(FallbackMetrics):
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__(registry)
+        self.ttft = Histogram("kvcluster_time_to_first_token_seconds", "Time to first token",
+                              buckets=TTFT_BUCKETS, registry=registry)
+        self.itl = Histogram("kvcluster_inter_token_latency_seconds", "Time between streamed tokens",
+                             buckets=ITL_BUCKETS, registry=registry)
+        self.latency = Histogram("kvcluster_request_latency_seconds", "End-to-end Generate latency",
+                                 buckets=E2E_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter("kvcluster_prompt_tokens", "Prompt tokens by where their KV came from",
+                                     ["kind"], registry=registry)
+        self.generation_tokens = Counter("kvcluster_generation_tokens", "Generated tokens", registry=registry)
+        self.requests = Counter("kvcluster_requests", "Generate requests by outcome", ["outcome"], registry=registry)
+        self.running = Gauge("kvcluster_requests_running", "Sequences in the decode batch", registry=registry)
+        self.waiting = Gauge("kvcluster_requests_waiting", "Sequences waiting for the engine", registry=registry)
+        self.batch_size = Histogram("kvcluster_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS,
+                                    registry=registry)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for kind in ("cached", "computed"):
+            self.prompt_tokens.labels(kind)
+
+    def observe_step(self, engine: Engine) -> None:
+        kind, size = engine.last_step
+        if kind == "decode":
+            self.batch_size.observe(size)
+        self.running.set(len(engine.running))
+        self.waiting.set(len(engine.waiting))

@@ -1,0 +1,95 @@
+"""Assembles a decode worker: engine thread, prompt-KV source, Generate servicer and /metrics."""
+
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from decode_service.config import DecodeConfig
+from decode_service.generator import Generator
+from decode_service.metrics import DecodeMetrics
+from decode_service.prompt_kv import PromptKVSource
+from kvcluster import rpc
+from kvcluster.errors import InvalidArgument, ResourceExhausted
+from kvcluster.model.engine import Engine, EngineConfig, load_engine
+from kvcluster.proto import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from kvcluster.cache_client import make_cache_client
+from kvcluster.serving_metrics import serve_metrics
+from kvcluster.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, generator: Generator, metrics: DecodeMetrics):
+        self.generator = generator
+        self.metrics = metrics
+
+    def Generate(self, request, context):
+        outcome = "error"
+        try:
+            yield from self.generator.generate(request, context)
+            outcome = "ok"
+        except GeneratorExit:
+            outcome = "cancelled"
+            raise
+        except InvalidArgument:
+            outcome = "invalid"
+            raise
+        except ResourceExhausted:
+            outcome = "rejected"
+            raise
+        finally:
+            self.metrics.requests.labels(outcome).inc()
+
+
+@dataclass
+class DecodeServer:
+    config: DecodeConfig
+    rpc_server: rpc.RpcServer
+    generator: Generator
+    registry: CollectorRegistry
+    port: int
+    metrics_port: int | None = None
+    _metrics_http: object = None
+
+    @property
+    def worker(self) -> EngineWorker:
+        return self.generator.worker
+
+    def start(self) -> "DecodeServer":
+        self.worker.start()
+        self.rpc_server.start()
+        if self.config.metrics_port >= 0:
+            self._metrics_http, self.metrics_port = serve_metrics(self.registry, self.config.host, self.config.metrics_port)
+        log.info("decode serving Generate on %s:%d (metrics port %s)", self.config.host, self.port, self.metrics_port)
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
+        self.worker.stop()
+        self.generator.close()
+        if self.generator.cache is not None:
+            self.generator.cache.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+def create_server(config: DecodeConfig, engine: Engine | None = None,
+                  registry: CollectorRegistry | None = None) -> tuple[DecodeServer, int]:
+    """Build a decode worker (not started). `engine` lets tests share one loaded model."""
+    engine = engine or load_engine(config.model or None, config.device or None, EngineConfig(
+        block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes, max_batch=config.max_batch))
+    registry = registry or CollectorRegistry()
+    metrics = DecodeMetrics(registry)
+    worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
+    cache = make_cache_client(config.redis_url, config.index_namespace, engine, config.store_timeout_seconds)
+    prefill = (prefill_pb2_grpc.PrefillServiceStub(rpc.make_channel(config.prefill_target))
+               if config.prefill_target else None)
+    source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds)
+    generator = Generator(worker, source, cache, metrics, config.cache_generated, config.lease_seconds)
+    service = rpc.Service(DecodeServicer(generator, metrics), decode_pb2_grpc.add_DecodeServiceServicer_to_server,
+                          rpc.service_name(decode_pb2, "DecodeService"))
+    rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers)
+    return DecodeServer(config, rpc_server, generator, registry, port), port
