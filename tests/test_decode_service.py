@@ -221,3 +221,22 @@ def run_without_flush(cluster, **request):
         ids.extend(response.token_ids)
         last = response
     return ids, "", last
+
+
+def test_python_clients_sync_and_async_agree(cluster):
+    import asyncio
+
+    from kvcluster.client import AsyncClient, Client
+
+    target = f"127.0.0.1:{cluster['ports']['decode']}"
+    with Client(target) as client:
+        sync = client.generate(messages=[("user", "Name a colour.")], max_tokens=6, temperature=0.0)
+
+    async def run_async():
+        async with AsyncClient(target) as client:
+            return await client.generate(messages=[("user", "Name a colour.")], max_tokens=6, temperature=0.0)
+
+    result = asyncio.run(run_async())
+    assert sync.token_ids == result.token_ids and len(sync.token_ids) >= 1
+    assert sync.text == result.text and sync.finish_reason in ("stop", "length")
+    assert result.usage.prompt_tokens == sync.usage.prompt_tokens > 0
