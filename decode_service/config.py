@@ -28,4 +28,5 @@ class DecodeConfig(ServiceConfig):
     store_timeout_seconds: float = setting(10.0, "deadline of one push or pull to a cache store")
     prefill_timeout_seconds: float = setting(120.0, "deadline of one Prefill call (capped by the client's deadline)")
     max_workers: int = setting(64, "gRPC handler threads (concurrent streams)")
+    faults: str = setting("", "fault injection on the cache path, e.g. 'pull_drop=0.5,corrupt=0.1' (see kvcluster/faults.py); empty = none")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight streams may finish")

@@ -75,10 +75,7 @@ class Generator:
         use_cache = not request.bypass_cache
         time_left = context.time_remaining() if context is not None else None
         kv = self.source.fetch(request_id, prompt_ids, params, time_left) if use_cache else PromptKV()
-        for reason in kv.fallbacks:
-            self.metrics.fallbacks.labels(reason).inc()
-        if kv.lookup_s:
-            self.metrics.index_lookup.observe(kv.lookup_s)
+        self.metrics.observe(kv.fallbacks, kv.lookup_s)
         keep = self.cache_generated and use_cache
         holder: list[EngineSeq] = []
 

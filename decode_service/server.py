@@ -84,7 +84,8 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
     registry = registry or CollectorRegistry()
     metrics = DecodeMetrics(registry)
     worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
-    cache = make_cache_client(config.redis_url, config.index_namespace, engine, config.store_timeout_seconds)
+    cache = make_cache_client(config.redis_url, config.index_namespace, engine, config.store_timeout_seconds,
+                              config.faults)
     prefill = (prefill_pb2_grpc.PrefillServiceStub(rpc.make_channel(config.prefill_target))
                if config.prefill_target else None)
     source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds)

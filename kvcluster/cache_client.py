@@ -8,7 +8,7 @@ a `fallback` reason ("redis_unavailable", "store_unavailable", "short_pull", "ch
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,11 +18,12 @@ from kvcluster.blocks import BlockHash, Fingerprint
 from kvcluster.errors import IntegrityError, Unavailable
 from kvcluster.index import RedisIndex, StoreRef, group_runs, pick_store
 from kvcluster.kvpool import KVLayout
-from kvcluster.proto import common_pb2
+from kvcluster.proto import cache_pb2, common_pb2
 
 if TYPE_CHECKING:
     from kvcluster.model.engine import Engine
-from kvcluster.store_client import StoreClient, make_ref
+from kvcluster.faults import NO_FAULTS, Faults
+from kvcluster.store_client import StoreClient, make_ref, read_pull
 from kvcluster.wire import block_key
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,10 @@ class Pushed:
 class KVCacheClient:
     """Index + store clients for one (fingerprint, layout). Thread-safe."""
 
-    def __init__(self, index: RedisIndex | None, layout: KVLayout, fingerprint: Fingerprint, timeout_s: float = 10.0):
+    def __init__(self, index: RedisIndex | None, layout: KVLayout, fingerprint: Fingerprint, timeout_s: float = 10.0,
+                 faults: Faults = NO_FAULTS):
         self.index = index
+        self.faults = faults
         self.layout = layout
         self.fingerprint = fingerprint
         self.timeout_s = timeout_s
@@ -82,6 +85,8 @@ class KVCacheClient:
             return [], 0.0, None
         start = time.perf_counter()
         try:
+            if self.faults.redis_down:
+                raise Unavailable("Redis unreachable (injected fault)")
             return self.index.lookup(hashes), time.perf_counter() - start, None
         except Unavailable as exc:
             log.warning("index lookup failed: %s", exc)
@@ -121,14 +126,22 @@ class KVCacheClient:
         if not address:
             return "store_unavailable"
         keys = [block_key(r) for r in wanted]
+        if self.faults.pull_delay_ms:
+            time.sleep(self.faults.pull_delay_ms / 1000.0)
+        stream = self.store(address).pull_stream(self.fingerprint, keys)
         try:
-            pulled = self.store(address).pull_blocks(self.fingerprint, keys)
+            pulled = read_pull(self._inject(stream), self.layout.block_nbytes)
         except IntegrityError as exc:
             log.warning("pull from %s: %s", address, exc)
             return "checksum_mismatch"
+        except Unavailable as exc:
+            log.warning("pull from %s: %s", address, exc)
+            return "store_unavailable"
         except grpc.RpcError as exc:
             log.warning("pull from %s failed: %s", address, exc.code() if hasattr(exc, "code") else exc)
             return "store_unavailable"
+        finally:
+            stream.cancel()  # no-op after a complete stream; releases the store's pins otherwise
         for (header, payload), ref in zip(pulled.blocks, wanted):
             if list(header.token_ids) != list(ref.token_ids):
                 return "token_mismatch"
@@ -136,10 +149,28 @@ class KVCacheClient:
             result.bytes_pulled += len(payload)
         return None if len(pulled.blocks) == len(wanted) else "short_pull"
 
+    def _inject(self, responses: Iterable[cache_pb2.PullBlocksResponse]) -> Iterator[cache_pb2.PullBlocksResponse]:
+        """The pull stream as it arrives, with any injected faults applied."""
+        if not self.faults.active:
+            yield from responses
+            return
+        drop = self.faults.roll(self.faults.pull_drop)
+        for response in responses:
+            if response.WhichOneof("item") == "chunk":
+                if self.faults.roll(self.faults.corrupt) and response.chunk.data:
+                    data = bytearray(response.chunk.data)
+                    data[len(data) // 2] ^= 0xFF
+                    response.chunk.data = bytes(data)
+                if drop and response.chunk.last:
+                    raise Unavailable("pull stream dropped (injected fault)")
+            yield response
+
     # ---- writing --------------------------------------------------------------------------
 
     def live_stores(self) -> list[StoreRef]:
         """Live stores, re-read from the index at most every LIVE_STORES_TTL_S."""
+        if self.faults.redis_down:
+            raise Unavailable("Redis unreachable (injected fault)")
         stamp, stores = self._live
         if time.monotonic() - stamp > LIVE_STORES_TTL_S and self.index is not None:
             stores = self.index.live_stores()
@@ -165,9 +196,11 @@ class KVCacheClient:
             by_store.setdefault(pick_store(key if isinstance(key, bytes) else key.encode(), stores), []).append(i)
         for target, members in by_store.items():
             try:
+                if self.faults.roll(self.faults.push_fail):
+                    raise Unavailable("push failed (injected fault)")
                 response = self.store(target.address).push_blocks(
                     self.fingerprint, [(refs[i], blocks[i][2]) for i in members], lease_seconds)
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, Unavailable) as exc:
                 log.warning("push to %s failed: %s", target.address, exc)
                 result.fallback = "push_failed"
                 continue
@@ -182,7 +215,9 @@ class KVCacheClient:
         return result
 
 
-def make_cache_client(redis_url: str, namespace: str, engine: "Engine", timeout_s: float) -> KVCacheClient | None:
+def make_cache_client(redis_url: str, namespace: str, engine: "Engine", timeout_s: float,
+                      faults: str = "") -> KVCacheClient | None:
     if not redis_url:
         return None
-    return KVCacheClient(RedisIndex(redis_url, namespace), engine.layout, engine.fingerprint, timeout_s)
+    return KVCacheClient(RedisIndex(redis_url, namespace), engine.layout, engine.fingerprint, timeout_s,
+                         Faults.parse(faults))

@@ -14,12 +14,12 @@ class FallbackMetrics:
         self.index_lookup = Histogram("kvcluster_index_lookup_seconds", "Redis index lookup latency",
                                       buckets=INDEX_BUCKETS, registry=registry)
 
-    def observe_cache(self, fallback: str | None, lookup_s: float | None) -> None:
-        if fallback is not None:
-            self.fallbacks.labels(fallback).inc()
+    def observe(self, fallbacks: list[str], lookup_s: float) -> None:
+        """Count a request's fallback reasons and its index lookup latency (0 = no lookup made)."""
+        for reason in fallbacks:
+            self.fallbacks.labels(reason).inc()
         if lookup_s:
             self.index_lookup.observe(lookup_s)
-
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):
     """Start the /metrics HTTP endpoint (port 0: a free one). Returns (http server, bound port)."""

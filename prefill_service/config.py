@@ -24,4 +24,5 @@ class PrefillConfig(ServiceConfig):
     lease_seconds: int = setting(30, "lease of the request-scoped tail block in the store")
     store_timeout_seconds: float = setting(10.0, "deadline of one push or pull to a cache store")
     max_workers: int = setting(16, "gRPC handler threads")
+    faults: str = setting("", "fault injection on the cache path, e.g. 'pull_drop=0.5,corrupt=0.1' (see kvcluster/faults.py); empty = none")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight calls may finish")

@@ -71,7 +71,6 @@ class Prefiller:
         usable = min(len(hashes), (len(token_ids) - 1) // bs)  # keep the last token to compute
         blocks = [list(token_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
         fetched = cache.fetch_prefix(hashes[:usable], blocks[:usable]) if cache else Fetched()
-        self.metrics.observe_cache(fetched.fallback, fetched.lookup_s)
 
         pushes: list[tuple[int, Future[Pushed]]] = []
         compute_start = time.perf_counter()
@@ -89,6 +88,7 @@ class Prefiller:
             bytes_pushed=bytes_pushed, fallbacks=fallbacks)
         outcome.total_s = time.perf_counter() - start
         self.metrics.observe_request(num_cached, outcome.num_computed_tokens, outcome.total_s)
+        self.metrics.observe(fallbacks, fetched.lookup_s)
         return outcome
 
     def _compute(self, token_ids, params: SamplingParams, request_id: str, fetched: Fetched,

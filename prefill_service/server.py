@@ -84,7 +84,8 @@ def create_server(config: PrefillConfig, engine: Engine | None = None,
     registry = registry or CollectorRegistry()
     metrics = PrefillMetrics(registry)
     worker = EngineWorker(engine, config.max_waiting, name="prefill-engine", on_step=metrics.observe_step)
-    cache = make_cache_client(config.redis_url, config.index_namespace, engine, config.store_timeout_seconds)
+    cache = make_cache_client(config.redis_url, config.index_namespace, engine, config.store_timeout_seconds,
+                              config.faults)
     prefiller = Prefiller(worker, cache, metrics, config.lease_seconds)
     service = rpc.Service(PrefillServicer(prefiller), prefill_pb2_grpc.add_PrefillServiceServicer_to_server,
                           rpc.service_name(prefill_pb2, "PrefillService"))

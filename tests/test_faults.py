@@ -1,0 +1,108 @@
+"""Injected cache-path faults never change an answer: each one is recomputed around and counted."""
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from decode_service.config import DecodeConfig
+from decode_service.server import create_server as create_decode
+from kvcluster.errors import InvalidArgument
+from kvcluster.faults import NO_FAULTS, Faults
+from kvcluster.model.engine import EngineConfig, load_engine
+from kvcluster.model.sampling import SamplingParams
+from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
+from prefill_service.config import PrefillConfig
+from prefill_service.server import create_server as create_prefill
+from tests.cluster_fixtures import channel_to, running_redis, start_store
+
+PROMPT = ("A freight forwarder consolidates shipments from several customers into one container, "
+          "books space with a carrier, prepares the bill of lading and arranges customs clearance. "
+          "Summarise what a freight forwarder does in one sentence:")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    engine_config = EngineConfig(kv_capacity_bytes=128 << 20)
+    with running_redis() as redis_server:
+        store = start_store(redis_server.url, blocks=512)
+        prefill_registry, decode_registry = CollectorRegistry(), CollectorRegistry()
+        prefill, prefill_port = create_prefill(
+            PrefillConfig(port=0, metrics_port=-1, redis_url=redis_server.url, store_timeout_seconds=3.0),
+            engine=load_engine(device="cpu", config=engine_config), registry=prefill_registry)
+        decode, decode_port = create_decode(
+            DecodeConfig(port=0, metrics_port=-1, redis_url=redis_server.url, prefill_target=f"127.0.0.1:{prefill_port}",
+                         store_timeout_seconds=3.0),
+            engine=load_engine(device="cpu", config=engine_config), registry=decode_registry)
+        prefill.start()
+        decode.start()
+        yield {"store": store, "prefill": prefill, "decode": decode, "decode_registry": decode_registry,
+               "prefill_registry": prefill_registry, "stub": decode_pb2_grpc.DecodeServiceStub(channel_to(decode_port))}
+        decode.stop(0.5)
+        prefill.stop(0.5)
+        store.stop(0.5)
+
+
+def reference(smollm_engine, prompt: str) -> list[int]:
+    ids = smollm_engine.tokenizer.encode(prompt)
+    return [e.token_id for e in smollm_engine.generate_no_cache(ids, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))]
+
+
+def generate(cluster, prompt: str) -> tuple[list[int], decode_pb2.GenerateResponse]:
+    ids, last = [], None
+    for response in cluster["stub"].Generate(decode_pb2.GenerateRequest(
+            prompt=prompt, sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)), timeout=120):
+        ids.extend(response.token_ids)
+        last = response
+    cluster["decode"].generator.flush_pushes()
+    cluster["store"].flush_index()
+    return ids, last
+
+
+def counted(registry, reason: str) -> float:
+    return registry.get_sample_value("kvcluster_fallbacks_total", {"reason": reason}) or 0.0
+
+
+def set_faults(cluster, decode: str = "", prefill: str = "") -> None:
+    cluster["decode"].generator.cache.faults = Faults.parse(decode) if decode else NO_FAULTS
+    cluster["prefill"].prefiller.cache.faults = Faults.parse(prefill) if prefill else NO_FAULTS
+
+
+# Decode faults strike a warm prompt (decode pulls it itself). Prefill faults need the prefill
+# service called, so their prompt is the cached one plus a fresh 30-odd-token question.
+@pytest.mark.parametrize("decode_faults, prefill_faults, reason, registry", [
+    ("corrupt=1.0", "", "checksum_mismatch", "decode_registry"),
+    ("pull_drop=1.0", "", "store_unavailable", "decode_registry"),
+    ("pull_delay_ms=150", "", None, "decode_registry"),
+    ("", "push_fail=1.0", "push_failed", "prefill_registry"),
+    ("", "corrupt=1.0", "checksum_mismatch", "prefill_registry"),
+    ("redis_down=1", "redis_down=1", "redis_unavailable", "decode_registry"),
+])
+def test_fault_is_recomputed_and_counted(cluster, smollm_engine, decode_faults, prefill_faults, reason, registry):
+    generate(cluster, PROMPT)  # the prompt's blocks are cached before the fault strikes
+    prompt = PROMPT
+    if prefill_faults:
+        prompt += f" Also, in case {prefill_faults}, list three documents a forwarder prepares for an export shipment."
+    before = counted(cluster[registry], reason) if reason else 0.0
+    set_faults(cluster, decode_faults, prefill_faults)
+    try:
+        ids, last = generate(cluster, prompt)
+    finally:
+        set_faults(cluster)
+    assert ids == reference(smollm_engine, prompt)
+    assert last.finish_reason == decode_pb2.FINISH_REASON_LENGTH
+    if reason:
+        assert counted(cluster[registry], reason) > before
+    else:
+        assert last.usage.cached_tokens > 0 and last.usage.timing.kv_pull_ms >= 150
+    assert cluster["store"].pool.stats().pinned_blocks == 0
+    assert cluster["decode"].worker.call(lambda eng: eng.pool.num_used) == 0
+    assert cluster["prefill"].worker.call(lambda eng: eng.pool.num_used) == 0
+
+
+def test_fault_spec_parsing():
+    faults = Faults.parse("pull_drop=0.25, pull_delay_ms=10,redis_down=1,seed=3")
+    assert (faults.pull_drop, faults.pull_delay_ms, faults.redis_down, faults.active) == (0.25, 10.0, True, True)
+    assert not Faults.parse("").active
+    with pytest.raises(InvalidArgument, match="unknown fault"):
+        Faults.parse("explode=1")
+    with pytest.raises(InvalidArgument, match="faults.corrupt"):
+        Faults.parse("corrupt=2")
