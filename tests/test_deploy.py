@@ -1,0 +1,371 @@
+"""Offline checks of deploy/: Prometheus config and alert rules, the Grafana dashboard and its
+provisioning, the Dockerfile and compose file, and the Kubernetes manifests. No cluster, no Docker
+engine, no network: promtool, `docker-compose config`, `kubectl kustomize` and kubernetes-validate.
+"""
+
+import importlib
+import re
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests import deploy_tools as dt
+
+REQUIRED_ALERTS = {"KVClusterCacheStoreDown", "KVClusterHitRatioCollapse", "KVClusterFallbackRateHigh",
+                   "KVClusterTTFTSLOBreach", "KVClusterCacheMemoryHigh", "KVClusterChecksumFailure"}
+RUNBOOK_PARTS = ("What it means", "What to check", "How to fix")
+# What the dashboard must show (issue 7): one metric family per topic.
+DASHBOARD_TOPICS = {
+    "TTFT": "kvcluster_time_to_first_token_seconds", "ITL": "kvcluster_inter_token_latency_seconds",
+    "tokens/s": "kvcluster_generation_tokens_total", "hit ratio": "kvcluster_store_miss_blocks_total",
+    "cached vs computed": "kvcluster_prompt_tokens_total", "cache memory": "kvcluster_store_bytes_used",
+    "evictions": "kvcluster_store_evictions_total", "KV transfer": "kvcluster_transfer_bytes_total",
+    "fallbacks": "kvcluster_fallbacks_total", "Redis latency": "kvcluster_index_lookup_seconds",
+    "queue depth": "kvcluster_requests_waiting",
+}
+GRPC_PORTS = {"cache_store": 50053, "prefill_service": 50052, "decode_service": 50051}
+METRICS_PORTS = {"cache_store": 9103, "prefill": 9102, "decode": 9101}
+DEVICES = {"cpu": "cpu", "gpu": "cuda"}  # compose profile -> KVC_DEVICE
+JOB_MODULES = {"cache_store": "cache_store", "prefill": "prefill_service", "decode": "decode_service"}
+
+
+@pytest.fixture(scope="module")
+def tools() -> dt.Tools:
+    try:
+        return dt.ensure_tools()
+    except dt.ToolSetupError as exc:
+        pytest.fail(f"deployment test tools unavailable: {exc}")
+
+
+def assert_ok(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, f"{' '.join(map(str, done.args))} failed:\n{done.stdout}\n{done.stderr}"
+
+
+# --- Prometheus ------------------------------------------------------------------------------
+
+def test_promtool_accepts_prometheus_config_and_rules(tools):
+    config = dt.run_tool([tools.promtool, "check", "config", str(dt.PROMETHEUS_CONFIG)])
+    assert_ok(config)
+    assert "1 rule files found" in config.stdout
+    assert_ok(dt.run_tool([tools.promtool, "check", "rules", str(dt.ALERT_RULES)]))
+
+
+def test_promtool_accepts_kubernetes_scrape_config(tools, tmp_path):
+    # Debian builds Prometheus without Kubernetes discovery; with static_configs in its place
+    # promtool still checks the relabelling, which is what this file is about.
+    text = dt.PROMETHEUS_K8S_CONFIG.read_text()
+    assert "kubernetes_sd_configs:" in text and "- role: pod" in text
+    static = text.replace("kubernetes_sd_configs:", "static_configs:").replace("- role: pod", "- targets: []")
+    (tmp_path / "prometheus.yml").write_text(static)
+    (tmp_path / "alerts.yml").write_text(dt.ALERT_RULES.read_text())
+    assert_ok(dt.run_tool([tools.promtool, "check", "config", str(tmp_path / "prometheus.yml")]))
+
+
+def test_alerts_cover_the_issue_and_each_has_a_runbook_section():
+    rules = {rule["alert"]: rule for rule in dt.alert_rules()}
+    assert REQUIRED_ALERTS <= set(rules)
+    assert rules["KVClusterCacheStoreDown"]["expr"].strip() == 'up{job="cache_store"} == 0'
+    runbook = dt.RUNBOOK.read_text()
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in {"critical", "warning"}, name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert rule["annotations"]["runbook"] == f"deploy/README.md#{name.lower()}"
+        section = re.search(rf"^### {name}\n(.*?)(?=^#{{1,3}} |\Z)", runbook, re.MULTILINE | re.DOTALL)
+        assert section, f"deploy/README.md has no '### {name}' runbook section"
+        for part in RUNBOOK_PARTS:
+            assert f"**{part}**" in section.group(1), f"runbook for {name} lacks '{part}'"
+
+
+def test_promql_check_rejects_a_broken_expression(tools):
+    done = dt.promtool_check_queries(tools.promtool, {"good": "sum(up)", "broken": "sum(rate(up[5m])"})
+    assert done.returncode != 0
+    assert "check_1" in done.stdout
+
+
+def test_every_dashboard_and_alert_expression_parses(tools):
+    queries = {**dt.dashboard_queries(), **{f"alert {k}": v for k, v in dt.alert_queries().items()}}
+    assert len(queries) > 20
+    assert_ok(dt.promtool_check_queries(tools.promtool, queries))
+
+
+def test_every_metric_and_label_value_named_is_in_the_contract():
+    expressions = [*dt.dashboard_queries().values(), *dt.alert_queries().values()]
+    unknown = {name for name in dt.metrics_named(expressions) if dt.metric_family(name) not in dt.METRIC_TYPES}
+    assert not unknown, f"metrics not in the contract: {sorted(unknown)}"
+    matchers = dt.label_values_named(expressions)
+    assert matchers, "expected label matchers (job, kind, reason) in the queries"
+    unknown_values = {(label, value) for label, value in matchers
+                      if label in dt.LABEL_VALUES and value not in dt.LABEL_VALUES[label]}
+    assert not unknown_values, f"label values no service emits: {sorted(unknown_values)}"
+
+
+def test_scrape_jobs_are_the_contract_jobs():
+    jobs = {job["job_name"] for job in dt.load_yaml(dt.PROMETHEUS_CONFIG)["scrape_configs"]}
+    assert set(dt.KVCLUSTER_METRICS) <= jobs
+
+
+# --- Grafana ---------------------------------------------------------------------------------
+
+def test_dashboard_panels_have_datasource_query_and_room():
+    dashboard = dt.load_dashboard()
+    uid = dt.load_yaml(dt.GRAFANA_DATASOURCES)["datasources"][0]["uid"]
+    panels = list(dt.dashboard_panels(dashboard))
+    assert dashboard["uid"] and panels
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = set()
+    for panel in panels:
+        title = panel.get("title")
+        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, title
+        targets = panel.get("targets", [])
+        assert targets and all(t.get("expr", "").strip() for t in targets), title
+        assert len({t["refId"] for t in targets}) == len(targets), title
+        assert all(t.get("datasource", panel["datasource"]) == panel["datasource"] for t in targets), title
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, title
+        panel_cells = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"])
+                       for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not cells & panel_cells, f"panel {title!r} overlaps another"
+        cells |= panel_cells
+
+
+def test_dashboard_covers_the_issue_topics():
+    families = {dt.metric_family(m) for m in dt.metrics_named(dt.dashboard_queries().values())}
+    missing = {topic for topic, metric in DASHBOARD_TOPICS.items() if metric not in families}
+    assert not missing, f"dashboard lacks panels for {sorted(missing)}"
+    queries = " ".join(dt.dashboard_queries().values())
+    assert "histogram_quantile(0.95, sum by (le) (rate(kvcluster_time_to_first_token_seconds_bucket" in queries
+
+
+def test_grafana_provisioning_points_at_compose_prometheus_and_dashboards(compose):
+    datasource = dt.load_yaml(dt.GRAFANA_DATASOURCES)["datasources"][0]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090" and "prometheus" in compose["services"]
+    provider_path = dt.load_yaml(dt.GRAFANA_DASHBOARD_PROVIDERS)["providers"][0]["options"]["path"]
+    grafana = compose["services"]["grafana"]
+    mounts = dt.volume_mounts(grafana)
+    assert Path(mounts[provider_path]) == dt.DASHBOARD.parent
+    assert Path(mounts["/etc/grafana/provisioning"]) == dt.GRAFANA_DATASOURCES.parent.parent
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider_path}/{dt.DASHBOARD.name}"
+
+
+# --- Dockerfile and compose ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compose(tools) -> dict:
+    done = dt.compose_config(tools.docker_compose)
+    assert_ok(done)
+    return yaml.safe_load(done.stdout)
+
+
+def compute_services(compose: dict, profile: str) -> dict[str, dict]:
+    """Services of a profile by the name the others reach them at (their network alias)."""
+    found = {}
+    for name, service in compose["services"].items():
+        if profile in service.get("profiles", []):
+            aliases = service.get("networks", {}).get("default", {}).get("aliases", [name])
+            found[aliases[0]] = service
+    return found
+
+
+def test_docker_compose_config_passes(tools):
+    assert_ok(dt.compose_config(tools.docker_compose, "--quiet"))
+
+
+def test_compose_services_profiles_and_health_checks(compose):
+    services = compose["services"]
+    assert {"redis", "prometheus", "grafana"} <= set(services)
+    dotenv = dict(line.split("=", 1) for line in (dt.DEPLOY / ".env").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert dotenv["COMPOSE_PROFILES"] == "cpu"
+    cpu, gpu = compute_services(compose, "cpu"), compute_services(compose, "gpu")
+    assert set(cpu) == set(gpu) == {"cache-store-0", "cache-store-1", "prefill", "decode"}
+    for name in ("redis", "prometheus", "grafana"):
+        assert "profiles" not in services[name] and services[name]["healthcheck"]["test"], name
+    for profile, group in (("cpu", cpu), ("gpu", gpu)):
+        for alias, service in group.items():
+            module = service["command"][-1]
+            assert service["healthcheck"]["test"] == ["CMD", "kvc-grpc-health", f"127.0.0.1:{GRPC_PORTS[module]}"]
+            assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+            assert service["environment"]["KVC_HOST"] == "0.0.0.0"
+            assert service["environment"]["KVC_DEVICE"] == DEVICES[profile]
+            devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+            if profile == "gpu":
+                assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"], alias
+            else:
+                assert not devices, alias
+        stores = [group[f"cache-store-{n}"]["environment"] for n in (0, 1)]
+        assert [s["KVC_STORE_ID"] for s in stores] == ["cache-store-0", "cache-store-1"]
+        assert [s["KVC_ADVERTISE_ADDRESS"] for s in stores] == ["cache-store-0:50053", "cache-store-1:50053"]
+        assert group["decode"]["environment"]["KVC_PREFILL_TARGET"] == f"prefill:{GRPC_PORTS['prefill_service']}"
+
+
+def test_compose_keeps_monitoring_state_in_named_volumes(compose):
+    named = set(compose["volumes"])
+    for service, target in (("prometheus", "/prometheus"), ("grafana", "/var/lib/grafana")):
+        assert dt.volume_mounts(compose["services"][service])[target] in named, service
+
+
+def test_prometheus_targets_are_the_compose_services(compose):
+    cpu = compute_services(compose, "cpu")
+    for job in dt.load_yaml(dt.PROMETHEUS_CONFIG)["scrape_configs"]:
+        if job["job_name"] not in dt.KVCLUSTER_METRICS:
+            continue
+        targets = [t for group in job["static_configs"] for t in group["targets"]]
+        assert targets, job["job_name"]
+        for target in targets:
+            host, port = target.rsplit(":", 1)
+            assert cpu[host]["command"][-1] == JOB_MODULES[job["job_name"]], target
+            assert int(port) == METRICS_PORTS[job["job_name"]], target
+    store_targets = {t for j in dt.load_yaml(dt.PROMETHEUS_CONFIG)["scrape_configs"]
+                     if j["job_name"] == "cache_store" for g in j["static_configs"] for t in g["targets"]}
+    assert store_targets == {f"{alias}:9103" for alias in cpu if alias.startswith("cache-store-")}
+
+
+def test_dockerfile_build_arguments_and_pins(compose):
+    dockerfile = dt.DOCKERFILE.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.MULTILINE))
+    assert dockerfile.index("ARG BASE_IMAGE=") < dockerfile.index("FROM ${BASE_IMAGE}")
+    assert '--index-url "${TORCH_INDEX_URL}"' in dockerfile and args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    pyproject = (dt.REPO_ROOT / "pyproject.toml").read_text()
+    assert f'"torch=={args["TORCH_VERSION"]}"' in pyproject
+    assert f"MODEL_PKG := {args['MODEL_PACKAGE']}" in (dt.REPO_ROOT / "Makefile").read_text()
+    for source in re.findall(r"^COPY (\S+) ", dockerfile, re.MULTILINE):
+        assert (dt.REPO_ROOT / source).exists(), f"COPY source {source} is missing"
+    assert "/usr/local/bin/kvc-grpc-health" in dockerfile
+    build_args = {k for s in compose["services"].values() for k in s.get("build", {}).get("args", {})}
+    assert build_args and build_args <= set(args)
+
+
+@pytest.fixture
+def health_server():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def run_health_check(address: str) -> int:
+    return subprocess.run([sys.executable, str(dt.HEALTH_CHECK_SCRIPT), address], capture_output=True,
+                          timeout=30).returncode
+
+
+def test_grpc_health_check_script_follows_serving_status(health_server):
+    servicer, address = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert run_health_check(address) == 0
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert run_health_check(address) == 1
+
+
+def test_grpc_health_check_script_fails_without_a_server():
+    assert run_health_check("127.0.0.1:1") == 1
+
+
+# --- Kubernetes ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def manifests(tools) -> dict[str, list[dict]]:
+    return {"base": dt.render_kustomize(tools.kubectl, dt.K8S_BASE),
+            "gpu": dt.render_kustomize(tools.kubectl, dt.K8S_GPU_OVERLAY)}
+
+
+@pytest.mark.parametrize("variant", ["base", "gpu"])
+def test_rendered_manifests_validate_against_kubernetes_schemas(manifests, variant):
+    kubernetes_validate = importlib.import_module("kubernetes_validate")
+    errors = []
+    for manifest in manifests[variant]:
+        for version in dt.K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(manifest, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                errors.append(f"{manifest['kind']}/{manifest['metadata']['name']} @ {version}: {exc.message}")
+    assert not errors, "\n".join(errors)
+    kinds = {(m["kind"], m["metadata"]["name"]) for m in manifests[variant]}
+    assert {("Deployment", "decode"), ("Deployment", "prefill"), ("Deployment", "redis"),
+            ("StatefulSet", "cache-store"), ("Service", "cache-store"), ("Service", "redis")} <= kinds
+
+
+def test_schema_validation_rejects_an_unknown_field(manifests):
+    kubernetes_validate = importlib.import_module("kubernetes_validate")
+    broken = dt.find_manifest(manifests["base"], "Deployment", "decode")
+    broken = {**broken, "spec": {**broken["spec"], "replica": 2}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, dt.K8S_VERSIONS[-1], strict=True)
+
+
+def kvcluster_workloads(manifests: list[dict]) -> dict[str, dict]:
+    names = {"cache-store": "StatefulSet", "prefill": "Deployment", "decode": "Deployment"}
+    return {name: dt.find_manifest(manifests, kind, name) for name, kind in names.items()}
+
+
+def store_env_names(manifests: list[dict]) -> list[str]:
+    return [e["name"] for e in dt.pod_containers(kvcluster_workloads(manifests)["cache-store"])[0]["env"]]
+
+
+def test_k8s_base_containers_have_cpu_and_memory_bounds_and_no_gpu(manifests):
+    containers = [c for workload in manifests["base"] for c in dt.pod_containers(workload)]
+    assert len(containers) == 4
+    for container in containers:
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][bound]), container["name"]
+        assert "nvidia.com/gpu" not in container["resources"]["limits"], container["name"]
+
+
+def test_k8s_services_have_grpc_probes_shared_env_and_scrape_annotations(manifests):
+    rendered = manifests["base"]
+    config_map = next(m for m in rendered if m["kind"] == "ConfigMap")
+    assert config_map["data"]["KVC_HOST"] == "0.0.0.0" and all(k.startswith("KVC_") for k in config_map["data"])
+    for name, workload in kvcluster_workloads(rendered).items():
+        pod = workload["spec"]["template"]
+        (container,) = pod["spec"]["containers"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        module = container["command"][-1]
+        assert ports["grpc"] == GRPC_PORTS[module], name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == ports["grpc"], f"{name} {probe}"
+        assert container["envFrom"] == [{"configMapRef": {"name": config_map["metadata"]["name"]}}]
+        annotations = pod["metadata"]["annotations"]
+        job = annotations["prometheus.io/job"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+        assert int(annotations["prometheus.io/port"]) == ports["metrics"] == METRICS_PORTS[job], name
+        assert JOB_MODULES[job] == module, name
+        assert pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "kvcluster"
+
+
+def test_k8s_cache_store_shards_have_stable_ids_and_addresses(manifests):
+    store = kvcluster_workloads(manifests["base"])["cache-store"]
+    assert store["spec"]["replicas"] == 2 and store["spec"]["serviceName"] == "cache-store"
+    assert dt.find_manifest(manifests["base"], "Service", "cache-store")["spec"]["clusterIP"] == "None"
+    env = {e["name"]: e for e in dt.pod_containers(store)[0]["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["KVC_STORE_ID"]["value"] == "$(POD_NAME)"
+    assert env["KVC_ADVERTISE_ADDRESS"]["value"] == "$(POD_NAME).cache-store.$(POD_NAMESPACE).svc:50053"
+    names = store_env_names(manifests["base"])
+    assert names.index("POD_NAME") < names.index("KVC_STORE_ID"), "$(VAR) expands only earlier variables"
+
+
+def test_k8s_gpu_overlay_requests_one_gpu_per_worker(manifests):
+    rendered = manifests["gpu"]
+    for name, workload in kvcluster_workloads(rendered).items():
+        pod_spec = workload["spec"]["template"]["spec"]
+        (container,) = pod_spec["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        assert container["resources"]["limits"]["memory"], name  # the patch kept the base limits
+        assert container["image"].endswith("-cuda"), name
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod_spec["tolerations"]), name
+    names = store_env_names(rendered)
+    assert names.index("POD_NAME") < names.index("KVC_STORE_ID"), "the patch moved KVC_STORE_ID first"
+    redis = dt.find_manifest(rendered, "Deployment", "redis")
+    assert "nvidia.com/gpu" not in dt.pod_containers(redis)[0]["resources"]["limits"]
+    config_map = next(m for m in rendered if m["kind"] == "ConfigMap")
+    assert config_map["data"]["KVC_DEVICE"] == "cuda"
