@@ -3,6 +3,8 @@
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 INDEX_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5)
+FALLBACK_REASONS = ("redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch", "token_mismatch",
+                    "prefill_unavailable", "push_failed")
 
 
 class FallbackMetrics:
@@ -13,6 +15,8 @@ class FallbackMetrics:
                                  ["reason"], registry=registry)
         self.index_lookup = Histogram("kvcluster_index_lookup_seconds", "Redis index lookup latency",
                                       buckets=INDEX_BUCKETS, registry=registry)
+        for reason in FALLBACK_REASONS:  # every reason is exported from the start, at 0
+            self.fallbacks.labels(reason)
 
     def observe(self, fallbacks: list[str], lookup_s: float) -> None:
         """Count a request's fallback reasons and its index lookup latency (0 = no lookup made)."""

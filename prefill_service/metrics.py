@@ -19,6 +19,8 @@ class PrefillMetrics(FallbackMetrics):
         self.queue_depth = Gauge("kvcluster_prefill_queue_depth", "Prompts waiting for the engine", registry=registry)
         self.batch_size = Histogram("kvcluster_prefill_batch_size", "Prompts per prefill forward",
                                     buckets=BATCH_BUCKETS, registry=registry)
+        for kind in ("cached", "computed"):
+            self.tokens.labels(kind)
 
     def observe_step(self, engine: Engine) -> None:
         kind, size = engine.last_step

@@ -1,0 +1,124 @@
+"""Metrics after real traffic on a real local cluster, scraped directly and by a real Prometheus."""
+
+import json
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvcluster.client import Client
+from kvcluster.launcher import Cluster, ClusterPorts
+from kvcluster.redis_server import free_port
+from tests.deploy_tools import (KVCLUSTER_METRICS, alert_queries, concrete_promql, dashboard_panels, dashboard_queries,
+                                ensure_tools, load_dashboard, metric_family, metrics_named)
+
+JOBS = {"cache_store": "cache_store", "prefill": "prefill_service", "decode": "decode_service"}
+DOCUMENT = " ".join(f"Clause {i}: the carrier is liable for loss up to {i * 3} units of account per kilogram."
+                    for i in range(1, 12))
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample_value(text: str, name: str, labels: str = "") -> float:
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def families(text: str) -> set[str]:
+    return {metric_family(line.split("{")[0].split()[0]) for line in text.splitlines() if line and line[0] != "#"}
+
+
+@pytest.fixture(scope="module")
+def live():
+    with tempfile.TemporaryDirectory() as logs, open(Path(logs) / "cluster.log", "w") as log:
+        with Cluster(ClusterPorts.any_free(), log_stream=log) as cluster:
+            with Client(cluster.decode_target) as client:
+                messages = [("system", DOCUMENT), ("user", "What is the liability in clause 4?")]
+                for _ in range(3):  # cold, then warm twice: hits, pulls, pushes, TTFT, ITL
+                    result = client.generate(messages=messages, max_tokens=6, temperature=0.0)
+                assert result.usage.cached_tokens > 0
+            yield cluster
+
+
+def test_every_service_exports_its_metrics_and_they_moved(live):
+    texts = {job: scrape(live.children[child].metrics_port) for job, child in JOBS.items()}
+    for job, expected in KVCLUSTER_METRICS.items():
+        missing = set(expected) - families(texts[job])
+        assert not missing, f"{job} lacks {sorted(missing)}"
+    store, prefill, decode = texts["cache_store"], texts["prefill"], texts["decode"]
+    assert sample_value(store, "kvcluster_store_hit_blocks_total") > 0
+    assert sample_value(store, "kvcluster_transfer_bytes_total", 'direction="push"') > 0
+    assert sample_value(store, "kvcluster_transfer_bytes_total", 'direction="pull"') > 0
+    assert sample_value(prefill, "kvcluster_prefill_tokens_total", 'kind="computed"') > 0
+    assert sample_value(decode, "kvcluster_prompt_tokens_total", 'kind="cached"') > 0
+    assert sample_value(decode, "kvcluster_time_to_first_token_seconds_count") == 3
+    assert sample_value(decode, "kvcluster_requests_total", 'outcome="ok"') == 3
+    assert sample_value(decode, "kvcluster_generation_tokens_total") == 18
+    assert sample_value(decode, "kvcluster_index_lookup_seconds_count") >= 3
+
+
+def test_dashboard_metrics_exist_in_a_live_scrape(live):
+    live_names = set().union(*(families(scrape(live.children[c].metrics_port)) for c in JOBS.values()))
+    named = {metric_family(n) for n in metrics_named(list(dashboard_queries().values()) + list(alert_queries().values()))}
+    assert named and named <= live_names, f"not exported: {sorted(named - live_names)}"
+    for panel in dashboard_panels(load_dashboard()):
+        assert panel.get("datasource") and panel.get("targets"), panel.get("title")
+
+
+def test_real_prometheus_scrapes_the_cluster_and_panels_return_data(live):
+    ensure_tools()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                  "scrape_configs": [{"job_name": job, "static_configs": [
+                      {"targets": [f"127.0.0.1:{live.children[child].metrics_port}"]}]} for job, child in JOBS.items()]}
+        (Path(tmp) / "prometheus.yml").write_text(yaml.safe_dump(config))
+        server = subprocess.Popen(["prometheus", f"--config.file={tmp}/prometheus.yml", f"--storage.tsdb.path={tmp}/data",
+                                   f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            with Client(live.decode_target) as client:  # traffic inside the scrape window, for rate()
+                wait_for(port, 'up{job="decode"} == 1')
+                for i in range(3):
+                    client.generate(messages=[("system", DOCUMENT), ("user", f"Summarise clause {i + 2}.")],
+                                    max_tokens=4, temperature=0.0)
+            queries = {**dashboard_queries(), **alert_queries()}
+            for name, expr in queries.items():
+                status, _ = query(port, concrete_promql(expr))
+                assert status == "success", f"{name}: {expr}"
+            hit_ratio = next(e for n, e in dashboard_queries().items() if "hit ratio" in n.lower())
+            ttft = next(e for n, e in dashboard_queries().items() if "ttft" in n.lower() or "first token" in n.lower())
+            for expr in (hit_ratio, ttft):
+                assert wait_for(port, concrete_promql(expr)), f"no data for {expr}"
+        finally:
+            server.terminate()
+            server.wait(20)
+
+
+def query(port: int, expr: str) -> tuple[str, list]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    return body["status"], body.get("data", {}).get("result", [])
+
+
+def wait_for(port: int, expr: str, timeout_s: float = 60.0) -> bool:
+    """True once `expr` returns at least one non-NaN sample."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            _, result = query(port, expr)
+            if any(r["value"][1] not in ("NaN", "+Inf", "-Inf") for r in result):
+                return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
