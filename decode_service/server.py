@@ -1,6 +1,7 @@
 """Assembles a decode worker: engine thread, prompt-KV source, Generate servicer and /metrics."""
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -21,13 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, generator: Generator, metrics: DecodeMetrics):
+    def __init__(self, generator: Generator, metrics: DecodeMetrics, max_streams: int):
         self.generator = generator
         self.metrics = metrics
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def Generate(self, request, context):
         outcome = "error"
+        admitted = self._streams.acquire(blocking=False)
         try:
+            if not admitted:
+                raise ResourceExhausted(f"{self.max_streams} Generate streams already open (max_streams)")
             yield from self.generator.generate(request, context)
             outcome = "ok"
         except GeneratorExit:
@@ -40,6 +46,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             outcome = "rejected"
             raise
         finally:
+            if admitted:
+                self._streams.release()
             self.metrics.requests.labels(outcome).inc()
 
 
@@ -47,6 +55,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 class DecodeServer:
     config: DecodeConfig
     rpc_server: rpc.RpcServer
+    servicer: DecodeServicer
     generator: Generator
     registry: CollectorRegistry
     port: int
@@ -90,7 +99,8 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
                if config.prefill_target else None)
     source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds)
     generator = Generator(worker, source, cache, metrics, config.cache_generated, config.lease_seconds)
-    service = rpc.Service(DecodeServicer(generator, metrics), decode_pb2_grpc.add_DecodeServiceServicer_to_server,
+    servicer = DecodeServicer(generator, metrics, config.max_streams)
+    service = rpc.Service(servicer, decode_pb2_grpc.add_DecodeServiceServicer_to_server,
                           rpc.service_name(decode_pb2, "DecodeService"))
     rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers)
-    return DecodeServer(config, rpc_server, generator, registry, port), port
+    return DecodeServer(config, rpc_server, servicer, generator, registry, port), port

@@ -240,3 +240,21 @@ def test_python_clients_sync_and_async_agree(cluster):
     assert sync.token_ids == result.token_ids and len(sync.token_ids) >= 1
     assert sync.text == result.text and sync.finish_reason in ("stop", "length")
     assert result.usage.prompt_tokens == sync.usage.prompt_tokens > 0
+
+
+
+def test_streams_over_the_limit_are_resource_exhausted(cluster):
+    servicer = cluster["decode"].servicer
+    saved = servicer.max_streams, servicer._streams
+    servicer.max_streams, servicer._streams = 1, threading.BoundedSemaphore(1)
+    try:
+        held = cluster["stub"].Generate(decode_pb2.GenerateRequest(prompt="Count to fifty:", sampling=greedy(60)), timeout=60)
+        next(held)
+        with pytest.raises(grpc.RpcError) as err:
+            list(cluster["stub"].Generate(decode_pb2.GenerateRequest(prompt="Hi", sampling=greedy(2)), timeout=60))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_streams" in err.value.details()
+        held.cancel()
+    finally:
+        servicer.max_streams, servicer._streams = saved
+    assert cluster["registry"].get_sample_value("kvcluster_requests_total", {"outcome": "rejected"}) >= 1
