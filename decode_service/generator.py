@@ -85,7 +85,7 @@ class Generator:
             return seq
 
         if context is not None:  # a cancelled or expired call leaves the batch at once
-            context.add_callback(lambda: self.worker.submit(lambda eng: eng.abort(request_id)))
+            context.add_callback(lambda: self.worker.cancel(request_id))
         last = first = None
         count = 0
         finished = False

@@ -19,6 +19,7 @@ from kvcluster.model.sequence import Sequence, TokenEvent
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _STOP = object()
+_CANCELLED = object()  # ends a subscriber's stream when its request is cancelled from outside
 
 
 class EngineWorker:
@@ -74,6 +75,9 @@ class EngineWorker:
             yield from seq.initial_events
             while not finished:
                 event = events.get()
+                if event is _CANCELLED:
+                    finished = True  # already dropped by cancel()
+                    return
                 if isinstance(event, BaseException):
                     raise event
                 yield event
@@ -82,12 +86,18 @@ class EngineWorker:
                     return
         finally:
             if not finished:
-                self.submit(lambda engine: self._drop(engine, seq.request_id))
+                self.cancel(seq.request_id)
 
     # ---- the engine thread ----------------------------------------------------------------
 
+    def cancel(self, request_id: str) -> None:
+        """Abort a request from any thread (client gone, deadline passed); its stream ends."""
+        self.submit(lambda engine: self._drop(engine, request_id))
+
     def _drop(self, engine: Engine, request_id: str) -> None:
-        self._subscribers.pop(request_id, None)
+        subscriber = self._subscribers.pop(request_id, None)
+        if subscriber is not None:
+            subscriber.put(_CANCELLED)
         engine.abort(request_id)
 
     def _loop(self) -> None:

@@ -245,8 +245,9 @@ def test_python_clients_sync_and_async_agree(cluster):
 
 def test_streams_over_the_limit_are_resource_exhausted(cluster):
     servicer = cluster["decode"].servicer
-    saved = servicer.max_streams, servicer._streams
-    servicer.max_streams, servicer._streams = 1, threading.BoundedSemaphore(1)
+    taken = servicer.max_streams - 1  # leave room for exactly one stream
+    for _ in range(taken):
+        servicer._streams.acquire()
     try:
         held = cluster["stub"].Generate(decode_pb2.GenerateRequest(prompt="Count to fifty:", sampling=greedy(60)), timeout=60)
         next(held)
@@ -256,5 +257,6 @@ def test_streams_over_the_limit_are_resource_exhausted(cluster):
         assert "max_streams" in err.value.details()
         held.cancel()
     finally:
-        servicer.max_streams, servicer._streams = saved
+        for _ in range(taken):
+            servicer._streams.release()
     assert cluster["registry"].get_sample_value("kvcluster_requests_total", {"outcome": "rejected"}) >= 1
