@@ -1,0 +1,103 @@
+"""Configuration of the cache store: flags `--name`, env `KVC_NAME`, defaults for one machine.
+
+Which blocks a store accepts: exactly one KV layout (the layout flags, SmolLM2-135M's by
+default: 30 layers, 16-token blocks, 3 KV heads, head_dim 64, float32), because its pool is one
+tensor of that block shape; a push with another layout is rejected as a whole. Fingerprints: by
+default any, since the fingerprint is hashed into every block hash, so blocks of two models can
+share a pool but never a key, and a pull must name the fingerprint each block was stored under.
+`--fingerprint HEX` restricts the store to one model: pushes under any other are rejected.
+"""
+
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from kvcluster.config import ServiceConfig, setting
+from kvcluster.errors import InvalidArgument
+from kvcluster.kvpool import DTYPES, LAYOUT_VERSION, KVLayout
+
+GIB = 1 << 30
+FINGERPRINT_BYTES = 16  # an xxh3-128 digest (kvcluster.blocks.make_fingerprint)
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+@dataclass(frozen=True)
+class StoreConfig(ServiceConfig):
+    """Every knob of one cache store process."""
+
+    host: str = setting("127.0.0.1", "interface to listen on for gRPC and /metrics ([::] or 0.0.0.0 for all)")
+    port: int = setting(50053, "gRPC port; 0 picks a free one")
+    metrics_port: int = setting(9103, "port of the Prometheus /metrics endpoint; 0 picks a free one, -1 disables it")
+    device: str = setting("auto", "where the pool lives: auto (cuda if available), cpu, cuda or cuda:N")
+    capacity_bytes: int = setting(0, "pool size in bytes; 0 = 1 GiB on CPU, cuda_memory_fraction of free memory on CUDA")
+    cuda_memory_fraction: float = setting(0.5, "share of free GPU memory the pool takes when capacity_bytes is 0")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis index URL (redis:// or rediss://, "
+                             "password allowed: redis://:PASS@host:port/0); empty = publish no index")
+    index_namespace: str = setting("kvc", "prefix of every Redis key this cluster uses")
+    store_id: str = setting("", "unique name of this store in the index; empty = <hostname>-<port>")
+    advertise_address: str = setting("", "host:port clients dial to reach this store; empty = host:port "
+                                     "(the hostname when host is a wildcard)")
+    heartbeat_seconds: float = setting(2.0, "how often the store refreshes its heartbeat key in Redis")
+    heartbeat_ttl_seconds: float = setting(0.0, "heartbeat key TTL: readers ignore the store's entries "
+                                           "once it expires; 0 = 3 x heartbeat_seconds")
+    lease_seconds: float = setting(30.0, "default lease of request-scoped (tail) blocks, freed on pull or expiry")
+    max_lease_seconds: float = setting(600.0, "longest lease a push may ask for")
+    num_layers: int = setting(30, "KV layout accepted: transformer layers per block")
+    block_size: int = setting(16, "KV layout accepted: tokens per block")
+    num_kv_heads: int = setting(3, "KV layout accepted: KV heads")
+    head_dim: int = setting(64, "KV layout accepted: head dimension")
+    kv_dtype: str = setting("float32", f"KV layout accepted: element type, one of {sorted(DTYPES)}")
+    layout_version: int = setting(LAYOUT_VERSION, "KV layout accepted: byte layout version")
+    fingerprint: str = setting("", "hex model fingerprint to accept exclusively; empty = any")
+    max_workers: int = setting(16, "gRPC handler threads (concurrent calls)")
+    grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight calls may finish before being cancelled")
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "max_workers"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.kv_dtype not in DTYPES:
+            raise InvalidArgument("kv_dtype", f"must be one of {sorted(DTYPES)}, got {self.kv_dtype!r}")
+        if self.heartbeat_seconds <= 0 or self.lease_seconds <= 0:
+            raise InvalidArgument("heartbeat_seconds/lease_seconds", "must be > 0")
+        if not 0 < self.cuda_memory_fraction <= 1:
+            raise InvalidArgument("cuda_memory_fraction", f"must be in (0, 1], got {self.cuda_memory_fraction}")
+        if len(self.fingerprint_bytes) not in (0, FINGERPRINT_BYTES):
+            raise InvalidArgument("fingerprint", f"must be {FINGERPRINT_BYTES} bytes ({2 * FINGERPRINT_BYTES} hex digits)")
+
+    @property
+    def layout(self) -> KVLayout:
+        return KVLayout(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim,
+                        self.kv_dtype, self.layout_version)
+
+    @property
+    def fingerprint_bytes(self) -> bytes:
+        try:
+            return bytes.fromhex(self.fingerprint)
+        except ValueError:
+            raise InvalidArgument("fingerprint", f"must be hex, got {self.fingerprint!r}") from None
+
+    @property
+    def ttl_seconds(self) -> float:
+        return self.heartbeat_ttl_seconds or 3 * self.heartbeat_seconds
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def pool_capacity_bytes(self, device: torch.device) -> int:
+        if self.capacity_bytes:
+            return self.capacity_bytes
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * self.cuda_memory_fraction)
+        return GIB
+
+    def identity(self, bound_port: int) -> tuple[str, str]:
+        """(store_id, advertise_address) once the gRPC port is known."""
+        hostname = socket.gethostname()
+        host = hostname if self.host in WILDCARD_HOSTS else self.host
+        store_id = self.store_id or f"{hostname}-{bound_port}"
+        return store_id, self.advertise_address or f"{host}:{bound_port}"

@@ -1,0 +1,88 @@
+"""The cache store's Prometheus metrics, read at scrape time from the stats the store keeps.
+
+The pool (PoolStats / PoolCounters), the servicer (ServiceCounters) and the index publisher
+count in plain fields where the work happens; this collector turns them into metrics on each
+scrape, so the hot paths never touch prometheus_client. The registry is passed in (tests use
+their own). Labels are only `direction` ("push" | "pull").
+"""
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cache_store.pool import StorePool
+from cache_store.publisher import IndexPublisher
+from cache_store.service import ServiceCounters
+
+GAUGES = (  # (name, help, PoolStats field)
+    ("kvcluster_store_blocks_used", "KV blocks held (including blocks being written)", "blocks_used"),
+    ("kvcluster_store_blocks_capacity", "KV blocks the pool can hold", "blocks_capacity"),
+    ("kvcluster_store_bytes_used", "Bytes of the pool holding blocks", "bytes_used"),
+    ("kvcluster_store_bytes_capacity", "Bytes preallocated for the pool", "bytes_capacity"),
+    ("kvcluster_store_pinned_blocks", "Blocks pinned by pulls in flight", "pinned_blocks"),
+    ("kvcluster_store_request_blocks", "Request-scoped tail blocks under lease", "request_blocks"),
+)
+POOL_COUNTERS = (  # (name without _total, help, PoolCounters field)
+    ("kvcluster_store_lookups", "Lookup and Pull requests answered", "lookups"),
+    ("kvcluster_store_hit_blocks", "Requested blocks that were held (Lookup and Pull)", "hit_blocks"),
+    ("kvcluster_store_miss_blocks", "Requested blocks that were not held (Lookup and Pull)", "miss_blocks"),
+    ("kvcluster_store_evictions", "Blocks evicted (least recently pulled first)", "evictions"),
+    ("kvcluster_store_lease_expiries", "Request-scoped blocks freed because their lease ran out", "lease_expiries"),
+)
+SERVICE_COUNTERS = (
+    ("kvcluster_store_checksum_failures", "Blocks whose bytes did not match their checksum (push or pull)",
+     "checksum_failures"),
+    ("kvcluster_store_blocks_stored", "Pushed blocks stored", "blocks_stored"),
+    ("kvcluster_store_blocks_duplicate", "Pushed blocks already held (acknowledged, not copied)", "blocks_duplicate"),
+    ("kvcluster_store_blocks_rejected", "Pushed blocks rejected (checksum, size, header)", "blocks_rejected"),
+)
+
+
+class StoreCollector(Collector):
+    """Reads one store's stats on each scrape."""
+
+    def __init__(self, pool: StorePool, counters: ServiceCounters, publisher: IndexPublisher):
+        self.pool = pool
+        self.counters = counters
+        self.publisher = publisher
+
+    def collect(self) -> Iterator:
+        stats = self.pool.stats()
+        for name, help_text, attribute in GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=getattr(stats, attribute))
+        for name, help_text, attribute in POOL_COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=getattr(stats.counters, attribute))
+        service = self.counters.snapshot()
+        for name, help_text, attribute in SERVICE_COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=service[attribute])
+        yield from self._transfer(service)
+        yield GaugeMetricFamily("kvcluster_store_index_epoch",
+                                "Epoch of this store in the Redis index; 0 = not registered",
+                                value=self.publisher.epoch)
+        yield CounterMetricFamily("kvcluster_store_index_errors", "Redis index operations that failed",
+                                  value=self.publisher.errors)
+
+    @staticmethod
+    def _transfer(service: dict[str, float]) -> Iterator:
+        moved = CounterMetricFamily("kvcluster_transfer_bytes", "Block payload bytes moved", labels=["direction"])
+        spent = CounterMetricFamily("kvcluster_transfer_seconds", "Time spent in push and pull calls",
+                                    labels=["direction"])
+        for direction in ("push", "pull"):
+            moved.add_metric([direction], service[f"{direction}_bytes"])
+            spent.add_metric([direction], service[f"{direction}_seconds"])
+        yield moved
+        yield spent
+
+
+def register_metrics(registry: CollectorRegistry, pool: StorePool, counters: ServiceCounters,
+                     publisher: IndexPublisher) -> None:
+    registry.register(StoreCollector(pool, counters, publisher))
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int):
+    """Start the /metrics HTTP endpoint (port 0: a free one). Returns (http server, bound port)."""
+    host = "::" if host == "[::]" else host
+    http_server, _ = start_http_server(port, addr=host, registry=registry)
+    return http_server, http_server.server_port

@@ -1,0 +1,315 @@
+"""The store's block pool: a preallocated KVPool tensor plus the bookkeeping that makes it a cache.
+
+- Full blocks are keyed by chained hash and indexed; request-scoped blocks (a prompt's partial
+  tail) are keyed by request key, never indexed, and live until pulled or until their lease ends.
+- Unpinned full blocks sit in an LRU (an OrderedDict: O(1) touch, O(1) evict). A pull pins its
+  blocks for an owner, which takes them out of the LRU; releasing the owner puts them back at the
+  most-recently-used end, so "least recently pulled" is what gets evicted first.
+- A block becomes visible only after its bytes are fully copied into its slot: a slot is reserved
+  under the lock, filled outside it, then published under the lock.
+- Each slot has a generation, bumped whenever the slot is handed out; a block records the
+  generation it was written under, so a read can prove its slot still holds that block.
+- Full and nothing evictable -> ResourceExhausted at once; nothing ever waits for space.
+
+One lock guards all of it: gRPC handlers run on a thread pool. Index changes are reported to an
+IndexSink while the lock is held, so the sink sees them in the order the pool made them.
+"""
+
+import heapq
+import itertools
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from kvcluster.errors import IntegrityError, InvalidArgument, ResourceExhausted
+from kvcluster.kvpool import KVLayout, KVPool
+from kvcluster.proto import common_pb2
+from kvcluster.wire import describe_key
+
+BlockKey = bytes | str  # chained hash of a full block, or request key of a tail block
+
+
+class IndexSink(Protocol):
+    """Receives the pool's index changes (full blocks only), in order."""
+
+    def blocks_added(self, block_hashes: list[bytes]) -> None: ...
+
+    def blocks_removed(self, block_hashes: list[bytes]) -> None: ...
+
+
+class NoIndex:
+    """IndexSink of a store that publishes no index."""
+
+    def blocks_added(self, block_hashes: list[bytes]) -> None:
+        pass
+
+    def blocks_removed(self, block_hashes: list[bytes]) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class StoredBlock:
+    """A published block: where it lives and the header it was pushed with."""
+
+    key: BlockKey
+    slot: int
+    generation: int
+    fingerprint: bytes
+    header: common_pb2.BlockRef
+    pins: int = 0
+    lease_deadline: float | None = None  # request-scoped blocks only
+    retired: bool = False                # unmapped while pinned; slot freed at the last release
+
+
+@dataclass
+class PoolCounters:
+    """Monotonic counters, read by cache_store.metrics."""
+
+    evictions: int = 0
+    lease_expiries: int = 0
+    lookups: int = 0
+    hit_blocks: int = 0
+    miss_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    blocks_used: int
+    blocks_capacity: int
+    bytes_used: int
+    bytes_capacity: int
+    pinned_blocks: int
+    request_blocks: int
+    counters: PoolCounters
+
+
+class StorePool:
+    """Thread-safe block cache over one preallocated tensor (see the module docstring)."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, device: str | torch.device = "cpu",
+                 index: IndexSink | None = None, clock: Callable[[], float] = time.monotonic):
+        self.layout = layout
+        self._kv = KVPool(layout, num_blocks, device)
+        self._index = index or NoIndex()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._generation = [0] * num_blocks
+        self._by_hash: dict[bytes, StoredBlock] = {}
+        self._by_request: dict[str, StoredBlock] = {}
+        self._lru: OrderedDict[bytes, StoredBlock] = OrderedDict()  # unpinned full blocks, oldest first
+        self._leases: list[tuple[float, int, StoredBlock]] = []     # heap of request-block deadlines
+        self._pins: dict[Hashable, list[StoredBlock]] = {}
+        self._seq = itertools.count()
+        self.counters = PoolCounters()
+
+    @classmethod
+    def from_budget(cls, layout: KVLayout, capacity_bytes: int, device: str | torch.device = "cpu",
+                    index: IndexSink | None = None) -> "StorePool":
+        """As many blocks as fit in `capacity_bytes`."""
+        num_blocks = capacity_bytes // layout.block_nbytes
+        if num_blocks < 1:
+            raise InvalidArgument("capacity_bytes", f"{capacity_bytes} holds no block of "
+                                  f"{layout.block_nbytes} bytes")
+        return cls(layout, num_blocks, device, index)
+
+    @property
+    def device(self) -> torch.device:
+        return self._kv.device
+
+    @property
+    def num_blocks(self) -> int:
+        return self._kv.num_blocks
+
+    def set_index(self, index: IndexSink) -> None:
+        with self._lock:
+            self._index = index
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def store(self, key: BlockKey, fingerprint: bytes, header: common_pb2.BlockRef,
+              payload: bytes, lease_s: float) -> bool:
+        """Copy a verified block in. True if stored, False if already held (a duplicate).
+        Raises ResourceExhausted when no slot is free or evictable."""
+        with self._lock:
+            if self._touch_existing(key, fingerprint, header):
+                return False
+            slot = self._take_slot()
+        try:
+            self._kv.import_block(slot, payload)
+        except BaseException:
+            with self._lock:
+                self._kv.free([slot])
+            raise
+        with self._lock:
+            if self._touch_existing(key, fingerprint, header):  # a concurrent push won the race
+                self._kv.free([slot])
+                return False
+            self._publish(StoredBlock(key, slot, self._generation[slot], fingerprint, header), lease_s)
+            return True
+
+    def _touch_existing(self, key: BlockKey, fingerprint: bytes, header: common_pb2.BlockRef) -> bool:
+        entry = self._find(key)
+        if entry is None:
+            return False
+        if entry.fingerprint != fingerprint:
+            raise IntegrityError(f"{describe_key(key)} is already held under another fingerprint")
+        # Two workers may compute a full block's K/V with different rounding; the first copy
+        # stays. A request key names one request's tail, so other bytes under it are a bug.
+        if isinstance(key, str) and entry.header.checksum != header.checksum:
+            raise IntegrityError(f"{describe_key(key)} is already held with a different checksum")
+        if entry.key in self._lru:
+            self._lru.move_to_end(entry.key)
+        return True
+
+    def _take_slot(self) -> int:
+        slots = self._kv.allocate(1)
+        if not slots and self._expire_leases():
+            slots = self._kv.allocate(1)
+        if slots:
+            slot = slots[0]
+        elif self._lru:
+            _, victim = self._lru.popitem(last=False)
+            self._unmap(victim)
+            self.counters.evictions += 1
+            slot = victim.slot
+        else:
+            raise ResourceExhausted(f"store pool is full: all {self.num_blocks} blocks are pinned, "
+                                    "leased or being written")
+        self._generation[slot] += 1
+        return slot
+
+    def _publish(self, entry: StoredBlock, lease_s: float) -> None:
+        if isinstance(entry.key, bytes):
+            self._by_hash[entry.key] = entry
+            self._lru[entry.key] = entry
+            self._index.blocks_added([entry.key])
+        else:
+            entry.lease_deadline = self._clock() + lease_s
+            self._by_request[entry.key] = entry
+            heapq.heappush(self._leases, (entry.lease_deadline, next(self._seq), entry))
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def lookup(self, fingerprint: bytes, block_hashes: Sequence[bytes]) -> int:
+        """How many of `block_hashes`, from the first, are held under `fingerprint`."""
+        with self._lock:
+            held = 0
+            for block_hash in block_hashes:
+                entry = self._by_hash.get(block_hash)
+                if entry is None or entry.fingerprint != fingerprint:
+                    break
+                held += 1
+            self._count_lookup(held, len(block_hashes))
+            return held
+
+    def pin(self, fingerprint: bytes, keys: Sequence[BlockKey], owner: Hashable) -> tuple[list[StoredBlock], str]:
+        """Pin the longest held prefix of `keys` for `owner`. Returns the pinned blocks and, when it
+        stopped early, why."""
+        with self._lock:
+            pins: list[StoredBlock] = []
+            stop_reason = ""
+            for position, key in enumerate(keys):
+                entry = self._find(key)
+                if entry is None or entry.fingerprint != fingerprint:
+                    problem = "is not held" if entry is None else "was stored under another fingerprint"
+                    stop_reason = f"block {position} ({describe_key(key)}) {problem}"
+                    break
+                entry.pins += 1
+                self._lru.pop(entry.key, None)
+                pins.append(entry)
+            self._pins.setdefault(owner, []).extend(pins)
+            self._count_lookup(len(pins), len(keys))
+            return pins, stop_reason
+
+    def read(self, block: StoredBlock) -> bytes:
+        """A pinned block's bytes. Needs no lock: a pinned slot is never handed out."""
+        payload = self._kv.export_block(block.slot)
+        if self._generation[block.slot] != block.generation:  # a broken invariant, not a miss
+            raise RuntimeError(f"slot {block.slot} was handed out again while pinned")
+        return payload
+
+    def release(self, owner: Hashable, consumed: bool = False) -> None:
+        """Drop `owner`'s pins (idempotent). `consumed`: the pull completed, so its request-scoped
+        blocks are freed."""
+        with self._lock:
+            for entry in self._pins.pop(owner, []):
+                entry.pins -= 1
+                if consumed and isinstance(entry.key, str) and not entry.retired:
+                    self._retire(entry)
+                elif entry.pins == 0 and entry.retired:
+                    self._kv.free([entry.slot])
+                elif entry.pins == 0 and isinstance(entry.key, bytes):
+                    self._lru[entry.key] = entry
+
+    def discard(self, block: StoredBlock) -> None:
+        """Forget a block found corrupt; its slot is freed once its last pin is released."""
+        with self._lock:
+            self._retire(block)
+
+    def release_all(self) -> None:
+        for owner in list(self._pins):
+            self.release(owner)
+
+    # ---- housekeeping --------------------------------------------------------------------
+
+    def expire_leases(self) -> int:
+        with self._lock:
+            return self._expire_leases()
+
+    def _expire_leases(self) -> int:
+        now, expired = self._clock(), 0
+        while self._leases and self._leases[0][0] <= now:
+            deadline, _, entry = heapq.heappop(self._leases)
+            if entry.retired or entry.lease_deadline != deadline:
+                continue
+            if entry.pins:  # being pulled right now: look again shortly
+                entry.lease_deadline = now + 1.0
+                heapq.heappush(self._leases, (entry.lease_deadline, next(self._seq), entry))
+                continue
+            self._retire(entry)
+            expired += 1
+        self.counters.lease_expiries += expired
+        return expired
+
+    def held_hashes(self) -> list[bytes]:
+        with self._lock:
+            return list(self._by_hash)
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            used = self._kv.num_used
+            pinned = len({id(entry) for pins in self._pins.values() for entry in pins})
+            return PoolStats(used, self.num_blocks, used * self.layout.block_nbytes,
+                             self.num_blocks * self.layout.block_nbytes, pinned,
+                             len(self._by_request), self.counters)
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _find(self, key: BlockKey) -> StoredBlock | None:
+        return self._by_hash.get(key) if isinstance(key, bytes) else self._by_request.get(key)
+
+    def _unmap(self, entry: StoredBlock) -> None:
+        if isinstance(entry.key, bytes):
+            del self._by_hash[entry.key]
+            self._lru.pop(entry.key, None)
+            self._index.blocks_removed([entry.key])
+        else:
+            del self._by_request[entry.key]
+
+    def _retire(self, entry: StoredBlock) -> None:
+        if entry.retired:
+            return
+        self._unmap(entry)
+        entry.retired = True
+        if entry.pins == 0:
+            self._kv.free([entry.slot])
+
+    def _count_lookup(self, hits: int, requested: int) -> None:
+        self.counters.lookups += 1
+        self.counters.hit_blocks += hits
+        self.counters.miss_blocks += requested - hits

@@ -1,0 +1,96 @@
+"""Assembles a cache store: pool, servicer, gRPC server, index publisher and /metrics.
+
+`create_server(config)` builds everything and binds the gRPC port (0 = a free one); `start()`
+starts serving, heartbeating and exposing metrics; `stop()` reports NOT_SERVING, lets in-flight
+calls finish for the grace period, releases every pin, and deregisters from the index. Index
+trouble never stops the store: without Redis it serves pushes and pulls all the same.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from cache_store.config import StoreConfig
+from cache_store.metrics import register_metrics, serve_metrics
+from cache_store.pool import StorePool
+from cache_store.publisher import IndexPublisher
+from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity
+from kvcluster import rpc
+from kvcluster.index import RedisIndex
+from kvcluster.proto import cache_pb2, cache_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoreServer:
+    """A built cache store. Tests and `python -m cache_store` drive it the same way."""
+
+    config: StoreConfig
+    rpc_server: rpc.RpcServer
+    servicer: CacheStoreServicer
+    publisher: IndexPublisher
+    registry: CollectorRegistry
+    port: int
+    metrics_port: int | None = None
+    _metrics_http: object = field(default=None, repr=False)
+
+    @property
+    def pool(self) -> StorePool:
+        return self.servicer.pool
+
+    @property
+    def store_id(self) -> str:
+        return self.servicer.identity.store_id
+
+    @property
+    def address(self) -> str:
+        return self.servicer.identity.address
+
+    def start(self) -> "StoreServer":
+        self.rpc_server.start()
+        self.publisher.start()
+        if self.config.metrics_port >= 0:
+            self._metrics_http, self.metrics_port = serve_metrics(self.registry, self.config.host,
+                                                                  self.config.metrics_port)
+        log.info("cache store %s serving on %s (pool %d blocks on %s, metrics port %s)", self.store_id,
+                 self.address, self.pool.num_blocks, self.pool.device, self.metrics_port)
+        return self
+
+    def flush_index(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the index reflects the pool as of now. True if it does (Redis reachable)."""
+        return self.publisher.flush(timeout_s)
+
+    def stop(self, grace_s: float | None = None, deregister: bool = True) -> None:
+        """Graceful stop. `deregister=False` leaves the index entries behind, as a crash would."""
+        self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
+        self.pool.release_all()
+        self.publisher.stop(deregister=deregister)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        return self.rpc_server.wait_for_termination(timeout_s)
+
+
+def create_server(config: StoreConfig, registry: CollectorRegistry | None = None) -> tuple[StoreServer, int]:
+    """Build a cache store from `config`; returns it (not started) and its bound gRPC port."""
+    device = config.torch_device()
+    pool = StorePool.from_budget(config.layout, config.pool_capacity_bytes(device), device)
+    identity, counters = StoreIdentity(), ServiceCounters()
+    servicer = CacheStoreServicer(pool, config, identity, counters)
+    service = rpc.Service(servicer, cache_pb2_grpc.add_CacheStoreServicer_to_server,
+                          rpc.service_name(cache_pb2, "CacheStore"))
+    rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers)
+    identity.store_id, identity.address = config.identity(port)
+    index = RedisIndex(config.redis_url, config.index_namespace) if config.redis_url else None
+    publisher = IndexPublisher(index, identity.store_id, identity.address, config.heartbeat_seconds,
+                               config.ttl_seconds, pool.held_hashes, on_tick=pool.expire_leases)
+    identity.epoch = lambda: publisher.epoch
+    pool.set_index(publisher)
+    registry = registry if registry is not None else CollectorRegistry()
+    register_metrics(registry, pool, counters, publisher)
+    return StoreServer(config, rpc_server, servicer, publisher, registry, port), port

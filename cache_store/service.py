@@ -1,0 +1,234 @@
+"""The CacheStore gRPC servicer: PushBlocks, PullBlocks, Lookup and Stats over a StorePool.
+
+Push: the stream opens with PushOpen (layout and fingerprint checked once for the whole
+stream), then block chunks. Each complete block is checked (key, size, token count, checksum)
+and stored, acknowledged as a duplicate, or rejected with its reason; a broken stream (truncated
+block, chunk without header, oversize chunk) fails the call. A block becomes visible only once
+fully received and verified, so nothing half-written is ever served.
+
+Pull: pins the longest held prefix of the requested blocks, streams them (each re-verified
+against its checksum first), and ends with a PullSummary saying how many were sent and why it
+stopped early. Pins are released when the stream ends, fails, or the client cancels.
+"""
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+from cache_store.config import FINGERPRINT_BYTES, StoreConfig
+from cache_store.pool import StoredBlock, StorePool
+from kvcluster.blocks import HASH_BYTES, checksum
+from kvcluster.errors import IntegrityError, InvalidArgument
+from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
+from kvcluster.wire import (block_chunks, block_key, check_chunk_limit, describe_key,
+                            layout_from_proto, layout_to_proto, reassemble_blocks)
+
+MAX_BLOCKS_PER_CALL = 4096     # block references one Pull or Lookup may name
+MAX_REQUEST_KEY_CHARS = 256
+Status = cache_pb2.BlockPushResult.Status
+
+
+@dataclass
+class ServiceCounters:
+    """What the handlers did, read by cache_store.metrics. Updated through `add` (thread-safe)."""
+
+    push_bytes: int = 0
+    push_seconds: float = 0.0
+    pull_bytes: int = 0
+    pull_seconds: float = 0.0
+    checksum_failures: int = 0
+    blocks_stored: int = 0
+    blocks_duplicate: int = 0
+    blocks_rejected: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class StoreIdentity:
+    """How this store names itself (known once the port is bound) and its index epoch."""
+
+    store_id: str = ""
+    address: str = ""
+    epoch: Callable[[], int] = lambda: 0
+
+
+class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
+    """Handlers only validate and translate; the pool does the work, the interceptor the errors."""
+
+    def __init__(self, pool: StorePool, config: StoreConfig, identity: StoreIdentity,
+                 counters: ServiceCounters):
+        self.pool = pool
+        self.config = config
+        self.identity = identity
+        self.counters = counters
+        self._owners = itertools.count()
+
+    # ---- PushBlocks ------------------------------------------------------------------------
+
+    def PushBlocks(self, request_iterator, context) -> cache_pb2.PushBlocksResponse:
+        started = time.perf_counter()
+        opening = next(request_iterator, None)
+        if opening is None or opening.WhichOneof("item") != "open":
+            raise InvalidArgument("open", "the first message of a push must be PushOpen")
+        fingerprint, lease_s = self._check_open(opening.open)
+        response = cache_pb2.PushBlocksResponse(store_id=self.identity.store_id)
+        chunks = (_chunk_of(message) for message in request_iterator)
+        received = 0
+        for header, payload in reassemble_blocks(chunks, self.pool.layout.block_nbytes):
+            received += len(payload)
+            response.results.append(self._push_one(header, payload, fingerprint, lease_s))
+        statuses = [result.status for result in response.results]
+        response.num_stored = statuses.count(Status.STORED)
+        response.num_duplicate = statuses.count(Status.DUPLICATE)
+        response.num_rejected = statuses.count(Status.REJECTED)
+        self.counters.add(push_bytes=received, push_seconds=time.perf_counter() - started,
+                          blocks_stored=response.num_stored, blocks_duplicate=response.num_duplicate,
+                          blocks_rejected=response.num_rejected)
+        return response
+
+    def _check_open(self, opening: cache_pb2.PushOpen) -> tuple[bytes, float]:
+        fingerprint = _check_fingerprint(opening.fingerprint, "open.fingerprint")
+        accepted = self.config.fingerprint_bytes
+        if accepted and fingerprint != accepted:
+            raise IntegrityError(f"open.fingerprint: this store accepts only {accepted.hex()}, "
+                                 f"the push has {fingerprint.hex()}")
+        theirs, ours = layout_from_proto(opening.layout), self.pool.layout
+        if theirs != ours:
+            raise IntegrityError(f"open.layout: this store holds {ours.canonical()}, the push has {theirs.canonical()}")
+        if opening.lease_seconds > self.config.max_lease_seconds:
+            raise InvalidArgument("open.lease_seconds", f"{opening.lease_seconds} exceeds the limit of "
+                                  f"{self.config.max_lease_seconds:g}")
+        return fingerprint, float(opening.lease_seconds or self.config.lease_seconds)
+
+    def _push_one(self, header: common_pb2.BlockRef, payload: bytes, fingerprint: bytes,
+                  lease_s: float) -> cache_pb2.BlockPushResult:
+        key = block_key(header)
+        result = cache_pb2.BlockPushResult(block=_key_only(header))
+        try:
+            self._check_block(key, header, payload)
+            stored = self.pool.store(key, fingerprint, self._stamped(header), payload, lease_s)
+            result.status = Status.STORED if stored else Status.DUPLICATE
+        except (IntegrityError, InvalidArgument) as exc:
+            result.status, result.reason = Status.REJECTED, str(exc)
+        return result
+
+    def _check_block(self, key: bytes | str, header: common_pb2.BlockRef, payload: bytes) -> None:
+        layout = self.pool.layout
+        if isinstance(key, bytes) and len(key) != HASH_BYTES:
+            raise InvalidArgument("block_hash", f"must be {HASH_BYTES} bytes, got {len(key)}")
+        if isinstance(key, str) and not 0 < len(key) <= MAX_REQUEST_KEY_CHARS:
+            raise InvalidArgument("request_key", f"must be 1 to {MAX_REQUEST_KEY_CHARS} characters")
+        if len(payload) != layout.block_nbytes:
+            raise IntegrityError(f"{describe_key(key)}: payload is {len(payload)} bytes, "
+                                 f"the layout needs {layout.block_nbytes}")
+        full = isinstance(key, bytes)
+        if (full and header.num_tokens != layout.block_size) or not 0 < header.num_tokens <= layout.block_size:
+            raise InvalidArgument("num_tokens", f"{header.num_tokens} is invalid: a full block has "
+                                  f"{layout.block_size} tokens, a tail block 1 to {layout.block_size}")
+        if len(header.token_ids) != header.num_tokens:
+            raise InvalidArgument("token_ids", f"has {len(header.token_ids)} ids for {header.num_tokens} tokens")
+        actual = checksum(payload)
+        if actual != header.checksum:
+            self.counters.add(checksum_failures=1)
+            raise IntegrityError(f"{describe_key(key)}: checksum mismatch, header says "
+                                 f"{header.checksum:#018x}, payload has {actual:#018x}")
+
+    def _stamped(self, header: common_pb2.BlockRef) -> common_pb2.BlockRef:
+        # A fresh message: keeping the pushed sub-message would keep its whole chunk (and its
+        # up to 1 MiB of data) alive for as long as the block is held.
+        stored = common_pb2.BlockRef()
+        stored.CopyFrom(header)
+        stored.store_id, stored.store_address = self.identity.store_id, self.identity.address
+        return stored
+
+    # ---- PullBlocks ------------------------------------------------------------------------
+
+    def PullBlocks(self, request, context) -> Iterator[cache_pb2.PullBlocksResponse]:
+        started = time.perf_counter()
+        fingerprint = _check_fingerprint(request.fingerprint, "fingerprint")
+        max_chunk_bytes = check_chunk_limit(request.max_chunk_bytes)
+        keys = [block_key(ref) for ref in _bounded(request.blocks, "blocks")]
+        owner = ("pull", next(self._owners))
+        if not context.add_callback(lambda: self.pool.release(owner)):  # it runs on cancel, too
+            return  # the call already ended: pin nothing
+        pinned, stop_reason = self.pool.pin(fingerprint, keys, owner)
+        sent, sent_bytes = 0, 0
+        try:
+            for block in pinned:
+                payload = self._verified(block)
+                if payload is None:
+                    stop_reason = f"block {sent} ({describe_key(block.key)}) failed its checksum in the store"
+                    break
+                yield from block_chunks(block.header, payload, max_chunk_bytes, cache_pb2.PullBlocksResponse)
+                sent, sent_bytes = sent + 1, sent_bytes + len(payload)
+            # Release before the summary goes out: a client holding the summary sees no pins left.
+            # Request-scoped blocks are freed only by a pull that delivered all it pinned.
+            self.pool.release(owner, consumed=sent == len(pinned))
+            summary = cache_pb2.PullSummary(num_blocks_sent=sent, stop_reason=stop_reason)
+            yield cache_pb2.PullBlocksResponse(summary=summary)
+        finally:
+            self.pool.release(owner)  # idempotent; this one covers failures and cancellation
+            self.counters.add(pull_bytes=sent_bytes, pull_seconds=time.perf_counter() - started)
+
+    def _verified(self, block: StoredBlock) -> bytes | None:
+        payload = self.pool.read(block)
+        if checksum(payload) == block.header.checksum:
+            return payload
+        self.counters.add(checksum_failures=1)
+        self.pool.discard(block)
+        return None
+
+    # ---- Lookup, Stats ---------------------------------------------------------------------
+
+    def Lookup(self, request, context) -> cache_pb2.LookupResponse:
+        fingerprint = _check_fingerprint(request.fingerprint, "fingerprint")
+        hashes = list(_bounded(request.block_hashes, "block_hashes"))
+        return cache_pb2.LookupResponse(num_prefix_blocks=self.pool.lookup(fingerprint, hashes),
+                                        store_id=self.identity.store_id)
+
+    def Stats(self, request, context) -> cache_pb2.StatsResponse:
+        stats = self.pool.stats()
+        return cache_pb2.StatsResponse(
+            store_id=self.identity.store_id, address=self.identity.address, epoch=self.identity.epoch(),
+            device=str(self.pool.device), blocks_used=stats.blocks_used,
+            blocks_capacity=stats.blocks_capacity, bytes_used=stats.bytes_used,
+            bytes_capacity=stats.bytes_capacity, pinned_blocks=stats.pinned_blocks,
+            request_blocks=stats.request_blocks, evictions=stats.counters.evictions,
+            fingerprint=self.config.fingerprint_bytes, layout=layout_to_proto(self.pool.layout))
+
+
+def _chunk_of(message: cache_pb2.PushBlocksRequest) -> common_pb2.BlockChunk:
+    if message.WhichOneof("item") != "chunk":
+        raise InvalidArgument("chunk", "only the first message of a push may be PushOpen; the rest are chunks")
+    return message.chunk
+
+
+def _check_fingerprint(fingerprint: bytes, field: str) -> bytes:
+    if len(fingerprint) != FINGERPRINT_BYTES:
+        raise InvalidArgument(field, f"must be {FINGERPRINT_BYTES} bytes, got {len(fingerprint)}")
+    return fingerprint
+
+
+def _bounded(items, field: str):
+    if len(items) > MAX_BLOCKS_PER_CALL:
+        raise InvalidArgument(field, f"{len(items)} entries exceed the limit of {MAX_BLOCKS_PER_CALL}")
+    return items
+
+
+def _key_only(header: common_pb2.BlockRef) -> common_pb2.BlockRef:
+    ref = common_pb2.BlockRef()
+    setattr(ref, header.WhichOneof("key"), block_key(header))
+    return ref

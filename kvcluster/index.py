@@ -1,0 +1,254 @@
+"""The Redis index of which cache store holds which KV block, shared by every service.
+
+Key schema (namespace `ns`, default "kvc"; hashes as 32 lowercase hex digits):
+
+    {ns}:blk:{hash}             HASH  store_id -> epoch       the stores holding the block
+    {ns}:entries:{store}:{ep}   SET   hash, ...               what `store` indexed in epoch `ep`
+    {ns}:epochs:{store}         SET   ep, ...                 epochs that may still own entries
+    {ns}:epoch:{store}          STR   counter (INCR)          the store's latest epoch
+    {ns}:alive:{store}          STR   current epoch, PX ttl   heartbeat; gone = store is dead
+    {ns}:store:{store}          HASH  address, epoch          how to reach the store
+    {ns}:stores                 SET   store_id, ...           every store that ever registered
+
+Rules. A store is the only writer of its own fields and keys. On start it INCRs its epoch, sets
+its heartbeat key, then deletes the entries of every older epoch in batches. An entry counts only
+while `{ns}:alive:{store}` exists and equals the entry's epoch, so readers ignore both dead stores
+(heartbeat expired) and leftovers of a store's earlier life. `lookup` is one Lua script: for N
+chained hashes it returns the longest prefix whose every block has a live holder, preferring the
+previous block's holder so runs stay long, plus each holder's address. Scripts use only Redis 2.6+
+commands (HGETALL, GET, HGET, HDEL, SREM, PEXPIRE), so Redis 6.2 and 7 both work. The scripts read
+keys they are not passed, which a single Redis instance allows; Redis Cluster is not supported.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import groupby
+from typing import ParamSpec, TypeVar
+
+import redis
+import xxhash
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from kvcluster.errors import Unavailable
+
+BATCH = 512  # entries per round trip when publishing or removing
+
+_LOOKUP = """
+local ns, live, holders, previous = ARGV[1], {}, {}, false
+for i = 1, #KEYS do
+  local fields, chosen = redis.call('HGETALL', KEYS[i]), false
+  for j = 1, #fields, 2 do
+    local sid = fields[j]
+    if live[sid] == nil then live[sid] = redis.call('GET', ns .. ':alive:' .. sid) end
+    if live[sid] == fields[j + 1] then
+      chosen = sid
+      if sid == previous then break end
+    end
+  end
+  if not chosen then break end
+  holders[i], previous = chosen, chosen
+end
+local addresses, seen = {}, {}
+for _, sid in ipairs(holders) do
+  if not seen[sid] then
+    seen[sid] = true
+    addresses[#addresses + 1] = sid
+    addresses[#addresses + 1] = redis.call('HGET', ns .. ':store:' .. sid, 'address') or ''
+  end
+end
+return {holders, addresses}
+"""
+
+# KEYS: block keys; ARGV: ns, store, epoch, hex hashes (same order as KEYS).
+_REMOVE = """
+local ns, sid, epoch = ARGV[1], ARGV[2], ARGV[3]
+local removed = 0
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], sid) == epoch then
+    redis.call('HDEL', KEYS[i], sid)
+    removed = removed + 1
+  end
+  redis.call('SREM', ns .. ':entries:' .. sid .. ':' .. epoch, ARGV[i + 3])
+end
+return removed
+"""
+
+_LIVE_STORES = """
+local ns, result = ARGV[1], {}
+for _, sid in ipairs(redis.call('SMEMBERS', ns .. ':stores')) do
+  local epoch = redis.call('GET', ns .. ':alive:' .. sid)
+  if epoch then
+    result[#result + 1] = sid
+    result[#result + 1] = epoch
+    result[#result + 1] = redis.call('HGET', ns .. ':store:' .. sid, 'address') or ''
+  end
+end
+return result
+"""
+
+# KEYS: heartbeat key. ARGV: epoch, ttl ms. 1 = refreshed; 0 = gone or taken by another epoch.
+_HEARTBEAT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: heartbeat key. ARGV: epoch. Deletes it only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """A live store as the index knows it."""
+
+    store_id: str
+    address: str
+    epoch: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive blocks [start, end) held by one store: one PullBlocks call."""
+
+    start: int
+    end: int
+    store: StoreRef
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unavailable_on_redis_error(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise Unavailable(f"Redis index: {exc}") from exc
+    return wrapper
+
+
+def pick_store(block_hash: bytes, stores: Sequence[StoreRef]) -> StoreRef:
+    """Rendezvous hashing: the live store with the highest score for this block. Adding or losing
+    a store moves only the blocks that store wins or held."""
+    if not stores:
+        raise Unavailable("no live cache store to place a block on")
+    return max(stores, key=lambda store: xxhash.xxh3_64_intdigest(store.store_id.encode() + block_hash))
+
+
+def group_runs(holders: Sequence[StoreRef]) -> list[Run]:
+    """Split a lookup's holders into runs of consecutive blocks on the same store."""
+    runs, start = [], 0
+    for store, members in groupby(holders, key=lambda ref: ref.store_id):
+        count = len(list(members))
+        runs.append(Run(start, start + count, holders[start]))
+        start += count
+    return runs
+
+
+class RedisIndex:
+    """Client of the index. Readers use `lookup` and `live_stores`; a store uses the rest for its
+    own entries only. Every Redis failure surfaces as kvcluster.errors.Unavailable."""
+
+    def __init__(self, url: str, namespace: str = "kvc", timeout_s: float = 1.0):
+        # One fast retry covers a pooled connection broken by a Redis restart; more would stall
+        # request paths that should fall back to recompute instead.
+        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
+                                          socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
+        self.ns = namespace
+        self._lookup = self.redis.register_script(_LOOKUP)
+        self._remove = self.redis.register_script(_REMOVE)
+        self._live_stores = self.redis.register_script(_LIVE_STORES)
+        self._heartbeat = self.redis.register_script(_HEARTBEAT)
+        self._release = self.redis.register_script(_RELEASE)
+
+    def key(self, *parts: object) -> str:
+        return ":".join((self.ns, *map(str, parts)))
+
+    def close(self) -> None:
+        self.redis.close()
+
+    # ---- readers ---------------------------------------------------------------------------
+
+    @_unavailable_on_redis_error
+    def lookup(self, block_hashes: Sequence[bytes]) -> list[StoreRef]:
+        """Holders of the longest indexed prefix of `block_hashes` (one round trip)."""
+        if not block_hashes:
+            return []
+        keys = [self.key("blk", h.hex()) for h in block_hashes]
+        holders, flat_addresses = self._lookup(keys=keys, args=[self.ns])
+        addresses = dict(zip(flat_addresses[::2], flat_addresses[1::2]))
+        stores = {sid: StoreRef(sid, address) for sid, address in addresses.items()}
+        return [stores[sid] for sid in holders]
+
+    @_unavailable_on_redis_error
+    def live_stores(self) -> list[StoreRef]:
+        flat = self._live_stores(args=[self.ns])
+        stores = [StoreRef(flat[i], flat[i + 2], int(flat[i + 1])) for i in range(0, len(flat), 3)]
+        return sorted(stores, key=lambda store: store.store_id)
+
+    # ---- a store's own entries ------------------------------------------------------------
+
+    @_unavailable_on_redis_error
+    def register(self, store_id: str, address: str, ttl_s: float) -> int:
+        """Take a new epoch, announce the store, then drop every older epoch's entries."""
+        epoch = int(self.redis.incr(self.key("epoch", store_id)))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.key("store", store_id), mapping={"address": address, "epoch": epoch})
+        pipe.sadd(self.key("stores"), store_id)
+        pipe.sadd(self.key("epochs", store_id), epoch)
+        pipe.set(self.key("alive", store_id), epoch, px=_ms(ttl_s))
+        pipe.execute()
+        for old in self.redis.smembers(self.key("epochs", store_id)):
+            if int(old) != epoch:
+                self._drop_epoch(store_id, int(old))
+        return epoch
+
+    @_unavailable_on_redis_error
+    def heartbeat(self, store_id: str, epoch: int, ttl_s: float) -> bool:
+        """Refresh the TTL. False when the key expired or was taken: the store must re-register."""
+        return bool(self._heartbeat(keys=[self.key("alive", store_id)], args=[epoch, _ms(ttl_s)]))
+
+    @_unavailable_on_redis_error
+    def add_entries(self, store_id: str, epoch: int, block_hashes: Sequence[bytes]) -> None:
+        for start in range(0, len(block_hashes), BATCH):
+            hexes = [h.hex() for h in block_hashes[start:start + BATCH]]
+            pipe = self.redis.pipeline(transaction=False)
+            for hex_hash in hexes:
+                pipe.hset(self.key("blk", hex_hash), store_id, epoch)
+            pipe.sadd(self.key("entries", store_id, epoch), *hexes)
+            pipe.execute()
+
+    @_unavailable_on_redis_error
+    def remove_entries(self, store_id: str, epoch: int, block_hashes: Sequence[bytes]) -> int:
+        """Remove this store's entries for `block_hashes` (only those of `epoch`); count removed."""
+        return self._remove_hexes(store_id, epoch, [h.hex() for h in block_hashes])
+
+    @_unavailable_on_redis_error
+    def deregister(self, store_id: str, epoch: int) -> None:
+        """Graceful stop: readers ignore the store at once, then its entries are removed."""
+        self._release(keys=[self.key("alive", store_id)], args=[epoch])
+        self._drop_epoch(store_id, epoch)
+
+    def _remove_hexes(self, store_id: str, epoch: int, hexes: Sequence[str]) -> int:
+        removed = 0
+        for start in range(0, len(hexes), BATCH):
+            batch = hexes[start:start + BATCH]
+            keys = [self.key("blk", hex_hash) for hex_hash in batch]
+            removed += self._remove(keys=keys, args=[self.ns, store_id, epoch, *batch])
+        return removed
+
+    def _drop_epoch(self, store_id: str, epoch: int) -> None:
+        entries = self.key("entries", store_id, epoch)
+        while batch := self.redis.spop(entries, BATCH):
+            self._remove_hexes(store_id, epoch, batch)
+        self.redis.srem(self.key("epochs", store_id), epoch)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))

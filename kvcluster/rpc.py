@@ -1,0 +1,191 @@
+"""gRPC plumbing shared by every kvcluster service: server setup, the error interceptor, channels.
+
+Every server gets gRPC health checking (each service name and the overall "" set SERVING) and
+reflection by default, the same message-size limits as the clients, and exactly one interceptor
+that turns kvcluster's typed exceptions into status codes, so handlers never build statuses by
+hand:
+
+    InvalidArgument   -> INVALID_ARGUMENT   (message "field: problem, limit")
+    IntegrityError    -> INVALID_ARGUMENT   (see below)
+    ResourceExhausted -> RESOURCE_EXHAUSTED
+    NotFound          -> NOT_FOUND
+    Unavailable       -> UNAVAILABLE
+    anything else     -> INTERNAL           (logged with its traceback; the client sees no details)
+
+IntegrityError maps to INVALID_ARGUMENT rather than DATA_LOSS: a server only detects integrity
+failures in bytes or metadata a caller sent (a checksum that does not match the payload, a layout
+or fingerprint the server does not accept, a truncated stream). The caller's input is wrong, the
+server lost nothing, and retrying the same request cannot succeed; DATA_LOSS would wrongly suggest
+the server corrupted its own data.
+"""
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvcluster import errors
+
+log = logging.getLogger(__name__)
+
+# A block chunk is at most 1 MiB of payload plus its header; 8 MiB leaves room for any request
+# (a pull of a few thousand block references) without letting one message take unbounded memory.
+MAX_MESSAGE_BYTES = 8 << 20
+
+STATUS_BY_ERROR: dict[type[errors.KVClusterError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.IntegrityError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True)
+class Service:
+    """One servicer to register: its object, the generated `add_*_to_server`, its full name."""
+
+    servicer: object
+    add_to_server: Callable[[object, grpc.Server], None]
+    name: str  # e.g. "kvcluster.v1.CacheStore"
+
+
+def service_name(pb2_module, service: str) -> str:
+    """Full name of `service` as declared in a generated `*_pb2` module."""
+    return pb2_module.DESCRIPTOR.services_by_name[service].full_name
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def make_channel(target: str, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+    """An insecure channel to `target` ("host:port") with the servers' message-size limits."""
+    return grpc.insecure_channel(target, options=[*channel_options(max_message_bytes), *options])
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for error_type, code in STATUS_BY_ERROR.items():
+        if isinstance(exc, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
+    code = context.code()
+    if code is not None and code != grpc.StatusCode.OK:
+        raise exc  # the handler (or grpc) already ended the call; keep that status
+    status = status_for(exc)
+    if status == grpc.StatusCode.INTERNAL:
+        if context.is_active():
+            log.exception("%s failed", method)
+        else:  # the client went away mid-call; the failure is a consequence, not a bug
+            log.debug("%s ended after the client left: %r", method, exc)
+        context.abort(status, f"internal error in {method}")
+    context.abort(status, str(exc))
+
+
+def _map_unary(behaviour: Callable, method: str) -> Callable:
+    def handler(request, context):
+        try:
+            return behaviour(request, context)
+        except Exception as exc:
+            _abort(context, method, exc)
+    return handler
+
+
+def _map_stream(behaviour: Callable, method: str) -> Callable:
+    # Streaming responses are generators: exceptions surface while iterating, after the
+    # handler has returned, so the generator itself is wrapped.
+    def handler(request, context) -> Iterator:
+        try:
+            yield from behaviour(request, context)
+        except Exception as exc:
+            _abort(context, method, exc)
+    return handler
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps typed kvcluster exceptions to status codes for unary and streaming handlers."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            wrap, behaviour, make = _map_unary, handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        elif handler.stream_unary:
+            wrap, behaviour, make = _map_unary, handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        elif handler.unary_stream:
+            wrap, behaviour, make = _map_stream, handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        else:
+            wrap, behaviour, make = _map_stream, handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        return make(wrap(behaviour, method), request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+@dataclass
+class RpcServer:
+    """A built gRPC server and its health servicer; `stop` reports NOT_SERVING before draining."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    service_names: tuple[str, ...]
+
+    def start(self) -> None:
+        self.server.start()
+
+    def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float | None) -> None:
+        """Stop accepting calls, give in-flight ones `grace_s` seconds, then cancel them."""
+        self.set_serving(False)
+        self.server.stop(grace_s).wait()
+
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        return self.server.wait_for_termination(timeout_s)
+
+
+def create_server(services: Sequence[Service], port: int, host: str = "127.0.0.1",
+                  max_workers: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                  enable_health: bool = True, enable_reflection: bool = True) -> tuple[RpcServer, int]:
+    """Build (not start) a server on host:port; port 0 binds a free port. Returns it and the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=[ErrorInterceptor()],
+        # A second server on a taken port must fail, not silently share it.
+        options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+    for service in services:
+        service.add_to_server(service.servicer, server)
+    names = tuple(service.name for service in services)
+    health_servicer = health.HealthServicer()
+    if enable_health:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if enable_reflection:
+        reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = _bind(server, host, port)
+    rpc_server = RpcServer(server, health_servicer, names)
+    rpc_server.set_serving(True)
+    return rpc_server, bound
+
+
+def _bind(server: grpc.Server, host: str, port: int) -> int:
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise errors.Unavailable(f"cannot bind gRPC server to {address}: {exc}") from exc
+    if bound == 0:  # older grpc releases report failure this way
+        raise errors.Unavailable(f"cannot bind gRPC server to {address}")
+    return bound

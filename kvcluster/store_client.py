@@ -1,0 +1,128 @@
+"""Client of one cache store: push and pull blocks, look up a prefix, read stats.
+
+Used by the prefill and decode services, the tests and the benchmarks. Pulled blocks are
+checked against their checksum before they are returned (the store verified them on push, this
+verifies the trip); re-checking token ids is the caller's job, since only it knows the tokens.
+"""
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from kvcluster.blocks import checksum
+from kvcluster.errors import IntegrityError
+from kvcluster.kvpool import KVLayout
+from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
+from kvcluster.rpc import make_channel
+from kvcluster.wire import MAX_CHUNK_BYTES, block_chunks, describe_key, block_key, layout_to_proto, reassemble_blocks
+
+Block = tuple[common_pb2.BlockRef, bytes]  # header and payload
+
+
+@dataclass
+class PullResult:
+    """The blocks a pull delivered, in order, and the store's account of it."""
+
+    blocks: list[Block]
+    num_blocks_sent: int
+    stop_reason: str
+
+
+def make_ref(payload: bytes | memoryview, token_ids: Sequence[int], block_hash: bytes | None = None,
+             request_key: str | None = None) -> common_pb2.BlockRef:
+    """A BlockRef header for a block about to be pushed (checksum computed here)."""
+    ref = common_pb2.BlockRef(checksum=checksum(payload), num_tokens=len(token_ids), token_ids=token_ids)
+    if block_hash is not None:
+        ref.block_hash = block_hash
+    else:
+        ref.request_key = request_key
+    return ref
+
+
+def key_ref(key: bytes | str) -> common_pb2.BlockRef:
+    """A reference carrying only a key, as PullBlocksRequest wants."""
+    return common_pb2.BlockRef(block_hash=key) if isinstance(key, bytes) else common_pb2.BlockRef(request_key=key)
+
+
+def push_requests(fingerprint: bytes, layout: KVLayout, blocks: Iterable[Block], lease_seconds: int = 0,
+                  max_chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[cache_pb2.PushBlocksRequest]:
+    """The request stream of one PushBlocks call."""
+    opening = cache_pb2.PushOpen(fingerprint=fingerprint, layout=layout_to_proto(layout), lease_seconds=lease_seconds)
+    yield cache_pb2.PushBlocksRequest(open=opening)
+    for header, payload in blocks:
+        yield from block_chunks(header, payload, max_chunk_bytes, cache_pb2.PushBlocksRequest)
+
+
+def iter_pull(responses: Iterable[cache_pb2.PullBlocksResponse], max_block_bytes: int,
+              summary: cache_pb2.PullSummary) -> Iterator[Block]:
+    """Yield each block of a PullBlocks stream as soon as it is complete and verified; `summary`
+    is filled in when the stream ends. A block failing its checksum raises IntegrityError.
+    Consuming blocks one at a time (e.g. copying each into a KV pool) lets the allocator reuse
+    one block's buffers for the next instead of faulting in fresh pages for the whole pull."""
+
+    def chunks() -> Iterator[common_pb2.BlockChunk]:
+        for response in responses:
+            if response.WhichOneof("item") == "summary":
+                summary.CopyFrom(response.summary)
+                return
+            yield response.chunk
+
+    for header, payload in reassemble_blocks(chunks(), max_block_bytes):
+        if checksum(payload) != header.checksum:
+            raise IntegrityError(f"{describe_key(block_key(header))}: checksum mismatch after pull")
+        yield header, payload
+
+
+def read_pull(responses: Iterable[cache_pb2.PullBlocksResponse], max_block_bytes: int) -> PullResult:
+    """Reassemble and verify a whole PullBlocks stream into a list."""
+    summary = cache_pb2.PullSummary()
+    blocks = list(iter_pull(responses, max_block_bytes, summary))
+    return PullResult(blocks, summary.num_blocks_sent, summary.stop_reason)
+
+
+class StoreClient:
+    """A channel and stub to one store; cheap to keep per store address."""
+
+    def __init__(self, target: str, layout: KVLayout, timeout_s: float | None = 30.0):
+        self.target = target
+        self.layout = layout
+        self.timeout_s = timeout_s
+        self.channel = make_channel(target)
+        self.stub = cache_pb2_grpc.CacheStoreStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def push_blocks(self, fingerprint: bytes, blocks: Iterable[Block], lease_seconds: int = 0,
+                    max_chunk_bytes: int = MAX_CHUNK_BYTES) -> cache_pb2.PushBlocksResponse:
+        requests = push_requests(fingerprint, self.layout, blocks, lease_seconds, max_chunk_bytes)
+        return self.stub.PushBlocks(requests, timeout=self.timeout_s)
+
+    def pull_stream(self, fingerprint: bytes, keys: Sequence[bytes | str], max_chunk_bytes: int = 0) -> grpc.Call:
+        """The raw response stream (cancel it with `.cancel()`)."""
+        request = cache_pb2.PullBlocksRequest(fingerprint=fingerprint, blocks=[key_ref(k) for k in keys],
+                                              max_chunk_bytes=max_chunk_bytes)
+        return self.stub.PullBlocks(request, timeout=self.timeout_s)
+
+    def pull_blocks(self, fingerprint: bytes, keys: Sequence[bytes | str], max_chunk_bytes: int = 0) -> PullResult:
+        """The whole pull as a list (simple; see iter_blocks for the faster streaming form)."""
+        summary = cache_pb2.PullSummary()
+        blocks = list(self.iter_blocks(fingerprint, keys, summary, max_chunk_bytes))
+        return PullResult(blocks, summary.num_blocks_sent, summary.stop_reason)
+
+    def iter_blocks(self, fingerprint: bytes, keys: Sequence[bytes | str], summary: cache_pb2.PullSummary,
+                    max_chunk_bytes: int = 0) -> Iterator[Block]:
+        """Verified blocks as they arrive; `summary` is filled in at the end of the stream."""
+        stream = self.pull_stream(fingerprint, keys, max_chunk_bytes)
+        try:
+            yield from iter_pull(stream, self.layout.block_nbytes, summary)
+        finally:
+            stream.cancel()  # no-op after a complete stream; frees the store's pins after an error
+
+    def lookup(self, fingerprint: bytes, block_hashes: Sequence[bytes]) -> int:
+        request = cache_pb2.LookupRequest(fingerprint=fingerprint, block_hashes=block_hashes)
+        return self.stub.Lookup(request, timeout=self.timeout_s).num_prefix_blocks
+
+    def stats(self) -> cache_pb2.StatsResponse:
+        return self.stub.Stats(cache_pb2.StatsRequest(), timeout=self.timeout_s)

@@ -1,0 +1,75 @@
+"""kvcluster.config: one dataclass gives env variables, flags and help; flags beat env beat defaults."""
+
+import argparse
+from dataclasses import FrozenInstanceError, dataclass
+
+import pytest
+
+from cache_store.__main__ import main as cache_store_main
+from cache_store.config import StoreConfig
+from kvcluster.config import ServiceConfig, setting
+from kvcluster.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class DemoConfig(ServiceConfig):
+    """A config with one field of every supported type."""
+
+    redis_url: str = setting("redis://x:1/0", "where the index lives")
+    port: int = setting(50053, "gRPC port")
+    heartbeat_seconds: float = setting(2.0, "heartbeat period")
+    verbose: bool = setting(False, "log more")
+
+
+def test_defaults_then_env_then_flags():
+    env = {"KVC_REDIS_URL": "redis://env:2/0", "KVC_PORT": "7", "KVC_VERBOSE": "yes"}
+    assert DemoConfig.parse([], environ={}) == DemoConfig()
+    from_env = DemoConfig.parse([], environ=env)
+    assert (from_env.redis_url, from_env.port, from_env.verbose) == ("redis://env:2/0", 7, True)
+    flagged = DemoConfig.parse(["--port", "9", "--no-verbose", "--heartbeat-seconds", "0.5"], environ=env)
+    assert (flagged.redis_url, flagged.port, flagged.verbose, flagged.heartbeat_seconds) == \
+        ("redis://env:2/0", 9, False, 0.5)
+
+
+def test_from_env_alone_and_with_overrides():
+    config = DemoConfig.from_env({"KVC_HEARTBEAT_SECONDS": "0.25"}, port=1)
+    assert (config.heartbeat_seconds, config.port) == (0.25, 1)
+    with pytest.raises(FrozenInstanceError):
+        config.port = 2
+
+
+@pytest.mark.parametrize("name, value", [("KVC_PORT", "many"), ("KVC_VERBOSE", "perhaps")])
+def test_a_bad_env_value_names_the_variable(name, value):
+    with pytest.raises(InvalidArgument, match=name):
+        DemoConfig.from_env({name: value})
+
+
+def test_help_lists_every_field_with_its_env_variable_and_default():
+    parser = argparse.ArgumentParser()
+    DemoConfig.add_arguments(parser)
+    text = parser.format_help()
+    for flag, env in (("--redis-url", "KVC_REDIS_URL"), ("--port", "KVC_PORT"),
+                      ("--heartbeat-seconds", "KVC_HEARTBEAT_SECONDS"), ("--verbose", "KVC_VERBOSE")):
+        assert flag in text and env in text
+    assert "where the index lives" in text and "50053" in text
+
+
+def test_cache_store_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cache_store_main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--host", "--port", "--metrics-port", "--capacity-bytes", "--device", "--redis-url",
+                 "--store-id", "--advertise-address", "--heartbeat-seconds", "--lease-seconds",
+                 "--num-layers", "--block-size", "--num-kv-heads", "--head-dim", "--kv-dtype", "--fingerprint"):
+        assert flag in text, flag
+
+
+def test_store_config_validates_and_defaults_to_the_smollm2_layout():
+    config = StoreConfig()
+    assert config.layout.block_nbytes == 737_280 and config.port == 50053 and config.metrics_port == 9103
+    assert config.ttl_seconds == 3 * config.heartbeat_seconds
+    assert config.identity(1234)[1] == "127.0.0.1:1234"
+    for bad in (dict(kv_dtype="int8"), dict(block_size=0), dict(fingerprint="zz"), dict(fingerprint="ab")):
+        with pytest.raises(InvalidArgument):
+            StoreConfig(**bad)
