@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcluster.config import ServiceConfig, setting
+from kvcluster.security import SecuritySettings
 from kvcluster.errors import InvalidArgument
 from kvcluster.kvpool import DTYPES, LAYOUT_VERSION, KVLayout
 
@@ -23,7 +24,7 @@ WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
 @dataclass(frozen=True)
-class StoreConfig(ServiceConfig):
+class StoreConfig(SecuritySettings, ServiceConfig):
     """Every knob of one cache store process."""
 
     host: str = setting("127.0.0.1", "interface to listen on for gRPC and /metrics ([::] or 0.0.0.0 for all)")

@@ -17,6 +17,7 @@ from cache_store.pool import StorePool
 from cache_store.publisher import IndexPublisher
 from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity
 from kvcluster import rpc
+from kvcluster.security import token_guards
 from kvcluster.index import RedisIndex
 from kvcluster.proto import cache_pb2, cache_pb2_grpc
 
@@ -84,7 +85,9 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
     servicer = CacheStoreServicer(pool, config, identity, counters)
     service = rpc.Service(servicer, cache_pb2_grpc.add_CacheStoreServicer_to_server,
                           rpc.service_name(cache_pb2, "CacheStore"))
-    rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers)
+    rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers,
+                                         credentials=config.server_credentials(),
+                                         guards=token_guards(config.internal_token))
     identity.store_id, identity.address = config.identity(port)
     index = RedisIndex(config.redis_url, config.index_namespace) if config.redis_url else None
     publisher = IndexPublisher(index, identity.store_id, identity.address, config.heartbeat_seconds,

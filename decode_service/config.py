@@ -3,10 +3,11 @@
 from dataclasses import dataclass
 
 from kvcluster.config import ServiceConfig, setting
+from kvcluster.security import SecuritySettings
 
 
 @dataclass(frozen=True)
-class DecodeConfig(ServiceConfig):
+class DecodeConfig(SecuritySettings, ServiceConfig):
     """Every knob of one decode worker."""
 
     host: str = setting("127.0.0.1", "interface to listen on for gRPC and /metrics (0.0.0.0 for all)")
@@ -29,5 +30,6 @@ class DecodeConfig(ServiceConfig):
     store_timeout_seconds: float = setting(10.0, "deadline of one push or pull to a cache store")
     prefill_timeout_seconds: float = setting(120.0, "deadline of one Prefill call (capped by the client's deadline)")
     max_workers: int = setting(128, "gRPC handler threads; keep above max_streams so health checks still answer")
+    api_key: str = setting("", "when set, Generate requires the metadata 'authorization: Bearer <key>'")
     faults: str = setting("", "fault injection on the cache path, e.g. 'pull_drop=0.5,corrupt=0.1' (see kvcluster/faults.py); empty = none")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight streams may finish")

@@ -11,6 +11,7 @@ from decode_service.generator import Generator
 from decode_service.metrics import DecodeMetrics
 from decode_service.prompt_kv import PromptKVSource
 from kvcluster import rpc
+from kvcluster.security import token_guards
 from kvcluster.errors import InvalidArgument, ResourceExhausted
 from kvcluster.model.engine import Engine, EngineConfig, load_engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
@@ -93,14 +94,16 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
     registry = registry or CollectorRegistry()
     metrics = DecodeMetrics(registry)
     worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
-    cache = make_cache_client(config.redis_url, config.index_namespace, engine, config.store_timeout_seconds,
-                              config.faults)
-    prefill = (prefill_pb2_grpc.PrefillServiceStub(rpc.make_channel(config.prefill_target))
-               if config.prefill_target else None)
+    cache = make_cache_client(config, engine)
+    prefill_channel = rpc.make_channel(config.prefill_target, credentials=config.channel_credentials(),
+                                       metadata=config.outgoing_metadata()) if config.prefill_target else None
+    prefill = prefill_pb2_grpc.PrefillServiceStub(prefill_channel) if prefill_channel else None
     source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds)
     generator = Generator(worker, source, cache, metrics, config.cache_generated, config.lease_seconds)
     servicer = DecodeServicer(generator, metrics, config.max_streams)
     service = rpc.Service(servicer, decode_pb2_grpc.add_DecodeServiceServicer_to_server,
                           rpc.service_name(decode_pb2, "DecodeService"))
-    rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers)
+    rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers,
+                                         credentials=config.server_credentials(),
+                                         guards=token_guards(api_key=config.api_key))
     return DecodeServer(config, rpc_server, servicer, generator, registry, port), port

@@ -23,6 +23,7 @@ from kvcluster.proto import cache_pb2, common_pb2
 if TYPE_CHECKING:
     from kvcluster.model.engine import Engine
 from kvcluster.faults import NO_FAULTS, Faults
+from kvcluster.security import SecuritySettings
 from kvcluster.store_client import StoreClient, make_ref, read_pull
 from kvcluster.wire import block_key
 
@@ -54,9 +55,10 @@ class KVCacheClient:
     """Index + store clients for one (fingerprint, layout). Thread-safe."""
 
     def __init__(self, index: RedisIndex | None, layout: KVLayout, fingerprint: Fingerprint, timeout_s: float = 10.0,
-                 faults: Faults = NO_FAULTS):
+                 faults: Faults = NO_FAULTS, security: SecuritySettings = SecuritySettings()):
         self.index = index
         self.faults = faults
+        self.security = security
         self.layout = layout
         self.fingerprint = fingerprint
         self.timeout_s = timeout_s
@@ -74,7 +76,9 @@ class KVCacheClient:
         with self._lock:
             client = self._stores.get(address)
             if client is None:
-                client = self._stores[address] = StoreClient(address, self.layout, self.timeout_s)
+                client = self._stores[address] = StoreClient(address, self.layout, self.timeout_s,
+                                                             self.security.channel_credentials(),
+                                                             self.security.outgoing_metadata())
             return client
 
     # ---- reading --------------------------------------------------------------------------
@@ -215,9 +219,9 @@ class KVCacheClient:
         return result
 
 
-def make_cache_client(redis_url: str, namespace: str, engine: "Engine", timeout_s: float,
-                      faults: str = "") -> KVCacheClient | None:
-    if not redis_url:
+def make_cache_client(config, engine: "Engine") -> KVCacheClient | None:
+    """The cache client a prefill or decode worker's config asks for (None without a Redis URL)."""
+    if not config.redis_url:
         return None
-    return KVCacheClient(RedisIndex(redis_url, namespace), engine.layout, engine.fingerprint, timeout_s,
-                         Faults.parse(faults))
+    return KVCacheClient(RedisIndex(config.redis_url, config.index_namespace), engine.layout, engine.fingerprint,
+                         config.store_timeout_seconds, Faults.parse(config.faults), config)

@@ -8,6 +8,7 @@
 """
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -63,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="in-process: recompute the whole sequence for every token (the exactness reference); "
                           "with --target: bypass the cluster's KV cache")
     add_sampling_flags(gen)
+    gen.add_argument("--api-key", default=os.environ.get("KVC_API_KEY"), help="Generate API key (env KVC_API_KEY)")
     chat = commands.add_parser("chat", help="interactive multi-turn chat against a cluster")
     chat.add_argument("--target", default="127.0.0.1:50051")
+    chat.add_argument("--api-key", default=os.environ.get("KVC_API_KEY"), help="Generate API key (env KVC_API_KEY)")
     chat.add_argument("--system", default=None, help="system prompt")
     add_sampling_flags(chat)
     up = commands.add_parser("up", help="run the whole cluster on this machine until Ctrl-C")
@@ -113,7 +116,7 @@ def stream_to_stdout(client: Client, **request) -> Completion:
 
 def run_generate_remote(args: argparse.Namespace) -> int:
     request = {"prompt": args.prompt} if args.raw else {"messages": [("user", args.prompt)]}
-    with Client(args.target) as client:
+    with Client(args.target, api_key=args.api_key) as client:
         completion = stream_to_stdout(client, bypass_cache=args.no_cache, **request, **sampling_kwargs(args))
     print(usage_line(completion), file=sys.stderr)
     return 0
@@ -122,7 +125,7 @@ def run_generate_remote(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     history = [("system", args.system)] if args.system else []
     print("Chat with kvcluster; an empty line or Ctrl-D quits.", file=sys.stderr)
-    with Client(args.target) as client:
+    with Client(args.target, api_key=args.api_key) as client:
         while True:
             try:
                 line = input("you> ").strip()

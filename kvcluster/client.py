@@ -15,6 +15,7 @@ import grpc
 
 from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
 from kvcluster.rpc import channel_options, make_channel
+from kvcluster.security import API_KEY_HEADER
 
 FINISH_NAMES = {decode_pb2.FINISH_REASON_STOP: "stop", decode_pb2.FINISH_REASON_LENGTH: "length",
                 decode_pb2.FINISH_REASON_CANCELLED: "cancelled"}
@@ -53,15 +54,20 @@ def build_request(prompt: str | None = None, messages: Sequence[Message] | None 
     return request
 
 
-class Client:
-    """Blocking client. `metadata` is sent with every call (e.g. an API key)."""
+def call_metadata(api_key: str | None, metadata: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple(metadata) + (((API_KEY_HEADER, f"Bearer {api_key}"),) if api_key else ())
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = 300.0,
-                 metadata: Sequence[tuple[str, str]] = ()):
-        self.channel = make_channel(target)
+
+class Client:
+    """Blocking client. `api_key` is sent as `authorization: Bearer <key>`; `credentials`
+    (grpc.ssl_channel_credentials) switch the channel to TLS."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = 300.0, api_key: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = ()):
+        self.channel = make_channel(target, credentials=credentials)
         self.stub = decode_pb2_grpc.DecodeServiceStub(self.channel)
         self.timeout_s = timeout_s
-        self.metadata = tuple(metadata)
+        self.metadata = call_metadata(api_key, metadata)
 
     def __enter__(self) -> "Client":
         return self
@@ -86,12 +92,13 @@ class Client:
 class AsyncClient:
     """asyncio client (grpc.aio) with the same methods."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = 300.0,
-                 metadata: Sequence[tuple[str, str]] = ()):
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options())
+    def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = 300.0, api_key: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = ()):
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=channel_options()) if credentials
+                        else grpc.aio.insecure_channel(target, options=channel_options()))
         self.stub = decode_pb2_grpc.DecodeServiceStub(self.channel)
         self.timeout_s = timeout_s
-        self.metadata = tuple(metadata)
+        self.metadata = call_metadata(api_key, metadata)
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvcluster import errors
+from kvcluster.security import TokenInterceptor, with_metadata
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,14 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
 
 
 def make_channel(target: str, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
-    """An insecure channel to `target` ("host:port") with the servers' message-size limits."""
-    return grpc.insecure_channel(target, options=[*channel_options(max_message_bytes), *options])
+                 options: Sequence[tuple[str, object]] = (), credentials: grpc.ChannelCredentials | None = None,
+                 metadata: Sequence[tuple[str, str]] = ()) -> grpc.Channel:
+    """A channel to `target` ("host:port") with the servers' message-size limits; TLS when `credentials`
+    are given; `metadata` (e.g. the internal token) rides on every call."""
+    opts = [*channel_options(max_message_bytes), *options]
+    channel = (grpc.secure_channel(target, credentials, options=opts) if credentials is not None
+               else grpc.insecure_channel(target, options=opts))
+    return with_metadata(channel, metadata)
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -91,10 +97,90 @@ def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
     context.abort(status, str(exc))
 
 
+class _Unparsable:
+    """Stands in for a request message the deserializer could not parse."""
+
+    def __init__(self, message_type, raw: bytes):
+        self.error = describe_parse_error(message_type, raw)
+
+
+def describe_parse_error(message_type, raw: bytes) -> errors.InvalidArgument:
+    """Name the field that made `raw` unparsable (a string that is not UTF-8 is the usual one)."""
+    field = _bad_utf8_field(message_type.DESCRIPTOR, raw, "") if message_type is not None else None
+    if field is not None:
+        return errors.InvalidArgument(field, "is not valid UTF-8")
+    return errors.InvalidArgument("request", f"is not a valid {getattr(message_type, '__name__', 'message')}")
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = raw[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _bad_utf8_field(descriptor, raw: bytes, prefix: str) -> str | None:
+    """Walk the wire format; the dotted name of the first string field holding invalid UTF-8."""
+    pos = 0
+    try:
+        while pos < len(raw):
+            key, pos = _varint(raw, pos)
+            wire_type, field = key & 7, descriptor.fields_by_number.get(key >> 3)
+            if wire_type == 0:
+                _, pos = _varint(raw, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                size, pos = _varint(raw, pos)
+                chunk, pos = raw[pos:pos + size], pos + size
+                if field is None:
+                    continue
+                name = prefix + field.name
+                if field.type == field.TYPE_STRING:
+                    chunk.decode("utf-8")
+                elif field.type == field.TYPE_MESSAGE:
+                    found = _bad_utf8_field(field.message_type, chunk, name + ".")
+                    if found:
+                        return found
+            else:
+                return None
+    except UnicodeDecodeError:
+        return name
+    except IndexError:
+        return None
+    return None
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    """A deserializer that returns _Unparsable instead of failing (gRPC would answer INTERNAL)."""
+    if deserializer is None:
+        return None
+    message_type = getattr(deserializer, "__self__", None)
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception:
+            return _Unparsable(message_type, raw)
+    return parse
+
+
+def _checked(request):
+    """The request, or for a client stream an iterator over it, raising on unparsable messages."""
+    if isinstance(request, _Unparsable):
+        raise request.error
+    if hasattr(request, "DESCRIPTOR"):
+        return request
+    return (_checked(item) for item in request)
+
+
 def _map_unary(behaviour: Callable, method: str) -> Callable:
     def handler(request, context):
         try:
-            return behaviour(request, context)
+            return behaviour(_checked(request), context)
         except Exception as exc:
             _abort(context, method, exc)
     return handler
@@ -105,7 +191,7 @@ def _map_stream(behaviour: Callable, method: str) -> Callable:
     # handler has returned, so the generator itself is wrapped.
     def handler(request, context) -> Iterator:
         try:
-            yield from behaviour(request, context)
+            yield from behaviour(_checked(request), context)
         except Exception as exc:
             _abort(context, method, exc)
     return handler
@@ -127,7 +213,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             wrap, behaviour, make = _map_stream, handler.unary_stream, grpc.unary_stream_rpc_method_handler
         else:
             wrap, behaviour, make = _map_stream, handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        return make(wrap(behaviour, method), request_deserializer=handler.request_deserializer,
+        return make(wrap(behaviour, method), request_deserializer=_tolerant(handler.request_deserializer),
                     response_serializer=handler.response_serializer)
 
 
@@ -159,11 +245,14 @@ class RpcServer:
 
 def create_server(services: Sequence[Service], port: int, host: str = "127.0.0.1",
                   max_workers: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                  enable_health: bool = True, enable_reflection: bool = True) -> tuple[RpcServer, int]:
-    """Build (not start) a server on host:port; port 0 binds a free port. Returns it and the bound port."""
+                  enable_health: bool = True, enable_reflection: bool = True,
+                  credentials: grpc.ServerCredentials | None = None,
+                  guards: dict[str, tuple[str, str, str]] | None = None) -> tuple[RpcServer, int]:
+    """Build (not start) a server on host:port; port 0 binds a free port. Returns it and the bound port.
+    `credentials` make it TLS; `guards` (kvcluster.security.token_guards) demand tokens on methods."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[*([TokenInterceptor(guards)] if guards else []), ErrorInterceptor()],
         # A second server on a taken port must fail, not silently share it.
         options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
     for service in services:
@@ -174,16 +263,17 @@ def create_server(services: Sequence[Service], port: int, host: str = "127.0.0.1
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if enable_reflection:
         reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = _bind(server, host, port)
+    bound = _bind(server, host, port, credentials)
     rpc_server = RpcServer(server, health_servicer, names)
     rpc_server.set_serving(True)
     return rpc_server, bound
 
 
-def _bind(server: grpc.Server, host: str, port: int) -> int:
+def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
     address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise errors.Unavailable(f"cannot bind gRPC server to {address}: {exc}") from exc
     if bound == 0:  # older grpc releases report failure this way

@@ -15,7 +15,8 @@ from kvcluster.errors import IntegrityError
 from kvcluster.kvpool import KVLayout
 from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
 from kvcluster.rpc import make_channel
-from kvcluster.wire import MAX_CHUNK_BYTES, block_chunks, describe_key, block_key, layout_to_proto, reassemble_blocks
+from kvcluster.wire import (MAX_CHUNK_BYTES, block_chunks, block_key, describe_key, key_ref, layout_to_proto,
+                            reassemble_blocks)
 
 Block = tuple[common_pb2.BlockRef, bytes]  # header and payload
 
@@ -38,11 +39,6 @@ def make_ref(payload: bytes | memoryview, token_ids: Sequence[int], block_hash: 
     else:
         ref.request_key = request_key
     return ref
-
-
-def key_ref(key: bytes | str) -> common_pb2.BlockRef:
-    """A reference carrying only a key, as PullBlocksRequest wants."""
-    return common_pb2.BlockRef(block_hash=key) if isinstance(key, bytes) else common_pb2.BlockRef(request_key=key)
 
 
 def push_requests(fingerprint: bytes, layout: KVLayout, blocks: Iterable[Block], lease_seconds: int = 0,
@@ -84,11 +80,12 @@ def read_pull(responses: Iterable[cache_pb2.PullBlocksResponse], max_block_bytes
 class StoreClient:
     """A channel and stub to one store; cheap to keep per store address."""
 
-    def __init__(self, target: str, layout: KVLayout, timeout_s: float | None = 30.0):
+    def __init__(self, target: str, layout: KVLayout, timeout_s: float | None = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = ()):
         self.target = target
         self.layout = layout
         self.timeout_s = timeout_s
-        self.channel = make_channel(target)
+        self.channel = make_channel(target, credentials=credentials, metadata=metadata)
         self.stub = cache_pb2_grpc.CacheStoreStub(self.channel)
 
     def close(self) -> None:

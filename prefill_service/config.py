@@ -3,10 +3,11 @@
 from dataclasses import dataclass
 
 from kvcluster.config import ServiceConfig, setting
+from kvcluster.security import SecuritySettings
 
 
 @dataclass(frozen=True)
-class PrefillConfig(ServiceConfig):
+class PrefillConfig(SecuritySettings, ServiceConfig):
     """Every knob of one prefill worker."""
 
     host: str = setting("127.0.0.1", "interface to listen on for gRPC and /metrics (0.0.0.0 for all)")

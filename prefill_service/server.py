@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from kvcluster import rpc
+from kvcluster.security import token_guards
 from kvcluster.cache_client import make_cache_client
 from kvcluster.messages import sampling_from_proto
 from kvcluster.model.engine import Engine, EngineConfig, load_engine
@@ -84,10 +85,11 @@ def create_server(config: PrefillConfig, engine: Engine | None = None,
     registry = registry or CollectorRegistry()
     metrics = PrefillMetrics(registry)
     worker = EngineWorker(engine, config.max_waiting, name="prefill-engine", on_step=metrics.observe_step)
-    cache = make_cache_client(config.redis_url, config.index_namespace, engine, config.store_timeout_seconds,
-                              config.faults)
+    cache = make_cache_client(config, engine)
     prefiller = Prefiller(worker, cache, metrics, config.lease_seconds)
     service = rpc.Service(PrefillServicer(prefiller), prefill_pb2_grpc.add_PrefillServiceServicer_to_server,
                           rpc.service_name(prefill_pb2, "PrefillService"))
-    rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers)
+    rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers,
+                                         credentials=config.server_credentials(),
+                                         guards=token_guards(config.internal_token))
     return PrefillServer(config, rpc_server, prefiller, registry, port), port
