@@ -22,7 +22,7 @@ from cache_store.pool import StoredBlock, StorePool
 from kvcluster.blocks import HASH_BYTES, checksum
 from kvcluster.errors import IntegrityError, InvalidArgument
 from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
-from kvcluster.wire import (block_chunks, block_key, check_chunk_limit, describe_key,
+from kvcluster.wire import (block_chunks, block_key, check_chunk_limit, describe_key, key_ref,
                             layout_from_proto, layout_to_proto, reassemble_blocks)
 
 MAX_BLOCKS_PER_CALL = 4096     # block references one Pull or Lookup may name
@@ -116,7 +116,7 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
     def _push_one(self, header: common_pb2.BlockRef, payload: bytes, fingerprint: bytes,
                   lease_s: float) -> cache_pb2.BlockPushResult:
         key = block_key(header)
-        result = cache_pb2.BlockPushResult(block=_key_only(header))
+        result = cache_pb2.BlockPushResult(block=key_ref(key))
         try:
             self._check_block(key, header, payload)
             stored = self.pool.store(key, fingerprint, self._stamped(header), payload, lease_s)
@@ -165,7 +165,7 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         if not context.add_callback(lambda: self.pool.release(owner)):  # it runs on cancel, too
             return  # the call already ended: pin nothing
         pinned, stop_reason = self.pool.pin(fingerprint, keys, owner)
-        sent, sent_bytes = 0, 0
+        sent, sent_bytes, finished = 0, 0, False
         try:
             for block in pinned:
                 payload = self._verified(block)
@@ -174,14 +174,20 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
                     break
                 yield from block_chunks(block.header, payload, max_chunk_bytes, cache_pb2.PullBlocksResponse)
                 sent, sent_bytes = sent + 1, sent_bytes + len(payload)
-            # Release before the summary goes out: a client holding the summary sees no pins left.
-            # Request-scoped blocks are freed only by a pull that delivered all it pinned.
-            self.pool.release(owner, consumed=sent == len(pinned))
+            # Finish before the summary goes out, so a client holding the summary sees the pins
+            # gone and the transfer counted. Request-scoped blocks are freed only by a pull that
+            # delivered all it pinned.
+            finished = self._finish_pull(owner, sent == len(pinned), sent_bytes, started)
             summary = cache_pb2.PullSummary(num_blocks_sent=sent, stop_reason=stop_reason)
             yield cache_pb2.PullBlocksResponse(summary=summary)
         finally:
-            self.pool.release(owner)  # idempotent; this one covers failures and cancellation
-            self.counters.add(pull_bytes=sent_bytes, pull_seconds=time.perf_counter() - started)
+            if not finished:  # failed or cancelled mid-stream
+                self._finish_pull(owner, False, sent_bytes, started)
+
+    def _finish_pull(self, owner: object, consumed: bool, sent_bytes: int, started: float) -> bool:
+        self.pool.release(owner, consumed=consumed)
+        self.counters.add(pull_bytes=sent_bytes, pull_seconds=time.perf_counter() - started)
+        return True
 
     def _verified(self, block: StoredBlock) -> bytes | None:
         payload = self.pool.read(block)
@@ -226,9 +232,3 @@ def _bounded(items, field: str):
     if len(items) > MAX_BLOCKS_PER_CALL:
         raise InvalidArgument(field, f"{len(items)} entries exceed the limit of {MAX_BLOCKS_PER_CALL}")
     return items
-
-
-def _key_only(header: common_pb2.BlockRef) -> common_pb2.BlockRef:
-    ref = common_pb2.BlockRef()
-    setattr(ref, header.WhichOneof("key"), block_key(header))
-    return ref

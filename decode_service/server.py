@@ -16,7 +16,7 @@ from kvcluster.errors import InvalidArgument, ResourceExhausted
 from kvcluster.model.engine import Engine, EngineConfig, load_engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from kvcluster.cache_client import make_cache_client
-from kvcluster.serving_metrics import serve_metrics
+from kvcluster.serving_metrics import register_pool_gauges, serve_metrics
 from kvcluster.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
         block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes, max_batch=config.max_batch))
     registry = registry or CollectorRegistry()
     metrics = DecodeMetrics(registry)
+    register_pool_gauges(registry, engine.pool)
     worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
     cache = make_cache_client(config, engine)
     prefill_channel = rpc.make_channel(config.prefill_target, credentials=config.channel_credentials(),

@@ -9,6 +9,7 @@ Ctrl-C or SIGTERM stops everything: children get SIGTERM and their grace period,
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ READY = re.compile(r"READY grpc_port=(\d+) metrics_port=(-?\d+|None)")
 class Child:
     name: str
     process: subprocess.Popen
+    args: list = field(default_factory=list)
     grpc_port: int = 0
     metrics_port: int | None = None
     ready: threading.Event = field(default_factory=threading.Event)
@@ -94,7 +96,7 @@ class Cluster:
         """Start `python -m name args` and wait until it is READY and SERVING."""
         process = subprocess.Popen([sys.executable, "-m", name, *map(str, args)], env=self.env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
-        child = self.children[name] = Child(name, process)
+        child = self.children[name] = Child(name, process, list(args))
         threading.Thread(target=self._pump, args=(child,), name=f"log-{name}", daemon=True).start()
         deadline = time.monotonic() + self.start_timeout_s
         while not child.ready.wait(0.2):
@@ -104,6 +106,18 @@ class Cluster:
                 raise Unavailable(f"{name} was not ready within {self.start_timeout_s:.0f} s")
         wait_serving(f"{self.host}:{child.grpc_port}", max(1.0, deadline - time.monotonic()))
         return child
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout_s: float = 30.0) -> int:
+        """Stop one child the hard way (SIGKILL, a crash) or the soft way (SIGTERM); its exit code."""
+        process = self.children[name].process
+        process.send_signal(sig)
+        return process.wait(timeout_s)
+
+    def restart(self, name: str) -> Child:
+        """Start a killed child again with the same flags, on the same ports it had."""
+        old = self.children[name]
+        args = _with_flag(_with_flag(old.args, "--port", old.grpc_port), "--metrics-port", old.metrics_port or 0)
+        return self.spawn(name, args)
 
     def _pump(self, child: Child) -> None:
         for line in child.process.stdout:
@@ -143,6 +157,12 @@ class Cluster:
                   f"{self.decode_target} kvcluster.v1.DecodeService/Generate",
                   "Ctrl-C stops the cluster."]
         return "\n".join(lines)
+
+
+def _with_flag(args: list, flag: str, value) -> list:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
 
 
 def wait_serving(target: str, timeout_s: float) -> None:

@@ -1,6 +1,6 @@
 """Metrics every worker that reads the shared cache exports (prefill and decode)."""
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 INDEX_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5)
 FALLBACK_REASONS = ("redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch", "token_mismatch",
@@ -24,6 +24,14 @@ class FallbackMetrics:
             self.fallbacks.labels(reason).inc()
         if lookup_s:
             self.index_lookup.observe(lookup_s)
+
+def register_pool_gauges(registry: CollectorRegistry, pool) -> None:
+    """The worker's own paged KV pool: blocks in use now, and its size."""
+    used = Gauge("kvcluster_worker_kv_blocks_used", "Blocks of this worker's KV pool held by sequences", registry=registry)
+    used.set_function(lambda: pool.num_used)
+    capacity = Gauge("kvcluster_worker_kv_blocks_capacity", "Blocks in this worker's KV pool", registry=registry)
+    capacity.set(pool.num_blocks)
+
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):
     """Start the /metrics HTTP endpoint (port 0: a free one). Returns (http server, bound port)."""

@@ -41,6 +41,11 @@ def block_key(ref: common_pb2.BlockRef) -> bytes | str:
     return getattr(ref, which)
 
 
+def key_ref(key: bytes | str) -> common_pb2.BlockRef:
+    """A reference carrying only a key (what PullBlocksRequest and BlockPushResult hold)."""
+    return common_pb2.BlockRef(block_hash=key) if isinstance(key, bytes) else common_pb2.BlockRef(request_key=key)
+
+
 def describe_key(key: bytes | str) -> str:
     """Short printable form of a block key for error messages and logs."""
     return f"hash {key.hex()[:16]}" if isinstance(key, bytes) else f"request key {key!r}"

@@ -11,7 +11,7 @@ from kvcluster.cache_client import make_cache_client
 from kvcluster.messages import sampling_from_proto
 from kvcluster.model.engine import Engine, EngineConfig, load_engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
-from kvcluster.serving_metrics import serve_metrics
+from kvcluster.serving_metrics import register_pool_gauges, serve_metrics
 from kvcluster.worker import EngineWorker
 from prefill_service.config import PrefillConfig
 from prefill_service.metrics import PrefillMetrics
@@ -84,6 +84,7 @@ def create_server(config: PrefillConfig, engine: Engine | None = None,
         max_batch=config.max_batch, max_prefill_tokens=config.chunk_tokens))
     registry = registry or CollectorRegistry()
     metrics = PrefillMetrics(registry)
+    register_pool_gauges(registry, engine.pool)
     worker = EngineWorker(engine, config.max_waiting, name="prefill-engine", on_step=metrics.observe_step)
     cache = make_cache_client(config, engine)
     prefiller = Prefiller(worker, cache, metrics, config.lease_seconds)

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvcluster.blocks import checksum
 from kvcluster.index import RedisIndex, group_runs, pick_store
-from kvcluster.proto import cache_pb2, cache_pb2_grpc
+from kvcluster.proto import cache_pb2
 from kvcluster.redis_server import RedisServer
 from kvcluster.store_client import push_requests
 from tests.store_fixtures import (BIG_LAYOUT, SMALL_LAYOUT, SMOLLM2_LAYOUT, fingerprint_for, hashes_of, held_pull,
