@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from kvcluster.model.engine import Engine
 from kvcluster.faults import NO_FAULTS, Faults
 from kvcluster.security import SecuritySettings
-from kvcluster.store_client import StoreClient, make_ref, read_pull
+from kvcluster.store_client import StoreClient, iter_pull, make_ref
 from kvcluster.wire import block_key
 
 log = logging.getLogger(__name__)
@@ -133,25 +133,24 @@ class KVCacheClient:
         if self.faults.pull_delay_ms:
             time.sleep(self.faults.pull_delay_ms / 1000.0)
         stream = self.store(address).pull_stream(self.fingerprint, keys)
-        try:
-            pulled = read_pull(self._inject(stream), self.layout.block_nbytes)
+        received = 0
+        try:  # blocks delivered before a failure stay usable: the prefix they form is intact
+            for (header, payload), ref in zip(iter_pull(self._inject(stream), self.layout.block_nbytes,
+                                                        cache_pb2.PullSummary()), wanted):
+                if list(header.token_ids) != list(ref.token_ids):
+                    return "token_mismatch"
+                result.payloads.append(payload)
+                result.bytes_pulled += len(payload)
+                received += 1
         except IntegrityError as exc:
             log.warning("pull from %s: %s", address, exc)
             return "checksum_mismatch"
-        except Unavailable as exc:
-            log.warning("pull from %s: %s", address, exc)
-            return "store_unavailable"
-        except grpc.RpcError as exc:
-            log.warning("pull from %s failed: %s", address, exc.code() if hasattr(exc, "code") else exc)
+        except (Unavailable, grpc.RpcError) as exc:
+            log.warning("pull from %s failed: %s", address, exc.code() if isinstance(exc, grpc.RpcError) else exc)
             return "store_unavailable"
         finally:
             stream.cancel()  # no-op after a complete stream; releases the store's pins otherwise
-        for (header, payload), ref in zip(pulled.blocks, wanted):
-            if list(header.token_ids) != list(ref.token_ids):
-                return "token_mismatch"
-            result.payloads.append(payload)
-            result.bytes_pulled += len(payload)
-        return None if len(pulled.blocks) == len(wanted) else "short_pull"
+        return None if received == len(wanted) else "short_pull"
 
     def _inject(self, responses: Iterable[cache_pb2.PullBlocksResponse]) -> Iterator[cache_pb2.PullBlocksResponse]:
         """The pull stream as it arrives, with any injected faults applied."""

@@ -1,5 +1,7 @@
 """Injected cache-path faults never change an answer: each one is recomputed around and counted."""
 
+import threading
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -12,7 +14,9 @@ from kvcluster.model.sampling import SamplingParams
 from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill
+from kvcluster.store_client import StoreClient
 from tests.cluster_fixtures import channel_to, running_redis, start_store
+from tests.store_fixtures import make_blocks
 
 PROMPT = ("A freight forwarder consolidates shipments from several customers into one container, "
           "books space with a carrier, prepares the bill of lading and arranges customs clearance. "
@@ -23,7 +27,7 @@ PROMPT = ("A freight forwarder consolidates shipments from several customers int
 def cluster():
     engine_config = EngineConfig(kv_capacity_bytes=128 << 20)
     with running_redis() as redis_server:
-        store = start_store(redis_server.url, blocks=512)
+        store = start_store(redis_server.url, blocks=48)  # small: the eviction test fills it
         prefill_registry, decode_registry = CollectorRegistry(), CollectorRegistry()
         prefill, prefill_port = create_prefill(
             PrefillConfig(port=0, metrics_port=-1, redis_url=redis_server.url, store_timeout_seconds=3.0),
@@ -96,6 +100,27 @@ def test_fault_is_recomputed_and_counted(cluster, smollm_engine, decode_faults, 
     assert cluster["store"].pool.stats().pinned_blocks == 0
     assert cluster["decode"].worker.call(lambda eng: eng.pool.num_used) == 0
     assert cluster["prefill"].worker.call(lambda eng: eng.pool.num_used) == 0
+
+
+def test_block_evicted_between_lookup_and_pull_is_recomputed(cluster, smollm_engine):
+    generate(cluster, PROMPT)  # cached
+    engine = cluster["decode"].worker.engine
+    store = StoreClient(f"127.0.0.1:{cluster['store'].port}", engine.layout)
+    before = counted(cluster["decode_registry"], "short_pull")
+    # decode looks the prefix up, then waits 1.5 s before pulling; meanwhile 48 other blocks evict it
+    set_faults(cluster, "pull_delay_ms=1500")
+    flood = threading.Timer(0.3, lambda: store.push_blocks(engine.fingerprint, make_blocks(engine.layout, 48, seed=9,
+                                                                                             fingerprint=engine.fingerprint)))
+    flood.start()
+    try:
+        ids, last = generate(cluster, PROMPT)
+    finally:
+        flood.join()
+        set_faults(cluster)
+        store.close()
+    assert ids == reference(smollm_engine, PROMPT)
+    assert last.usage.cached_tokens == 0
+    assert counted(cluster["decode_registry"], "short_pull") > before
 
 
 def test_fault_spec_parsing():
