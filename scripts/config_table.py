@@ -1,0 +1,29 @@
+"""Print the README's configuration table from the services' config dataclasses (one source of truth)."""
+
+import dataclasses
+
+from cache_store.config import StoreConfig
+from decode_service.config import DecodeConfig
+from kvcluster.config import env_name, flag_name
+from kvcluster.security import SecuritySettings
+from prefill_service.config import PrefillConfig
+
+SHARED = {f.name for f in dataclasses.fields(SecuritySettings)}
+
+
+def rows(config_cls, skip=frozenset()) -> list[str]:
+    return [f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{f.default!r}` | {f.metadata.get('help', '')} |"
+            for f in dataclasses.fields(config_cls) if f.name not in skip]
+
+
+def main() -> None:
+    header = ["| flag | env | default | meaning |", "|---|---|---|---|"]
+    for title, cls, skip in (("decode_service (public Generate)", DecodeConfig, SHARED),
+                             ("prefill_service", PrefillConfig, SHARED), ("cache_store", StoreConfig, SHARED),
+                             ("every service: TLS and tokens", SecuritySettings, frozenset())):
+        print(f"\n**{title}**\n")
+        print("\n".join(header + rows(cls, skip)))
+
+
+if __name__ == "__main__":
+    main()
