@@ -76,6 +76,8 @@ class Generator:
         time_left = context.time_remaining() if context is not None else None
         kv = self.source.fetch(request_id, prompt_ids, params, time_left) if use_cache else PromptKV()
         self.metrics.observe(kv.fallbacks, kv.lookup_s)
+        if context is not None and not context.is_active():
+            return  # cancelled or past its deadline while the KV was being fetched: do no more work
         keep = self.cache_generated and use_cache
         holder: list[EngineSeq] = []
 

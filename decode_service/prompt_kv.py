@@ -56,6 +56,7 @@ class PromptKVSource:
               time_left_s: float | None) -> PromptKV:
         if self.cache is None:
             return PromptKV()
+        deadline = None if time_left_s is None else time.monotonic() + time_left_s
         bs = self.engine.config.block_size
         hashes = prefix_hashes(self.engine.fingerprint, prompt_ids, bs)
         blocks = [list(prompt_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
@@ -63,17 +64,17 @@ class PromptKVSource:
         holders, lookup_s, fallback = self.cache.lookup(hashes[:usable])
         kv = PromptKV(lookup_s=lookup_s, fallbacks=[fallback] if fallback else [])
         if self.prefill is not None and len(prompt_ids) - len(holders) * bs > self.local_max:
-            if self._via_prefill(kv, request_id, prompt_ids, params, time_left_s):
+            if self._via_prefill(kv, request_id, prompt_ids, params, deadline):
                 return kv
-        fetched = self.cache.pull_held(hashes, blocks, holders) if holders else Fetched()
+        fetched = self.cache.pull_held(hashes, blocks, holders, _left(deadline)) if holders else Fetched()
         self._take(kv, fetched, [bs] * len(fetched.payloads), cached_blocks=len(fetched.payloads))
         kv.held_blocks = len(fetched.payloads)
         return kv
 
     def _via_prefill(self, kv: PromptKV, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                     time_left_s: float | None) -> bool:
+                     deadline: float | None) -> bool:
         start = time.perf_counter()
-        timeout = self.prefill_timeout_s if time_left_s is None else min(time_left_s, self.prefill_timeout_s)
+        timeout = self.prefill_timeout_s if deadline is None else min(_left(deadline), self.prefill_timeout_s)
         try:
             response = self.prefill.Prefill(prefill_pb2.PrefillRequest(
                 request_id=request_id, token_ids=prompt_ids, sampling=sampling_to_proto(params)), timeout=timeout)
@@ -84,7 +85,7 @@ class PromptKVSource:
         finally:
             kv.prefill_s = time.perf_counter() - start
         kv.first_token = response.first_token_id
-        fetched = self.cache.pull(response.blocks)
+        fetched = self.cache.pull(response.blocks, _left(deadline))
         cached_blocks = response.num_cached_tokens // self.engine.config.block_size
         self._take(kv, fetched, [ref.num_tokens for ref in response.blocks], cached_blocks)
         kv.cached_tokens = min(response.num_cached_tokens, kv.num_tokens)
@@ -102,3 +103,8 @@ class PromptKVSource:
         kv.cached_tokens = kv.num_tokens
         if fetched.fallback:
             kv.fallbacks.append(fetched.fallback)
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until the client's deadline (never below a token amount: the call then fails fast)."""
+    return None if deadline is None else max(0.001, deadline - time.monotonic())

@@ -104,13 +104,13 @@ class KVCacheClient:
         return fetched
 
     def pull_held(self, hashes: Sequence[BlockHash], token_blocks: Sequence[Sequence[int]],
-                  holders: Sequence[StoreRef]) -> Fetched:
+                  holders: Sequence[StoreRef], timeout_s: float | None = None) -> Fetched:
         """Pull the blocks a lookup found, from their holders."""
         return self.pull([common_pb2.BlockRef(block_hash=h, store_id=s.store_id, store_address=s.address,
                                               token_ids=token_blocks[i])
-                          for i, (h, s) in enumerate(zip(hashes, holders))])
+                          for i, (h, s) in enumerate(zip(hashes, holders))], timeout_s)
 
-    def pull(self, refs: Sequence[common_pb2.BlockRef]) -> Fetched:
+    def pull(self, refs: Sequence[common_pb2.BlockRef], timeout_s: float | None = None) -> Fetched:
         """Pull `refs` in order from their holders, stopping at the first block not delivered intact.
         Each ref's token_ids are the tokens the caller expects; the block's header must match them."""
         result = Fetched()
@@ -118,7 +118,7 @@ class KVCacheClient:
         holders = [StoreRef(r.store_id, r.store_address) for r in refs]
         for run in group_runs(holders):
             wanted = refs[run.start:run.end]
-            reason = self._pull_run(run.store.address, wanted, result)
+            reason = self._pull_run(run.store.address, wanted, result, timeout_s)
             if reason is not None:
                 result.fallback = reason
                 break
@@ -126,13 +126,14 @@ class KVCacheClient:
         result.pull_s = time.perf_counter() - start
         return result
 
-    def _pull_run(self, address: str, wanted: Sequence[common_pb2.BlockRef], result: Fetched) -> str | None:
+    def _pull_run(self, address: str, wanted: Sequence[common_pb2.BlockRef], result: Fetched,
+                  timeout_s: float | None) -> str | None:
         if not address:
             return "store_unavailable"
         keys = [block_key(r) for r in wanted]
         if self.faults.pull_delay_ms:
             time.sleep(self.faults.pull_delay_ms / 1000.0)
-        stream = self.store(address).pull_stream(self.fingerprint, keys)
+        stream = self.store(address).pull_stream(self.fingerprint, keys, timeout_s=timeout_s)
         received = 0
         try:  # blocks delivered before a failure stay usable: the prefix they form is intact
             for (header, payload), ref in zip(iter_pull(self._inject(stream), self.layout.block_nbytes,

@@ -96,11 +96,13 @@ class StoreClient:
         requests = push_requests(fingerprint, self.layout, blocks, lease_seconds, max_chunk_bytes)
         return self.stub.PushBlocks(requests, timeout=self.timeout_s)
 
-    def pull_stream(self, fingerprint: bytes, keys: Sequence[bytes | str], max_chunk_bytes: int = 0) -> grpc.Call:
-        """The raw response stream (cancel it with `.cancel()`)."""
+    def pull_stream(self, fingerprint: bytes, keys: Sequence[bytes | str], max_chunk_bytes: int = 0,
+                    timeout_s: float | None = None) -> grpc.Call:
+        """The raw response stream (cancel it with `.cancel()`); `timeout_s` caps the client's timeout."""
         request = cache_pb2.PullBlocksRequest(fingerprint=fingerprint, blocks=[key_ref(k) for k in keys],
                                               max_chunk_bytes=max_chunk_bytes)
-        return self.stub.PullBlocks(request, timeout=self.timeout_s)
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s or timeout_s)
+        return self.stub.PullBlocks(request, timeout=timeout)
 
     def pull_blocks(self, fingerprint: bytes, keys: Sequence[bytes | str], max_chunk_bytes: int = 0) -> PullResult:
         """The whole pull as a list (simple; see iter_blocks for the faster streaming form)."""

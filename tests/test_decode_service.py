@@ -193,6 +193,21 @@ def test_health_and_reflection_on_every_service(cluster):
         assert names[service] in {s.name for s in listing.list_services_response.service}
 
 
+def test_client_deadline_reaches_prefill_and_frees_everything(cluster):
+    before = fallbacks(cluster, "prefill_unavailable")
+    long_prompt = " ".join(f"Line {i}: a pallet of tiles weighs {i + 300} kilograms." for i in range(120))
+    with pytest.raises(grpc.RpcError) as err:
+        list(cluster["stub"].Generate(decode_pb2.GenerateRequest(prompt=long_prompt, sampling=greedy(4)), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(200):  # the Prefill call carried the 0.5 s deadline, so it failed on its own
+        if fallbacks(cluster, "prefill_unavailable") > before:
+            break
+        time.sleep(0.05)
+    assert fallbacks(cluster, "prefill_unavailable") > before
+    worker = cluster["decode"].worker
+    assert worker.call(lambda eng: (eng.pool.num_used, eng.has_work())) == (0, False)
+
+
 def test_store_stopped_output_is_still_exact(cluster, smollm_engine):
     messages = chat(("system", SYSTEM), ("user", "Is weekend delivery available in rural areas?"))
     run(cluster, messages=messages, sampling=greedy(4))  # cache it first
