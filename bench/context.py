@@ -26,6 +26,7 @@ class BenchContext:
     mode: str = "full"
     model: str | None = None
     results_dir: Path = RESULTS_DIR
+    dtype: str = "float32"   # of the engine and the cluster; fp32 keeps figures comparable across runs
     _engine: Engine | None = field(default=None, repr=False)
     _cluster: Cluster | None = field(default=None, repr=False)
     _cluster_log: TextIO | None = field(default=None, repr=False)
@@ -59,7 +60,7 @@ class BenchContext:
     def engine(self) -> Engine:
         """The in-process engine (the baseline of the disaggregation overhead), loaded once."""
         if self._engine is None:
-            self._engine = load_engine(self.model, None, EngineConfig(kv_capacity_bytes=ENGINE_KV_BYTES))
+            self._engine = load_engine(self.model, None, EngineConfig(kv_capacity_bytes=ENGINE_KV_BYTES), self.dtype)
         return self._engine
 
     def cluster(self) -> Cluster:
@@ -68,7 +69,7 @@ class BenchContext:
         if self._cluster is None:
             self._cluster_log = open(self.scratch_dir / "cluster.log", "a")
             self._cluster = Cluster(ClusterPorts.any_free(), extra_env=self.cluster_env(),
-                                    log_stream=self._cluster_log).start()
+                                    log_stream=self._cluster_log, dtype=self.dtype).start()
         return self._cluster
 
     def cluster_env(self) -> dict[str, str]:
@@ -78,7 +79,7 @@ class BenchContext:
         layout = self.engine().layout
         return {"KVC_MODEL": str(self.model_path), "KVC_NUM_LAYERS": str(layout.num_layers),
                 "KVC_BLOCK_SIZE": str(layout.block_size), "KVC_NUM_KV_HEADS": str(layout.num_kv_heads),
-                "KVC_HEAD_DIM": str(layout.head_dim), "KVC_KV_DTYPE": layout.dtype}
+                "KVC_HEAD_DIM": str(layout.head_dim), "KVC_DTYPE": layout.dtype}
 
     def write(self, name: str, payload: dict) -> Path:
         return write_result(name, {"mode": self.mode, **payload}, self.results_dir)

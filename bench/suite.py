@@ -22,9 +22,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import decode_throughput, engine, index_latency, kv_transfer, overhead, shared_prefix, ttft
+from bench import (decode_throughput, dtype_speed, engine, index_latency, kv_transfer, overhead, shared_prefix,
+                   ttft)
 from bench.common import RESULTS_DIR, progress
 from bench.context import BenchContext
+from kvcluster.dtypes import DTYPE_CHOICES
 
 BUSY_LOAD_PER_CORE = 0.5
 OMP_WAIT_POLICY = "PASSIVE"
@@ -33,6 +35,7 @@ MEASURES: dict[str, Callable[[BenchContext], dict]] = {
     "kv_transfer": kv_transfer.run,
     "engine": engine.run,
     "decode_throughput": decode_throughput.run,
+    "dtype_speed": dtype_speed.run,
     "ttft": ttft.run,
     "overhead": overhead.run,
     "shared_prefix": shared_prefix.run,
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="llama GGUF file (default: the shipped SmolLM2-135M)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(MEASURES)}")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where JSON and PNG files go")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+                        help="dtype of the engine and cluster the measures use (dtype_speed always runs both)")
     args = parser.parse_args(argv)
     args.names = [n.strip() for n in args.only.split(",") if n.strip()] or list(MEASURES)
     unknown = [n for n in args.names if n not in MEASURES]
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if load > BUSY_LOAD_PER_CORE * cores:
         progress("suite", f"WARNING: load average {load:.1f} on {cores} cores: other work is running, "
                           "figures will be noisy (each JSON records machine.loadavg_1m)")
-    with BenchContext(mode, args.model, args.results_dir) as ctx:
+    with BenchContext(mode, args.model, args.results_dir, args.dtype) as ctx:
         for i, name in enumerate(args.names):
             progress("suite", f"({i + 1}/{len(args.names)}) {name}, {mode} mode")
             start = time.perf_counter()

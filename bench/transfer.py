@@ -25,6 +25,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import psutil
+import torch
 
 from bench.common import write_result
 from cache_store.config import StoreConfig
@@ -36,7 +37,7 @@ from kvcluster.rpc import channel_options
 from kvcluster.store_client import Block, StoreClient, make_ref
 from kvcluster.wire import block_chunks
 
-LAYOUT = StoreConfig().layout          # SmolLM2-135M, fp32: 737,280-byte blocks
+LAYOUT = StoreConfig(dtype="float32").layout(torch.device("cpu"))  # SmolLM2-135M, fp32: 737,280-byte blocks
 NUM_BLOCKS = 64
 POOL_BLOCKS = 128
 BLOCK_TOKENS = list(range(LAYOUT.block_size))
@@ -95,7 +96,7 @@ def spawn(args: list[str]) -> tuple[subprocess.Popen, str]:
 def start_store(redis_url: str, device: str) -> tuple[subprocess.Popen, int]:
     process, line = spawn(["-m", "cache_store", "--port", "0", "--metrics-port", "-1", "--redis-url", redis_url,
                            "--device", device, "--capacity-bytes", str(POOL_BLOCKS * LAYOUT.block_nbytes),
-                           "--store-id", "bench-store", "--heartbeat-seconds", "1"])
+                           "--store-id", "bench-store", "--heartbeat-seconds", "1", "--dtype", LAYOUT.dtype])
     if not line.startswith("READY"):
         raise RuntimeError(f"cache store did not start: {line!r}")
     return process, int(line.split()[1].split("=")[1])

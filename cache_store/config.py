@@ -1,8 +1,11 @@
 """Configuration of the cache store: flags `--name`, env `KVC_NAME`, defaults for one machine.
 
 Which blocks a store accepts: exactly one KV layout (the layout flags, SmolLM2-135M's by
-default: 30 layers, 16-token blocks, 3 KV heads, head_dim 64, float32), because its pool is one
-tensor of that block shape; a push with another layout is rejected as a whole. Fingerprints: by
+default: 30 layers, 16-token blocks, 3 KV heads, head_dim 64, and `--dtype`, the same setting and
+`KVC_DTYPE` variable the workers read), because its pool is one tensor of that block shape; a push
+with another layout is rejected as a whole. The store publishes its layout in the index, and a
+worker refuses to start when no live store holds its own (a cluster of two models or dtypes runs
+one set of stores per layout; workers use only the stores of theirs). Fingerprints: by
 default any, since the fingerprint is hashed into every block hash, so blocks of two models can
 share a pool but never a key, and a pull must name the fingerprint each block was stored under.
 `--fingerprint HEX` restricts the store to one model: pushes under any other are rejected.
@@ -16,7 +19,8 @@ import torch
 from kvcluster.config import ServiceConfig, setting
 from kvcluster.security import SecuritySettings
 from kvcluster.errors import InvalidArgument
-from kvcluster.kvpool import DTYPES, LAYOUT_VERSION, KVLayout
+from kvcluster.dtypes import check_dtype, resolve_dtype
+from kvcluster.kvpool import LAYOUT_VERSION, KVLayout
 
 GIB = 1 << 30
 FINGERPRINT_BYTES = 16  # an xxh3-128 digest (kvcluster.blocks.make_fingerprint)
@@ -48,7 +52,8 @@ class StoreConfig(SecuritySettings, ServiceConfig):
     block_size: int = setting(16, "KV layout accepted: tokens per block")
     num_kv_heads: int = setting(3, "KV layout accepted: KV heads")
     head_dim: int = setting(64, "KV layout accepted: head dimension")
-    kv_dtype: str = setting("float32", f"KV layout accepted: element type, one of {sorted(DTYPES)}")
+    dtype: str = setting("auto", "KV layout accepted: element type, one of auto, float32, bfloat16, float16; "
+                         "auto resolves as a worker's on this store's device (kvcluster.dtypes)")
     layout_version: int = setting(LAYOUT_VERSION, "KV layout accepted: byte layout version")
     fingerprint: str = setting("", "hex model fingerprint to accept exclusively; empty = any")
     max_workers: int = setting(16, "gRPC handler threads (concurrent calls)")
@@ -58,8 +63,7 @@ class StoreConfig(SecuritySettings, ServiceConfig):
         for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "max_workers"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.kv_dtype not in DTYPES:
-            raise InvalidArgument("kv_dtype", f"must be one of {sorted(DTYPES)}, got {self.kv_dtype!r}")
+        check_dtype(self.dtype)
         if self.heartbeat_seconds <= 0 or self.lease_seconds <= 0:
             raise InvalidArgument("heartbeat_seconds/lease_seconds", "must be > 0")
         if not 0 < self.cuda_memory_fraction <= 1:
@@ -67,10 +71,10 @@ class StoreConfig(SecuritySettings, ServiceConfig):
         if len(self.fingerprint_bytes) not in (0, FINGERPRINT_BYTES):
             raise InvalidArgument("fingerprint", f"must be {FINGERPRINT_BYTES} bytes ({2 * FINGERPRINT_BYTES} hex digits)")
 
-    @property
-    def layout(self) -> KVLayout:
+    def layout(self, device: torch.device) -> KVLayout:
+        """The layout this store holds on `device` (where `auto` is resolved)."""
         return KVLayout(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim,
-                        self.kv_dtype, self.layout_version)
+                        resolve_dtype(self.dtype, device)[0], self.layout_version)
 
     @property
     def fingerprint_bytes(self) -> bytes:

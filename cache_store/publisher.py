@@ -29,10 +29,12 @@ class IndexPublisher:
 
     def __init__(self, index: RedisIndex | None, store_id: str, address: str, heartbeat_s: float,
                  ttl_s: float, held_hashes: Callable[[], list[bytes]],
-                 on_tick: Callable[[], object] = lambda: None):
+                 on_tick: Callable[[], object] = lambda: None, layout: str = "", fingerprint: str = ""):
         self.index = index
         self.store_id = store_id
         self.address = address
+        self.layout = layout            # published with the registration, so workers can check theirs
+        self.fingerprint = fingerprint
         self.heartbeat_s = heartbeat_s
         self.ttl_s = ttl_s
         self._held_hashes = held_hashes
@@ -121,7 +123,7 @@ class IndexPublisher:
     def _register(self, ops: list) -> list:
         """New epoch, then clear the queue, then publish a snapshot of the pool: every change
         queued before the snapshot is already reflected in it. Returns the pending flushes."""
-        epoch = self.index.register(self.store_id, self.address, self.ttl_s)
+        epoch = self.index.register(self.store_id, self.address, self.ttl_s, self.layout, self.fingerprint)
         flushes = [op for op in [*ops, *self._drain()] if op[0] == "flush"]
         try:
             self.index.add_entries(self.store_id, epoch, self._held_hashes())

@@ -17,6 +17,7 @@ from cache_store.pool import StorePool
 from cache_store.publisher import IndexPublisher
 from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity
 from kvcluster import rpc
+from kvcluster.dtypes import resolve_dtype
 from kvcluster.security import token_guards
 from kvcluster.index import RedisIndex
 from kvcluster.proto import cache_pb2, cache_pb2_grpc
@@ -80,7 +81,9 @@ class StoreServer:
 def create_server(config: StoreConfig, registry: CollectorRegistry | None = None) -> tuple[StoreServer, int]:
     """Build a cache store from `config`; returns it (not started) and its bound gRPC port."""
     device = config.torch_device()
-    pool = StorePool.from_budget(config.layout, config.pool_capacity_bytes(device), device)
+    layout = config.layout(device)
+    log.info("cache store holds KV layout %s (dtype %s)", layout.canonical(), resolve_dtype(config.dtype, device)[1])
+    pool = StorePool.from_budget(layout, config.pool_capacity_bytes(device), device)
     identity, counters = StoreIdentity(), ServiceCounters()
     servicer = CacheStoreServicer(pool, config, identity, counters)
     service = rpc.Service(servicer, cache_pb2_grpc.add_CacheStoreServicer_to_server,
@@ -91,7 +94,8 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
     identity.store_id, identity.address = config.identity(port)
     index = RedisIndex(config.redis_url, config.index_namespace) if config.redis_url else None
     publisher = IndexPublisher(index, identity.store_id, identity.address, config.heartbeat_seconds,
-                               config.ttl_seconds, pool.held_hashes, on_tick=pool.expire_leases)
+                               config.ttl_seconds, pool.held_hashes, on_tick=pool.expire_leases,
+                               layout=layout.canonical(), fingerprint=config.fingerprint_bytes.hex())
     identity.epoch = lambda: publisher.epoch
     pool.set_index(publisher)
     registry = registry if registry is not None else CollectorRegistry()

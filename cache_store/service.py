@@ -27,6 +27,7 @@ from kvcluster.wire import (block_chunks, block_key, check_chunk_limit, describe
 
 MAX_BLOCKS_PER_CALL = 4096     # block references one Pull or Lookup may name
 MAX_REQUEST_KEY_CHARS = 256
+READ_BATCH = 8                 # blocks read from the pool together when serving a pull
 Status = cache_pb2.BlockPushResult.Status
 
 
@@ -167,8 +168,7 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         pinned, stop_reason = self.pool.pin(fingerprint, keys, owner)
         sent, sent_bytes, finished = 0, 0, False
         try:
-            for block in pinned:
-                payload = self._verified(block)
+            for block, payload in self._verified(pinned):
                 if payload is None:
                     stop_reason = f"block {sent} ({describe_key(block.key)}) failed its checksum in the store"
                     break
@@ -189,13 +189,19 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         self.counters.add(pull_bytes=sent_bytes, pull_seconds=time.perf_counter() - started)
         return True
 
-    def _verified(self, block: StoredBlock) -> bytes | None:
-        payload = self.pool.read(block)
-        if checksum(payload) == block.header.checksum:
-            return payload
-        self.counters.add(checksum_failures=1)
-        self.pool.discard(block)
-        return None
+    def _verified(self, pinned: list[StoredBlock]) -> Iterator[tuple[StoredBlock, bytes | None]]:
+        """Each pinned block with its bytes (None if they fail the checksum), read READ_BATCH at a
+        time: one gather and one device-to-host copy per batch, host memory bounded by the batch."""
+        for start in range(0, len(pinned), READ_BATCH):
+            batch = pinned[start:start + READ_BATCH]
+            for block, payload in zip(batch, self.pool.read(batch)):
+                if checksum(payload) == block.header.checksum:
+                    yield block, payload
+                    continue
+                self.counters.add(checksum_failures=1)
+                self.pool.discard(block)
+                yield block, None
+                return
 
     # ---- Lookup, Stats ---------------------------------------------------------------------
 

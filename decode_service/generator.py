@@ -116,11 +116,9 @@ class Generator:
 
     def _admit(self, engine: Engine, request_id: str, prompt_ids: list[int], params, kv: PromptKV, keep: bool) -> EngineSeq:
         """On the engine thread: load the pulled blocks and queue the sequence."""
-        slots = engine.pool.allocate(len(kv.payloads)) if kv.payloads else []
+        slots = engine.load_blocks(kv.blocks) if kv.blocks is not None else []
         if slots is None:  # the pool cannot take them now: recompute instead
             slots, kv.num_tokens, kv.cached_tokens = [], 0, 0
-        for slot, payload in zip(slots, kv.payloads):
-            engine.pool.import_block(slot, payload)
         handed = [kv.first_token] if kv.first_token is not None else []
         try:
             return engine.add_request(prompt_ids, params, request_id, block_table=slots, num_computed=kv.num_tokens,
@@ -130,15 +128,16 @@ class Generator:
             raise
 
     def _push_generated(self, engine: Engine, seq: EngineSeq, held_blocks: int) -> None:
-        """On the engine thread: export the finished sequence's uncached full blocks, free it, push them."""
+        """On the engine thread: snapshot the finished sequence's uncached full blocks (one gather),
+        free it; copy to host and push off the engine thread."""
         bs = engine.config.block_size
         computed = seq.token_ids[:seq.num_computed]
-        hashes = prefix_hashes(engine.fingerprint, computed, bs)
-        blocks = [(hashes[i], computed[i * bs:(i + 1) * bs], engine.pool.export_block(seq.block_table[i]))
-                  for i in range(held_blocks, len(hashes))]
+        hashes = prefix_hashes(engine.fingerprint, computed, bs)[held_blocks:]
+        tokens = [computed[i * bs:(i + 1) * bs] for i in range(held_blocks, held_blocks + len(hashes))]
+        batch = engine.read_blocks(seq.block_table[held_blocks:held_blocks + len(hashes)])
         engine.release(seq)
-        if blocks:
-            future = self._pushers.submit(self.cache.push, blocks, self.lease_seconds)
+        if hashes:
+            future = self._pushers.submit(self.cache.push_batch, hashes, tokens, batch, self.lease_seconds)
             self._pending.add(future)
             future.add_done_callback(self._pending.discard)
 

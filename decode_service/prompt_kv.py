@@ -3,7 +3,7 @@
 Conditional disaggregation (as Dynamo does): one index lookup first; when the uncached part of
 the prompt is short (`local_prefill_max_tokens`) decode pulls the cached blocks itself and
 computes the rest locally, skipping the Prefill round trip. Otherwise it calls Prefill and pulls
-every block Prefill lists. Any failure leaves a shorter `payloads` list (and a fallback reason):
+every block Prefill lists. Any failure leaves fewer blocks (and a fallback reason):
 the engine then recomputes whatever is missing, so the answer never changes.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from kvcluster.block_io import BlockBatch, batch_from_payloads
 from kvcluster.blocks import prefix_hashes
 from kvcluster.cache_client import Fetched, KVCacheClient
 from kvcluster.messages import sampling_to_proto
@@ -26,9 +27,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PromptKV:
-    """KV payloads for the prompt's first `num_tokens` tokens, in block order, and how they were obtained."""
+    """KV blocks for the prompt's first `num_tokens` tokens, in block order, and how they were obtained."""
 
-    payloads: list[bytes] = field(default_factory=list)
+    blocks: BlockBatch | None = None    # the pulled blocks, staged for the worker's pool
     num_tokens: int = 0
     first_token: int | None = None     # sampled by the prefill service
     cached_tokens: int = 0             # prompt tokens whose KV came from the cache
@@ -84,6 +85,11 @@ class PromptKVSource:
             return False
         finally:
             kv.prefill_s = time.perf_counter() - start
+        mismatch = self._mismatch(response, params)
+        if mismatch:
+            log.warning("not using the prefill service's answer: %s; prefilling locally", mismatch)
+            kv.fallbacks.append("prefill_mismatch")
+            return False
         kv.first_token = response.first_token_id
         fetched = self.cache.pull(response.blocks, _left(deadline))
         cached_blocks = response.num_cached_tokens // self.engine.config.block_size
@@ -93,8 +99,19 @@ class PromptKVSource:
         kv.held_blocks = next((i for i, ref in enumerate(full) if not ref.store_address), len(full))
         return True
 
+    def _mismatch(self, response: prefill_pb2.PrefillResponse, params: SamplingParams) -> str | None:
+        """Why a Prefill answer cannot be trusted here (its K/V and first token came from another
+        model, dtype or layout, or were sampled with another seed), or None."""
+        ours = self.engine.fingerprint
+        if response.fingerprint != ours:
+            return f"it was computed under fingerprint {response.fingerprint.hex()}, this worker's is {ours.hex()}"
+        if response.seed != params.seed:
+            return f"its first token was sampled with seed {response.seed}, the request has {params.seed}"
+        return None
+
     def _take(self, kv: PromptKV, fetched: Fetched, tokens_per_block: list[int], cached_blocks: int) -> None:
-        kv.payloads = fetched.payloads
+        """Stage the pulled blocks here on the handler thread; the engine thread only scatters them."""
+        kv.blocks = batch_from_payloads(fetched.payloads, self.engine.layout.block_nbytes, self.engine.pool.device)
         kv.num_tokens = sum(tokens_per_block[:len(fetched.payloads)])
         kv.pull_s = fetched.pull_s
         block_bytes = self.engine.layout.block_nbytes

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from kvcluster.block_io import BlockBatch, batch_to_payloads
 from kvcluster.blocks import BlockHash, Fingerprint
-from kvcluster.errors import IntegrityError, Unavailable
+from kvcluster.errors import IncompatibleStores, IntegrityError, Unavailable
 from kvcluster.index import RedisIndex, StoreRef, group_runs, pick_store
 from kvcluster.kvpool import KVLayout
 from kvcluster.proto import cache_pb2, common_pb2
@@ -65,6 +66,7 @@ class KVCacheClient:
         self._stores: dict[str, StoreClient] = {}
         self._lock = threading.Lock()
         self._live: tuple[float, list[StoreRef]] = (0.0, [])
+        self._skipped: set[str] = set()  # stores of another layout, logged once each
 
     def close(self) -> None:
         with self._lock:
@@ -172,14 +174,64 @@ class KVCacheClient:
     # ---- writing --------------------------------------------------------------------------
 
     def live_stores(self) -> list[StoreRef]:
-        """Live stores, re-read from the index at most every LIVE_STORES_TTL_S."""
+        """Live stores that hold this worker's KV layout, re-read from the index at most every
+        LIVE_STORES_TTL_S. Stores of another layout (another model or dtype) are never pushed to."""
         if self.faults.redis_down:
             raise Unavailable("Redis unreachable (injected fault)")
         stamp, stores = self._live
         if time.monotonic() - stamp > LIVE_STORES_TTL_S and self.index is not None:
-            stores = self.index.live_stores()
+            stores = self._usable(self.index.live_stores())
             self._live = (time.monotonic(), stores)
         return stores
+
+    def _usable(self, stores: list[StoreRef]) -> list[StoreRef]:
+        """The stores that accept this worker's blocks; each other one is logged once."""
+        ours = self.layout.canonical()
+        usable = [s for s in stores if s.accepts(ours, self.fingerprint)]
+        for store in stores:
+            if store not in usable and store.store_id not in self._skipped:
+                self._skipped.add(store.store_id)
+                log.warning("skipping %s: this worker computes %s under fingerprint %s", store.describe(), ours,
+                            self.fingerprint.hex())
+        return usable
+
+    def check_stores(self, wait_s: float) -> list[StoreRef]:
+        """Start-up check: wait up to `wait_s` for a live store, then raise IncompatibleStores when
+        stores are live but none holds this worker's layout and fingerprint (the cluster would
+        cache nothing). Returns the stores this worker will use; logs the ones it will skip."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                stores = self.index.live_stores()
+            except Unavailable as exc:
+                log.warning("cannot check the cache stores' KV layout now (%s); caching starts once Redis answers", exc)
+                return []
+            if stores or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        ours = self.layout.canonical()
+        usable = self._usable(stores)
+        others = [s for s in stores if s not in usable]
+        if others and not usable:
+            raise IncompatibleStores(
+                f"no live cache store in index namespace {self.index.ns!r} accepts this worker's KV: the worker "
+                f"computes {ours} under fingerprint {self.fingerprint.hex()}, but "
+                + "; ".join(s.describe() for s in others)
+                + ". Start every service with the same --dtype / KVC_DTYPE (and model), or give this worker "
+                "stores of its own layout.")
+        if not stores:
+            log.warning("no live cache store after %.0f s: caching starts when one registers", wait_s)
+        else:
+            log.info("cache stores holding this worker's KV layout %s: %s", ours,
+                     ", ".join(s.store_id for s in usable))
+        self._live = (time.monotonic(), usable)
+        return usable
+
+    def push_batch(self, keys: Sequence[bytes | str], token_blocks: Sequence[Sequence[int]], batch: BlockBatch,
+                   lease_seconds: int = 0) -> Pushed:
+        """Push blocks exported from a worker's pool (`Engine.read_blocks`): the copy to host bytes
+        happens here, on the calling (push) thread, not on the engine thread."""
+        return self.push(list(zip(keys, token_blocks, batch_to_payloads(batch))), lease_seconds)
 
     def push(self, blocks: Sequence[tuple[bytes | str, Sequence[int], bytes]], lease_seconds: int = 0) -> Pushed:
         """Push (hash or request key, token ids, payload) blocks, each to its rendezvous-chosen store."""
@@ -220,8 +272,15 @@ class KVCacheClient:
 
 
 def make_cache_client(config, engine: "Engine") -> KVCacheClient | None:
-    """The cache client a prefill or decode worker's config asks for (None without a Redis URL)."""
+    """The cache client a prefill or decode worker's config asks for (None without a Redis URL),
+    after the start-up check that the live stores hold this worker's KV layout."""
     if not config.redis_url:
         return None
-    return KVCacheClient(RedisIndex(config.redis_url, config.index_namespace), engine.layout, engine.fingerprint,
-                         config.store_timeout_seconds, Faults.parse(config.faults), config)
+    client = KVCacheClient(RedisIndex(config.redis_url, config.index_namespace), engine.layout, engine.fingerprint,
+                           config.store_timeout_seconds, Faults.parse(config.faults), config)
+    try:
+        client.check_stores(config.store_wait_seconds)
+    except BaseException:
+        client.index.close()
+        raise
+    return client

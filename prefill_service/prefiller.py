@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from kvcluster.block_io import BlockBatch, batch_from_payloads
 from kvcluster.blocks import BlockHash, prefix_hashes
 from kvcluster.cache_client import Fetched, KVCacheClient, Pushed
 from kvcluster.model.engine import Engine
@@ -71,10 +72,12 @@ class Prefiller:
         usable = min(len(hashes), (len(token_ids) - 1) // bs)  # keep the last token to compute
         blocks = [list(token_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
         fetched = cache.fetch_prefix(hashes[:usable], blocks[:usable]) if cache else Fetched()
+        staged = batch_from_payloads(fetched.payloads, engine.layout.block_nbytes, engine.pool.device)
 
         pushes: list[tuple[int, Future[Pushed]]] = []
         compute_start = time.perf_counter()
-        num_cached_blocks, first_token = self._compute(token_ids, params, request_id, fetched, hashes, blocks, cache, pushes)
+        num_cached_blocks, first_token = self._compute(token_ids, params, request_id, staged, hashes, blocks, cache,
+                                                       pushes)
         compute_end = time.perf_counter()
         num_cached = num_cached_blocks * bs
         refs = self._cached_refs(hashes, blocks, fetched.holders[:num_cached_blocks])
@@ -91,11 +94,11 @@ class Prefiller:
         self.metrics.observe(fallbacks, fetched.lookup_s)
         return outcome
 
-    def _compute(self, token_ids, params: SamplingParams, request_id: str, fetched: Fetched,
+    def _compute(self, token_ids, params: SamplingParams, request_id: str, staged: BlockBatch,
                  hashes: list[BlockHash], blocks: list[list[int]], cache: KVCacheClient | None,
                  pushes: list) -> tuple[int, int]:
         """Run the prompt through the engine; returns how many pulled blocks it used and the first token."""
-        job = _Job(self, fetched, hashes, blocks, cache, pushes, f"{request_id or 'prefill'}/{uuid.uuid4().hex[:12]}")
+        job = _Job(self, staged, hashes, blocks, cache, pushes, f"{request_id or 'prefill'}/{uuid.uuid4().hex[:12]}")
         try:
             events = list(self.worker.stream(
                 lambda engine: job.admit(engine, token_ids, replace(params, max_tokens=1, stop=()), request_id)))
@@ -128,7 +131,7 @@ class _Job:
     """One prompt's state on the engine thread: which blocks came from the cache, which are pushed."""
 
     prefiller: Prefiller
-    fetched: Fetched
+    pulled: BlockBatch     # the cached prefix, staged for the worker's pool
     hashes: list[BlockHash]
     blocks: list[list[int]]
     cache: KVCacheClient | None
@@ -141,9 +144,7 @@ class _Job:
     def admit(self, engine: Engine, token_ids, params: SamplingParams, request_id: str) -> EngineSeq:
         bs = engine.config.block_size
         # A worker pool too full for the pulled blocks just computes them instead.
-        slots = engine.pool.allocate(len(self.fetched.payloads)) or []
-        for slot, payload in zip(slots, self.fetched.payloads):
-            engine.pool.import_block(slot, payload)
+        slots = engine.load_blocks(self.pulled) or []
         self.seq = engine.add_request(token_ids, params, request_id, block_table=slots,
                                       num_computed=len(slots) * bs, keep_blocks=True)
         self.cached_blocks = self.pushed_upto = len(slots)
@@ -164,12 +165,15 @@ class _Job:
         engine.release(self.seq)
 
     def _push(self, engine: Engine, first: int, last: int, with_tail: bool) -> None:
-        """Export blocks [first, last) (and the tail) here on the engine thread; push them off it."""
-        seq, pool = self.seq, engine.pool
-        out = [(self.hashes[i], self.blocks[i], pool.export_block(seq.block_table[i])) for i in range(first, last)]
-        bs = engine.config.block_size
+        """Snapshot blocks [first, last) (and the tail) here on the engine thread with one gather;
+        copy them to host and push them off it."""
+        seq, bs = self.seq, engine.config.block_size
+        keys, tokens, slots = list(self.hashes[first:last]), list(self.blocks[first:last]), seq.block_table[first:last]
         if with_tail and len(seq.prompt_ids) % bs:
-            out.append((self.tail_key, seq.prompt_ids[last * bs:], pool.export_block(seq.block_table[last])))
-        if out and self.cache is not None:
-            future = self.prefiller._pushers.submit(self.cache.push, out, self.prefiller.lease_seconds)
+            keys.append(self.tail_key)
+            tokens.append(seq.prompt_ids[last * bs:])
+            slots.append(seq.block_table[last])
+        if keys and self.cache is not None:
+            future = self.prefiller._pushers.submit(self.cache.push_batch, keys, tokens, engine.read_blocks(slots),
+                                                    self.prefiller.lease_seconds)
             self.pushes.append((first, future))

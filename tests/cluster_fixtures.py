@@ -22,9 +22,11 @@ def running_redis() -> Iterator[RedisServer]:
         server.close()
 
 
-def start_store(redis_url: str, blocks: int = 256, store_id: str = "", port: int = 0, **overrides) -> StoreServer:
-    """A SmolLM2-layout cache store on a free (or given) port, its index published to `redis_url`."""
-    config = StoreConfig(host="127.0.0.1", port=port, metrics_port=-1, redis_url=redis_url,
+def start_store(redis_url: str, blocks: int = 256, store_id: str = "", port: int = 0, dtype: str = "float32",
+                **overrides) -> StoreServer:
+    """A SmolLM2-layout cache store (float32 KV, as the test engines compute, unless told) on a free
+    (or given) port, its index published to `redis_url`; room for `blocks` float32 blocks."""
+    config = StoreConfig(host="127.0.0.1", port=port, metrics_port=-1, redis_url=redis_url, dtype=dtype,
                          capacity_bytes=blocks * SMOLLM_BLOCK_BYTES, store_id=store_id,
                          heartbeat_seconds=0.5, grace_seconds=0.5, **overrides)
     server, _ = create_store(config)

@@ -24,7 +24,7 @@ def tokenizer(smollm_gguf) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def smollm_engine() -> Engine:
-    return load_engine(device="cpu", config=EngineConfig(kv_capacity_bytes=192 << 20))
+    return load_engine(device="cpu", dtype="float32", config=EngineConfig(kv_capacity_bytes=192 << 20))
 
 
 def make_tiny_engine(tokenizer: Tokenizer, kv_blocks: int = 1024, **engine_kwargs) -> Engine:

@@ -59,7 +59,7 @@ def store_config(redis_url: str, layout: KVLayout = SMALL_LAYOUT, blocks: int = 
     values = dict(host="127.0.0.1", port=0, metrics_port=-1, redis_url=redis_url, device="cpu",
                   capacity_bytes=blocks * layout.block_nbytes, heartbeat_seconds=0.2, grace_seconds=0.0,
                   num_layers=layout.num_layers, block_size=layout.block_size,
-                  num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, kv_dtype=layout.dtype)
+                  num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype)
     return StoreConfig(**{**values, **overrides})
 
 
@@ -124,7 +124,7 @@ class StoreFactory:
     def __call__(self, config: StoreConfig) -> tuple[StoreServer, StoreClient]:
         store, port = create_server(config)
         store.start()
-        client = StoreClient(f"127.0.0.1:{port}", config.layout, timeout_s=30.0)
+        client = StoreClient(f"127.0.0.1:{port}", store.pool.layout, timeout_s=30.0)
         self.started.append((store, client))
         return store, client
 

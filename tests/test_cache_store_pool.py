@@ -48,7 +48,7 @@ def touch(pool: StorePool, block_hash: bytes) -> None:
 def read_back(pool: StorePool, key) -> bytes:
     (pinned,), _ = pool.pin(FP, [key], owner="reader")
     try:
-        return pool.read(pinned)
+        return pool.read([pinned])[0]
     finally:
         pool.release("reader")
 
@@ -133,7 +133,7 @@ def test_a_request_block_is_freed_by_a_completed_pull_only():
     pool.release("cancelled")                      # a cancelled pull keeps it
     assert pool.stats().request_blocks == 1
     (pinned,), _ = pool.pin(FP, ["req-1"], owner="complete")
-    assert pool.read(pinned) == payload
+    assert pool.read([pinned]) == [payload]
     pool.release("complete", consumed=True)
     assert pool.stats().request_blocks == 0 and pool.stats().blocks_used == 0
 
@@ -212,7 +212,7 @@ def test_concurrent_pushes_pins_and_releases_keep_the_books_straight():
                     pass
                 owner = (worker_id, round_)
                 for pinned in pool.pin(FP, [header.block_hash], owner)[0]:
-                    assert pool.read(pinned) == payload
+                    assert pool.read([pinned]) == [payload]
                 pool.release(owner)
         except Exception as exc:  # surfaced below: a thread's failure must fail the test
             errors.append(exc)

@@ -4,6 +4,7 @@ import argparse
 from dataclasses import FrozenInstanceError, dataclass
 
 import pytest
+import torch
 
 from cache_store.__main__ import main as cache_store_main
 from cache_store.config import StoreConfig
@@ -61,15 +62,15 @@ def test_cache_store_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--host", "--port", "--metrics-port", "--capacity-bytes", "--device", "--redis-url",
                  "--store-id", "--advertise-address", "--heartbeat-seconds", "--lease-seconds",
-                 "--num-layers", "--block-size", "--num-kv-heads", "--head-dim", "--kv-dtype", "--fingerprint"):
+                 "--num-layers", "--block-size", "--num-kv-heads", "--head-dim", "--dtype", "--fingerprint"):
         assert flag in text, flag
 
 
 def test_store_config_validates_and_defaults_to_the_smollm2_layout():
     config = StoreConfig()
-    assert config.layout.block_nbytes == 737_280 and config.port == 50053 and config.metrics_port == 9103
+    assert config.layout(torch.device("cpu")).block_nbytes in (737_280, 368_640) and config.port == 50053 and config.metrics_port == 9103
     assert config.ttl_seconds == 3 * config.heartbeat_seconds
     assert config.identity(1234)[1] == "127.0.0.1:1234"
-    for bad in (dict(kv_dtype="int8"), dict(block_size=0), dict(fingerprint="zz"), dict(fingerprint="ab")):
+    for bad in (dict(dtype="int8"), dict(block_size=0), dict(fingerprint="zz"), dict(fingerprint="ab")):
         with pytest.raises(InvalidArgument):
             StoreConfig(**bad)

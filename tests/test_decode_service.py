@@ -38,13 +38,13 @@ def cluster():
         store = start_store(redis_server.url, blocks=1024)
         prefill, prefill_port = create_prefill(
             PrefillConfig(port=0, metrics_port=-1, redis_url=redis_server.url, store_timeout_seconds=3.0),
-            engine=load_engine(device="cpu", config=engine_config))
+            engine=load_engine(device="cpu", dtype="float32", config=engine_config))
         prefill.start()
         registry = CollectorRegistry()
         decode, decode_port = create_decode(
             DecodeConfig(port=0, metrics_port=-1, redis_url=redis_server.url, prefill_target=f"127.0.0.1:{prefill_port}",
                          store_timeout_seconds=3.0, prefill_timeout_seconds=30.0),
-            engine=load_engine(device="cpu", config=engine_config), registry=registry)
+            engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=registry)
         decode.start()
         state = {"redis": redis_server, "store": store, "prefill": prefill, "decode": decode, "registry": registry,
                  "stub": decode_pb2_grpc.DecodeServiceStub(channel_to(decode_port)),

@@ -15,6 +15,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from kvcluster.dtypes import DTYPES
+from kvcluster.errors import InvalidArgument
+from kvcluster.launcher import Cluster
 from tests import deploy_tools as dt
 
 REQUIRED_ALERTS = {"KVClusterCacheStoreDown", "KVClusterHitRatioCollapse", "KVClusterFallbackRateHigh",
@@ -369,3 +372,44 @@ def test_k8s_gpu_overlay_requests_one_gpu_per_worker(manifests):
     assert "nvidia.com/gpu" not in dt.pod_containers(redis)[0]["resources"]["limits"]
     config_map = next(m for m in rendered if m["kind"] == "ConfigMap")
     assert config_map["data"]["KVC_DEVICE"] == "cuda"
+
+
+# --- one dtype everywhere ----------------------------------------------------------------------
+
+def k8s_effective_env(rendered: list[dict], workload: dict) -> dict[str, str]:
+    """A kvcluster container's environment as Kubernetes builds it: envFrom first, env wins."""
+    (container,) = dt.pod_containers(workload)
+    maps = {m["metadata"]["name"]: m["data"] for m in rendered if m["kind"] == "ConfigMap"}
+    env = {}
+    for source in container.get("envFrom", []):
+        env.update(maps[source["configMapRef"]["name"]])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def test_every_shipped_config_gives_every_service_the_same_concrete_dtype(compose, manifests):
+    """Workers compute K/V in KVC_DTYPE and stores hold that layout: in each shipped deployment
+    every kvcluster process must get the same explicit value (auto could resolve differently on a
+    store's device than on a worker's)."""
+    deployments: dict[str, dict[str, str | None]] = {}
+    for profile in ("cpu", "gpu"):
+        deployments[f"compose/{profile}"] = {alias: service["environment"].get("KVC_DTYPE")
+                                             for alias, service in compute_services(compose, profile).items()}
+    for variant in ("base", "gpu"):
+        rendered = manifests[variant]
+        deployments[f"k8s/{variant}"] = {name: k8s_effective_env(rendered, workload).get("KVC_DTYPE")
+                                         for name, workload in kvcluster_workloads(rendered).items()}
+    for deployment, dtypes in deployments.items():
+        assert any(name.startswith("cache-store") for name in dtypes) and {"prefill", "decode"} <= set(dtypes)
+        assert len(set(dtypes.values())) == 1, f"{deployment}: {dtypes}"
+        assert next(iter(dtypes.values())) in DTYPES, f"{deployment}: {dtypes}"
+
+
+def test_kvcluster_up_gives_every_child_the_same_dtype():
+    cluster = Cluster(dtype="bfloat16")
+    args = cluster.child_args("127.0.0.1:1")
+    assert set(args) == {"cache_store", "prefill_service", "decode_service"}
+    for name, child_args in args.items():
+        assert child_args[child_args.index("--dtype") + 1] == "bfloat16", name
+    with pytest.raises(InvalidArgument, match="dtype"):
+        Cluster(dtype="int4")

@@ -31,11 +31,11 @@ def cluster():
         prefill_registry, decode_registry = CollectorRegistry(), CollectorRegistry()
         prefill, prefill_port = create_prefill(
             PrefillConfig(port=0, metrics_port=-1, redis_url=redis_server.url, store_timeout_seconds=3.0),
-            engine=load_engine(device="cpu", config=engine_config), registry=prefill_registry)
+            engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=prefill_registry)
         decode, decode_port = create_decode(
             DecodeConfig(port=0, metrics_port=-1, redis_url=redis_server.url, prefill_target=f"127.0.0.1:{prefill_port}",
                          store_timeout_seconds=3.0),
-            engine=load_engine(device="cpu", config=engine_config), registry=decode_registry)
+            engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=decode_registry)
         prefill.start()
         decode.start()
         yield {"store": store, "prefill": prefill, "decode": decode, "decode_registry": decode_registry,

@@ -34,16 +34,16 @@ def secure(tmp_path_factory):
     with running_redis() as redis_server:
         store, store_port = create_store(StoreConfig(port=0, metrics_port=-1, redis_url=redis_server.url,
                                                      capacity_bytes=256 * SMOLLM_BLOCK_BYTES, heartbeat_seconds=0.5,
-                                                     grace_seconds=0.5, **inside))
+                                                     grace_seconds=0.5, dtype="float32", **inside))
         store.start()
         prefill, prefill_port = create_prefill(PrefillConfig(port=0, metrics_port=-1, redis_url=redis_server.url, **inside),
-                                               engine=load_engine(device="cpu", config=engine_config))
+                                               engine=load_engine(device="cpu", dtype="float32", config=engine_config))
         prefill.start()
         public = {**inside, "tls_client_ca": ""}  # Generate is public: TLS, API key, no client certificate
         decode, decode_port = create_decode(DecodeConfig(port=0, metrics_port=-1, redis_url=redis_server.url,
                                                          prefill_target=f"127.0.0.1:{prefill_port}", api_key=API_KEY,
                                                          **public),
-                                            engine=load_engine(device="cpu", config=engine_config))
+                                            engine=load_engine(device="cpu", dtype="float32", config=engine_config))
         decode.start()
         tls = grpc.ssl_channel_credentials(open(certs.ca, "rb").read())
         mtls = grpc.ssl_channel_credentials(open(certs.ca, "rb").read(), open(certs.client_key, "rb").read(),

@@ -25,7 +25,7 @@ def read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> list
 
 def test_up_serves_generate_and_stops_without_orphans():
     env_free = {k: v for k, v in __import__("os").environ.items() if k != "KVC_REDIS_URL"}
-    up = subprocess.Popen([sys.executable, "-m", "kvcluster", "up", "--any-ports"], stdout=subprocess.PIPE,
+    up = subprocess.Popen([sys.executable, "-m", "kvcluster", "up", "--any-ports", "--dtype", "float32"], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env_free)
     try:
         lines = read_until(up, "Ctrl-C stops the cluster", timeout_s=240)

@@ -28,7 +28,7 @@ def words(n: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engine():
-    return load_engine(device="cpu", config=EngineConfig(kv_capacity_bytes=128 << 20, max_prefill_tokens=64))
+    return load_engine(device="cpu", dtype="float32", config=EngineConfig(kv_capacity_bytes=128 << 20, max_prefill_tokens=64))
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +57,14 @@ def fallbacks(cluster, reason: str) -> float:
 
 
 def reference_kv(engine, token_ids) -> torch.Tensor:
-    """K/V of the full blocks as the in-process engine computes them: [blocks, *block_shape]."""
+    """K/V of the full blocks as the in-process engine computes them, in the same prefill chunks
+    as the worker (matmul rounding on this CPU depends on the row count): [blocks, *block_shape]."""
     n_blocks = -(-len(token_ids) // BS)
     slots = engine.pool.allocate(n_blocks)
+    chunk = engine.config.max_prefill_tokens
     try:
-        engine.model.prefill(engine.pool.kv, [PrefillSeq(token_ids, 0, slots)])
+        for start in range(0, len(token_ids), chunk):
+            engine.model.prefill(engine.pool.kv, [PrefillSeq(token_ids[start:start + chunk], start, slots)])
         return engine.pool.kv[slots[: len(token_ids) // BS]].clone()
     finally:
         engine.pool.free(slots)

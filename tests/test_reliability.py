@@ -31,7 +31,7 @@ def messages(i: int) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    with open("/dev/null", "w") as quiet, Cluster(ClusterPorts.any_free(), log_stream=quiet) as running:
+    with open("/dev/null", "w") as quiet, Cluster(ClusterPorts.any_free(), log_stream=quiet, dtype="float32") as running:
         yield running
 
 

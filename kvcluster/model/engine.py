@@ -8,6 +8,7 @@ stateless per step, so a preempted sequence continues exactly where it stopped.
 """
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from kvcluster.block_io import BlockBatch
 from kvcluster.blocks import Fingerprint, make_fingerprint
+from kvcluster.dtypes import DTYPE_NAMES, DTYPES, resolve_dtype
 from kvcluster.errors import InvalidArgument, ResourceExhausted
 from kvcluster.kvpool import KVPool
 from kvcluster.model.gguf_loader import load_gguf
@@ -24,6 +27,7 @@ from kvcluster.model.sampling import SamplingParams, sample
 from kvcluster.model.sequence import FinishReason, Sequence, TokenEvent
 from kvcluster.model.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_BYTES = 1 << 30
 
@@ -45,8 +49,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[model.dtype]
-        self.layout = model.config.kv_layout(config.block_size, dtype)
+        self.layout = model.config.kv_layout(config.block_size, DTYPE_NAMES[model.dtype])
         self.fingerprint: Fingerprint = make_fingerprint(model_digest, self.layout.canonical())
         self.pool = KVPool.from_budget(self.layout, config.kv_capacity_bytes, model.device)
         self.waiting: deque[Sequence] = deque()
@@ -188,6 +191,20 @@ class Engine:
         seq.block_table, seq.num_computed = [], 0
         self.waiting.appendleft(seq)
 
+    # ---- blocks in and out (the pool's owner does the copying) ----------------------------
+
+    def load_blocks(self, batch: BlockBatch) -> list[int] | None:
+        """Put staged blocks (see kvcluster.block_io) into free slots with one scatter; their slots,
+        or None when the pool cannot spare them now."""
+        slots = self.pool.allocate(batch.num_blocks)
+        if slots:
+            self.pool.write(slots, batch)
+        return slots
+
+    def read_blocks(self, slots: Seq[int]) -> BlockBatch:
+        """A snapshot of `slots` (one gather); turn it into bytes off the engine thread."""
+        return self.pool.read(slots)
+
     def release(self, seq: Sequence) -> None:
         """Return a sequence's blocks to the pool."""
         self.pool.free(seq.block_table)
@@ -225,16 +242,19 @@ class Engine:
 
 
 def load_engine(model_path: str | Path | None = None, device: str | None = None,
-                config: EngineConfig = EngineConfig()) -> Engine:
-    """Load a GGUF (the default SmolLM2 when None): fp32 on CPU, fp16 on CUDA."""
+                config: EngineConfig = EngineConfig(), dtype: str = "auto") -> Engine:
+    """Load a GGUF (the default SmolLM2 when None) in `dtype` (see kvcluster.dtypes; `auto` picks
+    the fastest the device runs natively and logs why)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name, why = resolve_dtype(dtype, device)
+    log.info("model dtype %s on %s (%s)", name, device, why)
     gguf_model = load_gguf(model_path)
-    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    model = LlamaModel(gguf_model.config, gguf_model.weights, device, dtype)
+    model = LlamaModel(gguf_model.config, gguf_model.weights, device, DTYPES[name])
     return Engine(model, Tokenizer(gguf_model.tokenizer), gguf_model.digest, config)
 
 
-def random_engine(config: ModelConfig, tokenizer: Tokenizer, seed: int = 0, engine_config: EngineConfig = EngineConfig()) -> Engine:
+def random_engine(config: ModelConfig, tokenizer: Tokenizer, seed: int = 0, engine_config: EngineConfig = EngineConfig(),
+                  dtype: str = "float32") -> Engine:
     """An engine over seeded random weights (tests of the mechanics)."""
-    model = LlamaModel(config, LlamaWeights.random(config, seed))
+    model = LlamaModel(config, LlamaWeights.random(config, seed), dtype=DTYPES[dtype])
     return Engine(model, tokenizer, f"random-{seed}-{config}".encode(), engine_config)
