@@ -1,10 +1,13 @@
 """The model/KV dtype choice: `auto`, `float32`, `bfloat16` or `float16`, resolved per device.
 
-`auto` picks what the hardware runs fastest without losing range: bfloat16 on a GPU that computes
-it natively (compute capability 8.0+), float16 on an older GPU, bfloat16 on a CPU with native
-bf16 dot products (AVX512-BF16 or AMX; 2.3-3.5x faster matmuls than fp32 measured here), and
-float32 on any other CPU, where bf16 would be emulated and slower. The KV cache always takes the
-model's dtype, so the dtype is part of the KV layout and of the fingerprint.
+`auto` picks what the hardware runs fastest, by a fixed rule so that every process of a cluster on
+the same kind of host resolves it alike: bfloat16 on a GPU that computes it natively (compute
+capability 8.0+), float16 on an older GPU; on a CPU, bfloat16 where its bf16 dot products beat
+fp32 FMAs (Intel with AMX; AMD with AVX512-BF16, where a bf16 matmul of SmolLM2's shapes ran
+2.3-3.5x faster than fp32), else float32. On Intel CPUs with AVX512-BF16 but no AMX (the Xeon of
+the last bench run) `vdpbf16ps` has the fp32 FMA's peak: bf16 decode measured 0.93-1.06x fp32 and
+bf16 prefill 0.64x, so float32 it is. The KV cache always takes the model's dtype, so the dtype is
+part of the KV layout and of the fingerprint.
 """
 
 import functools
@@ -36,23 +39,27 @@ def resolve_dtype(name: str, device: torch.device | str) -> tuple[str, str]:
         if major >= 8:
             return "bfloat16", f"auto: GPU compute capability {major}.{minor} runs bf16 natively"
         return "float16", f"auto: GPU compute capability {major}.{minor} has no native bf16"
-    if cpu_has_native_bf16():
-        return "bfloat16", "auto: this CPU has native bf16 dot products (AVX512-BF16/AMX)"
-    return "float32", "auto: this CPU has no native bf16, which would be emulated and slower"
+    if cpu_prefers_bf16():
+        return "bfloat16", "auto: this CPU's bf16 dot products outrun fp32 (AMX, or AMD AVX512-BF16)"
+    return "float32", "auto: this CPU computes bf16 no faster than fp32 (no AMX; on Intel, AVX512-BF16 alone has fp32's peak)"
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    flags = _cpu_flags()
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+def cpu_prefers_bf16() -> bool:
+    vendor, flags = _cpu_info()
+    if "amx_bf16" in flags:
+        return True
+    return vendor == "AuthenticAMD" and "avx512_bf16" in flags
 
 
-def _cpu_flags() -> set[str]:
+def _cpu_info() -> tuple[str, set[str]]:
+    """(vendor_id, flags) of the first CPU in /proc/cpuinfo; empty where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return "", set()
+    fields = {}
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields.get("vendor_id", ""), set(fields.get("flags", "").split())

