@@ -46,6 +46,8 @@ class StoreConfig(SecuritySettings, ServiceConfig):
     heartbeat_seconds: float = setting(2.0, "how often the store refreshes its heartbeat key in Redis")
     heartbeat_ttl_seconds: float = setting(0.0, "heartbeat key TTL: readers ignore the store's entries "
                                            "once it expires; 0 = 3 x heartbeat_seconds")
+    dead_store_grace_seconds: float = setting(600.0, "a store whose heartbeat has been gone this long is removed "
+                                              "from the index (its entries and registration) by a live store")
     lease_seconds: float = setting(30.0, "default lease of request-scoped (tail) blocks, freed on pull or expiry")
     max_lease_seconds: float = setting(600.0, "longest lease a push may ask for")
     num_layers: int = setting(30, "KV layout accepted: transformer layers per block")
@@ -57,6 +59,9 @@ class StoreConfig(SecuritySettings, ServiceConfig):
     layout_version: int = setting(LAYOUT_VERSION, "KV layout accepted: byte layout version")
     fingerprint: str = setting("", "hex model fingerprint to accept exclusively; empty = any")
     max_workers: int = setting(16, "gRPC handler threads (concurrent calls)")
+    stream_idle_seconds: float = setting(30.0, "a push or pull stream that moves no block for this long is cancelled "
+                                         "(its handler thread and pins freed)")
+    stream_max_seconds: float = setting(300.0, "the longest a push or pull stream may run before it is cancelled")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight calls may finish before being cancelled")
 
     def __post_init__(self) -> None:
@@ -64,6 +69,8 @@ class StoreConfig(SecuritySettings, ServiceConfig):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
         check_dtype(self.dtype)
+        if self.stream_idle_seconds <= 0 or self.stream_max_seconds <= 0:
+            raise InvalidArgument("stream_idle_seconds/stream_max_seconds", "must be > 0")
         if self.heartbeat_seconds <= 0 or self.lease_seconds <= 0:
             raise InvalidArgument("heartbeat_seconds/lease_seconds", "must be > 0")
         if not 0 < self.cuda_memory_fraction <= 1:

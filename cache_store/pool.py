@@ -53,6 +53,10 @@ class NoIndex:
         pass
 
 
+class LeaseBudgetExceeded(ResourceExhausted):
+    """One pusher already holds its share of the pool in leased (request-scoped) blocks."""
+
+
 @dataclass(eq=False)
 class StoredBlock:
     """A published block: where it lives and the header it was pushed with."""
@@ -64,6 +68,7 @@ class StoredBlock:
     header: common_pb2.BlockRef
     pins: int = 0
     lease_deadline: float | None = None  # request-scoped blocks only
+    pusher: Hashable = None              # request-scoped blocks only: whose lease budget it uses
     retired: bool = False                # unmapped while pinned; slot freed at the last release
 
 
@@ -93,8 +98,12 @@ class StorePool:
     """Thread-safe block cache over one preallocated tensor (see the module docstring)."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: str | torch.device = "cpu",
-                 index: IndexSink | None = None, clock: Callable[[], float] = time.monotonic):
+                 index: IndexSink | None = None, clock: Callable[[], float] = time.monotonic,
+                 max_leased_fraction: float = 0.25):
         self.layout = layout
+        # Leased tail blocks cannot be evicted, only expire: one pusher may hold at most this many.
+        self.max_leased_per_pusher = max(1, int(num_blocks * max_leased_fraction))
+        self._leased_by: dict[Hashable, int] = {}
         self._kv = KVPool(layout, num_blocks, device)
         self._index = index or NoIndex()
         self._clock = clock
@@ -133,12 +142,18 @@ class StorePool:
     # ---- writing -------------------------------------------------------------------------
 
     def store(self, key: BlockKey, fingerprint: bytes, header: common_pb2.BlockRef,
-              payload: bytes, lease_s: float) -> bool:
+              payload: bytes, lease_s: float, pusher: Hashable = None) -> bool:
         """Copy a verified block in. True if stored, False if already held (a duplicate).
-        Raises ResourceExhausted when no slot is free or evictable."""
+        Raises ResourceExhausted when no slot is free or evictable, LeaseBudgetExceeded when
+        `pusher` (None = unbudgeted) already holds max_leased_per_pusher request-scoped blocks."""
         with self._lock:
             if self._touch_existing(key, fingerprint, header):
                 return False
+            if isinstance(key, str) and pusher is not None:
+                held = self._leased_by.get(pusher, 0)
+                if held >= self.max_leased_per_pusher:
+                    raise LeaseBudgetExceeded(f"{describe_key(key)}: this pusher already holds {held} leased "
+                                              f"tail blocks, the most one pusher may (a quarter of the pool)")
             slot = self._take_slot()
         try:
             self._kv.import_block(slot, payload)
@@ -150,7 +165,7 @@ class StorePool:
             if self._touch_existing(key, fingerprint, header):  # a concurrent push won the race
                 self._kv.free([slot])
                 return False
-            self._publish(StoredBlock(key, slot, self._generation[slot], fingerprint, header), lease_s)
+            self._publish(StoredBlock(key, slot, self._generation[slot], fingerprint, header, pusher=pusher), lease_s)
             return True
 
     def _touch_existing(self, key: BlockKey, fingerprint: bytes, header: common_pb2.BlockRef) -> bool:
@@ -192,6 +207,8 @@ class StorePool:
         else:
             entry.lease_deadline = self._clock() + lease_s
             self._by_request[entry.key] = entry
+            if entry.pusher is not None:
+                self._leased_by[entry.pusher] = self._leased_by.get(entry.pusher, 0) + 1
             heapq.heappush(self._leases, (entry.lease_deadline, next(self._seq), entry))
 
     # ---- reading -------------------------------------------------------------------------
@@ -284,6 +301,10 @@ class StorePool:
         self.counters.lease_expiries += expired
         return expired
 
+    def leased_by(self, pusher: Hashable) -> int:
+        with self._lock:
+            return self._leased_by.get(pusher, 0)
+
     def held_hashes(self) -> list[bytes]:
         with self._lock:
             return list(self._by_hash)
@@ -308,6 +329,10 @@ class StorePool:
             self._index.blocks_removed([entry.key])
         else:
             del self._by_request[entry.key]
+            if entry.pusher is not None:
+                left = self._leased_by.pop(entry.pusher) - 1
+                if left:
+                    self._leased_by[entry.pusher] = left
 
     def _retire(self, entry: StoredBlock) -> None:
         if entry.retired:

@@ -29,12 +29,16 @@ class IndexPublisher:
 
     def __init__(self, index: RedisIndex | None, store_id: str, address: str, heartbeat_s: float,
                  ttl_s: float, held_hashes: Callable[[], list[bytes]],
-                 on_tick: Callable[[], object] = lambda: None, layout: str = "", fingerprint: str = ""):
+                 on_tick: Callable[[], object] = lambda: None, layout: str = "", fingerprint: str = "",
+                 dead_store_grace_s: float = 600.0):
         self.index = index
         self.store_id = store_id
         self.address = address
         self.layout = layout            # published with the registration, so workers can check theirs
         self.fingerprint = fingerprint
+        self.dead_store_grace_s = dead_store_grace_s
+        self._next_collect = 0.0        # monotonic time of the next collection of dead stores
+        self.collected: list[str] = []  # stores this publisher removed from the index
         self.heartbeat_s = heartbeat_s
         self.ttl_s = ttl_s
         self._held_hashes = held_hashes
@@ -115,10 +119,22 @@ class IndexPublisher:
             if self.epoch and not self.index.heartbeat(self.store_id, self.epoch, self.ttl_s):
                 log.warning("index heartbeat of %s was lost; registering again", self.store_id)
                 self.epoch = 0
-            return ops if self.epoch else self._register(ops)
+            ops = ops if self.epoch else self._register(ops)
+            self._collect_dead()
+            return ops
         except Unavailable as exc:
             self._failed(exc)
             return ops
+
+    def _collect_dead(self) -> None:
+        """Every grace/4 (at least one heartbeat apart), remove stores dead for longer than the grace."""
+        if time.monotonic() < self._next_collect:
+            return
+        self._next_collect = time.monotonic() + max(self.heartbeat_s, self.dead_store_grace_s / 4)
+        for store_id in self.index.collect_dead_stores(self.dead_store_grace_s):
+            log.info("removed dead store %s (no heartbeat for over %g s) from the index", store_id,
+                     self.dead_store_grace_s)
+            self.collected.append(store_id)
 
     def _register(self, ops: list) -> list:
         """New epoch, then clear the queue, then publish a snapshot of the pool: every change

@@ -21,6 +21,7 @@ from kvcluster.dtypes import resolve_dtype
 from kvcluster.security import token_guards
 from kvcluster.index import RedisIndex
 from kvcluster.proto import cache_pb2, cache_pb2_grpc
+from kvcluster.stream_watchdog import StreamWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class StoreServer:
     def stop(self, grace_s: float | None = None, deregister: bool = True) -> None:
         """Graceful stop. `deregister=False` leaves the index entries behind, as a crash would."""
         self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
+        self.servicer.watchdog.close()
         self.pool.release_all()
         self.publisher.stop(deregister=deregister)
         if self._metrics_http is not None:
@@ -85,7 +87,8 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
     log.info("cache store holds KV layout %s (dtype %s)", layout.canonical(), resolve_dtype(config.dtype, device)[1])
     pool = StorePool.from_budget(layout, config.pool_capacity_bytes(device), device)
     identity, counters = StoreIdentity(), ServiceCounters()
-    servicer = CacheStoreServicer(pool, config, identity, counters)
+    watchdog = StreamWatchdog(config.stream_idle_seconds, config.stream_max_seconds)
+    servicer = CacheStoreServicer(pool, config, identity, counters, watchdog)
     service = rpc.Service(servicer, cache_pb2_grpc.add_CacheStoreServicer_to_server,
                           rpc.service_name(cache_pb2, "CacheStore"))
     rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers,
@@ -95,7 +98,8 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
     index = RedisIndex(config.redis_url, config.index_namespace) if config.redis_url else None
     publisher = IndexPublisher(index, identity.store_id, identity.address, config.heartbeat_seconds,
                                config.ttl_seconds, pool.held_hashes, on_tick=pool.expire_leases,
-                               layout=layout.canonical(), fingerprint=config.fingerprint_bytes.hex())
+                               layout=layout.canonical(), fingerprint=config.fingerprint_bytes.hex(),
+                               dead_store_grace_s=config.dead_store_grace_seconds)
     identity.epoch = lambda: publisher.epoch
     pool.set_index(publisher)
     registry = registry if registry is not None else CollectorRegistry()

@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 from cache_store.config import FINGERPRINT_BYTES, StoreConfig
-from cache_store.pool import StoredBlock, StorePool
+from cache_store.pool import LeaseBudgetExceeded, StoredBlock, StorePool
 from kvcluster.blocks import HASH_BYTES, checksum
 from kvcluster.errors import IntegrityError, InvalidArgument
 from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
+from kvcluster.stream_watchdog import StreamWatchdog
 from kvcluster.wire import (block_chunks, block_key, check_chunk_limit, describe_key, key_ref,
                             layout_from_proto, layout_to_proto, reassemble_blocks)
 
@@ -70,11 +71,12 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
     """Handlers only validate and translate; the pool does the work, the interceptor the errors."""
 
     def __init__(self, pool: StorePool, config: StoreConfig, identity: StoreIdentity,
-                 counters: ServiceCounters):
+                 counters: ServiceCounters, watchdog: StreamWatchdog):
         self.pool = pool
         self.config = config
         self.identity = identity
         self.counters = counters
+        self.watchdog = watchdog  # a stalled or endless stream cannot hold a handler thread and its pins
         self._owners = itertools.count()
 
     # ---- PushBlocks ------------------------------------------------------------------------
@@ -87,10 +89,12 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         fingerprint, lease_s = self._check_open(opening.open)
         response = cache_pb2.PushBlocksResponse(store_id=self.identity.store_id)
         chunks = (_chunk_of(message) for message in request_iterator)
-        received = 0
-        for header, payload in reassemble_blocks(chunks, self.pool.layout.block_nbytes):
-            received += len(payload)
-            response.results.append(self._push_one(header, payload, fingerprint, lease_s))
+        received, pusher = 0, _peer_host(context)
+        with self.watchdog.watch(context, "PushBlocks") as progressed:
+            for header, payload in reassemble_blocks(chunks, self.pool.layout.block_nbytes):
+                received += len(payload)
+                response.results.append(self._push_one(header, payload, fingerprint, lease_s, pusher))
+                progressed()
         statuses = [result.status for result in response.results]
         response.num_stored = statuses.count(Status.STORED)
         response.num_duplicate = statuses.count(Status.DUPLICATE)
@@ -115,14 +119,14 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         return fingerprint, float(opening.lease_seconds or self.config.lease_seconds)
 
     def _push_one(self, header: common_pb2.BlockRef, payload: bytes, fingerprint: bytes,
-                  lease_s: float) -> cache_pb2.BlockPushResult:
+                  lease_s: float, pusher: str) -> cache_pb2.BlockPushResult:
         key = block_key(header)
         result = cache_pb2.BlockPushResult(block=key_ref(key))
         try:
             self._check_block(key, header, payload)
-            stored = self.pool.store(key, fingerprint, self._stamped(header), payload, lease_s)
+            stored = self.pool.store(key, fingerprint, self._stamped(header), payload, lease_s, pusher)
             result.status = Status.STORED if stored else Status.DUPLICATE
-        except (IntegrityError, InvalidArgument) as exc:
+        except (IntegrityError, InvalidArgument, LeaseBudgetExceeded) as exc:
             result.status, result.reason = Status.REJECTED, str(exc)
         return result
 
@@ -168,12 +172,14 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         pinned, stop_reason = self.pool.pin(fingerprint, keys, owner)
         sent, sent_bytes, finished = 0, 0, False
         try:
-            for block, payload in self._verified(pinned):
-                if payload is None:
-                    stop_reason = f"block {sent} ({describe_key(block.key)}) failed its checksum in the store"
-                    break
-                yield from block_chunks(block.header, payload, max_chunk_bytes, cache_pb2.PullBlocksResponse)
-                sent, sent_bytes = sent + 1, sent_bytes + len(payload)
+            with self.watchdog.watch(context, "PullBlocks") as progressed:
+                for block, payload in self._verified(pinned):
+                    if payload is None:
+                        stop_reason = f"block {sent} ({describe_key(block.key)}) failed its checksum in the store"
+                        break
+                    yield from block_chunks(block.header, payload, max_chunk_bytes, cache_pb2.PullBlocksResponse)
+                    sent, sent_bytes = sent + 1, sent_bytes + len(payload)
+                    progressed()
             # Finish before the summary goes out, so a client holding the summary sees the pins
             # gone and the transfer counted. Request-scoped blocks are freed only by a pull that
             # delivered all it pinned.
@@ -226,6 +232,11 @@ def _chunk_of(message: cache_pb2.PushBlocksRequest) -> common_pb2.BlockChunk:
     if message.WhichOneof("item") != "chunk":
         raise InvalidArgument("chunk", "only the first message of a push may be PushOpen; the rest are chunks")
     return message.chunk
+
+
+def _peer_host(context) -> str:
+    """The calling host ("ipv4:10.0.0.7:53122" -> "ipv4:10.0.0.7"): leases are budgeted per pusher."""
+    return context.peer().rsplit(":", 1)[0]
 
 
 def _check_fingerprint(fingerprint: bytes, field: str) -> bytes:

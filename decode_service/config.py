@@ -20,5 +20,7 @@ class DecodeConfig(WorkerConfig):
     local_prefill_max_tokens: int = setting(16, "uncached prompt tokens up to which decode prefills locally "
                                             "instead of calling the prefill service")
     cache_generated: bool = setting(True, "push a finished request's new full blocks (prompt + output) to the cache")
+    max_pending_pushes: int = setting(8, "finished requests whose new blocks may wait to be pushed; beyond it a "
+                                      "request's blocks are dropped (counted), so a slow store never piles up memory")
     prefill_timeout_seconds: float = setting(120.0, "deadline of one Prefill call (capped by the client's deadline)")
     api_key: str = setting("", "when set, Generate requires the metadata 'authorization: Bearer <key>'")

@@ -31,13 +31,15 @@ class Generator:
     """The Generate logic, independent of gRPC plumbing."""
 
     def __init__(self, worker: EngineWorker, source: PromptKVSource, cache: KVCacheClient | None,
-                 metrics: DecodeMetrics, cache_generated: bool = True, lease_seconds: int = 30):
+                 metrics: DecodeMetrics, cache_generated: bool = True, lease_seconds: int = 30,
+                 max_pending_pushes: int = 8):
         self.worker = worker
         self.source = source
         self.cache = cache
         self.metrics = metrics
         self.cache_generated = cache_generated and cache is not None
         self.lease_seconds = lease_seconds
+        self.max_pending_pushes = max_pending_pushes
         self._pushers = ThreadPoolExecutor(2, thread_name_prefix="push-generated")
         self._pending: set[Future] = set()
 
@@ -129,7 +131,12 @@ class Generator:
 
     def _push_generated(self, engine: Engine, seq: EngineSeq, held_blocks: int) -> None:
         """On the engine thread: snapshot the finished sequence's uncached full blocks (one gather),
-        free it; copy to host and push off the engine thread."""
+        free it; copy to host and push off the engine thread. When max_pending_pushes requests'
+        blocks already wait (a slow or stuck store), these are dropped and counted instead."""
+        if len(self._pending) >= self.max_pending_pushes:
+            engine.release(seq)
+            self.metrics.pushes_dropped.inc()
+            return
         bs = engine.config.block_size
         computed = seq.token_ids[:seq.num_computed]
         hashes = prefix_hashes(engine.fingerprint, computed, bs)[held_blocks:]

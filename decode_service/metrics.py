@@ -25,6 +25,8 @@ class DecodeMetrics(FallbackMetrics):
                                      ["kind"], registry=registry)
         self.generation_tokens = Counter("kvcluster_generation_tokens", "Generated tokens", registry=registry)
         self.requests = Counter("kvcluster_requests", "Generate requests by outcome", ["outcome"], registry=registry)
+        self.pushes_dropped = Counter("kvcluster_generated_pushes_dropped", "Finished requests whose new blocks were "
+                                      "not pushed because max_pending_pushes were already waiting", registry=registry)
         self.running = Gauge("kvcluster_requests_running", "Sequences in the decode batch", registry=registry)
         self.waiting = Gauge("kvcluster_requests_waiting", "Sequences waiting for the engine", registry=registry)
         self.batch_size = Histogram("kvcluster_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS,

@@ -75,7 +75,8 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
                                        metadata=config.outgoing_metadata()) if config.prefill_target else None
     prefill = prefill_pb2_grpc.PrefillServiceStub(prefill_channel) if prefill_channel else None
     source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds)
-    generator = Generator(worker, source, cache, metrics, config.cache_generated, config.lease_seconds)
+    generator = Generator(worker, source, cache, metrics, config.cache_generated, config.lease_seconds,
+                          config.max_pending_pushes)
     servicer = DecodeServicer(generator, metrics, config.max_streams)
     service = rpc.Service(servicer, decode_pb2_grpc.add_DecodeServiceServicer_to_server,
                           rpc.service_name(decode_pb2, "DecodeService"))

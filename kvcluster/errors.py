@@ -18,6 +18,10 @@ class ResourceExhausted(KVClusterError):
     """Overload or a full pool: the caller may retry later."""
 
 
+class RequestFailed(KVClusterError):
+    """The engine failed on one request (it alone; its batch carried on). Retrying may succeed."""
+
+
 class NotFound(KVClusterError):
     """A block or key that is not (or no longer) held. Internally becomes a recompute."""
 

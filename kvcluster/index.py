@@ -9,12 +9,14 @@ Key schema (namespace `ns`, default "kvc"; hashes as 32 lowercase hex digits):
     {ns}:alive:{store}          STR   current epoch, PX ttl   heartbeat; gone = store is dead
     {ns}:store:{store}          HASH  address, epoch, layout, fingerprint
                                                               how to reach the store, what it holds
-    {ns}:stores                 SET   store_id, ...           every store that ever registered
+    {ns}:stores                 SET   store_id, ...           every store registered and not collected
+    {ns}:gc                     STR   lock, PX                one collector of dead stores at a time
 
 Rules. A store is the only writer of its own fields and keys. On start it INCRs its epoch, sets
 its heartbeat key, then deletes the entries of every older epoch in batches. An entry counts only
 while `{ns}:alive:{store}` exists and equals the entry's epoch, so readers ignore both dead stores
-(heartbeat expired) and leftovers of a store's earlier life. `lookup` is one Lua script: for N
+(heartbeat expired) and leftovers of a store's earlier life; live stores periodically collect
+the entries and registration of stores dead for longer than a grace period. `lookup` is one Lua script: for N
 chained hashes it returns the longest prefix whose every block has a live holder, preferring the
 previous block's holder so runs stay long, plus each holder's address. Scripts use only Redis 2.6+
 commands (HGETALL, HMGET, GET, HGET, HDEL, SREM, PEXPIRE), so Redis 6.2 and 7 both work. The scripts read
@@ -22,6 +24,7 @@ keys they are not passed, which a single Redis instance allows; Redis Cluster is
 """
 
 import functools
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
@@ -251,6 +254,51 @@ class RedisIndex:
         self._release(keys=[self.key("alive", store_id)], args=[epoch])
         self._drop_epoch(store_id, epoch)
 
+    @_unavailable_on_redis_error
+    def collect_dead_stores(self, grace_s: float, lock_s: float = 30.0) -> list[str]:
+        """Remove every trace of stores whose heartbeat has been gone for `grace_s`: their entries
+        (readers already ignore them, but they would stay in Redis forever) and registration.
+        A store's first sighting as dead stamps `dead_since`; a store that comes back clears it.
+        Any live store may run this (one at a time, under a lock key); for a store that re-registers
+        meanwhile only epochs older than its new one are dropped, and its registration stays."""
+        lock, token = self.key("gc"), secrets.token_hex(8)
+        if not self.redis.set(lock, token, nx=True, px=_ms(lock_s)):
+            return []  # another store is collecting
+        try:
+            now_ms = _redis_ms(self.redis.time())
+            return [store_id for store_id in self.redis.smembers(self.key("stores"))
+                    if self._collect_if_dead(store_id, now_ms, _ms(grace_s))]
+        finally:
+            self._release(keys=[lock], args=[token])
+
+    def _collect_if_dead(self, store_id: str, now_ms: int, grace_ms: int) -> bool:
+        info, alive = self.key("store", store_id), self.key("alive", store_id)
+        latest = int(self.redis.get(self.key("epoch", store_id)) or 0)
+        if self.redis.exists(alive):
+            self.redis.hdel(info, "dead_since")
+            return False
+        dead_since = self.redis.hget(info, "dead_since")
+        if dead_since is None:
+            self.redis.hset(info, "dead_since", now_ms)
+            return False
+        if now_ms - int(dead_since) < grace_ms:
+            return False
+        for epoch in self.redis.smembers(self.key("epochs", store_id)):
+            if int(epoch) <= latest:  # a re-registration meanwhile took a newer epoch: keep that one
+                self._drop_epoch(store_id, int(epoch))
+        with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(alive)
+                if pipe.exists(alive):
+                    return False
+                pipe.multi()
+                pipe.delete(info)
+                pipe.srem(self.key("stores"), store_id)
+                pipe.execute()
+            except redis.WatchError:  # it came back this very moment
+                return False
+        return True
+
     def _remove_hexes(self, store_id: str, epoch: int, hexes: Sequence[str]) -> int:
         removed = 0
         for start in range(0, len(hexes), BATCH):
@@ -268,3 +316,9 @@ class RedisIndex:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+def _redis_ms(time_reply: tuple[int, int]) -> int:
+    """Redis TIME (seconds, microseconds) in ms: every store compares against the one clock."""
+    seconds, micros = time_reply
+    return int(seconds) * 1000 + int(micros) // 1000

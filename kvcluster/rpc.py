@@ -10,6 +10,7 @@ hand:
     ResourceExhausted -> RESOURCE_EXHAUSTED
     NotFound          -> NOT_FOUND
     Unavailable       -> UNAVAILABLE
+    RequestFailed     -> ABORTED            (the engine failed on this one request; the rest went on)
     anything else     -> INTERNAL           (logged with its traceback; the client sees no details)
 
 IntegrityError maps to INVALID_ARGUMENT rather than DATA_LOSS: a server only detects integrity
@@ -43,6 +44,7 @@ STATUS_BY_ERROR: dict[type[errors.KVClusterError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.RequestFailed: grpc.StatusCode.ABORTED,
 }
 
 

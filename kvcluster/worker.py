@@ -101,18 +101,24 @@ class EngineWorker:
         engine.abort(request_id)
 
     def _loop(self) -> None:
+        stalled = False  # the last step could run nothing: progress now needs a command (a release)
         while not self._stopped.is_set():
-            self._run_commands(block=not self.engine.has_work())
+            self._run_commands(block=stalled or not self.engine.has_work())
             if self._stopped.is_set() or not self.engine.has_work():
                 continue
             try:
                 events = self.engine.step()
-            except Exception as err:  # a broken step must not kill the worker: fail its requests
+            except Exception as err:  # the engine's own bookkeeping broke (requests are isolated inside)
                 log.exception("engine step failed")
                 self._fail_all(err)
                 continue
+            stalled = self.engine.last_step[0] == "idle"
             if self.on_step is not None:
                 self.on_step(self.engine)
+            for request_id, error in self.engine.take_failures():  # failed alone; the batch went on
+                subscriber = self._subscribers.pop(request_id, None)
+                if subscriber is not None:
+                    subscriber.put(error)
             for event in events:
                 subscriber = self._subscribers.get(event.request_id)
                 if subscriber is not None:

@@ -17,15 +17,21 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import grpc
+
 from kvcluster.block_io import BlockBatch, batch_from_payloads
 from kvcluster.blocks import BlockHash, prefix_hashes
 from kvcluster.cache_client import Fetched, KVCacheClient, Pushed
+from kvcluster.errors import InvalidArgument, RequestFailed
 from kvcluster.model.engine import Engine
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.model.sequence import FinishReason, Sequence as EngineSeq
 from kvcluster.proto import common_pb2
 from kvcluster.worker import EngineWorker
 from prefill_service.metrics import PrefillMetrics
+
+
+MAX_REQUEST_ID_CHARS = 128  # it names the tail block in the store (request keys are at most 256)
 
 
 @dataclass
@@ -60,9 +66,12 @@ class Prefiller:
         self._pushers.shutdown(wait=True)
 
     def prefill(self, request_id: str, token_ids: Sequence[int], params: SamplingParams,
-                bypass_cache: bool = False) -> PrefillOutcome:
+                bypass_cache: bool = False, context: grpc.ServicerContext | None = None) -> PrefillOutcome:
+        """`context` (the gRPC call) ends the work when the caller leaves or its deadline passes."""
         start = time.perf_counter()
         engine = self.worker.engine
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument("request_id", f"has {len(request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
         engine.check_prompt(token_ids, field="token_ids")
         params = params.with_seed()
         params.validate(engine.model_config.vocab_size, engine.model_config.context_length)
@@ -77,7 +86,7 @@ class Prefiller:
         pushes: list[tuple[int, Future[Pushed]]] = []
         compute_start = time.perf_counter()
         num_cached_blocks, first_token = self._compute(token_ids, params, request_id, staged, hashes, blocks, cache,
-                                                       pushes)
+                                                       pushes, context)
         compute_end = time.perf_counter()
         num_cached = num_cached_blocks * bs
         refs = self._cached_refs(hashes, blocks, fetched.holders[:num_cached_blocks])
@@ -96,15 +105,20 @@ class Prefiller:
 
     def _compute(self, token_ids, params: SamplingParams, request_id: str, staged: BlockBatch,
                  hashes: list[BlockHash], blocks: list[list[int]], cache: KVCacheClient | None,
-                 pushes: list) -> tuple[int, int]:
-        """Run the prompt through the engine; returns how many pulled blocks it used and the first token."""
+                 pushes: list, context: grpc.ServicerContext | None) -> tuple[int, int]:
+        """Run the prompt through the engine; returns how many pulled blocks it used and the first token.
+        The engine knows the job by its own unique key: callers' request ids may repeat."""
         job = _Job(self, staged, hashes, blocks, cache, pushes, f"{request_id or 'prefill'}/{uuid.uuid4().hex[:12]}")
+        if context is not None and not context.add_callback(lambda: self.worker.cancel(job.tail_key)):
+            raise RequestFailed("the caller left before the prompt was computed")
         try:
             events = list(self.worker.stream(
-                lambda engine: job.admit(engine, token_ids, replace(params, max_tokens=1, stop=()), request_id)))
+                lambda engine: job.admit(engine, token_ids, replace(params, max_tokens=1, stop=()))))
         finally:
             if job.seq is not None:
                 self.worker.call(job.finish)
+        if not events:  # cancelled: the caller left or its deadline passed
+            raise RequestFailed("cancelled: the caller left or its deadline passed")
         return job.cached_blocks, events[0].token_id
 
     @staticmethod
@@ -141,12 +155,16 @@ class _Job:
     cached_blocks: int = 0
     pushed_upto: int = 0   # full blocks already cached or handed to a push
 
-    def admit(self, engine: Engine, token_ids, params: SamplingParams, request_id: str) -> EngineSeq:
+    def admit(self, engine: Engine, token_ids, params: SamplingParams) -> EngineSeq:
         bs = engine.config.block_size
         # A worker pool too full for the pulled blocks just computes them instead.
         slots = engine.load_blocks(self.pulled) or []
-        self.seq = engine.add_request(token_ids, params, request_id, block_table=slots,
-                                      num_computed=len(slots) * bs, keep_blocks=True)
+        try:
+            self.seq = engine.add_request(token_ids, params, self.tail_key, block_table=slots,
+                                          num_computed=len(slots) * bs, keep_blocks=True)
+        except BaseException:  # refused at admission: the loaded blocks go back to the pool
+            engine.pool.free(slots)
+            raise
         self.cached_blocks = self.pushed_upto = len(slots)
         self.seq.on_chunk = lambda seq: self._on_chunk(engine, seq)
         return self.seq

@@ -3,6 +3,7 @@ the Prefill fingerprint check, and batched block moves between pools and bytes."
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from kvcluster.dtypes import cpu_prefers_bf16, resolve_dtype
 from kvcluster.errors import IncompatibleStores, InvalidArgument
 from kvcluster.kvpool import KVLayout, KVPool
 from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.model.engine import EngineConfig, load_engine
+from kvcluster.model.engine import EngineConfig, load_engine, random_engine
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import cache_pb2
@@ -25,6 +26,7 @@ from kvcluster.store_client import StoreClient
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill
 from tests.cluster_fixtures import running_redis, start_store
+from tests.conftest import TINY_CONFIG
 
 SYSTEM = ("You are a careful assistant. Answer briefly and precisely, citing the section you used. "
           "Section 1 covers the northern region, section 2 the southern region, section 3 the coast. ") * 4
@@ -77,6 +79,31 @@ def test_cuda_pool_moves_blocks_through_pinned_buffers():
     assert batch.keep_alive is not None and batch.keep_alive.is_pinned() and batch.data.is_cuda
     again.write(list(range(32)), batch)
     assert torch.equal(again.kv[:32], gpu.kv[0:64:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_engines_hand_blocks_over_exactly(tokenizer, dtype):
+    """Engine A prefills on the GPU and exports its blocks (one gather, a pinned copy to host);
+    engine B loads them (pinned staging, one scatter): bitwise the same K/V, and B continues with
+    the tokens A gets when it continues from its own blocks."""
+    config = EngineConfig(kv_capacity_bytes=64 * TINY_CONFIG.kv_layout(16, dtype).block_nbytes)
+    a, b = (random_engine(TINY_CONFIG, tokenizer, 7, config, dtype, "cuda") for _ in range(2))
+    prompt, params = list(range(100, 164)), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    seq = a.add_request(prompt, replace(params, max_tokens=1), keep_blocks=True)
+    while seq.finish_reason is None:
+        a.step()
+    full = seq.block_table[:4]  # the prompt's 4 full blocks
+    payloads = batch_to_payloads(a.read_blocks(full))
+    slots = b.load_blocks(batch_from_payloads(payloads, b.layout.block_nbytes, b.pool.device))
+    assert torch.equal(b.pool.kv[slots], a.pool.kv[full])
+    outputs = []
+    for engine, table in ((a, full), (b, slots)):
+        resumed = engine.add_request(prompt, params, block_table=table, num_computed=63)
+        while resumed.finish_reason is None:
+            engine.step()
+        outputs.append(resumed.output_ids)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6
 
 
 # ---- the start-up check ----------------------------------------------------------------------

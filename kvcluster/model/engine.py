@@ -10,16 +10,17 @@ stateless per step, so a preempted sequence continues exactly where it stopped.
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from kvcluster.block_io import BlockBatch
 from kvcluster.blocks import Fingerprint, make_fingerprint
 from kvcluster.dtypes import DTYPE_NAMES, DTYPES, resolve_dtype
-from kvcluster.errors import InvalidArgument, ResourceExhausted
+from kvcluster.errors import InvalidArgument, RequestFailed, ResourceExhausted
 from kvcluster.kvpool import KVPool
 from kvcluster.model.gguf_loader import load_gguf
 from kvcluster.model.llama import DecodeSeq, LlamaModel, LlamaWeights, ModelConfig, PrefillSeq
@@ -28,6 +29,7 @@ from kvcluster.model.sequence import FinishReason, Sequence, TokenEvent
 from kvcluster.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_BYTES = 1 << 30
 
@@ -57,6 +59,7 @@ class Engine:
         self._ids = itertools.count()
         self.num_preemptions = 0
         self.last_step: tuple[str, int] = ("idle", 0)  # ("prefill" | "decode", sequences in the forward)
+        self.failures: list[tuple[str, Exception]] = []  # requests failed alone; see take_failures
 
     @property
     def model_config(self) -> ModelConfig:
@@ -114,8 +117,16 @@ class Engine:
 
     # ---- stepping ------------------------------------------------------------------------
 
+    def take_failures(self) -> list[tuple[str, Exception]]:
+        """(request id, error) of each request that failed alone since the last call: its blocks are
+        already released and it left the queues; the others in its batch carried on."""
+        failures, self.failures = self.failures, []
+        return failures
+
     def step(self) -> list[TokenEvent]:
-        """One prefill step if a waiting sequence fits, else one decode step."""
+        """One prefill step if a waiting sequence fits, else one decode step (`last_step` says which,
+        or "idle" when nothing could run)."""
+        self.last_step = ("idle", 0)
         events = self._prefill_step()
         if events is None:
             events = self._decode_step()
@@ -139,19 +150,22 @@ class Engine:
             chunks.append((seq, count))
             budget -= count
         if not chunks:
-            if self.waiting and not self.running:
-                # add_request admits only what fits an empty pool, so this is a broken invariant.
-                raise RuntimeError(f"KV pool of {self.pool.num_blocks} blocks cannot hold the next prompt")
+            if self.waiting and not self.running and self.pool.num_used == 0:
+                # add_request admits only what fits an empty pool: failing the head is the only way on.
+                self._fail(self.waiting[0], ResourceExhausted(
+                    f"KV pool of {self.pool.num_blocks} blocks cannot hold this prompt"))
+            # Else blocks held by finished sequences (kept for their owners) come back through the
+            # owners' commands, or running sequences finish: the prompt waits, nothing fails.
             return None
         self.last_step = ("prefill", len(chunks))
-        logits = self.model.prefill(self.pool.kv, [
-            PrefillSeq(seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.block_table)
-            for seq, n in chunks])
+        chunks, logits = self._forward_isolated(chunks, lambda item: item[0], lambda batch: self.model.prefill(
+            self.pool.kv, [PrefillSeq(seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed,
+                                      seq.block_table) for seq, n in batch]))
         done = []
         for row, (seq, n) in enumerate(chunks):
             seq.num_computed += n
-            if seq.on_chunk is not None:
-                seq.on_chunk(seq)
+            if seq.on_chunk is not None and not self._run_hook(seq):
+                continue
             if seq.num_computed == seq.num_tokens:
                 done.append((seq, row))
         for seq, _ in done:
@@ -172,17 +186,67 @@ class Engine:
         if not batch:
             return []
         self.last_step = ("decode", len(batch))
-        logits = self.model.decode(self.pool.kv, [
-            DecodeSeq(seq.token_ids[-1], seq.num_tokens - 1, seq.block_table) for seq in batch])
+        batch, logits = self._forward_isolated(batch, lambda seq: seq, lambda seqs: self.model.decode(
+            self.pool.kv, [DecodeSeq(seq.token_ids[-1], seq.num_tokens - 1, seq.block_table) for seq in seqs]))
         for seq in batch:
             seq.num_computed = seq.num_tokens
         # Sequences past max_batch rotate to the back so every one advances in turn.
         self.running = self.running[len(batch):] + batch
         return self._sample(batch, logits)
 
+    def _run_hook(self, seq: Sequence) -> bool:
+        """A sequence's chunk hook (e.g. prefill's pushes); if it raises, only that sequence fails."""
+        try:
+            seq.on_chunk(seq)
+            return True
+        except Exception as exc:
+            log.exception("chunk hook failed for request %s", seq.request_id)
+            self._fail(seq, RequestFailed(f"handling a computed chunk failed: {exc}"))
+            return False
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
-        tokens = sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+        if not seqs:
+            return []
+        try:
+            tokens = sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+        except Exception:  # one row's draw failed: sample each alone, fail only the culprit
+            return [event for i, seq in enumerate(seqs) for event in self._sample(
+                [seq], logits[i:i + 1])] if len(seqs) > 1 else self._fail_sampling(seqs[0])
         return [seq.append_token(t) for seq, t in zip(seqs, tokens)]
+
+    def _fail_sampling(self, seq: Sequence) -> list[TokenEvent]:
+        log.exception("sampling failed for request %s", seq.request_id)
+        self._fail(seq, InvalidArgument("sampling", "these sampling parameters gave no valid token distribution "
+                                        "for this request's logits"))
+        return []
+
+    def _forward_isolated(self, items: list[T], seq_of: Callable[[T], Sequence],
+                          forward: Callable[[list[T]], torch.Tensor]) -> tuple[list[T], torch.Tensor]:
+        """`forward(items)` (logits, one row per item). If it raises, each item runs alone and the
+        ones that still raise are failed: one request's failure never fails its batch. K/V writes
+        are idempotent (same tokens, same slots), so re-running a sequence is safe."""
+        try:
+            return items, forward(items)
+        except Exception as exc:
+            if len(items) == 1:
+                log.exception("forward failed for request %s", seq_of(items[0]).request_id)
+                self._fail(seq_of(items[0]), RequestFailed(f"the engine failed on this request: {exc}"))
+                return [], torch.empty(0)
+        kept, rows = [], []
+        for item in items:
+            alone, logits = self._forward_isolated([item], seq_of, forward)
+            kept += alone
+            rows += [logits] if alone else []
+        return kept, torch.cat(rows) if rows else torch.empty(0)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """Take `seq` out of the engine alone: out of the queues, blocks released, error recorded."""
+        for queue in (self.waiting, self.running):
+            if seq in queue:
+                queue.remove(seq)
+        seq.finish_reason = FinishReason.CANCELLED
+        self.release(seq)
+        self.failures.append((seq.request_id, error))
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
@@ -254,7 +318,7 @@ def load_engine(model_path: str | Path | None = None, device: str | None = None,
 
 
 def random_engine(config: ModelConfig, tokenizer: Tokenizer, seed: int = 0, engine_config: EngineConfig = EngineConfig(),
-                  dtype: str = "float32") -> Engine:
+                  dtype: str = "float32", device: str = "cpu") -> Engine:
     """An engine over seeded random weights (tests of the mechanics)."""
-    model = LlamaModel(config, LlamaWeights.random(config, seed), dtype=DTYPES[dtype])
+    model = LlamaModel(config, LlamaWeights.random(config, seed), device, DTYPES[dtype])
     return Engine(model, tokenizer, f"random-{seed}-{config}".encode(), engine_config)

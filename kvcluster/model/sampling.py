@@ -17,6 +17,9 @@ DEFAULT_MAX_TOKENS = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 SEED_MASK = (1 << 63) - 1
+MIN_TEMPERATURE = 1e-4   # logits / temperature stays far inside float32 range
+MAX_TEMPERATURE = 100.0
+MIN_TOP_P = 1e-6         # a normal float32; smaller cuts keep only the best token anyway
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,15 @@ class SamplingParams:
         """Raise InvalidArgument naming the first bad field and its limit."""
         if not 1 <= self.max_tokens <= max_tokens_limit:
             raise InvalidArgument("sampling.max_tokens", f"must be in [1, {max_tokens_limit}], got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:  # also rejects NaN
-            raise InvalidArgument("sampling.temperature", f"must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidArgument("sampling.top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+        # Comparisons written so that NaN fails them; the lower bounds keep logits / temperature and
+        # the top-p cut finite and normal in float32 (a subnormal temperature overflows the scores).
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise InvalidArgument("sampling.temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                                  f"{MAX_TEMPERATURE:g}], got {self.temperature}")
+        if not MIN_TOP_P <= self.top_p <= 1.0:
+            raise InvalidArgument("sampling.top_p", f"must be in [{MIN_TOP_P:g}, 1], got {self.top_p}")
+        if not 0 <= self.top_k <= vocab_size:
+            raise InvalidArgument("sampling.top_k", f"must be in [0, {vocab_size}] (0 disables), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 1 << 64:
             raise InvalidArgument("sampling.seed", f"must be in [0, 2^64), got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS:
