@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from cache_store.pool import StorePool
 from cache_store.publisher import IndexPublisher
 from cache_store.service import ServiceCounters
+from kvcluster.stream_watchdog import StreamWatchdog
 
 GAUGES = (  # (name, help, PoolStats field)
     ("kvcluster_store_blocks_used", "KV blocks held (including blocks being written)", "blocks_used"),
@@ -43,10 +44,12 @@ SERVICE_COUNTERS = (
 class StoreCollector(Collector):
     """Reads one store's stats on each scrape."""
 
-    def __init__(self, pool: StorePool, counters: ServiceCounters, publisher: IndexPublisher):
+    def __init__(self, pool: StorePool, counters: ServiceCounters, publisher: IndexPublisher,
+                 watchdog: StreamWatchdog):
         self.pool = pool
         self.counters = counters
         self.publisher = publisher
+        self.watchdog = watchdog
 
     def collect(self) -> Iterator:
         stats = self.pool.stats()
@@ -63,6 +66,8 @@ class StoreCollector(Collector):
                                 value=self.publisher.epoch)
         yield CounterMetricFamily("kvcluster_store_index_errors", "Redis index operations that failed",
                                   value=self.publisher.errors)
+        yield CounterMetricFamily("kvcluster_store_streams_cancelled", "Push and pull streams cancelled for "
+                                  "stalling or running too long", value=self.watchdog.cancelled)
 
     @staticmethod
     def _transfer(service: dict[str, float]) -> Iterator:
@@ -77,8 +82,8 @@ class StoreCollector(Collector):
 
 
 def register_metrics(registry: CollectorRegistry, pool: StorePool, counters: ServiceCounters,
-                     publisher: IndexPublisher) -> None:
-    registry.register(StoreCollector(pool, counters, publisher))
+                     publisher: IndexPublisher, watchdog: StreamWatchdog) -> None:
+    registry.register(StoreCollector(pool, counters, publisher, watchdog))
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):

@@ -103,5 +103,5 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
     identity.epoch = lambda: publisher.epoch
     pool.set_index(publisher)
     registry = registry if registry is not None else CollectorRegistry()
-    register_metrics(registry, pool, counters, publisher)
+    register_metrics(registry, pool, counters, publisher, watchdog)
     return StoreServer(config, rpc_server, servicer, publisher, registry, port), port

@@ -4,7 +4,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 INDEX_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5)
 FALLBACK_REASONS = ("redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch", "token_mismatch",
-                    "prefill_unavailable", "push_failed")
+                    "prefill_unavailable", "prefill_mismatch", "push_failed")
 
 
 class FallbackMetrics:

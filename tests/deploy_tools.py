@@ -87,7 +87,7 @@ LABEL_VALUES = {
     "kind": {"cached", "computed"},
     "outcome": {"ok", "cancelled", "invalid", "rejected", "error"},
     "reason": {"redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch",
-               "token_mismatch", "prefill_unavailable", "push_failed"},
+               "token_mismatch", "prefill_unavailable", "prefill_mismatch", "push_failed"},
     "job": set(KVCLUSTER_METRICS) | {"prometheus"},
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")

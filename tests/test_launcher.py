@@ -56,5 +56,7 @@ def test_up_serves_generate_and_stops_without_orphans():
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, f"orphans left: {alive}"
     finally:
-        if up.poll() is None:
+        if up.poll() is None:  # a failed assertion: take the children down too, or they outlive the test
+            for child in psutil.Process(up.pid).children(recursive=True):
+                child.kill()
             up.kill()
