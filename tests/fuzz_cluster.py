@@ -6,7 +6,7 @@ once; prefill and decode each get their own Engine (own KV pool, own engine thre
 read-only weights, since an Engine is driven by exactly one thread.
 
 `SteadyStream` is the well-behaved neighbour: a thread sending one fixed greedy Generate over and
-over and checking every answer against tokens computed up front. `Outcome` and `problems` judge
+over and checking every answer against tokens computed up front. `Outcome` and `problem_with` judge
 what a fuzzed call got back: OK, or INVALID_ARGUMENT naming a field, or RESOURCE_EXHAUSTED, or
 UNAUTHENTICATED when the call carried no valid token; never INTERNAL, UNKNOWN or a hang.
 """
@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from decode_service.config import DecodeConfig
-from decode_service.server import create_server as create_decode
+from cache_store.server import StoreServer
+from decode_service.server import DecodeServer, create_server as create_decode
 from kvcluster.blocks import prefix_hashes
 from kvcluster.model.engine import Engine, EngineConfig
 from kvcluster.model.gguf_loader import load_gguf
@@ -35,7 +36,7 @@ from kvcluster.proto import cache_pb2_grpc, common_pb2, decode_pb2, decode_pb2_g
 from kvcluster.rpc import make_channel
 from kvcluster.security import INTERNAL_TOKEN_HEADER
 from prefill_service.config import PrefillConfig
-from prefill_service.server import create_server as create_prefill
+from prefill_service.server import PrefillServer, create_server as create_prefill
 from tests.cluster_fixtures import running_redis, start_store
 
 TOKEN = "fuzz-internal-token"
@@ -60,9 +61,9 @@ def twin_engines(config: EngineConfig = ENGINE_CONFIG) -> tuple[Engine, Engine]:
 class FuzzCluster:
     """The running services, their ports and one channel to each."""
 
-    store: object
-    prefill: object
-    decode: object
+    store: StoreServer
+    prefill: PrefillServer
+    decode: DecodeServer
     ports: dict[str, int]
     channels: dict[str, grpc.Channel]
     steady_request: decode_pb2.GenerateRequest
