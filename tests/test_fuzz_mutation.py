@@ -162,9 +162,9 @@ def blamed_field(descriptor, raw: bytes, prefix: str = "") -> str | None:
             return prefix.rstrip(".") or None
         number, wire_type = key >> 3, key & 7
         field = descriptor.fields_by_number.get(number)
+        if number == 0 or wire_type in (3, 4, 6, 7):  # a broken tag: blame what encloses it
+            return prefix.rstrip(".") or None
         name = prefix + field.name if field is not None else (prefix.rstrip(".") or None)
-        if number == 0 or wire_type in (3, 4, 6, 7):
-            return name
         try:
             payload, pos = _value(raw, pos, wire_type)
         except _Broken:
