@@ -165,7 +165,7 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         started = time.perf_counter()
         fingerprint = _check_fingerprint(request.fingerprint, "fingerprint")
         max_chunk_bytes = check_chunk_limit(request.max_chunk_bytes)
-        keys = [block_key(ref) for ref in _bounded(request.blocks, "blocks")]
+        keys = [block_key(ref, f"blocks[{i}]") for i, ref in enumerate(_bounded(request.blocks, "blocks"))]
         owner = ("pull", next(self._owners))
         if not context.add_callback(lambda: self.pool.release(owner)):  # it runs on cancel, too
             return  # the call already ended: pin nothing

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # (a pull of a few thousand block references) without letting one message take unbounded memory.
 MAX_MESSAGE_BYTES = 8 << 20
 
+# Wire type of a packed element by FieldDescriptor type: double/fixed64/sfixed64 are 1,
+# float/fixed32/sfixed32 are 5, every other number (ints, bools, enums) a varint (0).
+_PACKED_WIRE_TYPES = {1: 1, 6: 1, 16: 1, 2: 5, 7: 5, 15: 5}
+
 STATUS_BY_ERROR: dict[type[errors.KVClusterError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.IntegrityError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -107,52 +111,81 @@ class _Unparsable:
 
 
 def describe_parse_error(message_type, raw: bytes) -> errors.InvalidArgument:
-    """Name the field that made `raw` unparsable (a string that is not UTF-8 is the usual one)."""
-    field = _bad_utf8_field(message_type.DESCRIPTOR, raw, "") if message_type is not None else None
-    if field is not None:
-        return errors.InvalidArgument(field, "is not valid UTF-8")
+    """Name the field that made `raw` unparsable: a string that is not UTF-8, a length or varint
+    running past the end, a broken packed list; a broken tag is blamed on the enclosing field."""
+    broken = _broken_field(message_type.DESCRIPTOR, raw, "") if message_type is not None else None
+    if broken is not None:
+        return errors.InvalidArgument(*broken)
     return errors.InvalidArgument("request", f"is not a valid {getattr(message_type, '__name__', 'message')}")
 
 
 def _varint(raw: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
+    """A varint at `pos` and the position after it; IndexError past the end, ValueError if over 10 bytes."""
+    value = 0
+    for shift in range(0, 70, 7):
         byte = raw[pos]
         value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
+        pos += 1
         if not byte & 0x80:
             return value, pos
+    raise ValueError("varint longer than 10 bytes")
 
 
-def _bad_utf8_field(descriptor, raw: bytes, prefix: str) -> str | None:
-    """Walk the wire format; the dotted name of the first string field holding invalid UTF-8."""
+def _skip(raw: bytes, pos: int, wire_type: int) -> tuple[bytes | None, int]:
+    """Skip one value of `wire_type`; its bytes when length-delimited. IndexError/ValueError if broken."""
+    if wire_type == 0:
+        return None, _varint(raw, pos)[1]
+    if wire_type in (1, 5):
+        end = pos + (8 if wire_type == 1 else 4)
+    else:
+        size, pos = _varint(raw, pos)
+        end = pos + size
+    if end > len(raw):
+        raise IndexError("value runs past the end")
+    return (raw[pos:end] if wire_type == 2 else None), end
+
+
+def _broken_field(descriptor, raw: bytes, prefix: str) -> tuple[str, str] | None:
+    """Walk the wire format: (dotted field name, problem) where parsing breaks, or None."""
+    enclosing = prefix[:-1] or "request"
     pos = 0
-    try:
-        while pos < len(raw):
+    while pos < len(raw):
+        try:
             key, pos = _varint(raw, pos)
-            wire_type, field = key & 7, descriptor.fields_by_number.get(key >> 3)
-            if wire_type == 0:
-                _, pos = _varint(raw, pos)
-            elif wire_type in (1, 5):
-                pos += 8 if wire_type == 1 else 4
-            elif wire_type == 2:
-                size, pos = _varint(raw, pos)
-                chunk, pos = raw[pos:pos + size], pos + size
-                if field is None:
-                    continue
-                name = prefix + field.name
-                if field.type == field.TYPE_STRING:
-                    chunk.decode("utf-8")
-                elif field.type == field.TYPE_MESSAGE:
-                    found = _bad_utf8_field(field.message_type, chunk, name + ".")
-                    if found:
-                        return found
-            else:
-                return None
-    except UnicodeDecodeError:
-        return name
-    except IndexError:
-        return None
+        except (IndexError, ValueError):
+            return enclosing, "has a broken field tag"
+        number, wire_type = key >> 3, key & 7
+        if number == 0 or wire_type not in (0, 1, 2, 5):
+            return enclosing, "has a broken field tag"
+        field = descriptor.fields_by_number.get(number)
+        name = prefix + field.name if field is not None else enclosing
+        try:
+            chunk, pos = _skip(raw, pos, wire_type)
+        except (IndexError, ValueError):
+            return name, "is truncated or malformed"
+        if field is not None and chunk is not None:
+            problem = _broken_value(field, chunk, name)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _broken_value(field, chunk: bytes, name: str) -> tuple[str, str] | None:
+    """What is wrong with a length-delimited value of `field`, if anything."""
+    if field.type == field.TYPE_STRING:
+        try:
+            chunk.decode("utf-8")
+        except UnicodeDecodeError:
+            return name, "is not valid UTF-8"
+    elif field.type == field.TYPE_MESSAGE:
+        return _broken_field(field.message_type, chunk, name + ".")
+    elif field.type != field.TYPE_BYTES:  # a packed list of numbers
+        wire_type, pos = _PACKED_WIRE_TYPES.get(field.type, 0), 0
+        try:
+            while pos < len(chunk):
+                pos = _skip(chunk, pos, wire_type)[1]
+        except (IndexError, ValueError):
+            return name, "holds a malformed packed value"
     return None
 
 

@@ -33,11 +33,12 @@ def layout_from_proto(message: common_pb2.KVLayout) -> KVLayout:
                     dtype=message.dtype, version=message.version)
 
 
-def block_key(ref: common_pb2.BlockRef) -> bytes | str:
-    """The block's key: its chained hash (full block) or its request key (tail block)."""
+def block_key(ref: common_pb2.BlockRef, field: str = "block") -> bytes | str:
+    """The block's key: its chained hash (full block) or its request key (tail block). `field` is
+    where the reference sits in the caller's message, for the error."""
     which = ref.WhichOneof("key")
     if which is None:
-        raise InvalidArgument("block.key", "a block reference needs block_hash or request_key")
+        raise InvalidArgument(field, "a block reference needs block_hash or request_key")
     return getattr(ref, which)
 
 
@@ -125,7 +126,7 @@ def _start_or_continue(partial: _PartialBlock | None, chunk: common_pb2.BlockChu
     if partial is None:
         if not has_header:
             raise IntegrityError("chunk.header: the first chunk of a block must carry its BlockRef header")
-        block_key(chunk.header)  # validates that the header names a block
+        block_key(chunk.header, "chunk.header")  # validates that the header names a block
         return _PartialBlock(chunk.header)
     if has_header:
         raise IntegrityError(f"truncated block: {describe_key(block_key(partial.header))} ended after "

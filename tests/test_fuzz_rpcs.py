@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings, strategies 
 from kvcluster.blocks import checksum
 from kvcluster.proto import cache_pb2, common_pb2, decode_pb2, prefill_pb2
 from kvcluster.wire import MAX_CHUNK_BYTES
+from kvcluster.model.sampling import MIN_TOP_P
 from tests.fuzz_cluster import (CALL_TIMEOUT_S, WITH_TOKEN, Offences, Outcome, SteadyStream, cluster, finish_stream,
                                 finish_unary, problem_with, steady, verdict)
 from tests.store_fixtures import SMOLLM2_LAYOUT
@@ -85,7 +86,7 @@ SAMPLING = st.fixed_dictionaries({}, optional={
         [0, -1, -2**31, 2**31 - 1, 5, 64, 1440, 1500, 8191, 8192, 8193, 10**6]), INT32)),
     "temperature": mostly(st.one_of(st.just(0.0), st.floats(0.0625, 2.0, width=32), st.sampled_from(
         [1e-45, 1e-44, 1e-40, 1e-38, 1e-37, 1e-30, 1e-3, 100.0])), WILD_FLOAT),
-    "top_p": mostly(st.floats(0.0, 1.0, exclude_min=True, width=32), WILD_FLOAT),
+    "top_p": mostly(st.floats(MIN_TOP_P, 1.0, width=32), WILD_FLOAT),
     "top_k": mostly(st.one_of(st.integers(0, 100), st.sampled_from([VOCAB - 1, VOCAB, 2**31 - 1])), INT32),
     "seed": UINT64,
     "stop": mostly(st.lists(st.text(min_size=1, max_size=8), max_size=3), st.lists(st.one_of(
@@ -130,7 +131,7 @@ def metadata_for(auth: str):
 
 @st.composite
 def prefill_requests(draw) -> prefill_pb2.PrefillRequest:
-    request = prefill_pb2.PrefillRequest(request_id=draw(st.one_of(SHORT_TEXT, st.just("r" * 300))),
+    request = prefill_pb2.PrefillRequest(request_id=draw(mostly(SHORT_TEXT, st.just("r" * 300))),
                                          token_ids=draw(TOKEN_IDS), bypass_cache=draw(st.booleans()))
     if draw(st.integers(0, 9)):
         request.sampling.CopyFrom(draw(SAMPLING))

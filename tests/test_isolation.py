@@ -46,9 +46,10 @@ def test_sampling_numbers_the_math_cannot_take_are_rejected_with_their_range(fie
         replace(SamplingParams(), **{field: value}).validate(vocab_size=49152, max_tokens_limit=8192)
 
 
-def test_the_edges_of_the_ranges_are_accepted():
-    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1e-4), SamplingParams(temperature=100),
-                   SamplingParams(top_p=1e-6), SamplingParams(top_k=49152)):
+def test_the_edges_of_the_ranges_are_accepted_as_the_wire_carries_them():
+    wire = common_pb2.SamplingParams(temperature=1e-4, top_p=1e-6)  # float32: 1e-4 becomes 9.99999975e-05
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=wire.temperature),
+                   SamplingParams(temperature=100), SamplingParams(top_p=wire.top_p), SamplingParams(top_k=49152)):
         params.validate(vocab_size=49152, max_tokens_limit=8192)
 
 

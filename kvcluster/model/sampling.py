@@ -8,6 +8,7 @@ token (sampled by prefill) and the rest (sampled by decode) reproduce the single
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 import secrets
+import struct
 
 import torch
 
@@ -17,9 +18,16 @@ DEFAULT_MAX_TOKENS = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 SEED_MASK = (1 << 63) - 1
-MIN_TEMPERATURE = 1e-4   # logits / temperature stays far inside float32 range
+
+
+def _float32(value: float) -> float:
+    """`value` as the wire (a proto float) carries it, so a client sending the bound passes."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+MIN_TEMPERATURE = _float32(1e-4)  # logits / temperature stays far inside float32 range
 MAX_TEMPERATURE = 100.0
-MIN_TOP_P = 1e-6         # a normal float32; smaller cuts keep only the best token anyway
+MIN_TOP_P = _float32(1e-6)        # a normal float32; smaller cuts keep only the best token anyway
 
 
 @dataclass(frozen=True)
