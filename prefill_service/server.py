@@ -23,7 +23,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
         outcome = self.prefiller.prefill(request.request_id, list(request.token_ids),
-                                         sampling_from_proto(request.sampling), request.bypass_cache, context)
+                                         sampling_from_proto(request.sampling), request.bypass_cache, context,
+                                         request.cache_salt)
         return to_response(outcome, self.prefiller.worker.engine.fingerprint)
 
 
