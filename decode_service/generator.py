@@ -14,7 +14,7 @@ import grpc
 
 from decode_service.metrics import DecodeMetrics
 from decode_service.prompt_kv import PromptKV, PromptKVSource
-from kvcluster.blocks import prefix_hashes
+from kvcluster.blocks import check_cache_salt, prefix_hashes
 from kvcluster.cache_client import KVCacheClient
 from kvcluster.errors import InvalidArgument
 from kvcluster.messages import FINISH_REASONS, sampling_from_proto
@@ -71,12 +71,13 @@ class Generator:
         engine = self.worker.engine
         prompt_ids, field = self.tokenize(request)
         engine.check_prompt(prompt_ids, field)
+        cache_salt = check_cache_salt(request.cache_salt)
         params = sampling_from_proto(request.sampling).with_seed()
         params.validate(engine.model_config.vocab_size, engine.model_config.context_length)
         request_id = uuid.uuid4().hex
         use_cache = not request.bypass_cache
         time_left = context.time_remaining() if context is not None else None
-        kv = self.source.fetch(request_id, prompt_ids, params, time_left) if use_cache else PromptKV()
+        kv = self.source.fetch(request_id, prompt_ids, params, time_left, cache_salt) if use_cache else PromptKV()
         self.metrics.observe(kv.fallbacks, kv.lookup_s)
         if context is not None and not context.is_active():
             return  # cancelled or past its deadline while the KV was being fetched: do no more work
@@ -110,7 +111,7 @@ class Generator:
                 yield response
         finally:
             if finished and keep and holder:
-                self.worker.submit(lambda eng: self._push_generated(eng, holder[0], kv.held_blocks))
+                self.worker.submit(lambda eng: self._push_generated(eng, holder[0], kv.held_blocks, cache_salt))
         self.metrics.latency.observe(time.perf_counter() - arrival)
         self.metrics.prompt_tokens.labels("cached").inc(kv.cached_tokens)
         self.metrics.prompt_tokens.labels("computed").inc(len(prompt_ids) - kv.cached_tokens)
@@ -129,7 +130,7 @@ class Generator:
             engine.pool.free(slots)
             raise
 
-    def _push_generated(self, engine: Engine, seq: EngineSeq, held_blocks: int) -> None:
+    def _push_generated(self, engine: Engine, seq: EngineSeq, held_blocks: int, cache_salt: str = "") -> None:
         """On the engine thread: snapshot the finished sequence's uncached full blocks (one gather),
         free it; copy to host and push off the engine thread. When max_pending_pushes requests'
         blocks already wait (a slow or stuck store), these are dropped and counted instead."""
@@ -139,7 +140,7 @@ class Generator:
             return
         bs = engine.config.block_size
         computed = seq.token_ids[:seq.num_computed]
-        hashes = prefix_hashes(engine.fingerprint, computed, bs)[held_blocks:]
+        hashes = prefix_hashes(engine.fingerprint, computed, bs, cache_salt)[held_blocks:]
         tokens = [computed[i * bs:(i + 1) * bs] for i in range(held_blocks, held_blocks + len(hashes))]
         batch = engine.read_blocks(seq.block_table[held_blocks:held_blocks + len(hashes)])
         engine.release(seq)

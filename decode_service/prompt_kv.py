@@ -54,18 +54,18 @@ class PromptKVSource:
         self.prefill_timeout_s = prefill_timeout_s
 
     def fetch(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-              time_left_s: float | None) -> PromptKV:
+              time_left_s: float | None, cache_salt: str = "") -> PromptKV:
         if self.cache is None:
             return PromptKV()
         deadline = None if time_left_s is None else time.monotonic() + time_left_s
         bs = self.engine.config.block_size
-        hashes = prefix_hashes(self.engine.fingerprint, prompt_ids, bs)
+        hashes = prefix_hashes(self.engine.fingerprint, prompt_ids, bs, cache_salt)
         blocks = [list(prompt_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
         usable = min(len(hashes), (len(prompt_ids) - 1) // bs)
         holders, lookup_s, fallback = self.cache.lookup(hashes[:usable])
         kv = PromptKV(lookup_s=lookup_s, fallbacks=[fallback] if fallback else [])
         if self.prefill is not None and len(prompt_ids) - len(holders) * bs > self.local_max:
-            if self._via_prefill(kv, request_id, prompt_ids, params, deadline):
+            if self._via_prefill(kv, request_id, prompt_ids, params, deadline, cache_salt):
                 return kv
         fetched = self.cache.pull_held(hashes, blocks, holders, _left(deadline)) if holders else Fetched()
         self._take(kv, fetched, [bs] * len(fetched.payloads), cached_blocks=len(fetched.payloads))
@@ -73,12 +73,13 @@ class PromptKVSource:
         return kv
 
     def _via_prefill(self, kv: PromptKV, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                     deadline: float | None) -> bool:
+                     deadline: float | None, cache_salt: str = "") -> bool:
         start = time.perf_counter()
         timeout = self.prefill_timeout_s if deadline is None else min(_left(deadline), self.prefill_timeout_s)
         try:
             response = self.prefill.Prefill(prefill_pb2.PrefillRequest(
-                request_id=request_id, token_ids=prompt_ids, sampling=sampling_to_proto(params)), timeout=timeout)
+                request_id=request_id, token_ids=prompt_ids, sampling=sampling_to_proto(params), cache_salt=cache_salt),
+                timeout=timeout)
         except grpc.RpcError as exc:
             log.warning("prefill call failed (%s): prefilling locally", exc.code() if hasattr(exc, "code") else exc)
             kv.fallbacks.append("prefill_unavailable")

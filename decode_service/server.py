@@ -65,7 +65,8 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
                   registry: CollectorRegistry | None = None) -> tuple[DecodeServer, int]:
     """Build a decode worker (not started). `engine` lets tests share one loaded model."""
     engine = engine or load_engine(config.model or None, config.device or None, EngineConfig(
-        block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes, max_batch=config.max_batch), config.dtype)
+        block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes, max_batch=config.max_batch), config.dtype,
+        cluster_secret=config.internal_token)
     registry = registry or CollectorRegistry()
     metrics = DecodeMetrics(registry)
     register_pool_gauges(registry, engine.pool)

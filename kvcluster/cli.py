@@ -67,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "with --target: bypass the cluster's KV cache")
     add_sampling_flags(gen)
     gen.add_argument("--api-key", default=os.environ.get("KVC_API_KEY"), help="Generate API key (env KVC_API_KEY)")
+    add_cache_salt_flag(gen)
     chat = commands.add_parser("chat", help="interactive multi-turn chat against a cluster")
     chat.add_argument("--target", default="127.0.0.1:50051")
     chat.add_argument("--api-key", default=os.environ.get("KVC_API_KEY"), help="Generate API key (env KVC_API_KEY)")
+    add_cache_salt_flag(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     add_sampling_flags(chat)
     up = commands.add_parser("up", help="run the whole cluster on this machine until Ctrl-C")
@@ -80,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", default=None, help="a running cluster (default: start one)")
     add_dtype_flag(demo, "dtype of the cluster the demo starts")
     return parser
+
+
+def add_cache_salt_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-salt", default=os.environ.get("KVC_CACHE_SALT", ""),
+                        help="share cached prompt blocks only with requests of this salt, e.g. one per tenant "
+                             "(env KVC_CACHE_SALT; at most 256 characters; a cluster --target only)")
 
 
 def add_dtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
@@ -126,7 +134,8 @@ def stream_to_stdout(client: Client, **request) -> Completion:
 def run_generate_remote(args: argparse.Namespace) -> int:
     request = {"prompt": args.prompt} if args.raw else {"messages": [("user", args.prompt)]}
     with Client(args.target, api_key=args.api_key) as client:
-        completion = stream_to_stdout(client, bypass_cache=args.no_cache, **request, **sampling_kwargs(args))
+        completion = stream_to_stdout(client, bypass_cache=args.no_cache, cache_salt=args.cache_salt, **request,
+                                      **sampling_kwargs(args))
     print(usage_line(completion), file=sys.stderr)
     return 0
 
@@ -144,7 +153,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 break
             history.append(("user", line))
             sys.stdout.write("assistant> ")
-            completion = stream_to_stdout(client, messages=history, **sampling_kwargs(args))
+            completion = stream_to_stdout(client, messages=history, cache_salt=args.cache_salt, **sampling_kwargs(args))
             history.append(("assistant", completion.text))
             print(usage_line(completion), file=sys.stderr)
     return 0

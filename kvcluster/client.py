@@ -40,10 +40,12 @@ class Completion:
 
 
 def build_request(prompt: str | None = None, messages: Sequence[Message] | None = None,
-                  token_ids: Sequence[int] | None = None, bypass_cache: bool = False,
+                  token_ids: Sequence[int] | None = None, bypass_cache: bool = False, cache_salt: str = "",
                   **sampling) -> decode_pb2.GenerateRequest:
-    """One of prompt / messages / token_ids, plus SamplingParams fields by name (max_tokens=, temperature=, ...)."""
-    request = decode_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(**sampling), bypass_cache=bypass_cache)
+    """One of prompt / messages / token_ids, plus SamplingParams fields by name (max_tokens=, temperature=, ...).
+    `cache_salt` (e.g. one per tenant) shares cached blocks only with requests of the same salt."""
+    request = decode_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(**sampling), bypass_cache=bypass_cache,
+                                         cache_salt=cache_salt)
     if prompt is not None:
         request.prompt = prompt
     elif messages is not None:

@@ -10,6 +10,10 @@ and gets, from that one declaration, the environment variable `KVC_REDIS_URL`, t
 `--redis-url` (help text included, for `--help`) and typed parsing. Precedence: a flag given on the
 command line beats the environment, which beats the default. Supported field types: str, int,
 float, bool (`--flag/--no-flag`; env 1/0, true/false, yes/no, on/off).
+
+`KVC_<FIELD>_FILE=/path` reads the value from a file instead (surrounding whitespace stripped),
+the convention Docker and Kubernetes secrets are mounted for: a token never needs to sit in an
+environment listing. `KVC_<FIELD>` itself, when set too, wins.
 """
 
 import argparse
@@ -17,11 +21,13 @@ import dataclasses
 import os
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self
 
 from kvcluster.errors import InvalidArgument
 
 ENV_PREFIX = "KVC_"
+FILE_SUFFIX = "_FILE"
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -37,6 +43,18 @@ def env_name(field_name: str) -> str:
 
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
+
+
+def read_setting_file(path: str, source: str) -> str:
+    """A setting's value from the file `path` names; an empty one is refused, since an empty
+    token would silently turn its check off."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise InvalidArgument(source, f"cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise InvalidArgument(source, f"{path} is empty")
+    return text
 
 
 def parse_value(kind: type, text: str, source: str) -> Any:
@@ -69,6 +87,9 @@ class ServiceConfig:
             name = env_name(field.name)
             if name in environ:
                 values[field.name] = parse_value(kind, environ[name], name)
+            elif name + FILE_SUFFIX in environ:
+                source = name + FILE_SUFFIX
+                values[field.name] = parse_value(kind, read_setting_file(environ[source], source), source)
         return cls(**{**values, **overrides})
 
     @classmethod

@@ -6,10 +6,17 @@ the KV layout the workers compute. Then one cache store, one prefill and one dec
 service start in that order (decode needs prefill's address), each child's log lines prefixed
 with its name. A child is up when it printed its READY line and its gRPC health says SERVING.
 Ctrl-C or SIGTERM stops everything: children get SIGTERM and their grace period, then SIGKILL.
+
+Secure by default: every child gets the same internal token (KVC_INTERNAL_TOKEN, made with
+`secrets.token_urlsafe(32)` unless the environment sets one), so the store and prefill refuse
+callers without it and the block hashes are keyed by it. It travels in the children's
+environment, not on their command lines, where any local user could read it with `ps`.
+`Cluster.internal_token` lets tools in this repository talk to the internal services.
 """
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,8 +31,10 @@ from kvcluster.dtypes import check_dtype
 from kvcluster.errors import Unavailable
 from kvcluster.redis_server import RedisServer, start_redis_server
 from kvcluster.rpc import make_channel
+from kvcluster.security import internal_metadata
 
 READY = re.compile(r"READY grpc_port=(\d+) metrics_port=(-?\d+|None)")
+INTERNAL_TOKEN_ENV = "KVC_INTERNAL_TOKEN"
 
 
 @dataclass
@@ -62,6 +71,8 @@ class Cluster:
         self.ports, self.host, self.dtype = ports, host, check_dtype(dtype)
         # Several torch processes share this machine's cores: spinning OpenMP threads would starve each other.
         self.env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.internal_token = self.env.get(INTERNAL_TOKEN_ENV) or secrets.token_urlsafe(32)
+        self.env[INTERNAL_TOKEN_ENV] = self.internal_token
         self.log_stream = log_stream
         self.start_timeout_s = start_timeout_s
         self.children: dict[str, Child] = {}
@@ -97,6 +108,11 @@ class Cluster:
                 "prefill_service": [*common, "--port", p.prefill, "--metrics-port", p.prefill_metrics],
                 "decode_service": [*common, "--port", p.decode, "--metrics-port", p.decode_metrics,
                                    "--prefill-target", prefill_target]}
+
+    @property
+    def internal_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata for this cluster's internal RPCs (store, prefill)."""
+        return internal_metadata(self.internal_token)
 
     @property
     def decode_target(self) -> str:
@@ -159,7 +175,8 @@ class Cluster:
         for child in self.children.values():
             metrics = f"http://{self.host}:{child.metrics_port}/metrics" if child.metrics_port else "off"
             lines.append(f"  {child.name:<16} grpc {self.host}:{child.grpc_port:<6} metrics {metrics}")
-        lines += [f"  {'redis':<16} {self.redis_url}", "",
+        lines += [f"  {'redis':<16} {self.redis_url}",
+                  f"  internal RPCs need the cluster token (in the children's {INTERNAL_TOKEN_ENV}); Generate does not", "",
                   "Try it:",
                   f"  .venv/bin/python -m kvcluster generate --target {self.decode_target} \"Tell me about KV caches\"",
                   f"  .venv/bin/python -m kvcluster chat --target {self.decode_target}",

@@ -1,13 +1,19 @@
 """TLS (optionally mutual) for every gRPC server and client, an API key on Generate, and a shared
-token on the internal RPCs (push, pull, prefill) so a client cannot write into the cache.
+token on every internal RPC (push, pull, lookup, stats, prefill), so a client can neither write
+into the cache nor ask what it holds.
 
 Every service config inherits `SecuritySettings`: `--tls-cert/--tls-key` make its server speak TLS
 (`--tls-client-ca` also demands client certificates); `--tls-ca` makes its outgoing calls speak
 TLS (`--tls-client-cert/--tls-client-key` present a certificate); `--internal-token` is required
-on internal RPCs it serves and sent on the ones it makes. Redis password and TLS come with the URL
+on internal RPCs it serves and sent on the ones it makes. Health checks and reflection stay open:
+they reveal nothing a port scan would not. Redis password and TLS come with the URL
 (`redis://:PASSWORD@host:6379/0`, `rediss://...`).
+
+Tokens and API keys are compared in constant time (`hmac.compare_digest`), so how long a refusal
+takes does not tell a guesser how many leading characters were right.
 """
 
+import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +25,10 @@ from kvcluster.errors import InvalidArgument
 
 API_KEY_HEADER = "authorization"          # "Bearer <key>", as OpenAI-style clients send it
 INTERNAL_TOKEN_HEADER = "x-kvc-internal-token"
+# Lookup and Stats are guarded too: which blocks a store holds tells an outsider which prompts
+# were asked recently, and Stats shows the pool's contents at a glance.
 INTERNAL_METHODS = ("/kvcluster.v1.CacheStore/PushBlocks", "/kvcluster.v1.CacheStore/PullBlocks",
+                    "/kvcluster.v1.CacheStore/Lookup", "/kvcluster.v1.CacheStore/Stats",
                     "/kvcluster.v1.PrefillService/Prefill")
 GENERATE_METHOD = "/kvcluster.v1.DecodeService/Generate"
 
@@ -34,7 +43,8 @@ class SecuritySettings:
     tls_ca: str = setting("", "PEM CA bundle trusted for outgoing gRPC calls; when set they use TLS")
     tls_client_cert: str = setting("", "PEM certificate presented on outgoing gRPC calls (mutual TLS)")
     tls_client_key: str = setting("", "PEM private key of --tls-client-cert")
-    internal_token: str = setting("", "shared secret required on internal RPCs (push, pull, prefill) and sent on outgoing ones")
+    internal_token: str = setting("", "shared secret required on internal RPCs (push, pull, lookup, stats, prefill) "
+                                  "and sent on outgoing ones; also keys the block hashes (kvcluster.blocks)")
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if not (self.tls_cert or self.tls_key):
@@ -53,7 +63,12 @@ class SecuritySettings:
         return grpc.ssl_channel_credentials(_read(self.tls_ca, "tls_ca"), key, cert)
 
     def outgoing_metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((INTERNAL_TOKEN_HEADER, self.internal_token),) if self.internal_token else ()
+        return internal_metadata(self.internal_token)
+
+
+def internal_metadata(internal_token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that carries `internal_token` (none without a token)."""
+    return ((INTERNAL_TOKEN_HEADER, internal_token),) if internal_token else ()
 
 
 def _read(path: str, field: str) -> bytes:
@@ -75,9 +90,17 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if guard is not None:
             key, expected, label = guard
             sent = dict(handler_call_details.invocation_metadata or ()).get(key)
-            if sent != expected:
+            if not _same_secret(sent, expected):
                 return _deny(continuation(handler_call_details), f"missing or wrong {label} ({key} metadata)")
         return continuation(handler_call_details)
+
+
+def _same_secret(sent: str | bytes | None, expected: str) -> bool:
+    """Constant-time equality (for equal lengths), so timing reveals no matching prefix."""
+    if sent is None:
+        return False
+    sent_bytes = sent if isinstance(sent, bytes) else sent.encode()
+    return hmac.compare_digest(sent_bytes, expected.encode())
 
 
 def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from kvcluster.block_io import BlockBatch, batch_from_payloads
-from kvcluster.blocks import BlockHash, prefix_hashes
+from kvcluster.blocks import BlockHash, check_cache_salt, prefix_hashes
 from kvcluster.cache_client import Fetched, KVCacheClient, Pushed
 from kvcluster.errors import InvalidArgument, RequestFailed
 from kvcluster.model.engine import Engine
@@ -66,18 +66,20 @@ class Prefiller:
         self._pushers.shutdown(wait=True)
 
     def prefill(self, request_id: str, token_ids: Sequence[int], params: SamplingParams,
-                bypass_cache: bool = False, context: grpc.ServicerContext | None = None) -> PrefillOutcome:
+                bypass_cache: bool = False, context: grpc.ServicerContext | None = None,
+                cache_salt: str = "") -> PrefillOutcome:
         """`context` (the gRPC call) ends the work when the caller leaves or its deadline passes."""
         start = time.perf_counter()
         engine = self.worker.engine
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidArgument("request_id", f"has {len(request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
         engine.check_prompt(token_ids, field="token_ids")
+        check_cache_salt(cache_salt)
         params = params.with_seed()
         params.validate(engine.model_config.vocab_size, engine.model_config.context_length)
         bs = engine.config.block_size
         cache = None if bypass_cache else self.cache
-        hashes = prefix_hashes(engine.fingerprint, token_ids, bs)
+        hashes = prefix_hashes(engine.fingerprint, token_ids, bs, cache_salt)
         usable = min(len(hashes), (len(token_ids) - 1) // bs)  # keep the last token to compute
         blocks = [list(token_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
         fetched = cache.fetch_prefix(hashes[:usable], blocks[:usable]) if cache else Fetched()

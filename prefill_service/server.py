@@ -23,7 +23,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def Prefill(self, request: prefill_pb2.PrefillRequest, context) -> prefill_pb2.PrefillResponse:
         outcome = self.prefiller.prefill(request.request_id, list(request.token_ids),
-                                         sampling_from_proto(request.sampling), request.bypass_cache, context)
+                                         sampling_from_proto(request.sampling), request.bypass_cache, context,
+                                         request.cache_salt)
         return to_response(outcome, self.prefiller.worker.engine.fingerprint)
 
 
@@ -55,7 +56,8 @@ def create_server(config: PrefillConfig, engine: Engine | None = None,
     """Build a prefill worker (not started). `engine` lets tests share one loaded model."""
     engine = engine or load_engine(config.model or None, config.device or None, EngineConfig(
         block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes,
-        max_batch=config.max_batch, max_prefill_tokens=config.chunk_tokens), config.dtype)
+        max_batch=config.max_batch, max_prefill_tokens=config.chunk_tokens), config.dtype,
+        cluster_secret=config.internal_token)
     registry = registry or CollectorRegistry()
     metrics = PrefillMetrics(registry)
     register_pool_gauges(registry, engine.pool)

@@ -33,6 +33,7 @@ HEALTH_CHECK_SCRIPT = DEPLOY / "grpc_health_check.py"
 K8S_BASE = DEPLOY / "k8s" / "base"
 K8S_GPU_OVERLAY = DEPLOY / "k8s" / "overlays" / "gpu"
 RUNBOOK = DEPLOY / "README.md"
+MAKE_SECRETS = DEPLOY / "make-secrets.sh"
 
 APT_PACKAGES = {"promtool": "prometheus", "docker-compose": "docker-compose"}  # tool -> package
 KUBERNETES_VALIDATE = "kubernetes-validate==1.37.0"
@@ -287,6 +288,18 @@ def render_kustomize(kubectl: str, directory: Path) -> list[dict]:
     if done.returncode != 0:
         raise AssertionError(f"kubectl kustomize {directory} failed:\n{done.stderr}")
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def copy_k8s_manifests(destination: Path, with_secrets: bool) -> Path:
+    """deploy/k8s copied to `destination` without any secret files of this checkout; with
+    `with_secrets`, fresh ones from make-secrets.sh, as an operator makes them. Returns the copy."""
+    copy = destination / "k8s"
+    shutil.copytree(K8S_BASE.parent, copy, ignore=shutil.ignore_patterns("secrets"))
+    if with_secrets:
+        made = run_tool(["sh", str(MAKE_SECRETS), str(copy / "base" / "secrets")])
+        if made.returncode != 0:
+            raise AssertionError(f"make-secrets.sh failed:\n{made.stdout}{made.stderr}")
+    return copy
 
 
 def pod_containers(manifest: dict) -> list[dict]:

@@ -45,6 +45,19 @@ def test_a_bad_env_value_names_the_variable(name, value):
         DemoConfig.from_env({name: value})
 
 
+def test_a_setting_can_come_from_a_file_as_mounted_secrets_do(tmp_path):
+    secret = tmp_path / "redis_url"
+    secret.write_text("redis://from-file:3/0\n")
+    assert DemoConfig.from_env({"KVC_REDIS_URL_FILE": str(secret)}).redis_url == "redis://from-file:3/0"
+    both = {"KVC_REDIS_URL_FILE": str(secret), "KVC_REDIS_URL": "redis://env:2/0"}
+    assert DemoConfig.from_env(both).redis_url == "redis://env:2/0"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(InvalidArgument, match="KVC_REDIS_URL_FILE.*empty"):
+        DemoConfig.from_env({"KVC_REDIS_URL_FILE": str(tmp_path / "empty")})
+    with pytest.raises(InvalidArgument, match="KVC_PORT_FILE.*cannot read"):
+        DemoConfig.from_env({"KVC_PORT_FILE": str(tmp_path / "missing")})
+
+
 def test_help_lists_every_field_with_its_env_variable_and_default():
     parser = argparse.ArgumentParser()
     DemoConfig.add_arguments(parser)

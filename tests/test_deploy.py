@@ -4,6 +4,7 @@ engine, no network: promtool, `docker-compose config`, `kubectl kustomize` and k
 """
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from kvcluster.dtypes import DTYPES
 from kvcluster.errors import InvalidArgument
 from kvcluster.launcher import Cluster
 from tests import deploy_tools as dt
+from tests.tls_certs import make_certs
 
 REQUIRED_ALERTS = {"KVClusterCacheStoreDown", "KVClusterHitRatioCollapse", "KVClusterFallbackRateHigh",
                    "KVClusterTTFTSLOBreach", "KVClusterCacheMemoryHigh", "KVClusterChecksumFailure"}
@@ -257,9 +259,9 @@ def health_server():
     server.stop(None)
 
 
-def run_health_check(address: str) -> int:
+def run_health_check(address: str, env: dict[str, str] | None = None) -> int:
     return subprocess.run([sys.executable, str(dt.HEALTH_CHECK_SCRIPT), address], capture_output=True,
-                          timeout=30).returncode
+                          timeout=30, env=None if env is None else {**os.environ, **env}).returncode
 
 
 def test_grpc_health_check_script_follows_serving_status(health_server):
@@ -274,15 +276,40 @@ def test_grpc_health_check_script_fails_without_a_server():
     assert run_health_check("127.0.0.1:1") == 1
 
 
+def test_grpc_health_check_script_speaks_the_services_mutual_tls(tmp_path):
+    certs = make_certs(tmp_path)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials([(Path(certs.server_key).read_bytes(), Path(certs.server_cert).read_bytes())],
+                                              root_certificates=Path(certs.ca).read_bytes(), require_client_auth=True)
+    address = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', credentials)}"
+    server.start()
+    try:
+        # What a store with TLS on has in its environment (the same variables as its flags).
+        service_env = {"KVC_TLS_CERT": certs.server_cert, "KVC_TLS_KEY": certs.server_key, "KVC_TLS_CA": certs.ca,
+                       "KVC_TLS_CLIENT_CERT": certs.client_cert, "KVC_TLS_CLIENT_KEY": certs.client_key}
+        assert run_health_check(address, service_env) == 0
+        without_client_cert = {k: v for k, v in service_env.items() if "CLIENT" not in k}
+        assert run_health_check(address, without_client_cert) == 1
+        assert run_health_check(address, {"KVC_TLS_CERT": ""}) == 1  # plaintext to a TLS server
+    finally:
+        server.stop(None)
+
+
 # --- Kubernetes ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def manifests(tools) -> dict[str, list[dict]]:
-    return {"base": dt.render_kustomize(tools.kubectl, dt.K8S_BASE),
-            "gpu": dt.render_kustomize(tools.kubectl, dt.K8S_GPU_OVERLAY)}
+def manifests(tools, tmp_path_factory) -> dict[str, list[dict]]:
+    """Both variants rendered from a copy whose secret files make-secrets.sh wrote."""
+    k8s = dt.copy_k8s_manifests(tmp_path_factory.mktemp("deploy"), with_secrets=True)
+    return {"base": dt.render_kustomize(tools.kubectl, k8s / "base"),
+            "gpu": dt.render_kustomize(tools.kubectl, k8s / "overlays" / "gpu"),
+            "tls": dt.render_kustomize(tools.kubectl, k8s / "overlays" / "tls")}
 
 
-@pytest.mark.parametrize("variant", ["base", "gpu"])
+@pytest.mark.parametrize("variant", ["base", "gpu", "tls"])
 def test_rendered_manifests_validate_against_kubernetes_schemas(manifests, variant):
     kubernetes_validate = importlib.import_module("kubernetes_validate")
     errors = []
@@ -413,3 +440,127 @@ def test_kvcluster_up_gives_every_child_the_same_dtype():
         assert child_args[child_args.index("--dtype") + 1] == "bfloat16", name
     with pytest.raises(InvalidArgument, match="dtype"):
         Cluster(dtype="int4")
+
+
+# --- secrets and network policies --------------------------------------------------------------
+
+COMPOSE_SECRETS = {"kvc_internal_token": "internal_token", "kvc_api_key": "api_key"}  # name -> file
+KVCLUSTER_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "kvcluster"}}}
+PROMETHEUS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+ANYONE = None
+# (kind, name) -> {port: who may connect}; every other port of the pod is closed.
+K8S_INGRESS = {
+    ("StatefulSet", "cache-store"): {50053: [KVCLUSTER_PEER], 9103: [PROMETHEUS_PEER]},
+    ("Deployment", "prefill"): {50052: [KVCLUSTER_PEER], 9102: [PROMETHEUS_PEER]},
+    ("Deployment", "decode"): {50051: ANYONE, 9101: [PROMETHEUS_PEER]},
+    ("Deployment", "redis"): {6379: [KVCLUSTER_PEER]},
+}
+
+
+def secret_sources(service: dict) -> set[str]:
+    return {s["source"] if isinstance(s, dict) else s for s in service.get("secrets", [])}
+
+
+def test_compose_mounts_the_token_everywhere_and_the_api_key_on_decode(compose):
+    for name, filename in COMPOSE_SECRETS.items():
+        assert Path(compose["secrets"][name]["file"]) == dt.DEPLOY / "secrets" / filename
+    for profile in ("cpu", "gpu"):
+        for alias, service in compute_services(compose, profile).items():
+            env, mounted = service["environment"], secret_sources(service)
+            assert "kvc_internal_token" in mounted, alias
+            assert env["KVC_INTERNAL_TOKEN_FILE"] == "/run/secrets/kvc_internal_token", alias
+            assert ("kvc_api_key" in mounted) == (alias == "decode"), alias
+            assert ("KVC_API_KEY_FILE" in env) == (alias == "decode"), alias
+            assert not {"KVC_INTERNAL_TOKEN", "KVC_API_KEY"} & set(env), f"{alias}: a secret value in plain sight"
+    assert compute_services(compose, "cpu")["decode"]["environment"]["KVC_API_KEY_FILE"] == "/run/secrets/kvc_api_key"
+
+
+def test_secret_files_are_made_random_kept_and_never_committed_or_built_in(tmp_path):
+    made = dt.run_tool(["sh", str(dt.MAKE_SECRETS), str(tmp_path / "secrets")])
+    assert made.returncode == 0, made.stderr
+    values = {name: (tmp_path / "secrets" / name).read_text() for name in COMPOSE_SECRETS.values()}
+    assert all(re.fullmatch(r"[A-Za-z0-9]{43}", v) for v in values.values()), values
+    assert len(set(values.values())) == 2
+    assert dt.run_tool(["sh", str(dt.MAKE_SECRETS), str(tmp_path / "secrets")]).returncode == 0
+    assert {name: (tmp_path / "secrets" / name).read_text() for name in values} == values  # kept, not rotated
+    for ignore_file in (dt.REPO_ROOT / ".gitignore", dt.DEPLOY / "Dockerfile.dockerignore"):
+        lines = {line.strip().rstrip("/") for line in ignore_file.read_text().splitlines()}
+        assert {"deploy/secrets", "deploy/k8s/base/secrets"} <= lines, ignore_file
+
+
+def test_k8s_does_not_render_without_secret_files(tools, tmp_path):
+    k8s = dt.copy_k8s_manifests(tmp_path, with_secrets=False)
+    done = dt.run_tool([tools.kubectl, "kustomize", str(k8s / "base")])
+    assert done.returncode != 0 and "secrets/internal_token" in done.stderr
+
+
+@pytest.mark.parametrize("variant", ["base", "gpu", "tls"])
+def test_k8s_workloads_read_the_token_and_api_key_from_the_generated_secret(manifests, variant):
+    rendered = manifests[variant]
+    (secret,) = [m for m in rendered if m["kind"] == "Secret"]
+    assert secret["metadata"]["name"].startswith("kvcluster-secrets-")  # hashed: a new secret rolls the pods
+    assert set(secret["data"]) == {"internal-token", "api-key"}
+    for name, workload in kvcluster_workloads(rendered).items():
+        env = {e["name"]: e for e in dt.pod_containers(workload)[0]["env"]}
+        token = env["KVC_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert token == {"name": secret["metadata"]["name"], "key": "internal-token"}, name
+        if name == "decode":
+            assert env["KVC_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "api-key"}
+        else:
+            assert "KVC_API_KEY" not in env, name
+    for config_map in (m for m in rendered if m["kind"] == "ConfigMap"):
+        assert not {"KVC_INTERNAL_TOKEN", "KVC_API_KEY"} & set(config_map["data"])
+
+
+def allowed_peers(rendered: list[dict], workload: dict, port: int) -> list[dict] | None:
+    """Who the NetworkPolicies selecting `workload`'s pods let connect to `port`: a list of `from`
+    peers (empty = nobody), or None for anyone."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    policies = [m for m in rendered if m["kind"] == "NetworkPolicy"
+                and m["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+    assert policies and all("Ingress" in p["spec"]["policyTypes"] for p in policies), "the pod is not isolated"
+    peers: list[dict] = []
+    for rule in (r for p in policies for r in p["spec"].get("ingress", [])):
+        if "ports" in rule and not any(p["port"] == port for p in rule["ports"]):
+            continue
+        if "from" not in rule:
+            return None
+        peers += rule["from"]
+    return peers
+
+
+@pytest.mark.parametrize("variant", ["base", "gpu", "tls"])
+def test_k8s_network_policies_open_each_port_only_to_its_callers(manifests, variant):
+    rendered = manifests[variant]
+    for (kind, name), ports in K8S_INGRESS.items():
+        workload = dt.find_manifest(rendered, kind, name)
+        declared = {p["containerPort"] for c in dt.pod_containers(workload) for p in c["ports"]}
+        assert declared == set(ports), f"{name}: a port without a policy decision"
+        for port, expected in ports.items():
+            assert allowed_peers(rendered, workload, port) == expected, f"{name}:{port}"
+        assert allowed_peers(rendered, workload, 12345) == [], f"{name}: an undeclared port is open"
+
+
+TLS_DIR = "/etc/kvcluster/tls"
+
+
+def test_k8s_tls_overlay_mounts_the_certificates_and_probes_through_tls(manifests):
+    rendered = manifests["tls"]
+    for name, workload in kvcluster_workloads(rendered).items():
+        pod_spec = workload["spec"]["template"]["spec"]
+        (container,) = pod_spec["containers"]
+        volumes = {v["name"]: v for v in pod_spec["volumes"]}
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == TLS_DIR]
+        assert mount["readOnly"] and volumes[mount["name"]]["secret"]["secretName"] == "kvcluster-tls", name
+        env = k8s_effective_env(rendered, workload)
+        for variable in ("KVC_TLS_CERT", "KVC_TLS_KEY", "KVC_TLS_CA", "KVC_TLS_CLIENT_CERT", "KVC_TLS_CLIENT_KEY"):
+            assert env[variable].startswith(TLS_DIR + "/"), f"{name} {variable}"
+        # Mutual TLS on the internal ports; Generate's clients bring the API key, not a certificate.
+        assert ("KVC_TLS_CLIENT_CA" in env) == (name != "decode"), name
+        grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert "grpc" not in container[probe], f"{name} {probe}: the kubelet's gRPC probe cannot speak TLS"
+            assert container[probe]["exec"]["command"] == ["kvc-grpc-health", f"127.0.0.1:{grpc_port}"], name
+    assert not any("KVC_TLS_CERT" in k8s_effective_env(manifests["base"], w)
+                   for w in kvcluster_workloads(manifests["base"]).values()), "TLS is opt-in"

@@ -200,7 +200,8 @@ def test_decode_does_not_trust_a_prefill_answer_computed_under_another_fingerpri
 def test_bfloat16_cluster_serves_a_repeated_prompt_from_the_cache_exactly(bf16_engine, tmp_path):
     with open(tmp_path / "cluster.log", "w") as log_stream, \
             Cluster(ClusterPorts.any_free(), dtype="bfloat16", log_stream=log_stream) as cluster:
-        store = StoreClient(f"127.0.0.1:{cluster.children['cache_store'].grpc_port}", bf16_engine.layout)
+        store = StoreClient(f"127.0.0.1:{cluster.children['cache_store'].grpc_port}", bf16_engine.layout,
+                            metadata=cluster.internal_metadata)
         try:
             stats: cache_pb2.StatsResponse = store.stats()
         finally:

@@ -101,6 +101,7 @@ GENERATE_CASES = {
     "empty stop string": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(stop=[""])), "sampling.stop"),
     "stop token out of range": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(stop_token_ids=[10**6])),
                                 "sampling.stop_token_ids"),
+    "cache_salt over 256 characters": (decode_pb2.GenerateRequest(prompt="hi", cache_salt="s" * 257), "cache_salt"),
 }
 
 

@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 
 from kvcluster.block_io import BlockBatch
-from kvcluster.blocks import Fingerprint, make_fingerprint
+from kvcluster.blocks import Fingerprint, fingerprint_key, make_fingerprint
 from kvcluster.dtypes import DTYPE_NAMES, DTYPES, resolve_dtype
 from kvcluster.errors import InvalidArgument, RequestFailed, ResourceExhausted
 from kvcluster.kvpool import KVPool
@@ -47,12 +47,16 @@ class EngineConfig:
 class Engine:
     """Owns the model and its KV pool. Not thread-safe: one engine thread drives it."""
 
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, model_digest: bytes, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, model_digest: bytes, config: EngineConfig = EngineConfig(),
+                 cluster_secret: str = ""):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.model_digest = model_digest
         self.layout = model.config.kv_layout(config.block_size, DTYPE_NAMES[model.dtype])
-        self.fingerprint: Fingerprint = make_fingerprint(model_digest, self.layout.canonical())
+        # The cluster secret keys every block hash (see kvcluster.blocks); "" = no secret.
+        self.fingerprint: Fingerprint = make_fingerprint(model_digest, self.layout.canonical(),
+                                                         fingerprint_key(cluster_secret))
         self.pool = KVPool.from_budget(self.layout, config.kv_capacity_bytes, model.device)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -306,15 +310,15 @@ class Engine:
 
 
 def load_engine(model_path: str | Path | None = None, device: str | None = None,
-                config: EngineConfig = EngineConfig(), dtype: str = "auto") -> Engine:
+                config: EngineConfig = EngineConfig(), dtype: str = "auto", cluster_secret: str = "") -> Engine:
     """Load a GGUF (the default SmolLM2 when None) in `dtype` (see kvcluster.dtypes; `auto` picks
-    the fastest the device runs natively and logs why)."""
+    the fastest the device runs natively and logs why); `cluster_secret` keys its block hashes."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name, why = resolve_dtype(dtype, device)
     log.info("model dtype %s on %s (%s)", name, device, why)
     gguf_model = load_gguf(model_path)
     model = LlamaModel(gguf_model.config, gguf_model.weights, device, DTYPES[name])
-    return Engine(model, Tokenizer(gguf_model.tokenizer), gguf_model.digest, config)
+    return Engine(model, Tokenizer(gguf_model.tokenizer), gguf_model.digest, config, cluster_secret)
 
 
 def random_engine(config: ModelConfig, tokenizer: Tokenizer, seed: int = 0, engine_config: EngineConfig = EngineConfig(),
