@@ -117,8 +117,8 @@ def reassemble_blocks(chunks: Iterable[common_pb2.BlockChunk],
             yield partial.header, partial.payload()
             partial = None
     if partial is not None:
-        raise IntegrityError(f"truncated block: the stream ended after {partial.size} bytes of "
-                             f"{describe_key(block_key(partial.header))}, before its last chunk")
+        raise IntegrityError(f"chunk.last: truncated block: the stream ended after {partial.size} bytes of "
+                             f"{describe_key(block_key(partial.header))}, before a chunk with last set")
 
 
 def _start_or_continue(partial: _PartialBlock | None, chunk: common_pb2.BlockChunk) -> _PartialBlock:
@@ -129,6 +129,6 @@ def _start_or_continue(partial: _PartialBlock | None, chunk: common_pb2.BlockChu
         block_key(chunk.header, "chunk.header")  # validates that the header names a block
         return _PartialBlock(chunk.header)
     if has_header:
-        raise IntegrityError(f"truncated block: {describe_key(block_key(partial.header))} ended after "
+        raise IntegrityError(f"chunk.header: truncated block: {describe_key(block_key(partial.header))} ended after "
                              f"{partial.size} bytes without a last chunk, and another block began")
     return partial

@@ -284,9 +284,11 @@ def test_mutated_pull_lookup_and_stats_requests(cluster, steady):
         send_all(steady, "PullBlocks", pulls,
                  lambda raw: finish_stream(pull(raw, timeout=CALL_TIMEOUT_S, metadata=WITH_TOKEN), 12),
                  cache_pb2.PullBlocksRequest),
-        send_all(steady, "Lookup", lookups, lambda raw: finish_unary(lambda: lookup(raw, timeout=CALL_TIMEOUT_S)),
+        send_all(steady, "Lookup", lookups,
+                 lambda raw: finish_unary(lambda: lookup(raw, timeout=CALL_TIMEOUT_S, metadata=WITH_TOKEN)),
                  cache_pb2.LookupRequest),
-        send_all(steady, "Stats", stats, lambda raw: finish_unary(lambda: stat(raw, timeout=CALL_TIMEOUT_S)),
+        send_all(steady, "Stats", stats,
+                 lambda raw: finish_unary(lambda: stat(raw, timeout=CALL_TIMEOUT_S, metadata=WITH_TOKEN)),
                  cache_pb2.StatsRequest),
     ]
     assert sum(unparsable for _, _, unparsable in results) >= 5

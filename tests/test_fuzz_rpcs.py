@@ -327,7 +327,7 @@ def _lookup_example(cluster, steady, offences, held, data):
         hashes += [bytes(16)] * 4097
     request = cache_pb2.LookupRequest(fingerprint=data.draw(fingerprints(cluster.fingerprint)), block_hashes=hashes)
     with steady.beside(f"Lookup {describe(request)}"):
-        outcome = finish_unary(lambda: cluster.store_stub.Lookup(request, timeout=CALL_TIMEOUT_S))
+        outcome = finish_unary(lambda: cluster.store_stub.Lookup(request, timeout=CALL_TIMEOUT_S, metadata=WITH_TOKEN))
     problem = problem_with(outcome, cache_pb2.LookupRequest.DESCRIPTOR)
     if problem is None and outcome.response is not None and outcome.response.num_prefix_blocks > len(hashes):
         problem = f"OK answer counts more blocks than asked: {describe(outcome.response)}"
@@ -338,7 +338,7 @@ def test_lookup_and_stats_answer_every_request_with_a_named_status(cluster, stea
     held = cluster.steady_block_hashes()
     probe = fuzz_settings(40)(_lookup_example)
     offences, hurt = run_probe(steady, lambda found: probe(cluster, steady, found, held))
-    stats = cluster.store_stub.Stats(cache_pb2.StatsRequest(), timeout=CALL_TIMEOUT_S)
+    stats = cluster.store_stub.Stats(cache_pb2.StatsRequest(), timeout=CALL_TIMEOUT_S, metadata=WITH_TOKEN)
     assert stats.layout.num_layers == 30 and stats.blocks_used <= stats.blocks_capacity
     assert offences.calls >= 40 and offences.codes["OK"] >= 15
     assert not offences and not hurt, verdict(offences, steady, hurt)
