@@ -80,7 +80,8 @@ def test_decode_and_short_prefill_kernel_equal_torch_path(tokenizer):
     # A warm request's last forward: 3 new tokens over 71 cached go through the op (KernelAttention).
     chunk = [eng.model.prefill(eng.pool.kv, [PrefillSeq([4, 5, 6], 71, eng.tables[3]), PrefillSeq([8], 6, eng.tables[0])])
              for eng in (fast, plain)]
-    torch.testing.assert_close(chunk[0], chunk[1], rtol=1e-5, atol=1e-5)
+    # Logits of order 1 after two layers and a 49,152-row head: fp32 reordering noise stays below 5e-5.
+    torch.testing.assert_close(chunk[0], chunk[1], rtol=1e-4, atol=5e-5)
 
 
 def test_several_prompts_in_one_forward_equal_each_alone(tiny_engine):
@@ -126,12 +127,23 @@ def test_bf16_cached_equals_uncached_greedy(tokenizer, kernels):
 
 
 def test_bf16_prepacked_linear_equals_plain_linear():
-    from kvcluster.model.llama import _linear
+    from kvcluster.model.llama import Linear
 
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("no oneDNN bf16 on this CPU")
     w = torch.randn(96, 64).bfloat16()
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    linear = Linear.make(w)
+    assert linear.packed is not None
     for rows in (1, 7, 300):
         x = torch.randn(rows, 64).bfloat16()
-        assert torch.equal(_linear(x, packed), F.linear(x, w))
+        assert torch.equal(linear(x), F.linear(x, w))
+
+
+def test_fp32_linear_close_to_plain_linear():
+    from kvcluster.model.llama import Linear
+
+    w = torch.randn(96, 64)
+    linear = Linear.make(w)
+    for rows in (1, 2, 16, 300):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(linear(x), F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -116,7 +116,11 @@ class LlamaModel:
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
-        self.weights = _prepack(weights.to(self.device, dtype))
+        self.weights = weights.to(self.device, dtype)
+        # Per layer: qkv, o, gate_up, down; each multiplied by its fastest kernel on this device.
+        self.linears = [tuple(Linear.make(m) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+                        for lw in self.weights.layers]
+        self.lm_head = Linear.make(self.weights.lm_head)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
         angles = torch.outer(torch.arange(config.context_length, dtype=torch.float64), inv_freq)
@@ -181,24 +185,24 @@ class LlamaModel:
         slot_block, slot_off = slot_t // bs, slot_t % bs                             # [T]
         cos, sin = self.cos[pos_t][:, None, :], self.sin[pos_t][:, None, :]         # [T, 1, D]
         x = w.embed[torch.tensor(tokens, device=dev)]                               # [T, hidden]
-        for layer, lw in enumerate(w.layers):
-            qkv = _linear(self._rms_norm(x, lw.attn_norm), lw.wqkv)                # [T, (H + 2KV) * D]
+        for layer, (lw, (wqkv, wo, w_gate_up, w_down)) in enumerate(zip(w.layers, self.linears)):
+            qkv = wqkv(self._rms_norm(x, lw.attn_norm))                # [T, (H + 2KV) * D]
             qk = _rope(qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d), cos, sin)     # [T, H + KV, D]
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, (nh + nkv) * d:].view(n, nkv, d)                             # [T, KV, D]
             kv_layer = kv[:, layer]                                                  # [N, 2, bs, KV, D] view
             kv_layer[:, 0][slot_block, slot_off] = k
             kv_layer[:, 1][slot_block, slot_off] = v
-            x = x + _linear(attend(q, k, v, kv, layer), lw.wo)
-            gate, up = _linear(self._rms_norm(x, lw.ffn_norm), lw.w_gate_up).chunk(2, dim=-1)
-            x = x + _linear(F.silu(gate) * up, lw.w_down)
+            x = x + wo(attend(q, k, v, kv, layer))
+            gate, up = w_gate_up(self._rms_norm(x, lw.ffn_norm)).chunk(2, dim=-1)
+            x = x + w_down(F.silu(gate) * up)
         return x
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_eps)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _linear(self._rms_norm(hidden, self.weights.norm), self.weights.lm_head).float()
+        return self.lm_head(self._rms_norm(hidden, self.weights.norm)).float()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -208,22 +212,27 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + swapped * sin
 
 
-def _prepack(w: LlamaWeights) -> LlamaWeights:
-    """bf16 on CPU: the weight matrices reordered once into oneDNN's blocked layout. Plain F.linear
-    reorders the weight on every call (~1.3-2x slower at decode's 1-16 rows; same results bit for
-    bit, and prefill and decode both go through here). Other dtypes and devices: unchanged."""
-    if w.embed.device.type != "cpu" or w.embed.dtype != torch.bfloat16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return w
+class Linear:
+    """`x @ weight.T` by the fastest kernel this CPU has for x's row count. oneDNN with the weight
+    reordered once into its blocked layout: plain F.linear reorders a bf16 weight on every call, and
+    MKL's fp32 gemm is 1.2-2.5x slower than oneDNN's at decode's 2-16 rows. bf16: oneDNN for every
+    row count (its results equal F.linear's bit for bit). fp32: MKL's gemv for one row (faster
+    there), oneDNN otherwise; prefill and decode go through the same rule. CUDA: F.linear."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(t, None)
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None, packed_rows: int):
+        self.weight, self.packed, self.packed_rows = weight, packed, packed_rows  # packed from this many rows
 
-    layers = [LayerWeights(lw.attn_norm, pack(lw.wqkv), pack(lw.wo), lw.ffn_norm, pack(lw.w_gate_up), pack(lw.w_down))
-              for lw in w.layers]
-    return LlamaWeights(w.embed, layers, w.norm, pack(w.lm_head))  # the embedding stays plain for lookups
+    @classmethod
+    def make(cls, weight: torch.Tensor) -> "Linear":
+        if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return cls(weight, None, 0)
+        if weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight, None), 1)
+        if weight.dtype == torch.float32:
+            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight, None), 2)
+        return cls(weight, None, 0)
 
-
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return F.linear(x, weight)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in]
+        if self.packed is not None and x.shape[0] >= self.packed_rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return F.linear(x, self.weight)
