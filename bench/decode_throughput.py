@@ -1,13 +1,15 @@
 """Decode throughput vs batch size: our in-process engine against Hugging Face `transformers`.
 
 Both run the same GGUF (transformers dequantizes it itself: `from_pretrained(dir, gguf_file=..)`),
-in the same dtype (the suite's `--dtype`, fp32 by default), on CPU, greedy, a fixed output length, on the same random prompts of different lengths
-(transformers batches them with left padding). Prefill is excluded from both:
+in the same dtype (the suite's `--dtype`, fp32 by default), on CPU, greedy, a fixed output
+length, on the same random prompts of different lengths (transformers batches them with left
+padding). Prefill is excluded from both:
 ours times decode steps of an already prefilled batch; transformers' generate(1 + steps tokens) is
 stamped by a logits processor after every forward, and its decode time runs from the first stamp
 (the end of the prefill) to the last.
 Repetitions alternate ours / transformers. Targets: ours >= 1.5x transformers at batch 8 and
->= 1.2x at batch 1 and 16; ours at batch 8 >= 4x ours at batch 1. Tiny mode skips transformers (it needs the `bench` extras).
+>= 1.2x at batch 1 and 16; ours at batch 8 >= 4x ours at batch 1. Tiny mode skips transformers
+(it needs the `bench` extras).
 """
 
 import contextlib
