@@ -45,6 +45,27 @@ def test_op_equals_plain_math_over_ragged_tables(dtype, tol):
 
 
 @needs_op
+@pytest.mark.parametrize("positions", [[700], [700, 20], [255, 1000, 511]])
+def test_op_splits_long_contexts_and_still_equals_plain_math(positions):
+    """Few queries over long contexts are split into chunks across threads, then merged."""
+    gen = torch.Generator().manual_seed(1)
+    kv = torch.randn(70, 1, 2, 16, 2, 32, generator=gen)
+    order = torch.randperm(70, generator=gen).tolist()
+    tables = [order[:64], order[6:70], order[3:67]][: len(positions)]  # 1,024 tokens each
+    q = torch.randn(len(positions), 6, 32, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)  # 2-3 chunks per query whatever the machine; the 20-token one leaves a chunk empty
+    try:
+        out = paged_attention_op()(q, kv, 0, torch.tensor(tables, dtype=torch.int32),
+                                   torch.arange(len(positions), dtype=torch.int32),
+                                   torch.tensor(positions, dtype=torch.int32), 1 / math.sqrt(32))
+    finally:
+        torch.set_num_threads(threads)
+    for t, p in enumerate(positions):
+        torch.testing.assert_close(out[t].double(), reference_attention(q[t], kv, 0, tables[t], p), rtol=1e-5, atol=1e-5)
+
+
+@needs_op
 def test_op_refuses_tables_outside_the_pool():
     kv = torch.zeros(4, 1, 2, 16, 1, 8)
     q = torch.zeros(1, 1, 8)

@@ -32,7 +32,8 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + torch.__version__.encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
     return Path(os.environ.get("KVC_KERNEL_DIR", DEFAULT_BUILD_ROOT)) / key
 
 
@@ -46,7 +47,11 @@ def _load() -> bool:
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
         cpp_extension.load("kvcluster_kernels", [str(SOURCE)], build_directory=str(folder), is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+                           # -fopenmp: at::parallel_for is a header template that runs serially unless
+                           # the extension itself is built with OpenMP; the loader then reuses torch's
+                           # own libgomp.so.1 (same soname), so there is one thread pool.
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           verbose=False)
         return True
     except Exception as exc:  # no compiler, no headers, read-only folder: the torch path still works
         log.warning("compiled kernels unavailable, using the plain torch attention path: %s", exc)

@@ -22,77 +22,109 @@ inline void load_row(const T* src, float* dst, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
+// One work item: query token t, kv head h, keys [first, last) of its sequence. Writes the
+// item's running max and exp-sum per query head and its unnormalised output (fp32) to `part`:
+// [group, dim + 2] = acc[dim], max, sum.
+template <typename T>
+struct Attend {
+  const T* pool;
+  const T* q_all;
+  const int32_t* table_all;
+  int64_t width, num_heads, num_kv, group, dim, block_size, block_stride, kv_stride, row_stride;
+  float scale;
+
+  void run(int64_t t, int64_t h, int32_t seq, int64_t first, int64_t last, float* part,
+           std::vector<float>& qf, std::vector<float>& row, std::vector<float>& scores) const {
+    const int32_t* table = table_all + static_cast<int64_t>(seq) * width;
+    const int64_t head0 = t * num_heads + h * group, count = last - first;
+    for (int64_t g = 0; g < group; ++g) {
+      load_row(q_all + (head0 + g) * dim, qf.data() + g * dim, dim);
+      for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] *= scale;
+    }
+    scores.resize(group * count);
+    for (int64_t j = first; j < last; ++j) {
+      load_row(pool + table[j / block_size] * block_stride + (j % block_size) * row_stride + h * dim, row.data(), dim);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = qf.data() + g * dim;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < dim; ++d) dot += qg[d] * row[d];
+        scores[g * count + j - first] = dot;
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {  // softmax numerators, fp32
+      float* s = scores.data() + g * count;
+      float* out = part + g * (dim + 2);
+      const float top = count ? *std::max_element(s, s + count) : -std::numeric_limits<float>::infinity();
+      float sum = 0.f;
+      for (int64_t j = 0; j < count; ++j) {
+        s[j] = std::exp(s[j] - top);
+        sum += s[j];
+      }
+      std::fill(out, out + dim, 0.f);
+      out[dim] = top;
+      out[dim + 1] = sum;
+    }
+    for (int64_t j = first; j < last; ++j) {
+      load_row(pool + table[j / block_size] * block_stride + kv_stride + (j % block_size) * row_stride + h * dim,
+               row.data(), dim);
+      for (int64_t g = 0; g < group; ++g) {
+        const float p = scores[g * count + j - first];
+        float* a = part + g * (dim + 2);
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) a[d] += p * row[d];
+      }
+    }
+  }
+};
+
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::Tensor& tables,
             const at::Tensor& seq_of, const at::Tensor& positions, double scale, at::Tensor& out) {
   const int64_t num_tokens = q.size(0), num_heads = q.size(1), dim = q.size(2);
   const int64_t block_size = kv.size(3), num_kv = kv.size(4), group = num_heads / num_kv;
-  const int64_t width = tables.size(1);
-  const int64_t block_stride = kv.stride(0), kv_stride = kv.stride(2), row_stride = kv.stride(3);
-  const T* pool = kv.data_ptr<T>() + layer * kv.stride(1);
-  const T* q_all = q.data_ptr<T>();
-  T* out_all = out.data_ptr<T>();
-  const int32_t* table_all = tables.data_ptr<int32_t>();
+  const Attend<T> work{kv.data_ptr<T>() + layer * kv.stride(1), q.data_ptr<T>(), tables.data_ptr<int32_t>(),
+                       tables.size(1), num_heads, num_kv, group, dim, block_size, kv.stride(0), kv.stride(2),
+                       kv.stride(3), static_cast<float>(scale)};
   const int32_t* seq_all = seq_of.data_ptr<int32_t>();
   const int32_t* pos_all = positions.data_ptr<int32_t>();
+  // A small batch has fewer (token, kv head) items than threads: split long contexts into
+  // chunks of whole blocks, each its own item, merged below (as flash-decoding does on GPUs).
+  const int64_t items = num_tokens * num_kv, threads = at::get_num_threads();
+  int64_t longest = 1;
+  for (int64_t t = 0; t < num_tokens; ++t) longest = std::max<int64_t>(longest, pos_all[t] + 1);
+  const int64_t splits = std::max<int64_t>(1, std::min((2 * threads + items - 1) / items, longest / 256));
+  const int64_t chunk = ((longest + splits - 1) / splits + block_size - 1) / block_size * block_size;
+  std::vector<float> parts(items * splits * group * (dim + 2));
 
-  at::parallel_for(0, num_tokens * num_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim), acc(group * dim), row(dim), scores, total(group);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / num_kv, h = item % num_kv;
+  at::parallel_for(0, items * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), row(dim), scores;
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t item = w / splits, c = w % splits, t = item / num_kv, h = item % num_kv;
       const int64_t context = static_cast<int64_t>(pos_all[t]) + 1;  // keys 0..position
-      const int32_t* table = table_all + static_cast<int64_t>(seq_all[t]) * width;
-      const int64_t head0 = t * num_heads + h * group;                // first query head of the group
-      for (int64_t g = 0; g < group; ++g) {
-        load_row(q_all + (head0 + g) * dim, qf.data() + g * dim, dim);
-        for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] *= static_cast<float>(scale);
-      }
-      scores.resize(group * context);
-      for (int64_t start = 0; start < context; start += block_size) {
-        const T* keys = pool + table[start / block_size] * block_stride + h * dim;
-        const int64_t rows = std::min(block_size, context - start);
-        for (int64_t r = 0; r < rows; ++r) {
-          load_row(keys + r * row_stride, row.data(), dim);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * dim;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += qg[d] * row[d];
-            scores[g * context + start + r] = dot;
-          }
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {  // softmax, fp32
-        float* s = scores.data() + g * context;
-        const float top = *std::max_element(s, s + context);
-        float sum = 0.f;
-        for (int64_t j = 0; j < context; ++j) {
-          s[j] = std::exp(s[j] - top);
-          sum += s[j];
-        }
-        total[g] = sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t start = 0; start < context; start += block_size) {
-        const T* values = pool + table[start / block_size] * block_stride + kv_stride + h * dim;
-        const int64_t rows = std::min(block_size, context - start);
-        for (int64_t r = 0; r < rows; ++r) {
-          load_row(values + r * row_stride, row.data(), dim);
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * context + start + r];
-            float* a = acc.data() + g * dim;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) a[d] += p * row[d];
-          }
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const float inv = 1.f / total[g];
-        T* o = out_all + (head0 + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[g * dim + d] * inv);
-      }
+      const int64_t first = std::min(context, c * chunk), last = std::min(context, (c + 1) * chunk);
+      work.run(t, h, seq_all[t], first, last, parts.data() + w * group * (dim + 2), qf, row, scores);
     }
   });
+  T* out_all = out.data_ptr<T>();
+  for (int64_t item = 0; item < items; ++item) {  // merge the chunks: rescale to the common max
+    const int64_t t = item / num_kv, h = item % num_kv;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* first_part = parts.data() + (item * splits * group + g) * (dim + 2);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < splits; ++c) top = std::max(top, first_part[c * group * (dim + 2) + dim]);
+      float acc[512] = {0.f}, total = 0.f;
+      for (int64_t c = 0; c < splits; ++c) {
+        const float* part = first_part + c * group * (dim + 2);
+        if (part[dim + 1] == 0.f) continue;  // an empty chunk (a shorter sequence)
+        const float factor = std::exp(part[dim] - top);
+        total += part[dim + 1] * factor;
+        for (int64_t d = 0; d < dim; ++d) acc[d] += part[d] * factor;
+      }
+      T* o = out_all + (t * num_heads + h * group + g) * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d] / total);
+    }
+  }
 }
 
 // q [T, H, D]; kv the whole pool; tables [S, W] int32 (block ids of each sequence);
@@ -105,6 +137,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, int64_t la
   TORCH_CHECK(q.scalar_type() == kv.scalar_type(), "q and kv must share a dtype");
   TORCH_CHECK(q.size(2) == kv.size(5) && q.size(1) % kv.size(4) == 0, "head shapes of q and kv disagree");
   TORCH_CHECK(0 <= layer && layer < kv.size(1), "layer out of range");
+  TORCH_CHECK(q.size(2) <= 512, "head_dim above 512 is not supported");
   TORCH_CHECK(tables.scalar_type() == at::kInt && seq_of.scalar_type() == at::kInt &&
               positions.scalar_type() == at::kInt, "tables, seq_of and positions must be int32");
   TORCH_CHECK(tables.is_contiguous() && seq_of.numel() == q.size(0) && positions.numel() == q.size(0),
