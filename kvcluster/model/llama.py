@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from kvcluster.kvpool import KVLayout
+from kvcluster.model.attention import CausalAttention, KernelAttention, MaskedAttention, PaddedAttention
+from kvcluster.model.kernels import paged_attention_op
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ class DecodeSeq:
     block_table: Sequence[int]
 
 
-Attend = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+KERNEL_MAX_NEW_TOKENS = 8  # prefill chunks up to this many tokens per sequence take the compiled op
 
 
 class LlamaModel:
@@ -114,12 +117,20 @@ class LlamaModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.weights = weights.to(self.device, dtype)
+        # Per layer: qkv, o, gate_up, down; each multiplied by its fastest kernel on this device.
+        self.linears = [tuple(Linear.make(m) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+                        for lw in self.weights.layers]
+        self.lm_head = Linear.make(self.weights.lm_head)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
         angles = torch.outer(torch.arange(config.context_length, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # [context, head_dim], rotate-half layout
         self.cos = angles.cos().to(self.device, dtype)
-        self.sin = angles.sin().to(self.device, dtype)
+        # The rotate-half sign folded into the table: x2 * -sin == -x2 * sin exactly.
+        half = config.head_dim // 2
+        self.sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], dim=-1).to(self.device, dtype)
+        # None on CUDA or without a compiler: the plain torch attention path (see attention.py).
+        self.paged_op = paged_attention_op() if self.device.type == "cpu" else None
 
     # ---- public entry points -------------------------------------------------------------
 
@@ -127,112 +138,101 @@ class LlamaModel:
     def prefill(self, kv: torch.Tensor, seqs: Sequence[PrefillSeq]) -> torch.Tensor:
         """Compute and store K/V for each sequence's new tokens; logits of each last token [S, vocab]."""
         bs = kv.shape[3]
-        tokens, positions, slots, bounds = [], [], [], []
-        start = 0
-        for seq in seqs:
-            n = len(seq.token_ids)
-            pos = range(seq.num_cached, seq.num_cached + n)
-            tokens.extend(seq.token_ids)
-            positions.extend(pos)
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in pos)
-            bounds.append((start, start + n, seq))
-            start += n
-        dev = self.device
-        pos_t = torch.tensor(positions, device=dev)
-        slot_t = torch.tensor(slots, device=dev)
-        tables = [torch.tensor(seq.block_table[: -(-(seq.num_cached + e - s) // bs)], device=dev)
-                  for s, e, seq in bounds]
-
-        def attend(q: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self._attend_one(q[s:e], kv_layer, table, seq.num_cached)
-                              for (s, e, seq), table in zip(bounds, tables)])
-
-        hidden = self._forward(kv, torch.tensor(tokens, device=dev), pos_t, slot_t, attend)
-        last = torch.tensor([e - 1 for _, e, _ in bounds], device=dev)
-        return self._logits(hidden[last])
+        tokens, positions, slots, seq_of, last = [], [], [], [], []
+        for i, seq in enumerate(seqs):
+            pos = range(seq.num_cached, seq.num_cached + len(seq.token_ids))
+            tokens += seq.token_ids
+            positions += pos
+            slots += (seq.block_table[p // bs] * bs + p % bs for p in pos)
+            seq_of += [i] * len(pos)
+            last.append(len(tokens) - 1)
+        hidden = self._forward(kv, tokens, positions, slots, self._prefill_attention(seqs, seq_of, positions, bs))
+        return self._logits(hidden[torch.tensor(last, device=self.device)])
 
     @torch.inference_mode()
     def decode(self, kv: torch.Tensor, seqs: Sequence[DecodeSeq]) -> torch.Tensor:
         """Advance each sequence by one token; logits [B, vocab]."""
         bs = kv.shape[3]
-        dev = self.device
-        width = max(len(s.block_table) for s in seqs)
-        # Padding blocks repeat the first block; the mask hides them.
-        tables = torch.tensor([list(s.block_table) + [s.block_table[0]] * (width - len(s.block_table)) for s in seqs], device=dev)
-        pos_t = torch.tensor([s.position for s in seqs], device=dev)
-        slot_t = torch.tensor([s.block_table[s.position // bs] * bs + s.position % bs for s in seqs], device=dev)
-        key_pos = torch.arange(width * bs, device=dev)
-        mask = torch.zeros(len(seqs), 1, 1, width * bs, device=dev, dtype=self.dtype)  # [B, 1, 1, S]
-        mask.masked_fill_(key_pos[None, None, None, :] > pos_t[:, None, None, None], float("-inf"))
+        tables = [s.block_table[: s.position // bs + 1] for s in seqs]
+        positions = [s.position for s in seqs]
+        slots = [s.block_table[s.position // bs] * bs + s.position % bs for s in seqs]
+        if self.paged_op is not None:
+            attend = KernelAttention(self.paged_op, tables, range(len(seqs)), positions, self.scale, self.device)
+        else:
+            attend = PaddedAttention(tables, positions, bs, self.scale, self.dtype, self.device)
+        return self._logits(self._forward(kv, [s.token_id for s in seqs], positions, slots, attend))
 
-        def attend(q: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
-            return self._attend_batch(q, kv_layer, tables, mask)
-
-        hidden = self._forward(kv, torch.tensor([s.token_id for s in seqs], device=dev), pos_t, slot_t, attend)
-        return self._logits(hidden)
+    def _prefill_attention(self, seqs: Sequence[PrefillSeq], seq_of: list[int], positions: list[int], bs: int) -> Attend:
+        """The step's attention plan (see kvcluster.model.attention)."""
+        cached = any(s.num_cached for s in seqs)
+        if self.paged_op is not None and cached and max(len(s.token_ids) for s in seqs) <= KERNEL_MAX_NEW_TOKENS:
+            tables = [s.block_table[: -(-(s.num_cached + len(s.token_ids)) // bs)] for s in seqs]
+            return KernelAttention(self.paged_op, tables, seq_of, positions, self.scale, self.device)
+        if len(seqs) == 1 and not cached:
+            return CausalAttention()
+        return MaskedAttention([(s.num_cached, len(s.token_ids), s.block_table) for s in seqs], bs, self.device)
 
     # ---- the layers -----------------------------------------------------------------------
 
-    def _forward(self, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                 slots: torch.Tensor, attend: Attend) -> torch.Tensor:
-        cfg, w = self.config, self.weights
-        n, nh, nkv, d = tokens.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    def _forward(self, kv: torch.Tensor, tokens: list[int], positions: list[int], slots: list[int],
+                 attend: Attend) -> torch.Tensor:
+        """The layer loop. Everything per step (positions, slots, rope tables, the attention plan) is
+        made before it; each layer only computes and writes its own K/V."""
+        cfg, w, dev = self.config, self.weights, self.device
+        n, nh, nkv, d = len(tokens), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bs = kv.shape[3]
-        slot_block, slot_off = slots // bs, slots % bs
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]  # [T, 1, D]
-        x = w.embed[tokens]  # [T, hidden]
-        for layer_idx, lw in enumerate(w.layers):
-            h = self._rms_norm(x, lw.attn_norm)
-            q, k, v = F.linear(h, lw.wqkv).split([nh * d, nkv * d, nkv * d], dim=-1)
-            q = _rope(q.view(n, nh, d), cos, sin)           # [T, H, D]
-            k = _rope(k.view(n, nkv, d), cos, sin)          # [T, KV, D]
-            kv_layer = kv[:, layer_idx]                     # [N, 2, bs, KV, D] view of the pool
+        pos_t, slot_t = torch.tensor(positions, device=dev), torch.tensor(slots, device=dev)
+        slot_block, slot_off = slot_t // bs, slot_t % bs                             # [T]
+        cos, sin = self.cos[pos_t][:, None, :], self.sin[pos_t][:, None, :]         # [T, 1, D]
+        x = w.embed[torch.tensor(tokens, device=dev)]                               # [T, hidden]
+        for layer, (lw, (wqkv, wo, w_gate_up, w_down)) in enumerate(zip(w.layers, self.linears)):
+            qkv = wqkv(self._rms_norm(x, lw.attn_norm))                # [T, (H + 2KV) * D]
+            qk = _rope(qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d), cos, sin)     # [T, H + KV, D]
+            q, k = qk[:, :nh], qk[:, nh:]
+            v = qkv[:, (nh + nkv) * d:].view(n, nkv, d)                             # [T, KV, D]
+            kv_layer = kv[:, layer]                                                  # [N, 2, bs, KV, D] view
             kv_layer[:, 0][slot_block, slot_off] = k
-            kv_layer[:, 1][slot_block, slot_off] = v.view(n, nkv, d)
-            x = x + F.linear(attend(q, kv_layer), lw.wo)
-            gate, up = F.linear(self._rms_norm(x, lw.ffn_norm), lw.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw.w_down)
+            kv_layer[:, 1][slot_block, slot_off] = v
+            x = x + wo(attend(q, k, v, kv, layer))
+            gate, up = w_gate_up(self._rms_norm(x, lw.ffn_norm)).chunk(2, dim=-1)
+            x = x + w_down(F.silu(gate) * up)
         return x
-
-    def _attend_one(self, q: torch.Tensor, kv_layer: torch.Tensor, table: torch.Tensor, num_cached: int) -> torch.Tensor:
-        """Causal attention of one sequence's new tokens over its cached + new keys. q: [T, H, D]."""
-        t, nh, d = q.shape
-        ctx = num_cached + t
-        blocks = kv_layer[table]                                    # [nb, 2, bs, KV, D]
-        # SDPA takes its fast (flash) CPU kernel only for contiguous 4-D inputs.
-        k = blocks[:, 0].flatten(0, 1)[:ctx].transpose(0, 1).contiguous()[None]  # [1, KV, ctx, D]
-        v = blocks[:, 1].flatten(0, 1)[:ctx].transpose(0, 1).contiguous()[None]
-        q4 = q.transpose(0, 1).contiguous()[None]                   # [1, H, T, D]
-        if num_cached == 0:
-            out = F.scaled_dot_product_attention(q4, k, v, is_causal=True, enable_gqa=True)
-        else:
-            key_pos = torch.arange(ctx, device=q.device)
-            query_pos = torch.arange(num_cached, ctx, device=q.device)
-            allowed = key_pos[None, :] <= query_pos[:, None]        # [T, ctx]
-            out = F.scaled_dot_product_attention(q4, k, v, attn_mask=allowed, enable_gqa=True)
-        out = out[0]
-        return out.transpose(0, 1).reshape(t, nh * d)
-
-    def _attend_batch(self, q: torch.Tensor, kv_layer: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One query token per sequence over its padded keys; GQA folded into the matmul. q: [B, H, D]."""
-        b, nh, d = q.shape
-        nkv = self.config.num_kv_heads
-        blocks = kv_layer[tables]                                   # [B, nb, 2, bs, KV, D]
-        k = blocks[:, :, 0].flatten(1, 2).permute(0, 2, 3, 1)      # [B, KV, D, S]
-        v = blocks[:, :, 1].flatten(1, 2).transpose(1, 2)          # [B, KV, S, D]
-        scores = torch.matmul(q.view(b, nkv, nh // nkv, d), k) * self.scale + mask  # [B, KV, G, S]
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)       # [B, KV, G, D]
-        return out.reshape(b, nh * d)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_eps)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._rms_norm(hidden, self.weights.norm), self.weights.lm_head).float()
+        return self.lm_head(self._rms_norm(hidden, self.weights.norm)).float()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half layout (GGUF's interleaved Q/K rows are un-permuted at load)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """Rotary embedding, rotate-half layout (GGUF's interleaved Q/K rows are un-permuted at load);
+    `sin` carries the sign of the rotated first half. x: [T, heads, D]."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
+    return x * cos + swapped * sin
+
+
+class Linear:
+    """`x @ weight.T` by the fastest kernel this CPU has for x's row count. oneDNN with the weight
+    reordered once into its blocked layout: plain F.linear reorders a bf16 weight on every call, and
+    MKL's fp32 gemm is 1.2-2.5x slower than oneDNN's at decode's 2-16 rows. bf16: oneDNN for every
+    row count (its results equal F.linear's bit for bit). fp32: MKL's gemv for one row (faster
+    there), oneDNN otherwise; prefill and decode go through the same rule. CUDA: F.linear."""
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None, packed_rows: int):
+        self.weight, self.packed, self.packed_rows = weight, packed, packed_rows  # packed from this many rows
+
+    @classmethod
+    def make(cls, weight: torch.Tensor) -> "Linear":
+        if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return cls(weight, None, 0)
+        if weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight, None), 1)
+        if weight.dtype == torch.float32:
+            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight, None), 2)
+        return cls(weight, None, 0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in]
+        if self.packed is not None and x.shape[0] >= self.packed_rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return F.linear(x, self.weight)

@@ -1,0 +1,70 @@
+"""Compiled CPU kernels of the engine (C++ through torch.utils.cpp_extension), built once per machine.
+
+`make install` builds them (`python -m kvcluster.model.kernels`); otherwise the first engine that
+wants them builds them (gcc, ~1 minute). The build folder is keyed by the source, the torch version
+and the CPU's flags (the code is compiled for this CPU, -march=native), so a copy of the repo on
+another machine rebuilds instead of running instructions its CPU lacks. When the build fails (no
+compiler, read-only folder) or KVC_KERNELS=0, `paged_attention_op()` is None and the model runs
+its plain-torch path: same math, more copies.
+"""
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+DEFAULT_BUILD_ROOT = Path(__file__).resolve().parents[2] / "build" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def build_dir() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + torch.__version__.encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
+    return Path(os.environ.get("KVC_KERNEL_DIR", DEFAULT_BUILD_ROOT)) / key
+
+
+@functools.cache
+def _load() -> bool:
+    if os.environ.get("KVC_KERNELS", "1") == "0":
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        folder = build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load("kvcluster_kernels", [str(SOURCE)], build_directory=str(folder), is_python_module=False,
+                           # -fopenmp: at::parallel_for is a header template that runs serially unless
+                           # the extension itself is built with OpenMP; the loader then reuses torch's
+                           # own libgomp.so.1 (same soname), so there is one thread pool.
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           verbose=False)
+        return True
+    except Exception as exc:  # no compiler, no headers, read-only folder: the torch path still works
+        log.warning("compiled kernels unavailable, using the plain torch attention path: %s", exc)
+        return False
+
+
+def paged_attention_op():
+    """torch.ops.kvcluster.paged_attention (see csrc/paged_attention.cpp), or None when unavailable."""
+    return torch.ops.kvcluster.paged_attention if _load() else None
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    ok = paged_attention_op() is not None
+    print(f"kvcluster kernels: {'built in ' + str(build_dir()) if ok else 'unavailable (torch fallback)'}")
+    sys.exit(0)
