@@ -56,13 +56,14 @@ def batch_from_payloads(payloads: Sequence[bytes | bytearray | memoryview], bloc
     CUDA, one non-blocking host-to-device copy on a side stream."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    if len(payloads) == 1 and not cuda:  # one block for a CPU pool: read it in place, no staging copy
-        return BlockBatch(_view(payloads[0], block_nbytes).view(1, block_nbytes))
-    host = torch.empty((len(payloads), block_nbytes), dtype=torch.uint8, pin_memory=cuda)
-    rows = host.numpy()
     for i, payload in enumerate(payloads):
         if len(payload) != block_nbytes:
             raise ValueError(f"block payload {i} is {len(payload)} bytes, the layout needs {block_nbytes}")
+    if len(payloads) == 1 and not cuda:  # one block for a CPU pool: read it in place, no staging copy
+        return BlockBatch(_view(payloads[0]).view(1, block_nbytes))
+    host = torch.empty((len(payloads), block_nbytes), dtype=torch.uint8, pin_memory=cuda)
+    rows = host.numpy()
+    for i, payload in enumerate(payloads):
         rows[i] = np.frombuffer(payload, dtype=np.uint8)
     if not cuda:
         return BlockBatch(host)
@@ -92,10 +93,8 @@ def batch_to_payloads(batch: BlockBatch) -> list[bytes]:
     return [rows[i].tobytes() for i in range(rows.shape[0])]
 
 
-def _view(payload: bytes | bytearray | memoryview, block_nbytes: int) -> torch.Tensor:
+def _view(payload: bytes | bytearray | memoryview) -> torch.Tensor:
     """A read-only uint8 tensor over `payload`'s memory (only ever copied from, never written)."""
-    if len(payload) != block_nbytes:
-        raise ValueError(f"block payload 0 is {len(payload)} bytes, the layout needs {block_nbytes}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # frombuffer warns on read-only buffers (protobuf bytes)
         return torch.frombuffer(payload, dtype=torch.uint8)

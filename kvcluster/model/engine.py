@@ -214,8 +214,9 @@ class Engine:
         try:
             tokens = sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
         except Exception:  # one row's draw failed: sample each alone, fail only the culprit
-            return [event for i, seq in enumerate(seqs) for event in self._sample(
-                [seq], logits[i:i + 1])] if len(seqs) > 1 else self._fail_sampling(seqs[0])
+            if len(seqs) == 1:
+                return self._fail_sampling(seqs[0])
+            return [event for i, seq in enumerate(seqs) for event in self._sample([seq], logits[i:i + 1])]
         return [seq.append_token(t) for seq, t in zip(seqs, tokens)]
 
     def _fail_sampling(self, seq: Sequence) -> list[TokenEvent]:
