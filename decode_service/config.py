@@ -17,8 +17,9 @@ class DecodeConfig(WorkerConfig):
     max_workers: int = setting(128, "gRPC handler threads; keep above max_streams so health checks still answer")
     prefill_target: str = setting("127.0.0.1:50052", "host:port of the prefill service; empty = always prefill locally")
     max_streams: int = setting(120, "concurrent Generate streams before new ones get RESOURCE_EXHAUSTED")
-    local_prefill_max_tokens: int = setting(16, "uncached prompt tokens up to which decode prefills locally "
-                                            "instead of calling the prefill service")
+    local_prefill_max_tokens: int = setting(-1, "uncached prompt tokens up to which decode prefills locally "
+                                            "instead of calling the prefill service; -1 = decided from measured "
+                                            "costs (a Prefill call's overhead vs this worker's prefill speed)")
     cache_generated: bool = setting(True, "push a finished request's new full blocks (prompt + output) to the cache")
     max_pending_pushes: int = setting(8, "finished requests whose new blocks may wait to be pushed; beyond it a "
                                       "request's blocks are dropped (counted), so a slow store never piles up memory")

@@ -14,7 +14,7 @@ import grpc
 
 from decode_service.metrics import DecodeMetrics
 from decode_service.prompt_kv import PromptKV, PromptKVSource
-from kvcluster.blocks import check_cache_salt, prefix_hashes
+from kvcluster.blocks import check_cache_salt
 from kvcluster.cache_client import KVCacheClient
 from kvcluster.errors import InvalidArgument
 from kvcluster.messages import FINISH_REASONS, sampling_from_proto
@@ -25,6 +25,7 @@ from kvcluster.proto import decode_pb2
 from kvcluster.worker import EngineWorker
 
 MS = 1000.0
+PROMPT_SOURCES = ("local_cache", "store", "prefill", "local_computed")  # Usage fields <source>_tokens
 
 
 class Generator:
@@ -78,6 +79,7 @@ class Generator:
         use_cache = not request.bypass_cache
         time_left = context.time_remaining() if context is not None else None
         kv = self.source.fetch(request_id, prompt_ids, params, time_left, cache_salt) if use_cache else PromptKV()
+        kv.use_cache, kv.cache_salt = use_cache, cache_salt
         self.metrics.observe(kv.fallbacks, kv.lookup_s)
         if context is not None and not context.is_active():
             return  # cancelled or past its deadline while the KV was being fetched: do no more work
@@ -107,53 +109,55 @@ class Generator:
                 if event.finish_reason is not None:
                     finished = True
                     response.finish_reason = FINISH_REASONS[event.finish_reason]
-                    response.usage.CopyFrom(self._usage(prompt_ids, kv, count, arrival, first))
+                    usage = self._usage(prompt_ids, kv, holder[0] if holder else None, count, arrival, first)
+                    response.usage.CopyFrom(usage)
+                    for source in PROMPT_SOURCES:
+                        self.metrics.prompt_tokens.labels(source).inc(getattr(usage, f"{source}_tokens"))
                 yield response
         finally:
             if finished and keep and holder:
-                self.worker.submit(lambda eng: self._push_generated(eng, holder[0], kv.held_blocks, cache_salt))
+                self.worker.submit(lambda eng: self._push_generated(eng, holder[0], kv.held_blocks))
         self.metrics.latency.observe(time.perf_counter() - arrival)
-        self.metrics.prompt_tokens.labels("cached").inc(kv.cached_tokens)
-        self.metrics.prompt_tokens.labels("computed").inc(len(prompt_ids) - kv.cached_tokens)
         self.metrics.generation_tokens.inc(count)
 
     def _admit(self, engine: Engine, request_id: str, prompt_ids: list[int], params, kv: PromptKV, keep: bool) -> EngineSeq:
-        """On the engine thread: load the pulled blocks and queue the sequence."""
-        slots = engine.load_blocks(kv.blocks) if kv.blocks is not None else []
-        if slots is None:  # the pool cannot take them now: recompute instead
-            slots, kv.num_tokens, kv.cached_tokens = [], 0, 0
+        """On the engine thread: the engine takes what the local cache holds, then the pulled blocks."""
         handed = [kv.first_token] if kv.first_token is not None else []
-        try:
-            return engine.add_request(prompt_ids, params, request_id, block_table=slots, num_computed=kv.num_tokens,
-                                      output_ids=handed, keep_blocks=keep)
-        except Exception:
-            engine.pool.free(slots)
-            raise
+        return engine.add_request(prompt_ids, params, request_id, output_ids=handed, keep_blocks=keep,
+                                  prefix=kv.prefix(), cache_salt=kv.cache_salt, use_cache=kv.use_cache)
 
-    def _push_generated(self, engine: Engine, seq: EngineSeq, held_blocks: int, cache_salt: str = "") -> None:
-        """On the engine thread: snapshot the finished sequence's uncached full blocks (one gather),
-        free it; copy to host and push off the engine thread. When max_pending_pushes requests'
-        blocks already wait (a slow or stuck store), these are dropped and counted instead."""
+    def _push_generated(self, engine: Engine, seq: EngineSeq, held_blocks: int) -> None:
+        """On the engine thread: snapshot the finished sequence's full blocks the store does not hold
+        yet (one gather), release it (its blocks stay in the local cache); copy to host and push off
+        the engine thread. When max_pending_pushes requests' blocks already wait (a slow or stuck
+        store), these are dropped and counted instead."""
         if len(self._pending) >= self.max_pending_pushes:
             engine.release(seq)
             self.metrics.pushes_dropped.inc()
             return
-        bs = engine.config.block_size
-        computed = seq.token_ids[:seq.num_computed]
-        hashes = prefix_hashes(engine.fingerprint, computed, bs, cache_salt)[held_blocks:]
-        tokens = [computed[i * bs:(i + 1) * bs] for i in range(held_blocks, held_blocks + len(hashes))]
-        batch = engine.read_blocks(seq.block_table[held_blocks:held_blocks + len(hashes)])
+        export = engine.export_blocks(seq, held_blocks)
         engine.release(seq)
-        if hashes:
-            future = self._pushers.submit(self.cache.push_batch, hashes, tokens, batch, self.lease_seconds)
+        if export is not None:
+            future = self._pushers.submit(self.cache.push_batch, export.hashes, export.tokens, export.batch,
+                                          self.lease_seconds)
             self._pending.add(future)
             future.add_done_callback(self._pending.discard)
 
     @staticmethod
-    def _usage(prompt_ids: Sequence[int], kv: PromptKV, completion: int, arrival: float, first: float) -> decode_pb2.Usage:
+    def _usage(prompt_ids: Sequence[int], kv: PromptKV, seq: EngineSeq | None, completion: int, arrival: float,
+               first: float) -> decode_pb2.Usage:
+        """Where the prompt's KV came from, by the engine's account: its local cache, blocks pulled
+        (from the store, or computed by the prefill service), or computed here."""
+        sources = seq.sources if seq is not None else None
+        local = sources.local_cache if sources else 0
+        pulled = sources.pulled if sources else 0
+        start = sources.pulled_start if sources else 0  # pulled tokens before cached_upto came from the store
+        store = max(0, min(start + pulled, kv.cached_upto) - start)
+        computed_here = len(prompt_ids) - local - pulled
         return decode_pb2.Usage(
-            prompt_tokens=len(prompt_ids), cached_tokens=kv.cached_tokens,
-            computed_tokens=len(prompt_ids) - kv.cached_tokens, completion_tokens=completion,
+            prompt_tokens=len(prompt_ids), cached_tokens=local + store, computed_tokens=len(prompt_ids) - local - store,
+            local_cache_tokens=local, store_tokens=store, prefill_tokens=pulled - store,
+            local_computed_tokens=computed_here, completion_tokens=completion,
             bytes_pulled=kv.bytes_pulled, bytes_handoff=kv.bytes_handoff,
             timing=decode_pb2.Timing(lookup_ms=kv.lookup_s * MS, prefill_ms=kv.prefill_s * MS, kv_pull_ms=kv.pull_s * MS,
                                      first_token_ms=(first - arrival) * MS,

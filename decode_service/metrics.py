@@ -21,20 +21,24 @@ class DecodeMetrics(FallbackMetrics):
                              buckets=ITL_BUCKETS, registry=registry)
         self.latency = Histogram("kvcluster_request_latency_seconds", "End-to-end Generate latency",
                                  buckets=E2E_BUCKETS, registry=registry)
-        self.prompt_tokens = Counter("kvcluster_prompt_tokens", "Prompt tokens by where their KV came from",
-                                     ["kind"], registry=registry)
+        self.prompt_tokens = Counter("kvcluster_prompt_tokens", "Prompt tokens by where their KV came from: "
+                                     "local_cache (this worker's pool), store (pulled), prefill (computed by the "
+                                     "prefill service), local_computed (computed here)", ["source"], registry=registry)
         self.generation_tokens = Counter("kvcluster_generation_tokens", "Generated tokens", registry=registry)
         self.requests = Counter("kvcluster_requests", "Generate requests by outcome", ["outcome"], registry=registry)
         self.pushes_dropped = Counter("kvcluster_generated_pushes_dropped", "Finished requests whose new blocks were "
                                       "not pushed because max_pending_pushes were already waiting", registry=registry)
         self.running = Gauge("kvcluster_requests_running", "Sequences in the decode batch", registry=registry)
         self.waiting = Gauge("kvcluster_requests_waiting", "Sequences waiting for the engine", registry=registry)
+        self.local_prefill_max = Gauge("kvcluster_local_prefill_max_tokens", "Uncached prompt tokens up to which "
+                                       "decode computes a prompt itself instead of calling Prefill (measured or set)",
+                                       registry=registry)
         self.batch_size = Histogram("kvcluster_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS,
                                     registry=registry)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
-        for kind in ("cached", "computed"):
-            self.prompt_tokens.labels(kind)
+        for source in ("local_cache", "store", "prefill", "local_computed"):
+            self.prompt_tokens.labels(source)
 
     def observe_step(self, engine: Engine) -> None:
         kind, size = engine.last_step

@@ -1,13 +1,17 @@
-"""Getting a prompt's KV into the decode worker: from the prefill service, from the cache, or not at all.
+"""Getting a prompt's KV into the decode worker: its own pool first, then the cache store or the
+prefill service, else computing it here.
 
-Conditional disaggregation (as Dynamo does): one index lookup first; when the uncached part of
-the prompt is short (`local_prefill_max_tokens`) decode pulls the cached blocks itself and
-computes the rest locally, skipping the Prefill round trip. Otherwise it calls Prefill and pulls
-every block Prefill lists. Any failure leaves fewer blocks (and a fallback reason):
-the engine then recomputes whatever is missing, so the answer never changes.
+Two tiers (see kvcluster.model.engine): the blocks this worker's pool already holds are never
+fetched again; only the rest is looked up in the store. Conditional disaggregation (as Dynamo
+does): when the part of the prompt neither tier holds is short, decode pulls what the store has
+and computes the rest itself, skipping the Prefill round trip; "short" is decided from measured
+costs (`LocalPrefillPolicy`). Otherwise it calls Prefill and pulls every block it lacks. Any
+failure leaves fewer blocks (and a fallback reason): the engine then recomputes whatever is
+missing, so the answer never changes.
 """
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,10 +19,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvcluster.block_io import BlockBatch, batch_from_payloads
-from kvcluster.blocks import prefix_hashes
+from kvcluster.blocks import BlockHash, prefix_hashes
 from kvcluster.cache_client import Fetched, KVCacheClient
 from kvcluster.messages import sampling_to_proto
-from kvcluster.model.engine import Engine
+from kvcluster.model.engine import Engine, PrefixSource, ewma
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
 
@@ -27,19 +31,66 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PromptKV:
-    """KV blocks for the prompt's first `num_tokens` tokens, in block order, and how they were obtained."""
+    """What decode brings to the engine for one prompt, and how it was obtained."""
 
+    hashes: list[BlockHash] = field(default_factory=list)  # the prompt's block hashes (computed once)
     blocks: BlockBatch | None = None    # the pulled blocks, staged for the worker's pool
-    num_tokens: int = 0
+    pulled_from: int = 0               # prompt block index of the first pulled block
+    num_tokens: int = 0                # tokens the pulled blocks cover
     first_token: int | None = None     # sampled by the prefill service
-    cached_tokens: int = 0             # prompt tokens whose KV came from the cache
-    held_blocks: int = 0               # leading full blocks known to be in the cache already
+    local_blocks: int = 0              # leading blocks this worker's pool held when the request arrived
+    cached_upto: int = 0               # prompt tokens [0, cached_upto) were cached before this request (the
+                                       # rest of what it pulls the prefill service computed for it)
+    held_blocks: int = 0               # leading full blocks known to be in the cache store already
     lookup_s: float = 0.0
     prefill_s: float = 0.0
     pull_s: float = 0.0
     bytes_pulled: int = 0              # cache hits
     bytes_handoff: int = 0             # blocks prefill computed for this request
     fallbacks: list[str] = field(default_factory=list)
+    use_cache: bool = True             # False for bypass_cache: the local cache is neither read nor written
+    cache_salt: str = ""               # roots the hash chain (the engine extends it over generated tokens)
+
+    def prefix(self) -> PrefixSource:
+        return PrefixSource(self.hashes, self.blocks, self.pulled_from, self.num_tokens)
+
+
+class LocalPrefillPolicy:
+    """How many uncached prompt tokens decode computes itself rather than calling Prefill.
+
+    A fixed number when configured (>= 0). Else (-1, the default) measured: a Prefill call costs a
+    fixed overhead (queueing, RPCs, pushes, the pull: its wall time minus its compute time) on top
+    of the compute it moves away; computing n tokens here costs one forward, its fixed part plus n
+    times its per-token part (`Engine.prefill_cost`). Decode computes locally while that costs no
+    more than the overhead a Prefill call adds: up to the tokens one local forward computes within
+    that overhead (at least one block, at most `ceiling`). Running averages, updated by every call
+    and every prefill step. Until this engine has run a long forward, the prefill service's
+    measured speed stands in for its per-token part; `prior` until a Prefill call was measured."""
+
+    def __init__(self, fixed: int, engine: Engine, prior: int = 64, ceiling: int = 1024):
+        self.fixed = fixed
+        self.engine = engine
+        self.prior = prior
+        self.ceiling = ceiling
+        self.overhead_s: float | None = None
+        self.remote_per_token_s: float | None = None
+        self._lock = threading.Lock()
+
+    def observe_prefill_call(self, wall_s: float, compute_s: float, computed_tokens: int) -> None:
+        with self._lock:
+            self.overhead_s = ewma(self.overhead_s, max(0.0, wall_s - compute_s))
+            if computed_tokens >= 64:
+                self.remote_per_token_s = ewma(self.remote_per_token_s, compute_s / computed_tokens)
+
+    def max_tokens(self) -> int:
+        if self.fixed >= 0:
+            return self.fixed
+        cost = self.engine.prefill_cost
+        per_token = cost.per_token_s or self.remote_per_token_s
+        if self.overhead_s is None or not per_token:
+            return self.prior
+        within = int((self.overhead_s - (cost.fixed_s or 0.0)) / per_token)
+        return min(self.ceiling, max(self.engine.config.block_size, within))
 
 
 class PromptKVSource:
@@ -50,26 +101,31 @@ class PromptKVSource:
         self.engine = engine
         self.cache = cache
         self.prefill = prefill
-        self.local_max = local_prefill_max_tokens
+        self.policy = LocalPrefillPolicy(local_prefill_max_tokens, engine)
         self.prefill_timeout_s = prefill_timeout_s
 
     def fetch(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
               time_left_s: float | None, cache_salt: str = "") -> PromptKV:
-        if self.cache is None:
-            return PromptKV()
-        deadline = None if time_left_s is None else time.monotonic() + time_left_s
         bs = self.engine.config.block_size
-        hashes = prefix_hashes(self.engine.fingerprint, prompt_ids, bs, cache_salt)
+        kv = PromptKV(hashes=prefix_hashes(self.engine.fingerprint, prompt_ids, bs, cache_salt))
+        # The local tier: a hint (blocks can be evicted before admission; the engine re-checks).
+        kv.local_blocks = kv.pulled_from = self.engine.pool.peek(kv.hashes) if self.engine.prefix_caching else 0
+        if self.cache is None:
+            return kv
+        deadline = None if time_left_s is None else time.monotonic() + time_left_s
+        hashes, local = kv.hashes, kv.local_blocks
         blocks = [list(prompt_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
-        usable = min(len(hashes), (len(prompt_ids) - 1) // bs)
-        holders, lookup_s, fallback = self.cache.lookup(hashes[:usable])
-        kv = PromptKV(lookup_s=lookup_s, fallbacks=[fallback] if fallback else [])
-        if self.prefill is not None and len(prompt_ids) - len(holders) * bs > self.local_max:
+        holders, kv.lookup_s, fallback = self.cache.lookup(hashes[local:])
+        kv.fallbacks += [fallback] if fallback else []
+        uncached = len(prompt_ids) - (local + len(holders)) * bs
+        if self.prefill is not None and uncached > self.policy.max_tokens():
             if self._via_prefill(kv, request_id, prompt_ids, params, deadline, cache_salt):
                 return kv
-        fetched = self.cache.pull_held(hashes, blocks, holders, _left(deadline)) if holders else Fetched()
+        fetched = (self.cache.pull_held(hashes[local:], blocks[local:], holders, _left(deadline))
+                   if holders else Fetched())
         self._take(kv, fetched, [bs] * len(fetched.payloads), cached_blocks=len(fetched.payloads))
-        kv.held_blocks = len(fetched.payloads)
+        kv.cached_upto = (local + len(fetched.payloads)) * bs
+        kv.held_blocks = local + len(fetched.payloads)
         return kv
 
     def _via_prefill(self, kv: PromptKV, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
@@ -92,12 +148,16 @@ class PromptKVSource:
             kv.fallbacks.append("prefill_mismatch")
             return False
         kv.first_token = response.first_token_id
-        fetched = self.cache.pull(response.blocks, _left(deadline))
-        cached_blocks = response.num_cached_tokens // self.engine.config.block_size
-        self._take(kv, fetched, [ref.num_tokens for ref in response.blocks], cached_blocks)
-        kv.cached_tokens = min(response.num_cached_tokens, kv.num_tokens)
+        local, bs = kv.local_blocks, self.engine.config.block_size
+        wanted = response.blocks[local:]  # what this worker's pool lacks
+        fetched = self.cache.pull(wanted, _left(deadline))
+        cached_blocks = max(0, response.num_cached_tokens // bs - local)
+        self._take(kv, fetched, [ref.num_tokens for ref in wanted], cached_blocks)
+        kv.cached_upto = response.num_cached_tokens
         full = [ref for ref in response.blocks if ref.WhichOneof("key") == "block_hash"]
         kv.held_blocks = next((i for i, ref in enumerate(full) if not ref.store_address), len(full))
+        self.policy.observe_prefill_call(kv.prefill_s + kv.pull_s, response.timing.compute_ms / 1000.0,
+                                         response.num_computed_tokens)
         return True
 
     def _mismatch(self, response: prefill_pb2.PrefillResponse, params: SamplingParams) -> str | None:
@@ -118,7 +178,6 @@ class PromptKVSource:
         block_bytes = self.engine.layout.block_nbytes
         kv.bytes_pulled = min(len(fetched.payloads), cached_blocks) * block_bytes
         kv.bytes_handoff = fetched.bytes_pulled - kv.bytes_pulled
-        kv.cached_tokens = kv.num_tokens
         if fetched.fallback:
             kv.fallbacks.append(fetched.fallback)
 

@@ -65,10 +65,11 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
                   registry: CollectorRegistry | None = None) -> tuple[DecodeServer, int]:
     """Build a decode worker (not started). `engine` lets tests share one loaded model."""
     engine = engine or load_engine(config.model or None, config.device or None, EngineConfig(
-        block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes, max_batch=config.max_batch), config.dtype,
+        block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes, max_batch=config.max_batch, prefix_caching=config.prefix_caching), config.dtype,
         cluster_secret=config.internal_token)
     registry = registry or CollectorRegistry()
     metrics = DecodeMetrics(registry)
+    engine.prefix_caching = engine.prefix_caching and config.prefix_caching
     register_pool_gauges(registry, engine.pool)
     worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
     cache = make_cache_client(config, engine)
@@ -76,6 +77,7 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
                                        metadata=config.outgoing_metadata()) if config.prefill_target else None
     prefill = prefill_pb2_grpc.PrefillServiceStub(prefill_channel) if prefill_channel else None
     source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds)
+    metrics.local_prefill_max.set_function(source.policy.max_tokens)
     generator = Generator(worker, source, cache, metrics, config.cache_generated, config.lease_seconds,
                           config.max_pending_pushes)
     servicer = DecodeServicer(generator, metrics, config.max_streams)

@@ -30,6 +30,10 @@ class BlockBatch:
     def num_blocks(self) -> int:
         return self.data.shape[0]
 
+    def rows(self, start: int, end: int) -> "BlockBatch":
+        """Blocks [start, end) of this batch (a view; same readiness)."""
+        return BlockBatch(self.data[start:end], self.ready, self.keep_alive)
+
     @classmethod
     def on_current_stream(cls, data: torch.Tensor) -> "BlockBatch":
         """A batch produced by work just queued on the current stream."""

@@ -58,10 +58,18 @@ def chain_root(cache_salt: str = "") -> BlockHash:
 def prefix_hashes(fingerprint: Fingerprint, token_ids: Sequence[int], block_size: int,
                   cache_salt: str = "") -> list[BlockHash]:
     """Chained hashes of every full block of `token_ids` (a partial tail block gets none)."""
-    hashes: list[BlockHash] = []
-    parent = chain_root(cache_salt)
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(fingerprint, parent, token_ids[start:start + block_size])
+    return extend_hashes(fingerprint, chain_root(cache_salt), [], token_ids, block_size)
+
+
+def extend_hashes(fingerprint: Fingerprint, root: BlockHash, hashes: list[BlockHash], token_ids: Sequence[int],
+                  block_size: int, upto: int | None = None) -> list[BlockHash]:
+    """Append to `hashes` (the chain of `token_ids`' first blocks, from `root`) the hashes of the next
+    full blocks, up to `upto` blocks in all (default: every full block); returns `hashes`."""
+    full = len(token_ids) // block_size
+    upto = full if upto is None else min(upto, full)
+    parent = hashes[-1] if hashes else root
+    for i in range(len(hashes), upto):
+        parent = hash_block(fingerprint, parent, token_ids[i * block_size:(i + 1) * block_size])
         hashes.append(parent)
     return hashes
 

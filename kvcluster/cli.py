@@ -3,7 +3,7 @@
   generate "prompt"                 stream text from the in-process engine (--no-cache: the exactness reference)
   generate --target HOST:PORT "..." stream text from a running cluster and print the usage line
   chat --target HOST:PORT           interactive multi-turn chat against a cluster
-  up                                start Redis, a cache store, prefill and decode on this machine
+  up [--model PATH]                 start Redis, a cache store, prefill and decode on this machine
   demo                              send one long prompt twice and print cold vs warm TTFT
 """
 
@@ -22,6 +22,7 @@ from kvcluster.errors import KVClusterError
 from kvcluster.model.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
 
+MODEL_HELP = "GGUF file or Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3)"
 DEMO_DOCUMENT = " ".join(
     f"Section {i}: the warehouse in region {i % 7} ships {40 + i} pallets a day, keeps {i % 5 + 2} loading docks "
     f"open, and reports delays above {i % 3 + 1} hours to the dispatcher on duty." for i in range(1, 40))
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("prompt")
     gen.add_argument("--target", default=None, help="decode service host:port (default: in-process engine)")
-    gen.add_argument("--model", default=None, help="llama GGUF file for the in-process engine (default: SmolLM2)")
+    gen.add_argument("--model", default=os.environ.get("KVC_MODEL") or None,
+                     help=f"{MODEL_HELP} for the in-process engine (env KVC_MODEL; default: SmolLM2)")
     gen.add_argument("--device", default=None, help="cpu or cuda for the in-process engine")
     add_dtype_flag(gen, "the in-process engine's model and KV dtype")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--any-ports", action="store_true", help="free ports instead of 50051-50053 / 9101-9103")
     add_dtype_flag(up, "model and KV dtype of every service (the stores hold the same)")
+    up.add_argument("--model", default=os.environ.get("KVC_MODEL", ""),
+                    help=f"{MODEL_HELP} every worker serves (env KVC_MODEL; default: SmolLM2-135M-Instruct)")
     demo = commands.add_parser("demo", help="the same long prompt twice: cold vs warm time to first token")
     demo.add_argument("--target", default=None, help="a running cluster (default: start one)")
     add_dtype_flag(demo, "dtype of the cluster the demo starts")
@@ -116,7 +120,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def usage_line(completion: Completion) -> str:
     u = completion.usage
-    return (f"[{u.prompt_tokens} prompt tokens: {u.cached_tokens} cached, {u.computed_tokens} computed; "
+    return (f"[{u.prompt_tokens} prompt tokens: {u.cached_tokens} cached ({u.local_cache_tokens} in decode's pool, "
+            f"{u.store_tokens} from the store), {u.computed_tokens} computed ({u.prefill_tokens} by prefill, "
+            f"{u.local_computed_tokens} by decode); "
             f"{u.completion_tokens} generated; TTFT {u.timing.first_token_ms:.0f} ms; "
             f"{u.bytes_pulled / 1e6:.1f} MB pulled from cache; finish {completion.finish_reason}]")
 
@@ -166,7 +172,7 @@ def run_up(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     ports = ClusterPorts.any_free() if args.any_ports else ClusterPorts()
-    with Cluster(ports, host=args.host, dtype=args.dtype) as cluster:
+    with Cluster(ports, host=args.host, dtype=args.dtype, model=args.model) as cluster:
         print(cluster.describe(), flush=True)
         while not stopping.wait(0.5):
             dead = [c.name for c in cluster.children.values() if c.process.poll() is not None]

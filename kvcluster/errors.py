@@ -36,3 +36,7 @@ class IntegrityError(KVClusterError):
 
 class IncompatibleStores(KVClusterError):
     """A worker's KV layout or fingerprint is held by no live cache store: it refuses to start."""
+
+
+class UnsupportedModel(KVClusterError):
+    """A model file or directory kvcluster cannot serve: its architecture, format or a feature of it."""

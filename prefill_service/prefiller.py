@@ -1,29 +1,35 @@
 """The prefill itself: reuse every cached block, compute only the rest, ship new blocks to the stores.
 
 Flow of one request (handler thread unless noted):
-1. chained hashes of the prompt's full blocks; one Redis lookup; pull the longest cached prefix;
-2. on the engine thread: import the pulled blocks into the worker pool and queue the prompt, which
-   the engine batches with other prompts and computes in chunks of `chunk_tokens`;
-3. after each chunk (engine thread) the newly completed full blocks are exported and handed to a
-   push pool, so pushing overlaps the next chunk's compute;
+1. chained hashes of the prompt's full blocks (once); how many this worker's own pool holds (the
+   local tier); one Redis lookup; pull only the cached blocks past the local ones;
+2. on the engine thread: the engine takes the local blocks and the pulled ones and queues the
+   prompt, which it batches with other prompts and computes in chunks (a prompt whose next block
+   another prompt is computing waits for it instead of computing it twice);
+3. after each chunk (engine thread) every full block at hand gets a store reference for decode:
+   the lookup's holder, the push of another request that is shipping the same block (`RecentPushes`),
+   or a push of its own, handed to a push pool so pushing overlaps the next chunk's compute;
 4. when the first token is sampled, the partial tail block is pushed as a request-scoped block and
-   the worker's blocks are released.
+   the request's references to the worker's blocks are dropped (they stay in the local cache).
 At least the last prompt token is always computed: its logits give the first token.
 """
 
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import grpc
 
-from kvcluster.block_io import BlockBatch, batch_from_payloads
+from kvcluster.block_io import batch_from_payloads
 from kvcluster.blocks import BlockHash, check_cache_salt, prefix_hashes
 from kvcluster.cache_client import Fetched, KVCacheClient, Pushed
 from kvcluster.errors import InvalidArgument, RequestFailed
-from kvcluster.model.engine import Engine
+from kvcluster.index import StoreRef
+from kvcluster.model.engine import Engine, PrefixSource
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.model.sequence import FinishReason, Sequence as EngineSeq
 from kvcluster.proto import common_pb2
@@ -32,6 +38,7 @@ from prefill_service.metrics import PrefillMetrics
 
 
 MAX_REQUEST_ID_CHARS = 128  # it names the tail block in the store (request keys are at most 256)
+RECENT_PUSHES = 1 << 15     # block hashes remembered with the push that ships them
 
 
 @dataclass
@@ -51,6 +58,39 @@ class PrefillOutcome:
     fallbacks: list[str] = field(default_factory=list)
 
 
+class RecentPushes:
+    """The pushes this worker made lately, by block hash. A request that finds a block in the local
+    cache which its store lookup missed (another request computed it moments ago and may still be
+    pushing it) takes that push's store reference instead of pushing the block again. Thread-safe."""
+
+    def __init__(self, capacity: int = RECENT_PUSHES):
+        self.capacity = capacity
+        self._entries: OrderedDict[BlockHash, tuple[Future, int, list[float]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, hashes: Sequence[BlockHash], future: "Future[Pushed]") -> None:
+        done_at: list[float] = []  # set when the push ends
+        future.add_done_callback(lambda _: done_at.append(time.monotonic()))
+        with self._lock:
+            for i, block_hash in enumerate(hashes):
+                self._entries[block_hash] = (future, i, done_at)
+                self._entries.move_to_end(block_hash)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def get(self, block_hash: BlockHash, since: float) -> tuple[Future, int] | None:
+        """The push shipping `block_hash` if it is still running or ended after `since` (a lookup
+        started at `since` could have missed it); an older one may have been evicted since."""
+        with self._lock:
+            entry = self._entries.get(block_hash)
+        if entry is None:
+            return None
+        future, index, done_at = entry
+        if done_at and done_at[0] < since:
+            return None
+        return future, index
+
+
 class Prefiller:
     """Prefill requests against one EngineWorker and the shared cache."""
 
@@ -61,6 +101,7 @@ class Prefiller:
         self.metrics = metrics
         self.lease_seconds = lease_seconds
         self._pushers = ThreadPoolExecutor(push_threads, thread_name_prefix="push")
+        self.recent = RecentPushes()
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
@@ -80,37 +121,37 @@ class Prefiller:
         bs = engine.config.block_size
         cache = None if bypass_cache else self.cache
         hashes = prefix_hashes(engine.fingerprint, token_ids, bs, cache_salt)
-        usable = min(len(hashes), (len(token_ids) - 1) // bs)  # keep the last token to compute
         blocks = [list(token_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
-        fetched = cache.fetch_prefix(hashes[:usable], blocks[:usable]) if cache else Fetched()
+        local = engine.pool.peek(hashes) if cache is not None and engine.prefix_caching else 0  # a hint
+        lookup_at = time.monotonic()
+        holders, lookup_s, fallback = cache.lookup(hashes) if cache is not None else ([], 0.0, None)
+        fetched = (cache.pull_held(hashes[local:], blocks[local:], holders[local:]) if len(holders) > local
+                   else Fetched())
+        fetched.lookup_s, fetched.fallback = lookup_s, fetched.fallback or fallback
         staged = batch_from_payloads(fetched.payloads, engine.layout.block_nbytes, engine.pool.device)
 
-        pushes: list[tuple[int, Future[Pushed]]] = []
+        job = _Job(self, PrefixSource(hashes, staged, local, len(fetched.payloads) * bs), blocks, cache, holders,
+                   lookup_at, cache_salt, f"{request_id or 'prefill'}/{uuid.uuid4().hex[:12]}")
         compute_start = time.perf_counter()
-        num_cached_blocks, first_token = self._compute(token_ids, params, request_id, staged, hashes, blocks, cache,
-                                                       pushes, context)
+        first_token = self._compute(job, token_ids, params, context)
         compute_end = time.perf_counter()
-        num_cached = num_cached_blocks * bs
-        refs = self._cached_refs(hashes, blocks, fetched.holders[:num_cached_blocks])
         fallbacks = [fetched.fallback] if fetched.fallback else []
-        bytes_pushed = self._collect_pushes(pushes, refs, fallbacks)
+        refs, bytes_pushed = job.collect(fallbacks)
+        computed = job.seq.sources.computed
         outcome = PrefillOutcome(
             first_token_id=first_token, seed=params.seed, blocks=refs,
-            num_cached_tokens=num_cached, num_computed_tokens=len(token_ids) - num_cached,
+            num_cached_tokens=len(token_ids) - computed, num_computed_tokens=computed,
             lookup_s=fetched.lookup_s, pull_s=fetched.pull_s, compute_s=compute_end - compute_start,
             push_s=time.perf_counter() - compute_end, bytes_pulled=fetched.bytes_pulled,
             bytes_pushed=bytes_pushed, fallbacks=fallbacks)
         outcome.total_s = time.perf_counter() - start
-        self.metrics.observe_request(num_cached, outcome.num_computed_tokens, outcome.total_s)
+        self.metrics.observe_request(job.seq.sources, outcome.total_s)
         self.metrics.observe(fallbacks, fetched.lookup_s)
         return outcome
 
-    def _compute(self, token_ids, params: SamplingParams, request_id: str, staged: BlockBatch,
-                 hashes: list[BlockHash], blocks: list[list[int]], cache: KVCacheClient | None,
-                 pushes: list, context: grpc.ServicerContext | None) -> tuple[int, int]:
-        """Run the prompt through the engine; returns how many pulled blocks it used and the first token.
-        The engine knows the job by its own unique key: callers' request ids may repeat."""
-        job = _Job(self, staged, hashes, blocks, cache, pushes, f"{request_id or 'prefill'}/{uuid.uuid4().hex[:12]}")
+    def _compute(self, job: "_Job", token_ids, params: SamplingParams, context: grpc.ServicerContext | None) -> int:
+        """Run the prompt through the engine; returns the first token. The engine knows the job by
+        its own unique key: callers' request ids may repeat."""
         if context is not None and not context.add_callback(lambda: self.worker.cancel(job.tail_key)):
             raise RequestFailed("the caller left before the prompt was computed")
         try:
@@ -121,79 +162,98 @@ class Prefiller:
                 self.worker.call(job.finish)
         if not events:  # cancelled: the caller left or its deadline passed
             raise RequestFailed("cancelled: the caller left or its deadline passed")
-        return job.cached_blocks, events[0].token_id
-
-    @staticmethod
-    def _cached_refs(hashes, blocks, holders) -> list[common_pb2.BlockRef]:
-        return [common_pb2.BlockRef(block_hash=hashes[i], token_ids=blocks[i], num_tokens=len(blocks[i]),
-                                    store_id=store.store_id, store_address=store.address)
-                for i, store in enumerate(holders)]
-
-    @staticmethod
-    def _collect_pushes(pushes: list, refs: list[common_pb2.BlockRef], fallbacks: list[str]) -> int:
-        """Wait for the pushes; append their refs in prompt order (a failed block keeps no holder)."""
-        moved = 0
-        for _, future in sorted(pushes, key=lambda p: p[0]):
-            pushed = future.result()
-            moved += pushed.bytes_pushed
-            if pushed.fallback:
-                fallbacks.append(pushed.fallback)
-            refs.extend(pushed.refs)
-        return moved
+        return events[0].token_id
 
 
 @dataclass
 class _Job:
-    """One prompt's state on the engine thread: which blocks came from the cache, which are pushed."""
+    """One prompt's state on the engine thread: where each of its full blocks is held in a store."""
 
     prefiller: Prefiller
-    pulled: BlockBatch     # the cached prefix, staged for the worker's pool
-    hashes: list[BlockHash]
+    prefix: PrefixSource      # hashes (computed once) and the blocks pulled past the local ones
     blocks: list[list[int]]
     cache: KVCacheClient | None
-    pushes: list
+    holders: list[StoreRef]   # the store lookup's answer
+    lookup_at: float
+    cache_salt: str
     tail_key: str
     seq: EngineSeq | None = None
-    cached_blocks: int = 0
-    pushed_upto: int = 0   # full blocks already cached or handed to a push
+    covered: int = 0          # leading full blocks that have a store reference (or a push on the way)
+    refs: dict = field(default_factory=dict)   # block index -> StoreRef | (Future[Pushed], index)
+    own: list = field(default_factory=list)    # this job's pushes: (first block index, Future[Pushed])
 
     def admit(self, engine: Engine, token_ids, params: SamplingParams) -> EngineSeq:
-        bs = engine.config.block_size
-        # A worker pool too full for the pulled blocks just computes them instead.
-        slots = engine.load_blocks(self.pulled) or []
-        try:
-            self.seq = engine.add_request(token_ids, params, self.tail_key, block_table=slots,
-                                          num_computed=len(slots) * bs, keep_blocks=True)
-        except BaseException:  # refused at admission: the loaded blocks go back to the pool
-            engine.pool.free(slots)
-            raise
-        self.cached_blocks = self.pushed_upto = len(slots)
-        self.seq.on_chunk = lambda seq: self._on_chunk(engine, seq)
+        self.seq = engine.add_request(token_ids, params, self.tail_key, keep_blocks=True, prefix=self.prefix,
+                                      cache_salt=self.cache_salt, use_cache=self.cache is not None)
+        self.seq.on_chunk = lambda seq: self._cover(engine, seq)
+        self._cover(engine, self.seq)  # the blocks at hand already
         return self.seq
 
-    def _on_chunk(self, engine: Engine, seq: EngineSeq) -> None:
+    def _cover(self, engine: Engine, seq: EngineSeq) -> None:
+        """Give every full prompt block at hand a store reference: the lookup's holder, a push of the
+        same block already on its way, or a push of ours (one gather per run of blocks)."""
+        if self.cache is None:
+            return
         ready = min(seq.num_computed, len(seq.prompt_ids)) // engine.config.block_size
-        if ready > self.pushed_upto:
-            self._push(engine, self.pushed_upto, ready, with_tail=False)
-            self.pushed_upto = ready
+        todo: list[int] = []
+        for i in range(self.covered, ready):
+            held = self.holders[i] if i < len(self.holders) else self.prefiller.recent.get(self.prefix.hashes[i],
+                                                                                           self.lookup_at)
+            if held is not None:
+                self.refs[i] = held
+            else:
+                todo.append(i)
+        self.covered = max(self.covered, ready)
+        for first, last in _runs(todo):
+            self._push(engine, engine.export_blocks(seq, first, last))
 
     def finish(self, engine: Engine) -> None:
-        """After the first token: push the tail block, then free the worker's blocks."""
-        if self.seq.finish_reason not in (None, FinishReason.CANCELLED):
+        """After the first token: push the tail block, then drop the request's references to its blocks."""
+        if self.seq.finish_reason not in (None, FinishReason.CANCELLED) and self.cache is not None:
             full = len(self.seq.prompt_ids) // engine.config.block_size
-            self._push(engine, self.pushed_upto, full, with_tail=True)
+            self._push(engine, engine.export_blocks(self.seq, full, with_tail=True, upto_tokens=len(self.seq.prompt_ids)),
+                       tail=True)
         engine.release(self.seq)
 
-    def _push(self, engine: Engine, first: int, last: int, with_tail: bool) -> None:
-        """Snapshot blocks [first, last) (and the tail) here on the engine thread with one gather;
-        copy them to host and push them off it."""
-        seq, bs = self.seq, engine.config.block_size
-        keys, tokens, slots = list(self.hashes[first:last]), list(self.blocks[first:last]), seq.block_table[first:last]
-        if with_tail and len(seq.prompt_ids) % bs:
-            keys.append(self.tail_key)
-            tokens.append(seq.prompt_ids[last * bs:])
-            slots.append(seq.block_table[last])
-        if keys and self.cache is not None:
-            future = self.prefiller._pushers.submit(self.cache.push_batch, keys, tokens, engine.read_blocks(slots),
-                                                    self.prefiller.lease_seconds)
-            self.pushes.append((first, future))
+    def _push(self, engine: Engine, export, tail: bool = False) -> None:
+        if export is None:
+            return
+        keys = list(export.hashes) + ([self.tail_key] if tail else [])
+        future = self.prefiller._pushers.submit(self.cache.push_batch, keys, export.tokens, export.batch,
+                                                self.prefiller.lease_seconds)
+        self.prefiller.recent.add(export.hashes, future)
+        for offset in range(len(keys)):
+            self.refs[export.first + offset] = (future, offset)
+        self.own.append(future)
+
+    def collect(self, fallbacks: list[str]) -> tuple[list[common_pb2.BlockRef], int]:
+        """Wait for the pushes; every block's reference in prompt order (a block whose push failed
+        keeps no holder), and the bytes this job pushed."""
+        moved = 0
+        for future in self.own:
+            pushed = future.result()
+            moved += pushed.bytes_pushed
+            if pushed.fallback:
+                fallbacks.append(pushed.fallback)
+        refs = []
+        for i in sorted(self.refs):
+            held = self.refs[i]
+            if isinstance(held, StoreRef):
+                refs.append(common_pb2.BlockRef(block_hash=self.prefix.hashes[i], token_ids=self.blocks[i],
+                                                num_tokens=len(self.blocks[i]), store_id=held.store_id,
+                                                store_address=held.address))
+            else:
+                future, index = held
+                refs.append(future.result().refs[index])
+        return refs, moved
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """[first, last) runs of consecutive indices."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs

@@ -56,10 +56,11 @@ def create_server(config: PrefillConfig, engine: Engine | None = None,
     """Build a prefill worker (not started). `engine` lets tests share one loaded model."""
     engine = engine or load_engine(config.model or None, config.device or None, EngineConfig(
         block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes,
-        max_batch=config.max_batch, max_prefill_tokens=config.chunk_tokens), config.dtype,
+        max_batch=config.max_batch, max_prefill_tokens=config.chunk_tokens, prefix_caching=config.prefix_caching), config.dtype,
         cluster_secret=config.internal_token)
     registry = registry or CollectorRegistry()
     metrics = PrefillMetrics(registry)
+    engine.prefix_caching = engine.prefix_caching and config.prefix_caching
     register_pool_gauges(registry, engine.pool)
     worker = EngineWorker(engine, config.max_waiting, name="prefill-engine", on_step=metrics.observe_step)
     cache = make_cache_client(config, engine)

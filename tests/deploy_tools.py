@@ -80,12 +80,15 @@ KVCLUSTER_METRICS: dict[str, dict[str, str]] = {
         "kvcluster_batch_size": "histogram",
         "kvcluster_fallbacks_total": "counter",
         "kvcluster_index_lookup_seconds": "histogram",
+        "kvcluster_local_prefill_max_tokens": "gauge",
+        "kvcluster_worker_kv_blocks_cached": "gauge",
+        "kvcluster_worker_kv_evictions_total": "counter",
     },
 }
 METRIC_TYPES = {name: kind for job in KVCLUSTER_METRICS.values() for name, kind in job.items()}
 LABEL_VALUES = {
     "direction": {"push", "pull"},
-    "kind": {"cached", "computed"},
+    "source": {"local_cache", "store", "prefill", "local_computed", "computed"},
     "outcome": {"ok", "cancelled", "invalid", "rejected", "error"},
     "reason": {"redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch",
                "token_mismatch", "prefill_unavailable", "prefill_mismatch", "push_failed"},

@@ -18,7 +18,7 @@ from kvcluster.dtypes import cpu_prefers_bf16, resolve_dtype
 from kvcluster.errors import IncompatibleStores, InvalidArgument
 from kvcluster.kvpool import KVLayout, KVPool
 from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.model.engine import EngineConfig, load_engine, random_engine
+from kvcluster.model.engine import EngineConfig, PrefixSource, load_engine, random_engine
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import cache_pb2
@@ -94,12 +94,15 @@ def test_cuda_engines_hand_blocks_over_exactly(tokenizer, dtype):
     while seq.finish_reason is None:
         a.step()
     full = seq.block_table[:4]  # the prompt's 4 full blocks
-    payloads = batch_to_payloads(a.read_blocks(full))
-    slots = b.load_blocks(batch_from_payloads(payloads, b.layout.block_nbytes, b.pool.device))
-    assert torch.equal(b.pool.kv[slots], a.pool.kv[full])
+    export = a.export_blocks(seq, 0, 4)
+    payloads = batch_to_payloads(export.batch)
+    staged = batch_from_payloads(payloads, b.layout.block_nbytes, b.pool.device)
     outputs = []
-    for engine, table in ((a, full), (b, slots)):
-        resumed = engine.add_request(prompt, params, block_table=table, num_computed=63)
+    for engine, prefix in ((a, PrefixSource(export.hashes)), (b, PrefixSource(export.hashes, staged, 0, 64))):
+        resumed = engine.add_request(prompt, params, prefix=prefix)  # a: its local cache; b: the staged blocks
+        assert resumed.num_computed == 63
+        if engine is b:
+            assert torch.equal(b.pool.kv[resumed.block_table[:3]], a.pool.kv[full[:3]])
         while resumed.finish_reason is None:
             engine.step()
         outputs.append(resumed.output_ids)
@@ -172,8 +175,12 @@ def test_stores_of_two_layouts_serve_two_dtypes_side_by_side(bf16_engine):
 def test_decode_does_not_trust_a_prefill_answer_computed_under_another_fingerprint(bf16_engine, fp32_engine):
     """A float32 prefill service behind a bfloat16 decode: its first token and blocks are refused,
     the request is computed locally (a counted fallback), and the answer is the bf16 engine's."""
-    prompt = bf16_engine.tokenizer.encode_chat(CHAT)  # before a server's engine thread drives the engine
-    expected = [e.token_id for e in bf16_engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8))]
+    # A prompt no other test put in the shared engine's local cache, so decode must ask Prefill;
+    # the reference is computed before a server's engine thread drives the engine, filling no cache.
+    messages = [("system", "Mismatch check. " + SYSTEM), MESSAGES[1]]
+    prompt = bf16_engine.tokenizer.encode_chat([ChatMessage(role, content) for role, content in messages])
+    expected = [e.token_id for e in bf16_engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8),
+                                                         use_cache=False)]
     with running_redis() as redis_server:
         store = start_store(redis_server.url, blocks=64, dtype="bfloat16")
         prefill, prefill_port = create_prefill(prefill_config(""), engine=fp32_engine, registry=CollectorRegistry())
@@ -185,7 +192,7 @@ def test_decode_does_not_trust_a_prefill_answer_computed_under_another_fingerpri
         decode.start()
         try:
             with Client(f"127.0.0.1:{decode_port}") as client:
-                result = client.generate(messages=MESSAGES, max_tokens=8, temperature=0.0)
+                result = client.generate(messages=messages, max_tokens=8, temperature=0.0)
             mismatches = registry.get_sample_value("kvcluster_fallbacks_total", {"reason": "prefill_mismatch"})
             assert mismatches == 1
             assert result.token_ids == expected

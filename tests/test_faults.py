@@ -25,7 +25,9 @@ PROMPT = ("A freight forwarder consolidates shipments from several customers int
 
 @pytest.fixture(scope="module")
 def cluster():
-    engine_config = EngineConfig(kv_capacity_bytes=128 << 20)
+    """Workers without their local cache tier: every reuse here goes through the store, whose
+    failure paths these tests strike (tests/test_prefix_cache.py covers the first tier)."""
+    engine_config = EngineConfig(kv_capacity_bytes=128 << 20, prefix_caching=False)
     with running_redis() as redis_server:
         store = start_store(redis_server.url, blocks=48)  # small: the eviction test fills it
         prefill_registry, decode_registry = CollectorRegistry(), CollectorRegistry()
@@ -34,7 +36,7 @@ def cluster():
             engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=prefill_registry)
         decode, decode_port = create_decode(
             DecodeConfig(port=0, metrics_port=-1, redis_url=redis_server.url, prefill_target=f"127.0.0.1:{prefill_port}",
-                         store_timeout_seconds=3.0),
+                         store_timeout_seconds=3.0, local_prefill_max_tokens=16),  # 30 new tokens go to Prefill
             engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=decode_registry)
         prefill.start()
         decode.start()

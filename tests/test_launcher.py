@@ -44,7 +44,8 @@ def test_up_serves_generate_and_stops_without_orphans():
         gen = subprocess.run([*cli, "generate", "--target", f"127.0.0.1:{port}", "--max-tokens", "8",
                               "What is the capital of France?"], capture_output=True, text=True, timeout=120)
         assert gen.returncode == 0, gen.stderr
-        assert "Paris" in gen.stdout and re.search(r"\d+ prompt tokens: \d+ cached, \d+ computed", gen.stderr)
+        assert "Paris" in gen.stdout and re.search(r"\d+ prompt tokens: \d+ cached \(\d+ in decode's pool, \d+ from the store\), "
+                                                       r"\d+ computed \(\d+ by prefill, \d+ by decode\)", gen.stderr)
         chat = subprocess.run([*cli, "chat", "--target", f"127.0.0.1:{port}", "--max-tokens", "6"],
                               input="Hi there!\nWhat did I just say?\n\n", capture_output=True, text=True, timeout=120)
         assert chat.returncode == 0, chat.stderr

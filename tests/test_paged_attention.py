@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvcluster.model.kernels import paged_attention_op
+from kvcluster.model.kernels import few_rows_linear_op, paged_attention_op, rms_norm_op
 from kvcluster.model.llama import DecodeSeq, PrefillSeq
 from kvcluster.model.sampling import SamplingParams
 from tests.conftest import TINY_CONFIG, make_tiny_engine
@@ -153,7 +153,7 @@ def test_bf16_prepacked_linear_equals_plain_linear():
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("no oneDNN bf16 on this CPU")
     w = torch.randn(96, 64).bfloat16()
-    linear = Linear.make(w)
+    linear = Linear.make(w)  # no few-rows op: oneDNN at every row count
     assert linear.packed is not None
     for rows in (1, 7, 300):
         x = torch.randn(rows, 64).bfloat16()
@@ -168,3 +168,48 @@ def test_fp32_linear_close_to_plain_linear():
     for rows in (1, 2, 16, 300):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(linear(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_op
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])
+def test_few_rows_linear_equals_plain_math(dtype, tol):
+    """1-6 rows (the op takes x rows 4 at a time), K with a tail of 8 past a multiple of 16, odd N."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 200, generator=gen).to(dtype)
+    for rows in range(1, 7):
+        x = torch.randn(rows, 200, generator=gen).to(dtype)
+        out = few_rows_linear_op()(x, w)
+        assert out.dtype == dtype and out.shape == (rows, 37)
+        # fp32 accumulation, one rounding to the dtype at the end
+        torch.testing.assert_close(out.double(), x.double() @ w.double().T, rtol=tol, atol=tol)
+
+
+@needs_op
+def test_linear_takes_the_few_rows_op_up_to_its_limit():
+    from kvcluster.model.llama import FEW_ROWS_MAX, Linear
+
+    calls = []
+
+    def counted(x, w):
+        calls.append(x.shape[0])
+        return few_rows_linear_op()(x, w)
+
+    w = torch.randn(96, 64)
+    linear = Linear.make(w, counted)
+    for rows in (1, FEW_ROWS_MAX, FEW_ROWS_MAX + 1, 300):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(linear(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert calls == [1, FEW_ROWS_MAX]
+
+
+@needs_op
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])
+def test_rms_norm_op_equals_plain_math(dtype, tol):
+    gen = torch.Generator().manual_seed(4)
+    weight = (1 + 0.1 * torch.randn(200, generator=gen)).to(dtype)  # 200: a tail past a multiple of 16
+    for rows in (1, 3, 70):
+        x = (3 * torch.randn(rows, 200, generator=gen)).to(dtype)
+        out = rms_norm_op()(x, weight, 1e-5)
+        assert out.dtype == dtype and out.shape == x.shape
+        expected = F.rms_norm(x.double(), (200,), weight.double(), 1e-5)
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)

@@ -28,7 +28,10 @@ def words(n: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engine():
-    return load_engine(device="cpu", dtype="float32", config=EngineConfig(kv_capacity_bytes=128 << 20, max_prefill_tokens=64))
+    """Without the worker-local cache, so every reuse here goes through the store (the second tier;
+    tests/test_prefix_cache.py covers the first)."""
+    return load_engine(device="cpu", dtype="float32", config=EngineConfig(kv_capacity_bytes=128 << 20, max_prefill_tokens=64,
+                                                                          prefix_caching=False))
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +96,14 @@ def test_cold_then_warm_reuses_all_but_the_last_block(cluster, engine):
     assert all(b.store_address for b in warm.blocks)
 
 
-def test_full_hit_at_a_block_boundary_still_computes_the_last_block(cluster):
+def test_full_hit_at_a_block_boundary_computes_only_the_last_token(cluster, engine):
+    """Every block cached: the last block is copied to a private slot and only its last token is
+    recomputed (its logits give the first token)."""
     ids = words(64, seed=2)
-    call(cluster, ids)
+    cold = call(cluster, ids)
     warm = call(cluster, ids)
-    assert warm.num_cached_tokens == 48 and warm.num_computed_tokens == 16
+    assert warm.num_cached_tokens == 63 and warm.num_computed_tokens == 1
+    assert warm.first_token_id == cold.first_token_id == first_token_alone(engine, ids)
 
 
 def test_shared_prefix_reuses_exactly_the_shared_blocks(cluster):

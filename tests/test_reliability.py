@@ -31,7 +31,10 @@ def messages(i: int) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    with open("/dev/null", "w") as quiet, Cluster(ClusterPorts.any_free(), log_stream=quiet, dtype="float32") as running:
+    """Workers without their local cache tier (KVC_PREFIX_CACHING=0), so requests keep going
+    through the store and Redis whose failures these tests inject."""
+    with open("/dev/null", "w") as quiet, Cluster(ClusterPorts.any_free(), log_stream=quiet, dtype="float32",
+                                                  extra_env={"KVC_PREFIX_CACHING": "0"}) as running:
         yield running
 
 

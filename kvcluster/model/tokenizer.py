@@ -1,13 +1,18 @@
-"""Byte-level BPE tokenizer built from a GGUF vocabulary, the chat template, and streaming detokenization."""
+"""The tokenizer (byte-level BPE built from a GGUF vocabulary, or a Hugging Face tokenizer.json),
+the chat template, and streaming detokenization."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import datetime
+
+import jinja2.ext
 import jinja2.sandbox
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from kvcluster.errors import InvalidArgument
 from kvcluster.model.gguf_loader import TokenizerData
+from kvcluster.model.hf_loader import HFTokenizerFiles
 
 CONTROL_TOKEN_TYPES = (3, 4)  # GGUF CONTROL and USER_DEFINED
 CHAT_ROLES = ("system", "user", "assistant")
@@ -27,26 +32,20 @@ class ChatMessage:
 class Tokenizer:
     """Encode/decode text and render chat messages with the model's template."""
 
-    def __init__(self, data: TokenizerData):
-        bpe = models.BPE(
-            vocab={token: i for i, token in enumerate(data.tokens)},
-            merges=[tuple(m.split(" ", 1)) for m in data.merges],
-            fuse_unk=False,
-        )
-        self._tok = HFTokenizer(bpe)
-        # SmolLM/StarCoder pre-tokenization: digits split one by one, then GPT-2 byte-level regex.
-        self._tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
-        self._tok.decoder = decoders.ByteLevel()
-        specials = [t for t, kind in zip(data.tokens, data.token_types) if kind in CONTROL_TOKEN_TYPES]
-        self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-        self.special_ids = frozenset(i for i, kind in enumerate(data.token_types) if kind in CONTROL_TOKEN_TYPES)
+    def __init__(self, data: TokenizerData | HFTokenizerFiles):
+        if isinstance(data, HFTokenizerFiles):
+            self._tok = HFTokenizer.from_str(data.tokenizer_json)
+            self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+            # As transformers renders chat templates, so the prompt's tokens are the ones it would give.
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                               extensions=[jinja2.ext.loopcontrols])
+            env.globals.update(raise_exception=_raise_template_error, strftime_now=_strftime_now)
+        else:
+            self._tok, self.special_ids = _gguf_tokenizer(data)
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
         self.bos_id = data.bos_id
         self.eos_id = data.eos_id
-        self.vocab_size = len(data.tokens)
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._template = env.from_string(data.chat_template or CHATML_TEMPLATE)
 
     def encode(self, text: str) -> list[int]:
@@ -65,11 +64,39 @@ class Tokenizer:
         return self._template.render(
             messages=[{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=add_generation_prompt,
-            bos_token=self._tok.id_to_token(self.bos_id), eos_token=self._tok.id_to_token(self.eos_id),
+            bos_token=self._tok.id_to_token(self.bos_id) if self.bos_id is not None else "",
+            eos_token=self._tok.id_to_token(self.eos_id),
         )
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         return self.encode(self.render_chat(messages))
+
+
+def _gguf_tokenizer(data: TokenizerData) -> tuple[HFTokenizer, frozenset[int]]:
+    """The byte-level BPE a GGUF vocabulary describes, and its control tokens' ids."""
+    bpe = models.BPE(
+        vocab={token: i for i, token in enumerate(data.tokens)},
+        merges=[tuple(m.split(" ", 1)) for m in data.merges],
+        fuse_unk=False,
+    )
+    tok = HFTokenizer(bpe)
+    # SmolLM/StarCoder pre-tokenization: digits split one by one, then GPT-2 byte-level regex.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = [t for t, kind in zip(data.tokens, data.token_types) if kind in CONTROL_TOKEN_TYPES]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok, frozenset(i for i, kind in enumerate(data.token_types) if kind in CONTROL_TOKEN_TYPES)
+
+
+def _raise_template_error(message: str) -> None:
+    raise InvalidArgument("messages", f"the model's chat template refused them: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
 
 
 class IncrementalDetokenizer:

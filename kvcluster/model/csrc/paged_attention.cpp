@@ -2,9 +2,10 @@
 //
 // The pool is [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; a sequence's keys
 // are scattered over its blocks, so torch needs a gather into padded copies per layer. Here each
-// (query token, kv head) walks its block table directly: no copies, no padding, no mask.
-// The query heads of one GQA group share every K/V row they read. fp32 accumulation for every
-// input dtype; the output is rounded once to the input dtype.
+// query token walks its block table directly: no copies, no padding, no mask. A key row holds every
+// kv head, so a block is read front to back once, and the query heads of one GQA group share the
+// row they read. fp32 accumulation (AVX-512 dot, axpy and exp, see vec.h) for every input dtype;
+// the output is rounded once to the input dtype.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,16 +16,14 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-template <typename T>
-inline void load_row(const T* src, float* dst, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
-}
-
-// One work item: query token t, kv head h, keys [first, last) of its sequence. Writes the
-// item's running max and exp-sum per query head and its unnormalised output (fp32) to `part`:
-// [group, dim + 2] = acc[dim], max, sum.
+// One work item: query token t, keys [first, last) of its sequence, every head. A key's row holds
+// all kv heads side by side, so a block's keys (then its values) are one sequential read. Writes
+// each query head's running max and exp-sum and its unnormalised output (fp32) to `part`:
+// [heads, dim + 2] = acc[dim], max, sum.
 template <typename T>
 struct Attend {
   const T* pool;
@@ -33,47 +32,33 @@ struct Attend {
   int64_t width, num_heads, num_kv, group, dim, block_size, block_stride, kv_stride, row_stride;
   float scale;
 
-  void run(int64_t t, int64_t h, int32_t seq, int64_t first, int64_t last, float* part,
-           std::vector<float>& qf, std::vector<float>& row, std::vector<float>& scores) const {
+  const T* key_row(const int32_t* table, int64_t j) const {  // [num_kv, dim]
+    return pool + table[j / block_size] * block_stride + (j % block_size) * row_stride;
+  }
+
+  void run(int64_t t, int32_t seq, int64_t first, int64_t last, float* part, std::vector<float>& qf,
+           std::vector<float>& scores) const {
     const int32_t* table = table_all + static_cast<int64_t>(seq) * width;
-    const int64_t head0 = t * num_heads + h * group, count = last - first;
-    for (int64_t g = 0; g < group; ++g) {
-      load_row(q_all + (head0 + g) * dim, qf.data() + g * dim, dim);
-      for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] *= scale;
-    }
-    scores.resize(group * count);
+    const int64_t count = last - first;
+    for (int64_t i = 0; i < num_heads * dim; ++i) qf[i] = static_cast<float>(q_all[t * num_heads * dim + i]) * scale;
+    scores.resize(num_heads * count);  // [heads, count]
     for (int64_t j = first; j < last; ++j) {
-      load_row(pool + table[j / block_size] * block_stride + (j % block_size) * row_stride + h * dim, row.data(), dim);
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qg = qf.data() + g * dim;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < dim; ++d) dot += qg[d] * row[d];
-        scores[g * count + j - first] = dot;
-      }
+      const T* k = key_row(table, j);
+      for (int64_t head = 0; head < num_heads; ++head)
+        scores[head * count + j - first] = kvc::dot(qf.data() + head * dim, k + head / group * dim, dim);
     }
-    for (int64_t g = 0; g < group; ++g) {  // softmax numerators, fp32
-      float* s = scores.data() + g * count;
-      float* out = part + g * (dim + 2);
+    for (int64_t head = 0; head < num_heads; ++head) {  // softmax numerators, fp32
+      float* s = scores.data() + head * count;
+      float* out = part + head * (dim + 2);
       const float top = count ? *std::max_element(s, s + count) : -std::numeric_limits<float>::infinity();
-      float sum = 0.f;
-      for (int64_t j = 0; j < count; ++j) {
-        s[j] = std::exp(s[j] - top);
-        sum += s[j];
-      }
       std::fill(out, out + dim, 0.f);
       out[dim] = top;
-      out[dim + 1] = sum;
+      out[dim + 1] = count ? kvc::exp_shifted(s, count, top) : 0.f;
     }
     for (int64_t j = first; j < last; ++j) {
-      load_row(pool + table[j / block_size] * block_stride + kv_stride + (j % block_size) * row_stride + h * dim,
-               row.data(), dim);
-      for (int64_t g = 0; g < group; ++g) {
-        const float p = scores[g * count + j - first];
-        float* a = part + g * (dim + 2);
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) a[d] += p * row[d];
-      }
+      const T* v = key_row(table, j) + kv_stride;
+      for (int64_t head = 0; head < num_heads; ++head)
+        kvc::axpy(scores[head * count + j - first], v + head / group * dim, part + head * (dim + 2), dim);
     }
   }
 };
@@ -88,40 +73,42 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
                        kv.stride(3), static_cast<float>(scale)};
   const int32_t* seq_all = seq_of.data_ptr<int32_t>();
   const int32_t* pos_all = positions.data_ptr<int32_t>();
-  // A small batch has fewer (token, kv head) items than threads: split long contexts into
-  // chunks of whole blocks, each its own item, merged below (as flash-decoding does on GPUs).
-  const int64_t items = num_tokens * num_kv, threads = at::get_num_threads();
+  // A small batch has fewer tokens than threads: split long contexts into chunks of whole blocks,
+  // each its own item, merged below (as flash-decoding does on GPUs). Short ones stay whole: a
+  // chunk under kMinChunkKeys keys costs less than waking another thread.
+  constexpr int64_t kMinChunkKeys = 256;
+  const int64_t threads = at::get_num_threads();
   int64_t longest = 1;
   for (int64_t t = 0; t < num_tokens; ++t) longest = std::max<int64_t>(longest, pos_all[t] + 1);
-  const int64_t splits = std::max<int64_t>(1, std::min((2 * threads + items - 1) / items, longest / 256));
+  const int64_t splits = std::max<int64_t>(1, std::min((threads + num_tokens - 1) / num_tokens, longest / kMinChunkKeys));
   const int64_t chunk = ((longest + splits - 1) / splits + block_size - 1) / block_size * block_size;
-  std::vector<float> parts(items * splits * group * (dim + 2));
+  const int64_t part_size = num_heads * (dim + 2);
+  std::vector<float> parts(num_tokens * splits * part_size);
 
-  at::parallel_for(0, items * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim), row(dim), scores;
+  at::parallel_for(0, num_tokens * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(num_heads * dim), scores;
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t item = w / splits, c = w % splits, t = item / num_kv, h = item % num_kv;
+      const int64_t t = w / splits, c = w % splits;
       const int64_t context = static_cast<int64_t>(pos_all[t]) + 1;  // keys 0..position
       const int64_t first = std::min(context, c * chunk), last = std::min(context, (c + 1) * chunk);
-      work.run(t, h, seq_all[t], first, last, parts.data() + w * group * (dim + 2), qf, row, scores);
+      work.run(t, seq_all[t], first, last, parts.data() + w * part_size, qf, scores);
     }
   });
   T* out_all = out.data_ptr<T>();
-  for (int64_t item = 0; item < items; ++item) {  // merge the chunks: rescale to the common max
-    const int64_t t = item / num_kv, h = item % num_kv;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* first_part = parts.data() + (item * splits * group + g) * (dim + 2);
+  for (int64_t t = 0; t < num_tokens; ++t) {  // merge the chunks: rescale to the common max
+    for (int64_t head = 0; head < num_heads; ++head) {
+      const float* first_part = parts.data() + t * splits * part_size + head * (dim + 2);
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < splits; ++c) top = std::max(top, first_part[c * group * (dim + 2) + dim]);
+      for (int64_t c = 0; c < splits; ++c) top = std::max(top, first_part[c * part_size + dim]);
       float acc[512] = {0.f}, total = 0.f;
       for (int64_t c = 0; c < splits; ++c) {
-        const float* part = first_part + c * group * (dim + 2);
+        const float* part = first_part + c * part_size;
         if (part[dim + 1] == 0.f) continue;  // an empty chunk (a shorter sequence)
-        const float factor = std::exp(part[dim] - top);
+        const float factor = splits == 1 ? 1.f : std::exp(part[dim] - top);
         total += part[dim + 1] * factor;
         for (int64_t d = 0; d < dim; ++d) acc[d] += part[d] * factor;
       }
-      T* o = out_all + (t * num_heads + h * group + g) * dim;
+      T* o = out_all + (t * num_heads + head) * dim;
       for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d] / total);
     }
   }

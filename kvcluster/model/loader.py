@@ -1,0 +1,44 @@
+"""One entry point for every model format: a GGUF file or a Hugging Face checkpoint directory.
+
+`load_model` returns the loader's result (gguf_loader.GGUFModel or hf_loader.HFModel: path,
+config, weights, tokenizer data, digest); `read_model_config` reads only the architecture (the
+launcher sizes the stores' KV layout with it); `model_identity` is what the block fingerprint
+hashes for the model.
+"""
+
+from pathlib import Path
+
+import xxhash
+
+from kvcluster.errors import UnsupportedModel
+from kvcluster.model.gguf_loader import GGUFModel, load_gguf, read_gguf_config
+from kvcluster.model.hf_loader import HFModel, is_hf_dir, load_hf, read_hf_config
+from kvcluster.model.llama import NUMERICS_VERSION, ModelConfig
+
+
+def load_model(path: str | Path | None = None) -> GGUFModel | HFModel:
+    """The model at `path`: a checkpoint directory, a .gguf file, or the default SmolLM2 when None."""
+    return load_hf(path) if _is_dir(path) else load_gguf(path)
+
+
+def read_model_config(path: str | Path | None = None) -> ModelConfig:
+    return read_hf_config(path) if _is_dir(path) else read_gguf_config(path)
+
+
+def model_identity(weights_digest: bytes, config: ModelConfig) -> bytes:
+    """What the fingerprint hashes for the model: the weights' digest, the architecture and the
+    forward's numerics version (the KV layout, dtype and block size join it in make_fingerprint)."""
+    tag = f"|{config.architecture}|numerics-v{NUMERICS_VERSION}".encode()
+    return xxhash.xxh3_128_digest(weights_digest + tag)
+
+
+def _is_dir(path: str | Path | None) -> bool:
+    if not path:
+        return False
+    if Path(path).is_dir():
+        if not is_hf_dir(path):
+            raise UnsupportedModel(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
+        return True
+    if not Path(path).is_file():
+        raise UnsupportedModel(f"{path}: no such model file or directory")
+    return False
