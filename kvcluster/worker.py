@@ -61,16 +61,18 @@ class EngineWorker:
         Closing the iterator early (client cancel) aborts the sequence and frees its blocks."""
         events: queue.SimpleQueue = queue.SimpleQueue()
 
-        def admit(engine: Engine) -> Sequence:
+        def admit(engine: Engine) -> tuple[Sequence, bool]:
             if len(engine.waiting) >= self.max_waiting:
                 raise ResourceExhausted(f"{len(engine.waiting)} requests already waiting (max_waiting={self.max_waiting})")
             seq = add(engine)
-            if seq.finish_reason is None:
+            # Decided here, on the engine thread: once admit returns, the engine may step the
+            # sequence to its end before this handler thread looks at it again.
+            finished_at_admission = seq.finish_reason is not None
+            if not finished_at_admission:
                 self._subscribers[seq.request_id] = events
-            return seq
+            return seq, finished_at_admission
 
-        seq = self.call(admit)
-        finished = seq.finish_reason is not None
+        seq, finished = self.call(admit)
         try:
             yield from seq.initial_events
             while not finished:

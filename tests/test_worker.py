@@ -1,6 +1,7 @@
 """EngineWorker: concurrent streams from many threads, cancellation, admission limits."""
 
 import threading
+import time
 
 import pytest
 
@@ -63,3 +64,27 @@ def test_oversized_request_is_resource_exhausted(tokenizer):
         assert len(events) == GREEDY.max_tokens  # the worker still serves what fits
     finally:
         w.stop()
+
+
+class DescheduledHandler(EngineWorker):
+    """A handler thread that loses the CPU right after admission (a loaded 2-core machine): the
+    engine thread runs the whole sequence before the handler looks at it again."""
+
+    def call(self, fn, timeout=None):
+        result = super().call(fn, timeout)
+        while self.engine.has_work():
+            time.sleep(0.005)
+        return result
+
+
+def test_a_sequence_finished_before_its_handler_resumes_still_streams_every_token(tokenizer):
+    engine = make_tiny_engine(tokenizer)
+    p = prompt(30)
+    want = [e.token_id for e in engine.generate(p, GREEDY, use_cache=False)]
+    w = DescheduledHandler(engine).start()
+    try:  # the first token handed over (as from a prefill worker), the rest computed here
+        events = list(w.stream(lambda eng: eng.add_request(p, GREEDY, output_ids=want[:1], use_cache=False)))
+    finally:
+        w.stop()
+    assert [e.token_id for e in events] == want
+    assert events[-1].finish_reason is not None
