@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from kvcluster.config import setting
+from kvcluster.errors import InvalidArgument
 from kvcluster.worker_config import WorkerConfig
 
 
@@ -24,4 +25,12 @@ class DecodeConfig(WorkerConfig):
     max_pending_pushes: int = setting(8, "finished requests whose new blocks may wait to be pushed; beyond it a "
                                       "request's blocks are dropped (counted), so a slow store never piles up memory")
     prefill_timeout_seconds: float = setting(120.0, "deadline of one Prefill call (capped by the client's deadline)")
+    verify_fraction: float = setting(0.0, "fraction of warm requests (prompt K/V not all computed here) recomputed "
+                                     "without the cache on the side and compared token by token and block by block "
+                                     "(kvcluster_verify_mismatch_total); 0 = off, 1 = every one")
     api_key: str = setting("", "when set, Generate requires the metadata 'authorization: Bearer <key>'")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise InvalidArgument("verify_fraction", f"must be between 0 and 1; got {self.verify_fraction}")

@@ -14,6 +14,7 @@ import grpc
 
 from decode_service.metrics import DecodeMetrics
 from decode_service.prompt_kv import PromptKV, PromptKVSource
+from decode_service.verifier import Verifier
 from kvcluster.blocks import check_cache_salt
 from kvcluster.cache_client import KVCacheClient
 from kvcluster.errors import InvalidArgument
@@ -33,8 +34,9 @@ class Generator:
 
     def __init__(self, worker: EngineWorker, source: PromptKVSource, cache: KVCacheClient | None,
                  metrics: DecodeMetrics, cache_generated: bool = True, lease_seconds: int = 30,
-                 max_pending_pushes: int = 8):
+                 max_pending_pushes: int = 8, verifier: Verifier | None = None):
         self.worker = worker
+        self.verifier = verifier
         self.source = source
         self.cache = cache
         self.metrics = metrics
@@ -46,6 +48,8 @@ class Generator:
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
+        if self.verifier is not None:
+            self.verifier.close()
 
     def flush_pushes(self, timeout_s: float = 10.0) -> None:
         """Wait until every finished request's blocks have been pushed (tests; graceful stop)."""
@@ -96,6 +100,7 @@ class Generator:
         last = first = None
         count = 0
         finished = False
+        served: list[int] = []
         try:
             for event in self.worker.stream(admit):
                 now = time.perf_counter()
@@ -105,6 +110,7 @@ class Generator:
                 else:
                     self.metrics.itl.observe(now - last)
                 last, count = now, count + 1
+                served.append(event.token_id)
                 response = decode_pb2.GenerateResponse(text=event.text, token_ids=[event.token_id])
                 if event.finish_reason is not None:
                     finished = True
@@ -113,10 +119,13 @@ class Generator:
                     response.usage.CopyFrom(usage)
                     for source in PROMPT_SOURCES:
                         self.metrics.prompt_tokens.labels(source).inc(getattr(usage, f"{source}_tokens"))
+                    warm = usage.local_computed_tokens < usage.prompt_tokens
                 yield response
         finally:
             if finished and keep and holder:
                 self.worker.submit(lambda eng: self._push_generated(eng, holder[0], kv.held_blocks))
+        if finished and self.verifier is not None:
+            self.verifier.maybe_verify(request_id, prompt_ids, params, served, kv.hashes, warm)
         self.metrics.latency.observe(time.perf_counter() - arrival)
         self.metrics.generation_tokens.inc(count)
 

@@ -33,10 +33,17 @@ class DecodeMetrics(FallbackMetrics):
         self.local_prefill_max = Gauge("kvcluster_local_prefill_max_tokens", "Uncached prompt tokens up to which "
                                        "decode computes a prompt itself instead of calling Prefill (measured or set)",
                                        registry=registry)
+        self.verify = Counter("kvcluster_verify", "Warm requests the live verifier recomputed without the cache, by "
+                              "result: match, mismatch, skipped (the verifier or the worker was busy)", ["result"],
+                              registry=registry)
+        self.verify_mismatch = Counter("kvcluster_verify_mismatch", "Verified warm requests whose recompute differed "
+                                       "(tokens or prompt K/V bytes): always a bug", registry=registry)
         self.batch_size = Histogram("kvcluster_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS,
                                     registry=registry)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
+        for result in ("match", "mismatch", "skipped"):
+            self.verify.labels(result)
         for source in ("local_cache", "store", "prefill", "local_computed"):
             self.prompt_tokens.labels(source)
 

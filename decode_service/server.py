@@ -8,10 +8,11 @@ from decode_service.config import DecodeConfig
 from decode_service.generator import Generator
 from decode_service.metrics import DecodeMetrics
 from decode_service.prompt_kv import PromptKVSource
+from decode_service.verifier import Verifier
 from kvcluster import rpc
 from kvcluster.security import token_guards
 from kvcluster.errors import InvalidArgument, ResourceExhausted
-from kvcluster.model.engine import Engine, EngineConfig, load_engine
+from kvcluster.model.engine import Engine, load_engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from kvcluster.cache_client import make_cache_client
 from kvcluster.serving_metrics import register_pool_gauges
@@ -64,9 +65,8 @@ class DecodeServer(WorkerServer):
 def create_server(config: DecodeConfig, engine: Engine | None = None,
                   registry: CollectorRegistry | None = None) -> tuple[DecodeServer, int]:
     """Build a decode worker (not started). `engine` lets tests share one loaded model."""
-    engine = engine or load_engine(config.model or None, config.device or None, EngineConfig(
-        block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes, max_batch=config.max_batch, prefix_caching=config.prefix_caching), config.dtype,
-        cluster_secret=config.internal_token)
+    engine = engine or load_engine(config.model or None, config.device or None, config.engine_config(), config.dtype,
+                                   cluster_secret=config.internal_token)
     registry = registry or CollectorRegistry()
     metrics = DecodeMetrics(registry)
     engine.prefix_caching = engine.prefix_caching and config.prefix_caching
@@ -78,8 +78,9 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
     prefill = prefill_pb2_grpc.PrefillServiceStub(prefill_channel) if prefill_channel else None
     source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds)
     metrics.local_prefill_max.set_function(source.policy.max_tokens)
+    verifier = Verifier(worker, metrics, config.verify_fraction) if config.verify_fraction > 0 else None
     generator = Generator(worker, source, cache, metrics, config.cache_generated, config.lease_seconds,
-                          config.max_pending_pushes)
+                          config.max_pending_pushes, verifier)
     servicer = DecodeServicer(generator, metrics, config.max_streams)
     service = rpc.Service(servicer, decode_pb2_grpc.add_DecodeServiceServicer_to_server,
                           rpc.service_name(decode_pb2, "DecodeService"))

@@ -5,6 +5,7 @@
   chat --target HOST:PORT           interactive multi-turn chat against a cluster
   up [--model PATH]                 start Redis, a cache store, prefill and decode on this machine
   demo                              send one long prompt twice and print cold vs warm TTFT
+  verify --target HOST:PORT         serve a prompt set cold, warm and with the cache bypassed; compare tokens
 """
 
 import argparse
@@ -85,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the same long prompt twice: cold vs warm time to first token")
     demo.add_argument("--target", default=None, help="a running cluster (default: start one)")
     add_dtype_flag(demo, "dtype of the cluster the demo starts")
+    verify = commands.add_parser("verify", help="check on demand that the cache never changes a token: each "
+                                 "prompt served cold, warm and with the cache bypassed, outputs compared")
+    verify.add_argument("--target", default="127.0.0.1:50051", help="decode service host:port")
+    verify.add_argument("--prompts", default=None, help="file with one prompt per line (default: a built-in set "
+                        "of 8 prompts, 20 to 900 tokens)")
+    verify.add_argument("--raw", action="store_true", help="send prompts as is, without the chat template")
+    verify.add_argument("--api-key", default=os.environ.get("KVC_API_KEY"), help="Generate API key (env KVC_API_KEY)")
+    add_cache_salt_flag(verify)
+    add_sampling_flags(verify)
+    verify.set_defaults(max_tokens=32, ignore_eos=True)
     return parser
 
 
@@ -205,9 +216,50 @@ def demo_against(target: str) -> int:
     return 0
 
 
+def verify_prompts(path: str | None) -> list[str]:
+    if path:
+        with open(path, encoding="utf-8") as lines:
+            return [line.rstrip("\n") for line in lines if line.strip()]
+    sections = DEMO_DOCUMENT.split("Section ")
+    return ["What is a KV cache?", "Write a haiku about caches that never lie."] + [
+        "Section ".join(sections[:n]) + f" Which region ships the most pallets? (asked {n})" for n in (3, 6, 10, 15, 22, 30)]
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return diff if diff is not None or len(a) == len(b) else min(len(a), len(b))
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Each prompt three times through the cluster: cold (or whatever the cache holds), warm, and with
+    the cache bypassed (computed from scratch). Any difference in tokens is a cache bug."""
+    kwargs = sampling_kwargs(args)
+    if args.temperature > 0 and args.seed is None:
+        kwargs["seed"] = 20261125  # sampled runs are comparable only with one seed
+    bad = 0
+    with Client(args.target, api_key=args.api_key) as client:
+        for number, text in enumerate(verify_prompts(args.prompts), 1):
+            request = dict(prompt=text) if args.raw else dict(messages=[("user", text)])
+            first, warm = (client.generate(**request, cache_salt=args.cache_salt, **kwargs) for _ in range(2))
+            fresh = client.generate(**request, bypass_cache=True, cache_salt=args.cache_salt, **kwargs)
+            diffs = {label: first_difference(list(c.token_ids), list(fresh.token_ids))
+                     for label, c in (("first", first), ("warm", warm))}
+            u = warm.usage
+            if all(d is None for d in diffs.values()):
+                print(f"ok        #{number}: {u.prompt_tokens} prompt tokens ({u.cached_tokens} cached when warm), "
+                      f"{len(fresh.token_ids)} output tokens identical")
+                continue
+            bad += 1
+            where = ", ".join(f"{label} run differs at output token {d}" for label, d in diffs.items() if d is not None)
+            print(f"MISMATCH  #{number}: {u.prompt_tokens} prompt tokens: {where} from the uncached run")
+    total = len(verify_prompts(args.prompts))
+    print(f"{total - bad}/{total} prompts identical cold, warm and uncached")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"generate": run_generate, "chat": run_chat, "up": run_up, "demo": run_demo}
+    commands = {"generate": run_generate, "chat": run_chat, "up": run_up, "demo": run_demo, "verify": run_verify}
     try:
         return commands[args.command](args)
     except KVClusterError as err:

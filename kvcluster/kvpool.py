@@ -158,6 +158,14 @@ class KVPool:
             held += 1
         return held
 
+    def same_bytes(self, a: int, b: int) -> bool:
+        """Whether two slots hold bitwise-identical blocks."""
+        return torch.equal(self._bytes[a], self._bytes[b])
+
+    def slot_of(self, block_hash: bytes) -> int | None:
+        """The slot holding `block_hash` now, without taking a reference (owner's thread only)."""
+        return self._slot_of.get(block_hash)
+
     def register(self, block_hash: bytes, slot: int) -> bool:
         """Make the full block in `slot` findable under `block_hash`. False (nothing changes) when the
         hash is already held elsewhere or the slot already holds another block."""

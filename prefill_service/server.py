@@ -7,7 +7,7 @@ from kvcluster import rpc
 from kvcluster.security import token_guards
 from kvcluster.cache_client import make_cache_client
 from kvcluster.messages import sampling_from_proto
-from kvcluster.model.engine import Engine, EngineConfig, load_engine
+from kvcluster.model.engine import Engine, load_engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
 from kvcluster.serving_metrics import register_pool_gauges
 from kvcluster.worker_server import WorkerServer
@@ -54,10 +54,9 @@ class PrefillServer(WorkerServer):
 def create_server(config: PrefillConfig, engine: Engine | None = None,
                   registry: CollectorRegistry | None = None) -> tuple[PrefillServer, int]:
     """Build a prefill worker (not started). `engine` lets tests share one loaded model."""
-    engine = engine or load_engine(config.model or None, config.device or None, EngineConfig(
-        block_size=config.block_size, kv_capacity_bytes=config.kv_capacity_bytes,
-        max_batch=config.max_batch, max_prefill_tokens=config.chunk_tokens, prefix_caching=config.prefix_caching), config.dtype,
-        cluster_secret=config.internal_token)
+    engine = engine or load_engine(config.model or None, config.device or None,
+                                   config.engine_config(max_prefill_tokens=config.chunk_tokens), config.dtype,
+                                   cluster_secret=config.internal_token)
     registry = registry or CollectorRegistry()
     metrics = PrefillMetrics(registry)
     engine.prefix_caching = engine.prefix_caching and config.prefix_caching

@@ -83,6 +83,8 @@ KVCLUSTER_METRICS: dict[str, dict[str, str]] = {
         "kvcluster_local_prefill_max_tokens": "gauge",
         "kvcluster_worker_kv_blocks_cached": "gauge",
         "kvcluster_worker_kv_evictions_total": "counter",
+        "kvcluster_verify_total": "counter",
+        "kvcluster_verify_mismatch_total": "counter",
     },
 }
 METRIC_TYPES = {name: kind for job in KVCLUSTER_METRICS.values() for name, kind in job.items()}
@@ -90,6 +92,7 @@ LABEL_VALUES = {
     "direction": {"push", "pull"},
     "source": {"local_cache", "store", "prefill", "local_computed", "computed"},
     "outcome": {"ok", "cancelled", "invalid", "rejected", "error"},
+    "result": {"match", "mismatch", "skipped"},
     "reason": {"redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch",
                "token_mismatch", "prefill_unavailable", "prefill_mismatch", "push_failed"},
     "job": set(KVCLUSTER_METRICS) | {"prometheus"},

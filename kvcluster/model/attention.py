@@ -23,7 +23,7 @@ class KernelAttention:
     """Query t attends keys 0..positions[t] of sequence seq_of[t], read in place from the pool."""
 
     def __init__(self, op, block_tables: Sequence[Sequence[int]], seq_of: Sequence[int], positions: Sequence[int],
-                 scale: float, device: torch.device):
+                 scale: float, device: torch.device, chunk_keys: int = 0):
         width = max(map(len, block_tables))
         # Rows are padded with block 0: the op never reads past a query's own position.
         self.tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32,
@@ -31,9 +31,11 @@ class KernelAttention:
         self.seq_of = torch.tensor(seq_of, dtype=torch.int32, device=device)  # [T]
         self.positions = torch.tensor(positions, dtype=torch.int32, device=device)  # [T]
         self.op, self.scale = op, scale
+        self.chunk_keys = chunk_keys  # 0: split as the batch suggests; > 0: fixed cuts (batch-invariant)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int) -> torch.Tensor:
-        out = self.op(q.contiguous(), kv, layer, self.tables, self.seq_of, self.positions, self.scale)  # [T, H, D]
+        out = self.op(q.contiguous(), kv, layer, self.tables, self.seq_of, self.positions, self.scale,
+                      self.chunk_keys)  # [T, H, D]
         return out.flatten(1)
 
 

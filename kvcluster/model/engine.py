@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_BYTES = 1 << 30
+# Batch-invariant numerics by default: see the README's "Exactness" notes for its measured cost.
+DETERMINISTIC_DEFAULT = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class EngineConfig:
     max_batch: int = 16                 # sequences decoded together
     max_prefill_tokens: int = 512       # prompt tokens computed per prefill step (chunking)
     prefix_caching: bool = True         # keep and share full blocks in the pool (the local cache tier)
+    deterministic: bool = DETERMINISTIC_DEFAULT  # batch-invariant numerics (see LlamaModel.numerics)
 
 
 @dataclass
@@ -110,7 +113,8 @@ class Engine:
         self.model_digest = model_digest
         self.layout = model.config.kv_layout(config.block_size, DTYPE_NAMES[model.dtype])
         # The cluster secret keys every block hash (see kvcluster.blocks); "" = no secret.
-        self.fingerprint: Fingerprint = make_fingerprint(model_digest, self.layout.canonical(),
+        # The numerics mode joins the model's identity: the two modes compute different K/V bytes.
+        self.fingerprint: Fingerprint = make_fingerprint(model_digest + f"|{model.numerics}".encode(), self.layout.canonical(),
                                                          fingerprint_key(cluster_secret))
         self.pool = KVPool.from_budget(self.layout, config.kv_capacity_bytes, model.device)
         self.waiting: deque[Sequence] = deque()
@@ -123,6 +127,8 @@ class Engine:
         self.tokens_computed = 0   # prompt tokens this engine computed (deduplication is counted here)
         self.deferrals = 0         # prefill steps a sequence waited for a block another one was computing
         self.prefill_cost = PrefillCost()
+        # Called with (sequences, their logits [n, vocab]) before each sampling: exactness tests, logprobs.
+        self.logits_observer: Callable[[list[Sequence], torch.Tensor], None] | None = None
 
     @property
     def model_config(self) -> ModelConfig:
@@ -383,6 +389,8 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         if not seqs:
             return []
+        if self.logits_observer is not None:
+            self.logits_observer(seqs, logits)
         try:
             tokens = sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
         except Exception:  # one row's draw failed: sample each alone, fail only the culprit
@@ -467,6 +475,20 @@ class Engine:
             return None
         return Export(first, list(seq.block_hashes[first:last]), blocks, self.read_blocks(slots))
 
+    def first_diverging_block(self, seq: Sequence, hashes: Seq[BlockHash]) -> tuple[int | None, int]:
+        """Compare `seq`'s leading blocks with the cached blocks the local cache holds under `hashes`
+        (the live verifier: `seq` recomputed them without the cache). (index of the first block whose
+        bytes differ or None, blocks compared); a block evicted meanwhile is not compared."""
+        compared = 0
+        for i, (block_hash, slot) in enumerate(zip(hashes, seq.block_table)):
+            cached = self.pool.slot_of(block_hash)
+            if cached is None or cached == slot:
+                continue
+            compared += 1
+            if not self.pool.same_bytes(cached, slot):
+                return i, compared
+        return None, compared
+
     def release(self, seq: Sequence) -> None:
         """Return a sequence's blocks to the pool."""
         self.pool.free(seq.block_table)
@@ -501,6 +523,8 @@ class Engine:
                 logits = self.model.prefill(self.pool.kv, [PrefillSeq(seq.token_ids, 0, slots)])
             finally:
                 self.pool.free(slots)
+            if self.logits_observer is not None:
+                self.logits_observer([seq], logits)
             yield seq.append_token(sample(logits, [seq.params], [len(seq.output_ids)])[0])
 
 
@@ -515,12 +539,12 @@ def load_engine(model_path: str | Path | None = None, device: str | None = None,
     loaded = load_model(model_path)
     log.info("model %s: %s, %d layers, %d KV heads x %d", loaded.path, loaded.config.architecture,
              loaded.config.num_layers, loaded.config.num_kv_heads, loaded.config.head_dim)
-    model = LlamaModel(loaded.config, loaded.weights, device, DTYPES[name])
+    model = LlamaModel(loaded.config, loaded.weights, device, DTYPES[name], config.deterministic)
     return Engine(model, Tokenizer(loaded.tokenizer), model_identity(loaded.digest, loaded.config), config, cluster_secret)
 
 
 def random_engine(config: ModelConfig, tokenizer: Tokenizer, seed: int = 0, engine_config: EngineConfig = EngineConfig(),
                   dtype: str = "float32", device: str = "cpu") -> Engine:
     """An engine over seeded random weights (tests of the mechanics)."""
-    model = LlamaModel(config, LlamaWeights.random(config, seed), device, DTYPES[dtype])
+    model = LlamaModel(config, LlamaWeights.random(config, seed), device, DTYPES[dtype], engine_config.deterministic)
     return Engine(model, tokenizer, f"random-{seed}-{config}".encode(), engine_config)

@@ -6,6 +6,7 @@ of different lengths). Both write the new tokens' K/V into the pool through a sl
 return logits for the last position of each sequence only.
 """
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from kvcluster.kvpool import KVLayout
 from kvcluster.model.attention import CausalAttention, KernelAttention, MaskedAttention, PaddedAttention
 from kvcluster.model.kernels import few_rows_linear_op, paged_attention_op, rms_norm_op
+
+log = logging.getLogger(__name__)
 
 # Part of every block's fingerprint: bump it when a change to the forward changes K/V bytes.
 NUMERICS_VERSION = 1
@@ -113,6 +116,7 @@ class DecodeSeq:
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 KERNEL_MAX_NEW_TOKENS = 8  # prefill chunks up to this many tokens per sequence take the compiled op
+DETERMINISTIC_CHUNK_KEYS = 256  # the deterministic mode's fixed cut of every query's keys (see paged_attention.cpp)
 FEW_ROWS_MAX = 3  # matmuls of up to this many rows take the compiled few-rows op (see Linear)
 
 
@@ -120,7 +124,7 @@ class LlamaModel:
     """Weights plus the forward. Stateless between calls: all KV state lives in the pool tensor."""
 
     def __init__(self, config: ModelConfig, weights: LlamaWeights, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, deterministic: bool = False):
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -141,6 +145,18 @@ class LlamaModel:
         self.paged_op = paged_attention_op() if self.device.type == "cpu" else None
         # One compiled op instead of torch's chain of seven, on CPU in fp32 and bf16.
         self.rms_op = rms_norm_op() if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        # Batch-invariant numerics (see `numerics`): every attention through the compiled op with
+        # fixed key chunks, every norm through the per-row op. Needs the compiled kernels (CPU).
+        self.deterministic = deterministic and self.paged_op is not None and self.rms_op is not None
+        if deterministic and not self.deterministic:
+            log.warning("deterministic mode needs the compiled CPU kernels (device %s): running without it", self.device)
+
+    @property
+    def numerics(self) -> str:
+        """Which arithmetic computes K/V: part of the block fingerprint, since the two modes' bytes differ.
+        "batch-invariant": a token's K/V and logits are bitwise the same whatever shares its batch, however
+        its prompt was chunked, and whichever path (prefill, cached prefix, decode) computed its context."""
+        return "batch-invariant" if self.deterministic else "fast"
 
     # ---- public entry points -------------------------------------------------------------
 
@@ -167,7 +183,8 @@ class LlamaModel:
         positions = [s.position for s in seqs]
         slots = [s.block_table[s.position // bs] * bs + s.position % bs for s in seqs]
         if self.paged_op is not None:
-            attend = KernelAttention(self.paged_op, tables, range(len(seqs)), positions, self.scale, self.device)
+            attend = KernelAttention(self.paged_op, tables, range(len(seqs)), positions, self.scale, self.device,
+                                     self._chunk_keys)
         else:
             attend = PaddedAttention(tables, positions, bs, self.scale, self.dtype, self.device)
         return self._logits(self._forward(kv, [s.token_id for s in seqs], positions, slots, attend))
@@ -175,9 +192,10 @@ class LlamaModel:
     def _prefill_attention(self, seqs: Sequence[PrefillSeq], seq_of: list[int], positions: list[int], bs: int) -> Attend:
         """The step's attention plan (see kvcluster.model.attention)."""
         cached = any(s.num_cached for s in seqs)
-        if self.paged_op is not None and cached and max(len(s.token_ids) for s in seqs) <= KERNEL_MAX_NEW_TOKENS:
+        few_new = cached and max(len(s.token_ids) for s in seqs) <= KERNEL_MAX_NEW_TOKENS
+        if self.deterministic or (self.paged_op is not None and few_new):
             tables = [s.block_table[: -(-(s.num_cached + len(s.token_ids)) // bs)] for s in seqs]
-            return KernelAttention(self.paged_op, tables, seq_of, positions, self.scale, self.device)
+            return KernelAttention(self.paged_op, tables, seq_of, positions, self.scale, self.device, self._chunk_keys)
         if len(seqs) == 1 and not cached:
             return CausalAttention()
         return MaskedAttention([(s.num_cached, len(s.token_ids), s.block_table) for s in seqs], bs, self.device)
@@ -201,7 +219,7 @@ class LlamaModel:
                 qkv = qkv + lw.qkv_bias
             qk = qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d)                      # [T, H + KV, D]
             if lw.qk_norm is not None:
-                qk = F.rms_norm(qk, (d,), None, cfg.rms_eps) * lw.qk_norm
+                qk = self._qk_norm(qk, lw.qk_norm)
             qk = _rope(qk, cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, (nh + nkv) * d:].view(n, nkv, d)                             # [T, KV, D]
@@ -217,6 +235,17 @@ class LlamaModel:
         if self.rms_op is not None:
             return self.rms_op(x.contiguous(), weight, self.config.rms_eps)
         return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_eps)
+
+    @property
+    def _chunk_keys(self) -> int:
+        return DETERMINISTIC_CHUNK_KEYS if self.deterministic else 0
+
+    def _qk_norm(self, qk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # qk: [T, heads, D]; weight [heads, D]
+        if self.deterministic:  # the per-row op: one row per head, whatever the row count
+            d = qk.shape[-1]
+            ones = torch.ones(d, dtype=qk.dtype, device=qk.device)
+            return self.rms_op(qk.reshape(-1, d).contiguous(), ones, self.config.rms_eps).view_as(qk) * weight
+        return F.rms_norm(qk, (qk.shape[-1],), None, self.config.rms_eps) * weight
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self._rms_norm(hidden, self.weights.norm)).float()

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "vec.h"
@@ -65,7 +66,7 @@ struct Attend {
 
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::Tensor& tables,
-            const at::Tensor& seq_of, const at::Tensor& positions, double scale, at::Tensor& out) {
+            const at::Tensor& seq_of, const at::Tensor& positions, double scale, int64_t chunk_keys, at::Tensor& out) {
   const int64_t num_tokens = q.size(0), num_heads = q.size(1), dim = q.size(2);
   const int64_t block_size = kv.size(3), num_kv = kv.size(4), group = num_heads / num_kv;
   const Attend<T> work{kv.data_ptr<T>() + layer * kv.stride(1), q.data_ptr<T>(), tables.data_ptr<int32_t>(),
@@ -73,38 +74,51 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
                        kv.stride(3), static_cast<float>(scale)};
   const int32_t* seq_all = seq_of.data_ptr<int32_t>();
   const int32_t* pos_all = positions.data_ptr<int32_t>();
-  // A small batch has fewer tokens than threads: split long contexts into chunks of whole blocks,
-  // each its own item, merged below (as flash-decoding does on GPUs). Short ones stay whole: a
-  // chunk under kMinChunkKeys keys costs less than waking another thread.
+  // Work items: (query token, chunk of its keys). Two ways to chunk:
+  // - adaptive (chunk_keys == 0): a small batch has fewer tokens than threads, so long contexts
+  //   are split into chunks of whole blocks, each its own item, merged below (as flash-decoding
+  //   does on GPUs); short ones stay whole (a chunk under kMinChunkKeys keys costs less than
+  //   waking another thread). The split depends on the batch: fastest, not batch-invariant.
+  // - fixed (chunk_keys > 0, the deterministic mode): every query's keys are cut at multiples of
+  //   chunk_keys whatever else is in the batch, and merged in order. A query's output then
+  //   depends only on its own keys: bitwise the same in any batch, chunked prefill or decode.
   constexpr int64_t kMinChunkKeys = 256;
-  const int64_t threads = at::get_num_threads();
-  int64_t longest = 1;
-  for (int64_t t = 0; t < num_tokens; ++t) longest = std::max<int64_t>(longest, pos_all[t] + 1);
-  const int64_t splits = std::max<int64_t>(1, std::min((threads + num_tokens - 1) / num_tokens, longest / kMinChunkKeys));
-  const int64_t chunk = ((longest + splits - 1) / splits + block_size - 1) / block_size * block_size;
+  int64_t chunk = chunk_keys;
+  if (chunk <= 0) {
+    const int64_t threads = at::get_num_threads();
+    int64_t longest = 1;
+    for (int64_t t = 0; t < num_tokens; ++t) longest = std::max<int64_t>(longest, pos_all[t] + 1);
+    const int64_t splits = std::max<int64_t>(1, std::min((threads + num_tokens - 1) / num_tokens, longest / kMinChunkKeys));
+    chunk = ((longest + splits - 1) / splits + block_size - 1) / block_size * block_size;
+  }
+  std::vector<int64_t> first_item(num_tokens + 1, 0);  // token t's chunks are items [first_item[t], first_item[t + 1])
+  for (int64_t t = 0; t < num_tokens; ++t) first_item[t + 1] = first_item[t] + (pos_all[t] + chunk) / chunk;
+  const int64_t num_items = first_item[num_tokens];
+  std::vector<int32_t> item_token(num_items);
+  for (int64_t t = 0; t < num_tokens; ++t)
+    std::fill(item_token.begin() + first_item[t], item_token.begin() + first_item[t + 1], static_cast<int32_t>(t));
   const int64_t part_size = num_heads * (dim + 2);
-  std::vector<float> parts(num_tokens * splits * part_size);
-
-  at::parallel_for(0, num_tokens * splits, 1, [&](int64_t begin, int64_t end) {
+  std::unique_ptr<float[]> parts(new float[num_items * part_size]);  // every item writes its whole part
+  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(num_heads * dim), scores;
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t t = w / splits, c = w % splits;
+      const int64_t t = item_token[w], c = w - first_item[t];
       const int64_t context = static_cast<int64_t>(pos_all[t]) + 1;  // keys 0..position
-      const int64_t first = std::min(context, c * chunk), last = std::min(context, (c + 1) * chunk);
-      work.run(t, seq_all[t], first, last, parts.data() + w * part_size, qf, scores);
+      const int64_t first = c * chunk, last = std::min(context, (c + 1) * chunk);
+      work.run(t, seq_all[t], first, last, parts.get() + w * part_size, qf, scores);
     }
   });
   T* out_all = out.data_ptr<T>();
-  for (int64_t t = 0; t < num_tokens; ++t) {  // merge the chunks: rescale to the common max
+  for (int64_t t = 0; t < num_tokens; ++t) {  // merge the chunks in order: rescale to the common max
+    const int64_t splits = first_item[t + 1] - first_item[t];
     for (int64_t head = 0; head < num_heads; ++head) {
-      const float* first_part = parts.data() + t * splits * part_size + head * (dim + 2);
+      const float* first_part = parts.get() + first_item[t] * part_size + head * (dim + 2);
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t c = 0; c < splits; ++c) top = std::max(top, first_part[c * part_size + dim]);
       float acc[512] = {0.f}, total = 0.f;
       for (int64_t c = 0; c < splits; ++c) {
         const float* part = first_part + c * part_size;
-        if (part[dim + 1] == 0.f) continue;  // an empty chunk (a shorter sequence)
-        const float factor = splits == 1 ? 1.f : std::exp(part[dim] - top);
+        const float factor = std::exp(part[dim] - top);  // exactly 1 for the chunk holding the max
         total += part[dim + 1] * factor;
         for (int64_t d = 0; d < dim; ++d) acc[d] += part[d] * factor;
       }
@@ -116,15 +130,17 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
 
 // q [T, H, D]; kv the whole pool; tables [S, W] int32 (block ids of each sequence);
 // seq_of [T] int32 (the sequence of each query); positions [T] int32 (a query sees keys 0..position,
-// already written to the pool). Returns [T, H, D] in q's dtype.
+// already written to the pool); chunk_keys 0 = split long contexts as the batch suggests, > 0 = cut
+// every query's keys at its multiples (batch-invariant). Returns [T, H, D] in q's dtype.
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::Tensor& tables,
-                           const at::Tensor& seq_of, const at::Tensor& positions, double scale) {
+                           const at::Tensor& seq_of, const at::Tensor& positions, double scale, int64_t chunk_keys) {
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 6, "q must be [T, H, D] and kv the 6-d pool");
   TORCH_CHECK(q.is_contiguous() && kv.is_contiguous(), "q and kv must be contiguous");
   TORCH_CHECK(q.scalar_type() == kv.scalar_type(), "q and kv must share a dtype");
   TORCH_CHECK(q.size(2) == kv.size(5) && q.size(1) % kv.size(4) == 0, "head shapes of q and kv disagree");
   TORCH_CHECK(0 <= layer && layer < kv.size(1), "layer out of range");
   TORCH_CHECK(q.size(2) <= 512, "head_dim above 512 is not supported");
+  TORCH_CHECK(chunk_keys >= 0, "chunk_keys must be >= 0");
   TORCH_CHECK(tables.scalar_type() == at::kInt && seq_of.scalar_type() == at::kInt &&
               positions.scalar_type() == at::kInt, "tables, seq_of and positions must be int32");
   TORCH_CHECK(tables.is_contiguous() && seq_of.numel() == q.size(0) && positions.numel() == q.size(0),
@@ -141,7 +157,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, int64_t la
   }
   at::Tensor out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
-    attend<scalar_t>(q, kv, layer, tables, seqs, pos, scale, out);
+    attend<scalar_t>(q, kv, layer, tables, seqs, pos, scale, chunk_keys, out);
   });
   return out;
 }
@@ -150,7 +166,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, int64_t la
 
 TORCH_LIBRARY(kvcluster, m) {
   m.def("paged_attention(Tensor q, Tensor kv, int layer, Tensor block_tables, Tensor seq_of, "
-        "Tensor positions, float scale) -> Tensor");
+        "Tensor positions, float scale, int chunk_keys=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvcluster, CPU, m) { m.impl("paged_attention", &paged_attention); }
