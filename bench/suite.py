@@ -4,6 +4,7 @@ Every kvcluster benchmark in one run, each a ratio against a baseline measured s
   index_latency      Redis index lookup p50/p99 for 16/64/256 hashes (PING as the floor)
   kv_transfer        bench/transfer.py: store pull vs raw TCP loopback, same bytes; store RSS
   engine             in-process prefill and decode tok/s
+  determinism        the deterministic (batch-invariant) mode's cost: throughput on vs off, fp32 and bf16
   decode_throughput  our engine vs transformers `generate`, batch 1-16
   ttft               TTFT vs prompt length through the cluster: cold, half-cached, fully cached
   overhead           cold end-to-end latency: cluster vs in-process engine
@@ -22,8 +23,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import (decode_throughput, dtype_speed, engine, index_latency, kv_transfer, overhead, shared_prefix,
-                   ttft)
+from bench import (decode_throughput, determinism, dtype_speed, engine, index_latency, kv_transfer, overhead,
+                   shared_prefix, ttft)
 from bench.common import RESULTS_DIR, progress
 from bench.context import BenchContext
 from kvcluster.dtypes import DTYPE_CHOICES
@@ -34,6 +35,7 @@ MEASURES: dict[str, Callable[[BenchContext], dict]] = {
     "index_latency": index_latency.run,
     "kv_transfer": kv_transfer.run,
     "engine": engine.run,
+    "determinism": determinism.run,
     "decode_throughput": decode_throughput.run,
     "dtype_speed": dtype_speed.run,
     "ttft": ttft.run,
