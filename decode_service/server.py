@@ -15,6 +15,7 @@ from kvcluster.model.engine import Engine, EngineConfig, load_engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from kvcluster.cache_client import make_cache_client
 from kvcluster.serving_metrics import register_pool_gauges
+from kvcluster.worker_registration import make_registration
 from kvcluster.worker_server import WorkerServer
 from kvcluster.worker import EngineWorker
 
@@ -56,7 +57,8 @@ class DecodeServer(WorkerServer):
                  registry: CollectorRegistry, port: int):
         generator = servicer.generator
         closers = [generator.close] + ([generator.cache.close] if generator.cache is not None else [])
-        super().__init__("decode", config, rpc_server, generator.worker, registry, port, closers)
+        super().__init__("decode", config, rpc_server, generator.worker, registry, port, closers,
+                         make_registration("decode", config, generator.worker, port))
         self.servicer = servicer
         self.generator = generator
 
