@@ -40,8 +40,15 @@ class Replica:
 
     @property
     def load(self) -> int:
-        """Sequences it is working on: its own count (up to a heartbeat old) or ours, whichever is larger."""
-        return max(self.open_calls, int(self.published.get("running", 0)) + int(self.published.get("waiting", 0)))
+        """Requests this gateway has open on it: exact and current, where the replica's own count is up to
+        a heartbeat old (a request that just finished would still count). With several gateways each
+        sees only its share; `published_load` then breaks ties."""
+        return self.open_calls
+
+    @property
+    def published_load(self) -> int:
+        """Sequences running and waiting on it at its last heartbeat (every client's)."""
+        return int(self.published.get("running", 0)) + int(self.published.get("waiting", 0))
 
     @property
     def fingerprint(self) -> bytes:

@@ -156,7 +156,7 @@ class IndexPublisher:
         if not self._healthy:
             log.info("index writes of %s resumed", self.store_id)
         self._healthy = True
-        log.info("store %s registered in the index at %s, epoch %d", self.store_id, self.address, epoch)
+        log.info("%s registered in the index at %s, epoch %d", self.store_id, self.address, epoch)
         return flushes
 
     def _drain(self) -> list:

@@ -117,8 +117,11 @@ class Cluster:
             for i in range(self.prefill_replicas):
                 child = self.spawn(replica_name("prefill_service", i), self.replica_args("prefill_service", i))
                 prefills.append(f"{self.host}:{child.grpc_port}")
-            for i in range(self.decode_replicas):
-                self.spawn(replica_name("decode_service", i), self.replica_args("decode_service", i, prefills[i % len(prefills)]))
+            decodes = [self.launch(replica_name("decode_service", i),  # in parallel: they are independent
+                                   self.replica_args("decode_service", i, prefills[i % len(prefills)]))
+                       for i in range(self.decode_replicas)]
+            for child in decodes:
+                self.wait_ready(child)
             if self.gateway:
                 self.spawn("gateway", self.gateway_child_args())
         except BaseException:
@@ -176,18 +179,27 @@ class Cluster:
 
     def spawn(self, name: str, args: list) -> Child:
         """Start `python -m <module of name> args` and wait until it is READY and SERVING."""
+        return self.wait_ready(self.launch(name, args))
+
+    def launch(self, name: str, args: list) -> Child:
+        """Start `python -m <module of name> args` (replica i > 0 is named `<module>-<i>`)."""
         module = name.split("-")[0]
         process = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], env=self.env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
         child = self.children[name] = Child(name, process, list(args))
         threading.Thread(target=self._pump, args=(child,), name=f"log-{name}", daemon=True).start()
+        return child
+
+    def wait_ready(self, child: Child) -> Child:
+        """Block until `child` printed its READY line and its health check passes."""
+        name, process = child.name, child.process
         deadline = time.monotonic() + self.start_timeout_s
         while not child.ready.wait(0.2):
             if process.poll() is not None:
                 raise Unavailable(f"{name} exited with code {process.returncode} before it was ready")
             if time.monotonic() > deadline:
                 raise Unavailable(f"{name} was not ready within {self.start_timeout_s:.0f} s")
-        if module == "gateway":
+        if name == "gateway":
             wait_http_ok(f"http://{self.host}:{child.grpc_port}/health", max(1.0, deadline - time.monotonic()))
         else:
             wait_serving(f"{self.host}:{child.grpc_port}", max(1.0, deadline - time.monotonic()))
