@@ -101,13 +101,14 @@ end
 return result
 """
 
-# KEYS: block keys of a prompt, in order; ARGV: member id and epoch pairs. Per member, how many
-# leading blocks its live epoch holds.
+# KEYS: block keys of a prompt, in order; ARGV: ns, then member id and epoch pairs. Per member, how
+# many leading blocks its live epoch holds (0 when its heartbeat is gone or belongs to another epoch).
 _HELD_PREFIX = """
-local counts = {}
-for m = 1, #ARGV, 2 do
+local ns, counts = ARGV[1], {}
+for m = 2, #ARGV, 2 do
   local sid, epoch, n = ARGV[m], ARGV[m + 1], 0
-  for i = 1, #KEYS do
+  local live = redis.call('GET', ns .. ':alive:' .. sid) == epoch
+  for i = 1, (live and #KEYS or 0) do
     if redis.call('HGET', KEYS[i], sid) ~= epoch then break end
     n = n + 1
   end
@@ -249,7 +250,8 @@ class RedisIndex:
         if not block_hashes or not members:
             return [0] * len(members)
         keys = [self.key("blk", h.hex()) for h in block_hashes]
-        return [int(n) for n in self._held_prefix(keys=keys, args=[x for m in members for x in (m.store_id, m.epoch)])]
+        pairs = [x for m in members for x in (m.store_id, m.epoch)]
+        return [int(n) for n in self._held_prefix(keys=keys, args=[self.ns, *pairs])]
 
     @_unavailable_on_redis_error
     def member_fields(self, member_ids: Sequence[str], fields: Sequence[str] = LOAD_FIELDS) -> list[dict[str, str]]:
