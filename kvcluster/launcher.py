@@ -199,7 +199,7 @@ class Cluster:
                 raise Unavailable(f"{name} exited with code {process.returncode} before it was ready")
             if time.monotonic() > deadline:
                 raise Unavailable(f"{name} was not ready within {self.start_timeout_s:.0f} s")
-        if name == "gateway":
+        if name.split("-")[0] == "gateway":
             wait_http_ok(f"http://{self.host}:{child.grpc_port}/health", max(1.0, deadline - time.monotonic()))
         else:
             wait_serving(f"{self.host}:{child.grpc_port}", max(1.0, deadline - time.monotonic()))
