@@ -5,7 +5,8 @@ Each user (a thread, a closed loop) holds one conversation: a system prompt of i
 the assistant's answers) plus the new message, sent with the official `openai` client, streamed
 (TTFT = until the first content chunk). Two gateways front the same cluster, one per policy
 (`--routing cache_aware` / `round_robin`); each phase uses fresh conversations, so neither finds
-the other's blocks in a replica's own pool.
+the other's blocks in a replica's own pool. A warm-up through both replicas comes first, and rounds
+alternate which policy goes first, so neither pays the cold start alone.
 
 The figure: the share of history tokens each turn found in the local prefix cache of the replica
 that served it (usage.kvcluster.local_cache_tokens). History tokens of turn k = the full blocks of
@@ -45,9 +46,10 @@ class Sizes:
     system_words: int
     message_words: int
     max_tokens: int
+    rounds: int
 
 
-SIZES = {"full": Sizes(8, 4, 120, 24, 8), "quick": Sizes(4, 3, 80, 16, 6), "tiny": Sizes(2, 2, 40, 8, 2)}
+SIZES = {"full": Sizes(8, 4, 120, 24, 8, 2), "quick": Sizes(4, 3, 80, 16, 6, 2), "tiny": Sizes(2, 2, 40, 8, 2, 1)}
 
 
 @dataclass
@@ -111,7 +113,6 @@ def summarize(turns: list[Turn]) -> dict:
 def run(ctx: BenchContext) -> dict:
     sizes = ctx.pick(SIZES)
     log = open(ctx.scratch_dir / "routing-cluster.log", "a")
-    result = {}
     with Cluster(ClusterPorts.any_free(), extra_env=ctx.cluster_env(), log_stream=log, dtype=ctx.dtype,
                  decode_replicas=2) as cluster:
         gateways = {}
@@ -120,14 +121,22 @@ def run(ctx: BenchContext) -> dict:
             cluster.spawn(name, [*cluster.gateway_child_args(), "--routing", policy])
             gateways[policy] = f"http://{cluster.host}:{cluster.children[name].grpc_port}"
         tokenizer = Tokenizer(read_tokenizer_data(ctx.model))
-        for round_index, policy in enumerate(POLICIES):
-            turns = run_phase(gateways[policy], cluster.served_model, tokenizer, sizes, seed=round_index + 1)
-            result[policy] = summarize(turns)
-            progress(NAME, f"{policy:<12}: local-cache share of history {result[policy]['local_cache_share']:.2f}, "
-                     f"TTFT p50 {result[policy]['ttft_p50_ms']:.0f} ms p99 {result[policy]['ttft_p99_ms']:.0f} ms")
+        warm_up = Sizes(users=4, turns=1, system_words=8, message_words=4, max_tokens=2, rounds=1)
+        run_phase(gateways["round_robin"], cluster.served_model, tokenizer, warm_up, seed=0)
+        turns: dict[str, list[Turn]] = {policy: [] for policy in POLICIES}
+        for rnd in range(sizes.rounds):
+            for policy in (POLICIES if rnd % 2 == 0 else POLICIES[::-1]):
+                seed = 1 + 2 * rnd + POLICIES.index(policy)  # fresh conversations every phase
+                phase = run_phase(gateways[policy], cluster.served_model, tokenizer, sizes, seed)
+                turns[policy] += phase
+                row = summarize(phase)
+                progress(NAME, f"round {rnd + 1}/{sizes.rounds} {policy:<12}: local-cache share of history "
+                         f"{row['local_cache_share']:.2f}, TTFT p50 {row['ttft_p50_ms']:.0f} ms p99 {row['ttft_p99_ms']:.0f} ms")
+        result = {policy: summarize(turns[policy]) for policy in POLICIES}
     log.close()
     aware, rr = result["cache_aware"], result["round_robin"]
-    payload = {"users": sizes.users, "turns": sizes.turns, "decode_replicas": 2, "max_tokens": sizes.max_tokens,
+    payload = {"users": sizes.users, "turns": sizes.turns, "rounds": sizes.rounds, "decode_replicas": 2,
+               "max_tokens": sizes.max_tokens,
                "result": result,
                "ratios": {"local_cache_share_cache_aware": at_least(aware["local_cache_share"], LOCAL_SHARE_TARGET, 3),
                           "local_cache_share_cache_aware_over_round_robin":

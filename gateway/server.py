@@ -266,7 +266,8 @@ def api_error_from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
     """A replica's status as the HTTP error OpenAI clients expect."""
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ApiError(400, details, details.split(":", 1)[0] if ":" in details else None, "invalid_value")
+        field = details.split(":", 1)[0].removeprefix("sampling.") if ":" in details else None
+        return ApiError(400, details, field, "invalid_value")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(429, f"overloaded: {details}", None, "overloaded", "rate_limit_error")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
