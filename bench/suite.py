@@ -9,6 +9,7 @@ Every kvcluster benchmark in one run, each a ratio against a baseline measured s
   ttft               TTFT vs prompt length through the cluster: cold, half-cached, fully cached
   overhead           cold end-to-end latency: cluster vs in-process engine
   shared_prefix      8 concurrent clients, 80% shared system prompt: cache vs bypass_cache
+  routing            multi-turn chat via the gateway over 2 decode replicas: cache-aware vs round robin
 Each writes DIR/<name>.json (machine, commit, figures, "ratios") and DIR/<name>.png; the run
 writes DIR/suite.json (every ratio, durations) and DIR/summary.md (the README table). Measures
 that need no cluster run first, so the in-process ones never share the 2 cores with it.
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (decode_throughput, determinism, dtype_speed, engine, index_latency, kv_transfer, overhead,
-                   shared_prefix, ttft)
+                   routing, shared_prefix, ttft)
 from bench.common import RESULTS_DIR, progress
 from bench.context import BenchContext
 from kvcluster.dtypes import DTYPE_CHOICES
@@ -41,6 +42,7 @@ MEASURES: dict[str, Callable[[BenchContext], dict]] = {
     "ttft": ttft.run,
     "overhead": overhead.run,
     "shared_prefix": shared_prefix.run,
+    "routing": routing.run,
 }
 
 

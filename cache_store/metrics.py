@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cache_store.pool import StorePool
-from cache_store.publisher import IndexPublisher
+from kvcluster.index_publisher import IndexPublisher
 from cache_store.service import ServiceCounters
 from kvcluster.stream_watchdog import StreamWatchdog
 

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from cache_store.config import StoreConfig
 from cache_store.metrics import register_metrics, serve_metrics
 from cache_store.pool import StorePool
-from cache_store.publisher import IndexPublisher
+from kvcluster.index_publisher import IndexPublisher
 from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity
 from kvcluster import rpc
 from kvcluster.dtypes import resolve_dtype

@@ -16,7 +16,9 @@ class DecodeConfig(WorkerConfig):
     kv_capacity_bytes: int = setting(1 << 30, "bytes of this worker's own paged KV pool")
     max_batch: int = setting(16, "sequences decoded together in one step")
     max_workers: int = setting(128, "gRPC handler threads; keep above max_streams so health checks still answer")
-    prefill_target: str = setting("127.0.0.1:50052", "host:port of the prefill service; empty = always prefill locally")
+    prefill_target: str = setting("127.0.0.1:50052", "host:port of the prefill service, used when no prefill "
+                                  "replica is registered in Redis (registered ones are preferred, least loaded "
+                                  "first); empty = always prefill locally")
     max_streams: int = setting(120, "concurrent Generate streams before new ones get RESOURCE_EXHAUSTED")
     local_prefill_max_tokens: int = setting(-1, "uncached prompt tokens up to which decode prefills locally "
                                             "instead of calling the prefill service; -1 = decided from measured "

@@ -29,6 +29,17 @@ MS = 1000.0
 PROMPT_SOURCES = ("local_cache", "store", "prefill", "local_computed")  # Usage fields <source>_tokens
 
 
+def check_resume(resume: list[int], params, vocab_size: int) -> list[int]:
+    """The resumed tokens, or InvalidArgument: fewer than max_tokens, each in the vocabulary."""
+    if len(resume) >= params.max_tokens:
+        raise InvalidArgument("resume_token_ids", f"has {len(resume)} tokens; must be fewer than "
+                              f"sampling.max_tokens ({params.max_tokens})")
+    bad = next((t for t in resume if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument("resume_token_ids", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return resume
+
+
 class Generator:
     """The Generate logic, independent of gRPC plumbing."""
 
@@ -79,6 +90,7 @@ class Generator:
         cache_salt = check_cache_salt(request.cache_salt)
         params = sampling_from_proto(request.sampling).with_seed()
         params.validate(engine.model_config.vocab_size, engine.model_config.context_length)
+        resume = check_resume(list(request.resume_token_ids), params, engine.model_config.vocab_size)
         request_id = uuid.uuid4().hex
         use_cache = not request.bypass_cache
         time_left = context.time_remaining() if context is not None else None
@@ -91,7 +103,7 @@ class Generator:
         holder: list[EngineSeq] = []
 
         def admit(engine: Engine) -> EngineSeq:
-            seq = self._admit(engine, request_id, prompt_ids, params, kv, keep)
+            seq = self._admit(engine, request_id, prompt_ids, params, kv, keep, resume)
             holder.append(seq)
             return seq
 
@@ -103,14 +115,17 @@ class Generator:
         served: list[int] = []
         try:
             for event in self.worker.stream(admit):
+                count += 1
+                served.append(event.token_id)
+                if count <= len(resume) and event.finish_reason is None:  # the client has these already
+                    continue
                 now = time.perf_counter()
                 if first is None:
                     first = now
                     self.metrics.ttft.observe(now - arrival)
                 else:
                     self.metrics.itl.observe(now - last)
-                last, count = now, count + 1
-                served.append(event.token_id)
+                last = now
                 response = decode_pb2.GenerateResponse(text=event.text, token_ids=[event.token_id])
                 if event.finish_reason is not None:
                     finished = True
@@ -127,11 +142,14 @@ class Generator:
         if finished and self.verifier is not None:
             self.verifier.maybe_verify(request_id, prompt_ids, params, served, kv.hashes, warm)
         self.metrics.latency.observe(time.perf_counter() - arrival)
-        self.metrics.generation_tokens.inc(count)
+        self.metrics.generation_tokens.inc(max(0, count - len(resume)))
 
-    def _admit(self, engine: Engine, request_id: str, prompt_ids: list[int], params, kv: PromptKV, keep: bool) -> EngineSeq:
-        """On the engine thread: the engine takes what the local cache holds, then the pulled blocks."""
-        handed = [kv.first_token] if kv.first_token is not None else []
+    def _admit(self, engine: Engine, request_id: str, prompt_ids: list[int], params, kv: PromptKV, keep: bool,
+               resume: list[int]) -> EngineSeq:
+        """On the engine thread: the engine takes what the local cache holds, then the pulled blocks.
+        Resumed tokens are handed over as output (the prefill service's first token is then the
+        same as their first and is not needed)."""
+        handed = resume or ([kv.first_token] if kv.first_token is not None else [])
         return engine.add_request(prompt_ids, params, request_id, output_ids=handed, keep_blocks=keep,
                                   prefix=kv.prefix(), cache_salt=kv.cache_salt, use_cache=kv.use_cache)
 

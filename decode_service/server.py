@@ -7,15 +7,17 @@ from prometheus_client import CollectorRegistry
 from decode_service.config import DecodeConfig
 from decode_service.generator import Generator
 from decode_service.metrics import DecodeMetrics
+from decode_service.prefill_pool import PrefillPool
 from decode_service.prompt_kv import PromptKVSource
 from decode_service.verifier import Verifier
 from kvcluster import rpc
 from kvcluster.security import token_guards
 from kvcluster.errors import InvalidArgument, ResourceExhausted
 from kvcluster.model.engine import Engine, load_engine
-from kvcluster.proto import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from kvcluster.proto import decode_pb2, decode_pb2_grpc
 from kvcluster.cache_client import make_cache_client
 from kvcluster.serving_metrics import register_pool_gauges
+from kvcluster.worker_registration import make_registration
 from kvcluster.worker_server import WorkerServer
 from kvcluster.worker import EngineWorker
 
@@ -56,8 +58,11 @@ class DecodeServer(WorkerServer):
     def __init__(self, config: DecodeConfig, rpc_server: rpc.RpcServer, servicer: DecodeServicer,
                  registry: CollectorRegistry, port: int):
         generator = servicer.generator
-        closers = [generator.close] + ([generator.cache.close] if generator.cache is not None else [])
-        super().__init__("decode", config, rpc_server, generator.worker, registry, port, closers)
+        prefill = generator.source.prefill
+        closers = [generator.close] + ([prefill.close] if prefill is not None else []) + (
+            [generator.cache.close] if generator.cache is not None else [])
+        super().__init__("decode", config, rpc_server, generator.worker, registry, port, closers,
+                         make_registration("decode", config, generator.worker, port))
         self.servicer = servicer
         self.generator = generator
 
@@ -73,9 +78,7 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
     register_pool_gauges(registry, engine.pool)
     worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
     cache = make_cache_client(config, engine)
-    prefill_channel = rpc.make_channel(config.prefill_target, credentials=config.channel_credentials(),
-                                       metadata=config.outgoing_metadata()) if config.prefill_target else None
-    prefill = prefill_pb2_grpc.PrefillServiceStub(prefill_channel) if prefill_channel else None
+    prefill = PrefillPool(config, engine.fingerprint) if config.prefill_target else None
     source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds)
     metrics.local_prefill_max.set_function(source.policy.max_tokens)
     verifier = Verifier(worker, metrics, config.verify_fraction) if config.verify_fraction > 0 else None

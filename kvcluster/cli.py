@@ -3,7 +3,8 @@
   generate "prompt"                 stream text from the in-process engine (--no-cache: the exactness reference)
   generate --target HOST:PORT "..." stream text from a running cluster and print the usage line
   chat --target HOST:PORT           interactive multi-turn chat against a cluster
-  up [--model PATH]                 start Redis, a cache store, prefill and decode on this machine
+  up [--model PATH]                 start Redis, a cache store, prefill and decode replicas and the
+                                    OpenAI HTTP gateway on this machine
   demo                              send one long prompt twice and print cold vs warm TTFT
   verify --target HOST:PORT         serve a prompt set cold, warm and with the cache bypassed; compare tokens
 """
@@ -79,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(chat)
     up = commands.add_parser("up", help="run the whole cluster on this machine until Ctrl-C")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--any-ports", action="store_true", help="free ports instead of 50051-50053 / 9101-9103")
+    up.add_argument("--any-ports", action="store_true", help="free ports instead of 50051-50053 / 9101-9103 / 8000")
+    up.add_argument("--decode-replicas", type=int, default=1, help="decode workers (replica i on port 50051 + 10 i)")
+    up.add_argument("--prefill-replicas", type=int, default=1, help="prefill workers (replica i on port 50052 + 10 i)")
+    up.add_argument("--no-gateway", dest="gateway", action="store_false", help="do not start the HTTP gateway")
+    up.add_argument("--routing", choices=("cache_aware", "round_robin"), default="cache_aware",
+                    help="the gateway's routing policy")
     add_dtype_flag(up, "model and KV dtype of every service (the stores hold the same)")
     up.add_argument("--model", default=os.environ.get("KVC_MODEL", ""),
                     help=f"{MODEL_HELP} every worker serves (env KVC_MODEL; default: SmolLM2-135M-Instruct)")
@@ -183,7 +189,9 @@ def run_up(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     ports = ClusterPorts.any_free() if args.any_ports else ClusterPorts()
-    with Cluster(ports, host=args.host, dtype=args.dtype, model=args.model) as cluster:
+    with Cluster(ports, host=args.host, dtype=args.dtype, model=args.model, decode_replicas=args.decode_replicas,
+                 prefill_replicas=args.prefill_replicas, gateway=args.gateway,
+                 gateway_args=("--routing", args.routing)) as cluster:
         print(cluster.describe(), flush=True)
         while not stopping.wait(0.5):
             dead = [c.name for c in cluster.children.values() if c.process.poll() is not None]

@@ -41,11 +41,12 @@ class Completion:
 
 def build_request(prompt: str | None = None, messages: Sequence[Message] | None = None,
                   token_ids: Sequence[int] | None = None, bypass_cache: bool = False, cache_salt: str = "",
-                  **sampling) -> decode_pb2.GenerateRequest:
+                  resume_token_ids: Sequence[int] = (), **sampling) -> decode_pb2.GenerateRequest:
     """One of prompt / messages / token_ids, plus SamplingParams fields by name (max_tokens=, temperature=, ...).
-    `cache_salt` (e.g. one per tenant) shares cached blocks only with requests of the same salt."""
+    `cache_salt` (e.g. one per tenant) shares cached blocks only with requests of the same salt;
+    `resume_token_ids` continues a generation after tokens already produced (see decode.proto)."""
     request = decode_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(**sampling), bypass_cache=bypass_cache,
-                                         cache_salt=cache_salt)
+                                         cache_salt=cache_salt, resume_token_ids=list(resume_token_ids))
     if prompt is not None:
         request.prompt = prompt
     elif messages is not None:

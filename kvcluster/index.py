@@ -12,6 +12,12 @@ Key schema (namespace `ns`, default "kvc"; hashes as 32 lowercase hex digits):
     {ns}:stores                 SET   store_id, ...           every store registered and not collected
     {ns}:gc                     STR   lock, PX                one collector of dead stores at a time
 
+Workers use the same machinery under their own namespaces (`worker_namespace`: `{ns}:decode`,
+`{ns}:prefill`): a member there is a worker, `{ns}:decode:blk:{hash}` says which decode workers'
+local prefix caches hold a block, and the member's HASH also carries its load (running, waiting,
+free_blocks), refreshed with each heartbeat. `held_prefix` counts, per worker, the leading blocks of
+a prompt it holds (one round trip), which is what the gateway routes by.
+
 Rules. A store is the only writer of its own fields and keys. On start it INCRs its epoch, sets
 its heartbeat key, then deletes the entries of every older epoch in batches. An entry counts only
 while `{ns}:alive:{store}` exists and equals the entry's epoch, so readers ignore both dead stores
@@ -95,6 +101,22 @@ end
 return result
 """
 
+# KEYS: block keys of a prompt, in order; ARGV: ns, then member id and epoch pairs. Per member, how
+# many leading blocks its live epoch holds (0 when its heartbeat is gone or belongs to another epoch).
+_HELD_PREFIX = """
+local ns, counts = ARGV[1], {}
+for m = 2, #ARGV, 2 do
+  local sid, epoch, n = ARGV[m], ARGV[m + 1], 0
+  local live = redis.call('GET', ns .. ':alive:' .. sid) == epoch
+  for i = 1, (live and #KEYS or 0) do
+    if redis.call('HGET', KEYS[i], sid) ~= epoch then break end
+    n = n + 1
+  end
+  counts[#counts + 1] = n
+end
+return counts
+"""
+
 # KEYS: heartbeat key. ARGV: epoch, ttl ms. 1 = refreshed; 0 = gone or taken by another epoch.
 _HEARTBEAT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -150,6 +172,17 @@ def _unavailable_on_redis_error(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+WORKER_KINDS = ("decode", "prefill")
+LOAD_FIELDS = ("running", "waiting", "free_blocks")
+
+
+def worker_namespace(namespace: str, kind: str) -> str:
+    """The index namespace in which workers of `kind` (decode, prefill) register."""
+    if kind not in WORKER_KINDS:
+        raise ValueError(f"worker kind must be one of {WORKER_KINDS}, got {kind!r}")
+    return f"{namespace}:{kind}"
+
+
 def pick_store(block_hash: bytes, stores: Sequence[StoreRef]) -> StoreRef:
     """Rendezvous hashing: the live store with the highest score for this block. Adding or losing
     a store moves only the blocks that store wins or held."""
@@ -183,6 +216,7 @@ class RedisIndex:
         self._live_stores = self.redis.register_script(_LIVE_STORES)
         self._heartbeat = self.redis.register_script(_HEARTBEAT)
         self._release = self.redis.register_script(_RELEASE)
+        self._held_prefix = self.redis.register_script(_HELD_PREFIX)
 
     def key(self, *parts: object) -> str:
         return ":".join((self.ns, *map(str, parts)))
@@ -210,6 +244,23 @@ class RedisIndex:
                   for i in range(0, len(flat), 5)]
         return sorted(stores, key=lambda store: store.store_id)
 
+    @_unavailable_on_redis_error
+    def held_prefix(self, block_hashes: Sequence[bytes], members: Sequence[StoreRef]) -> list[int]:
+        """For each member, how many leading `block_hashes` its current epoch holds (one round trip)."""
+        if not block_hashes or not members:
+            return [0] * len(members)
+        keys = [self.key("blk", h.hex()) for h in block_hashes]
+        pairs = [x for m in members for x in (m.store_id, m.epoch)]
+        return [int(n) for n in self._held_prefix(keys=keys, args=[self.ns, *pairs])]
+
+    @_unavailable_on_redis_error
+    def member_fields(self, member_ids: Sequence[str], fields: Sequence[str] = LOAD_FIELDS) -> list[dict[str, str]]:
+        """`fields` of each member's registration (missing ones absent), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for member_id in member_ids:
+            pipe.hmget(self.key("store", member_id), list(fields))
+        return [{f: v for f, v in zip(fields, values) if v is not None} for values in pipe.execute()]
+
     # ---- a store's own entries ------------------------------------------------------------
 
     @_unavailable_on_redis_error
@@ -227,6 +278,11 @@ class RedisIndex:
             if int(old) != epoch:
                 self._drop_epoch(store_id, int(old))
         return epoch
+
+    @_unavailable_on_redis_error
+    def publish_load(self, store_id: str, load: dict[str, int]) -> None:
+        """Add or refresh fields of this member's registration (a worker's load)."""
+        self.redis.hset(self.key("store", store_id), mapping=load)
 
     @_unavailable_on_redis_error
     def heartbeat(self, store_id: str, epoch: int, ttl_s: float) -> bool:

@@ -11,6 +11,10 @@ the worker-local prefix cache (the first tier; the cache store is the second). S
 common prefix `match` the same physical slots; a slot whose last reference goes keeps its block
 and its hash (evictable, least recently used first) until `allocate` needs the room. Only the
 pool's owner thread changes it; `peek` is a read-only hint for other threads.
+
+A `listener` (an IndexSink: `blocks_added`, `blocks_removed`) hears of every hash registered and
+every cached block evicted, in order, on the owner's thread; it must only enqueue (a decode worker
+publishes them to Redis from another thread so the gateway can route by what each pool holds).
 """
 
 from collections import OrderedDict, deque
@@ -77,6 +81,7 @@ class KVPool:
         self._slot_of: dict[bytes, int] = {}   # block hash -> slot holding it
         self._hash_of: dict[int, bytes] = {}
         self.evictions = 0
+        self.listener = None  # IndexSink told of registered and evicted hashes; None = nobody
 
     @classmethod
     def from_budget(cls, layout: KVLayout, capacity_bytes: int, device: str | torch.device = "cpu") -> "KVPool":
@@ -106,16 +111,19 @@ class KVPool:
         go first; then the least recently used unreferenced cached blocks are evicted."""
         if count > self.num_free:
             return None
-        slots = []
+        slots, evicted = [], []
         for _ in range(count):
             if self._free:
                 slot = self._free.popleft()
             else:
                 slot, _ = self._evictable.popitem(last=False)
-                del self._slot_of[self._hash_of.pop(slot)]
+                evicted.append(self._hash_of.pop(slot))
+                del self._slot_of[evicted[-1]]
                 self.evictions += 1
             self._refs[slot] = 1
             slots.append(slot)
+        if evicted and self.listener is not None:
+            self.listener.blocks_removed(evicted)
         return slots
 
     def free(self, slots: Sequence[int]) -> None:
@@ -173,7 +181,13 @@ class KVPool:
             return False
         self._slot_of[block_hash] = slot
         self._hash_of[slot] = block_hash
+        if self.listener is not None:
+            self.listener.blocks_added([block_hash])
         return True
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every hash findable now (owner's thread: a snapshot for a listener that starts late)."""
+        return list(self._slot_of)
 
     def copy_slot(self, source: int, target: int) -> None:
         """Copy one block's K/V (copy-on-write of a shared block about to be written)."""

@@ -42,6 +42,12 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     faults: str = setting("", "fault injection on the cache path, e.g. 'pull_drop=0.5,corrupt=0.1' "
                           "(see kvcluster/faults.py); empty = none")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight calls may finish")
+    registry_heartbeat_seconds: float = setting(1.0, "how often the worker refreshes its registration (address, "
+                                                "load, cached blocks) in Redis for the gateway; the entry expires "
+                                                "after 3 missed beats; 0 = do not register")
+    worker_id: str = setting("", "unique name of this worker in the registry; empty = <kind>-<hostname>-<port>")
+    advertise_address: str = setting("", "host:port the gateway and other workers dial to reach this worker; "
+                                     "empty = host:port (the hostname when listening on 0.0.0.0)")
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)

@@ -10,6 +10,7 @@ from kvcluster.messages import sampling_from_proto
 from kvcluster.model.engine import Engine, load_engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
 from kvcluster.serving_metrics import register_pool_gauges
+from kvcluster.worker_registration import make_registration
 from kvcluster.worker_server import WorkerServer
 from kvcluster.worker import EngineWorker
 from prefill_service.config import PrefillConfig
@@ -47,7 +48,8 @@ class PrefillServer(WorkerServer):
     def __init__(self, config: PrefillConfig, rpc_server: rpc.RpcServer, prefiller: Prefiller,
                  registry: CollectorRegistry, port: int):
         closers = [prefiller.close] + ([prefiller.cache.close] if prefiller.cache is not None else [])
-        super().__init__("prefill", config, rpc_server, prefiller.worker, registry, port, closers)
+        super().__init__("prefill", config, rpc_server, prefiller.worker, registry, port, closers,
+                         make_registration("prefill", config, prefiller.worker, port))
         self.prefiller = prefiller
 
 

@@ -4,6 +4,7 @@ import dataclasses
 
 from cache_store.config import StoreConfig
 from decode_service.config import DecodeConfig
+from gateway.config import GatewayConfig
 from kvcluster.config import env_name, flag_name
 from kvcluster.security import SecuritySettings
 from prefill_service.config import PrefillConfig
@@ -18,7 +19,8 @@ def rows(config_cls, skip=frozenset()) -> list[str]:
 
 def main() -> None:
     header = ["| flag | env | default | meaning |", "|---|---|---|---|"]
-    for title, cls, skip in (("decode_service (public Generate)", DecodeConfig, SHARED),
+    for title, cls, skip in (("gateway (OpenAI-compatible HTTP API)", GatewayConfig, SHARED),
+                             ("decode_service (public Generate)", DecodeConfig, SHARED),
                              ("prefill_service", PrefillConfig, SHARED), ("cache_store", StoreConfig, SHARED),
                              ("every service: TLS and tokens", SecuritySettings, frozenset())):
         print(f"\n**{title}**\n")

@@ -344,7 +344,7 @@ def store_env_names(manifests: list[dict]) -> list[str]:
 
 def test_k8s_base_containers_have_cpu_and_memory_bounds_and_no_gpu(manifests):
     containers = [c for workload in manifests["base"] for c in dt.pod_containers(workload)]
-    assert len(containers) == 4
+    assert len(containers) == 5  # redis, cache store, prefill, decode, gateway
     for container in containers:
         for bound in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(container["resources"][bound]), container["name"]
@@ -455,6 +455,7 @@ K8S_INGRESS = {
     ("Deployment", "prefill"): {50052: [KVCLUSTER_PEER], 9102: [PROMETHEUS_PEER]},
     ("Deployment", "decode"): {50051: ANYONE, 9101: [PROMETHEUS_PEER]},
     ("Deployment", "redis"): {6379: [KVCLUSTER_PEER]},
+    ("Deployment", "gateway"): {8000: ANYONE},
 }
 
 
@@ -564,3 +565,59 @@ def test_k8s_tls_overlay_mounts_the_certificates_and_probes_through_tls(manifest
             assert container[probe]["exec"]["command"] == ["kvc-grpc-health", f"127.0.0.1:{grpc_port}"], name
     assert not any("KVC_TLS_CERT" in k8s_effective_env(manifests["base"], w)
                    for w in kvcluster_workloads(manifests["base"]).values()), "TLS is opt-in"
+
+
+# --- the HTTP gateway ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["base", "gpu", "tls"])
+def test_k8s_gateway_has_http_probes_api_keys_and_scrape_annotations(manifests, variant):
+    rendered = manifests[variant]
+    gateway = dt.find_manifest(rendered, "Deployment", "gateway")
+    pod = gateway["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "gateway"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    for probe in ("startupProbe", "livenessProbe"):  # liveness must not fail while no decode replica is up
+        assert container[probe]["httpGet"] == {"path": "/live", "port": 8000}, probe
+    annotations = pod["metadata"]["annotations"]
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"], annotations["prometheus.io/job"]) \
+        == ("true", "8000", "gateway")
+    (secret,) = [m for m in rendered if m["kind"] == "Secret"]
+    env = {e["name"]: e for e in container["env"]}
+    for variable in ("KVC_API_KEYS", "KVC_DECODE_API_KEY"):
+        assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "api-key"}
+    assert "KVC_INTERNAL_TOKEN" not in env  # it calls only the public Generate
+    service = dt.find_manifest(rendered, "Service", "gateway")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
+    if variant == "tls":  # its gRPC calls to decode verify decode's certificate
+        assert any(m["mountPath"] == TLS_DIR for m in container["volumeMounts"])
+
+
+@pytest.mark.parametrize("variant", ["base", "gpu", "tls"])
+def test_k8s_workers_register_their_pod_address(manifests, variant):
+    workloads = kvcluster_workloads(manifests[variant])
+    for name, port in (("decode", 50051), ("prefill", 50052)):
+        env = {e["name"]: e for e in dt.pod_containers(workloads[name])[0]["env"]}
+        assert env["KVC_POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", name
+        assert env["KVC_ADVERTISE_ADDRESS"]["value"] == f"$(KVC_POD_IP):{port}", name
+
+
+def test_compose_gateway_serves_both_profiles_with_the_api_key(compose):
+    gateway = compose["services"]["gateway"]
+    assert "profiles" not in gateway and gateway["command"] == ["python", "-m", "gateway"]
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "/health" in " ".join(gateway["healthcheck"]["test"])
+    assert [(p["published"], p["target"]) for p in gateway["ports"]] == [(8000, 8000)]
+    env = gateway["environment"]
+    assert env["KVC_HOST"] == "0.0.0.0" and env["KVC_REDIS_URL"] == "redis://redis:6379/0"
+    assert env["KVC_API_KEYS_FILE"] == env["KVC_DECODE_API_KEY_FILE"] == "/run/secrets/kvc_api_key"
+    assert secret_sources(gateway) == {"kvc_api_key"}
+    for profile in ("cpu", "gpu"):
+        group = compute_services(compose, profile)
+        assert group["decode"]["environment"]["KVC_ADVERTISE_ADDRESS"] == "decode:50051"
+        assert group["prefill"]["environment"]["KVC_ADVERTISE_ADDRESS"] == "prefill:50052"
+    jobs = {job["job_name"]: job for job in dt.load_yaml(dt.PROMETHEUS_CONFIG)["scrape_configs"]}
+    assert jobs["gateway"]["static_configs"] == [{"targets": ["gateway:8000"]}]
+    dockerfile = dt.DOCKERFILE.read_text()
+    assert "COPY gateway gateway" in dockerfile and "gateway.server" in dockerfile

@@ -2,7 +2,8 @@
 
 `load_model` returns the loader's result (gguf_loader.GGUFModel or hf_loader.HFModel: path,
 config, weights, tokenizer data, digest); `read_model_config` reads only the architecture (the
-launcher sizes the stores' KV layout with it); `model_identity` is what the block fingerprint
+launcher sizes the stores' KV layout with it); `read_tokenizer_data` only the tokenizer and chat
+template (the gateway tokenizes prompts to route them); `model_identity` is what the block fingerprint
 hashes for the model.
 """
 
@@ -11,8 +12,11 @@ from pathlib import Path
 import xxhash
 
 from kvcluster.errors import UnsupportedModel
-from kvcluster.model.gguf_loader import GGUFModel, load_gguf, read_gguf_config
-from kvcluster.model.hf_loader import HFModel, is_hf_dir, load_hf, read_hf_config
+import gguf
+
+from kvcluster.model import gguf_loader, hf_loader
+from kvcluster.model.gguf_loader import GGUFModel, TokenizerData, default_model_path, load_gguf, read_gguf_config
+from kvcluster.model.hf_loader import HFModel, HFTokenizerFiles, is_hf_dir, load_hf, read_hf_config
 from kvcluster.model.llama import NUMERICS_VERSION, ModelConfig
 
 
@@ -23,6 +27,13 @@ def load_model(path: str | Path | None = None) -> GGUFModel | HFModel:
 
 def read_model_config(path: str | Path | None = None) -> ModelConfig:
     return read_hf_config(path) if _is_dir(path) else read_gguf_config(path)
+
+
+def read_tokenizer_data(path: str | Path | None = None) -> TokenizerData | HFTokenizerFiles:
+    """The tokenizer and chat template of a model, its weights unread."""
+    if _is_dir(path):
+        return hf_loader._read_tokenizer(Path(path), hf_loader._read_json(Path(path) / "config.json"))
+    return gguf_loader._read_tokenizer(gguf.GGUFReader(Path(path) if path else default_model_path()))
 
 
 def model_identity(weights_digest: bytes, config: ModelConfig) -> bytes:

@@ -1,4 +1,7 @@
-"""Keeps a store's Redis index entries in step with its pool, and its heartbeat alive.
+"""Keeps a store's (or a worker's) Redis index entries in step with its pool, and its heartbeat alive.
+
+Workers use it too (kvcluster.worker_registration): a decode worker's local prefix cache is its
+pool, and `load` is published with every heartbeat so routers see running/waiting/free blocks.
 
 The pool reports additions and evictions (under its lock, so in order) into a queue; one thread
 applies them in batches, heartbeats every `heartbeat_s`, and runs the store's periodic
@@ -30,7 +33,7 @@ class IndexPublisher:
     def __init__(self, index: RedisIndex | None, store_id: str, address: str, heartbeat_s: float,
                  ttl_s: float, held_hashes: Callable[[], list[bytes]],
                  on_tick: Callable[[], object] = lambda: None, layout: str = "", fingerprint: str = "",
-                 dead_store_grace_s: float = 600.0):
+                 dead_store_grace_s: float = 600.0, load: Callable[[], dict[str, int]] | None = None):
         self.index = index
         self.store_id = store_id
         self.address = address
@@ -43,6 +46,7 @@ class IndexPublisher:
         self.ttl_s = ttl_s
         self._held_hashes = held_hashes
         self._on_tick = on_tick
+        self._load = load  # published into the registration on every tick
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"index-{store_id}", daemon=True)
         self.epoch = 0           # 0 = not registered
@@ -120,6 +124,8 @@ class IndexPublisher:
                 log.warning("index heartbeat of %s was lost; registering again", self.store_id)
                 self.epoch = 0
             ops = ops if self.epoch else self._register(ops)
+            if self._load is not None:
+                self.index.publish_load(self.store_id, self._load())
             self._collect_dead()
             return ops
         except Unavailable as exc:
@@ -150,7 +156,7 @@ class IndexPublisher:
         if not self._healthy:
             log.info("index writes of %s resumed", self.store_id)
         self._healthy = True
-        log.info("store %s registered in the index at %s, epoch %d", self.store_id, self.address, epoch)
+        log.info("%s registered in the index at %s, epoch %d", self.store_id, self.address, epoch)
         return flushes
 
     def _drain(self) -> list:

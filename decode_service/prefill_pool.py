@@ -1,0 +1,111 @@
+"""Which prefill replica a decode worker calls.
+
+The prefill replicas registered in Redis (kvcluster.worker_registration, namespace `{ns}:prefill`)
+whose block fingerprint equals this worker's, least loaded first: load = this worker's open Prefill
+calls to it + its published running and waiting sequences; ties go round robin. Prefill is one
+short unary call and prefix reuse happens in the shared store, not in a prefill worker's own pool,
+so load alone decides (no prefix scoring as the gateway does for decode). Without a live registered
+replica it falls back to `--prefill-target`; without that either, the call fails as UNAVAILABLE
+and decode prefills locally (its usual fallback).
+"""
+
+import itertools
+import logging
+import threading
+from collections import Counter
+
+import grpc
+
+from kvcluster import rpc
+from kvcluster.errors import Unavailable
+from kvcluster.index import RedisIndex, StoreRef, worker_namespace
+from kvcluster.proto import prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class NoPrefillReplica(grpc.RpcError):
+    """No prefill replica to call; an RpcError so the caller's fallback handles it like any failed call."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "no prefill replica registered or configured"
+
+
+class PrefillPool:
+    """Duck-types a PrefillServiceStub (`Prefill(request, timeout=)`), choosing the replica per call."""
+
+    def __init__(self, config, fingerprint: bytes, refresh_s: float = 1.0):
+        self.config = config
+        self.fingerprint = fingerprint.hex()
+        self.static_target = config.prefill_target
+        self.index = (RedisIndex(config.redis_url, worker_namespace(config.index_namespace, "prefill"))
+                      if config.redis_url and config.registry_heartbeat_seconds > 0 else None)
+        self.refresh_s = refresh_s
+        self.live: list[tuple[StoreRef, int]] = []  # registered replicas and their published loads
+        self._stubs: dict[str, prefill_pb2_grpc.PrefillServiceStub] = {}
+        self._channels: list[grpc.Channel] = []
+        self._open: Counter[str] = Counter()
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._refresh_forever, name="prefill-pool", daemon=True)
+        if self.index is not None:
+            self.refresh()
+            self._thread.start()
+
+    def refresh(self) -> None:
+        try:
+            members = [m for m in self.index.live_stores() if m.fingerprint == self.fingerprint]
+            loads = self.index.member_fields([m.store_id for m in members])
+        except Unavailable:
+            return  # keep the last list; the next round retries
+        self.live = [(m, int(f.get("running", 0)) + int(f.get("waiting", 0))) for m, f in zip(members, loads)]
+
+    def pick(self) -> str:
+        """The address to call now."""
+        live = self.live
+        if live:
+            turn = next(self._turn)
+            with self._lock:
+                best = min(range(len(live)), key=lambda i: (self._open[live[i][0].address] + live[i][1],
+                                                            (i - turn) % len(live)))
+            return live[best][0].address
+        if self.static_target:
+            return self.static_target
+        raise NoPrefillReplica()
+
+    def Prefill(self, request, timeout: float | None = None):
+        address = self.pick()
+        with self._lock:
+            self._open[address] += 1
+        try:
+            return self._stub(address).Prefill(request, timeout=timeout)
+        finally:
+            with self._lock:
+                self._open[address] -= 1
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        for channel in self._channels:
+            channel.close()
+        if self.index is not None:
+            self.index.close()
+
+    def _stub(self, address: str) -> prefill_pb2_grpc.PrefillServiceStub:
+        with self._lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                channel = rpc.make_channel(address, credentials=self.config.channel_credentials(),
+                                           metadata=self.config.outgoing_metadata())
+                self._channels.append(channel)
+                stub = self._stubs[address] = prefill_pb2_grpc.PrefillServiceStub(channel)
+            return stub
+
+    def _refresh_forever(self) -> None:
+        while not self._stopped.wait(self.refresh_s):
+            self.refresh()

@@ -1,0 +1,50 @@
+"""Configuration of the gateway (OpenAI-compatible HTTP API): flags `--name`, env `KVC_NAME`."""
+
+from dataclasses import dataclass
+
+from kvcluster.config import ServiceConfig, setting
+from kvcluster.errors import InvalidArgument
+from kvcluster.security import SecuritySettings
+
+ROUTING_POLICIES = ("cache_aware", "round_robin")
+
+
+@dataclass(frozen=True)
+class GatewayConfig(SecuritySettings, ServiceConfig):
+    """Every knob of the gateway. TLS settings apply to its gRPC calls to the decode replicas."""
+
+    host: str = setting("127.0.0.1", "interface to listen on (0.0.0.0 for all)")
+    port: int = setting(8000, "HTTP port of the OpenAI API, /health and /metrics; 0 picks a free one")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis holding the worker registry")
+    index_namespace: str = setting("kvc", "prefix of every Redis key this cluster uses")
+    decode_targets: str = setting("", "comma-separated host:port of decode replicas to use instead of the "
+                                  "registry (no cache-aware routing: they publish nothing)")
+    model: str = setting("", "the model the cluster serves (its tokenizer and chat template are loaded to route "
+                         "prompts); empty = the shipped SmolLM2")
+    served_model_name: str = setting("", "model id of /v1/models and the `model` field; empty = the model file's "
+                                     "name without its extension")
+    api_keys: str = setting("", "comma-separated API keys; when set every /v1 call needs "
+                            "'Authorization: Bearer <key>'")
+    decode_api_key: str = setting("", "API key the decode replicas require on Generate, if any")
+    routing: str = setting("cache_aware", "cache_aware: the replica holding the longest prompt prefix, weighed "
+                           "against load; round_robin: each replica in turn")
+    overlap_weight: float = setting(1.0, "score = overlap_weight x leading prompt blocks held - load (sequences "
+                                    "running + waiting): how many queued sequences one cached block is worth")
+    refresh_seconds: float = setting(0.5, "how often the replica list and loads are re-read from Redis")
+    request_timeout_seconds: float = setting(600.0, "deadline of one Generate call to a replica")
+    max_failovers: int = setting(2, "times one request moves to another replica after its replica failed")
+    suspect_seconds: float = setting(5.0, "a replica that failed a call stays out of rotation this long, unless it "
+                                     "registers again")
+    grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight requests may finish")
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTING_POLICIES:
+            raise InvalidArgument("routing", f"must be one of {ROUTING_POLICIES}, got {self.routing!r}")
+        if self.max_failovers < 0 or self.refresh_seconds <= 0:
+            raise InvalidArgument("max_failovers/refresh_seconds", "must be >= 0 / > 0")
+
+    def keys(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    def static_targets(self) -> list[str]:
+        return [target.strip() for target in self.decode_targets.split(",") if target.strip()]

@@ -1,0 +1,279 @@
+"""The gateway's HTTP app (Starlette on uvicorn) and the request path: check the body, route it to a
+decode replica, stream Generate back as OpenAI objects, and fail over mid-stream.
+
+Failover: every sampled request carries a seed (openai_api.parse_sampling). When the replica's
+stream breaks (UNAVAILABLE and the like) before it finished, the request goes to another replica
+with `resume_token_ids` = the tokens already sent; that replica treats them as output, continues
+with the same seed and output positions, and streams only what follows, so the client sees one
+uninterrupted stream with the tokens an undisturbed run gives.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route as HttpRoute
+
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.openai_api import (FINISH, ApiError, CompletionRequest, chunk_object, completion_object, parse_request,
+                                usage_object)
+from gateway.replicas import Replica, ReplicaSet
+from gateway.router import Route, Router
+from kvcluster.blocks import prefix_hashes
+from kvcluster.errors import Unavailable
+from kvcluster.model.gguf_loader import default_model_path
+from kvcluster.model.loader import read_model_config, read_tokenizer_data
+from kvcluster.model.tokenizer import Tokenizer
+from kvcluster.proto import decode_pb2
+from kvcluster.security import API_KEY_HEADER, _same_secret
+
+log = logging.getLogger(__name__)
+
+# Codes after which the request moves to another replica (resuming after the tokens already sent).
+FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+                  grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+@dataclass
+class Piece:
+    """One GenerateResponse and the replica that produced it."""
+
+    response: decode_pb2.GenerateResponse
+    replica_id: str
+
+
+class Gateway:
+    """Replicas, router, tokenizer and metrics; `app` is its HTTP face."""
+
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None):
+        self.config = config
+        model = config.model or None
+        self.tokenizer = Tokenizer(read_tokenizer_data(model))
+        self.max_tokens_limit = read_model_config(model).context_length
+        self.served_model = config.served_model_name or Path(model or default_model_path()).stem
+        self.replicas = ReplicaSet(config)
+        self.router = Router(config.routing, config.overlap_weight)
+        self.registry = registry or CollectorRegistry()
+        self.metrics = GatewayMetrics(self.registry, lambda: len(self.replicas.up()))
+        self.keys = config.keys()
+        self.metadata = ((API_KEY_HEADER, f"Bearer {config.decode_api_key}"),) if config.decode_api_key else ()
+        self._registry_healthy = True
+
+    # ---- replicas --------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        try:
+            listing = await asyncio.to_thread(self.replicas.read_registry)
+        except Unavailable as exc:
+            if self._registry_healthy:
+                log.warning("replica registry unreachable, keeping the last list: %s", exc)
+            self._registry_healthy = False
+            return
+        self._registry_healthy = True
+        self.replicas.apply(listing)
+
+    async def refresh_forever(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.config.refresh_seconds)
+
+    async def route(self, request: CompletionRequest, exclude: set[str]) -> Route:
+        replicas = self.replicas.up(exclude)
+        if not replicas:
+            raise ApiError(503, "no decode replica is available", None, "no_replica", "service_unavailable_error")
+        overlaps = [0] * len(replicas)
+        if self.config.routing == "cache_aware" and self.replicas.index is not None:
+            overlaps = await asyncio.to_thread(self.overlaps, request, replicas)
+        route = self.router.pick(replicas, overlaps)
+        self.metrics.routing.labels(route.reason).inc()
+        self.metrics.routed_blocks.inc(route.overlap_blocks)
+        return route
+
+    def overlaps(self, request: CompletionRequest, replicas: list[Replica]) -> list[int]:
+        """Blocking: leading prompt blocks each replica holds (0 for all when Redis cannot say)."""
+        token_ids = (self.tokenizer.encode_chat(request.messages) if request.chat
+                     else self.tokenizer.encode(request.prompt))
+        counts = {}
+        for key in {(r.fingerprint, r.block_size) for r in replicas if r.block_size}:
+            group = [r for r in replicas if (r.fingerprint, r.block_size) == key]
+            hashes = prefix_hashes(key[0], token_ids, key[1], request.cache_salt)
+            try:
+                held = self.replicas.index.held_prefix(hashes, [r.member for r in group])
+            except Unavailable:
+                held = [0] * len(group)
+            counts.update(zip((r.replica_id for r in group), held))
+        return [counts.get(r.replica_id, 0) for r in replicas]
+
+    # ---- generation with failover ----------------------------------------------------------
+
+    async def generate(self, request: CompletionRequest) -> AsyncIterator[Piece]:
+        """Stream the request's responses, moving to another replica when one fails."""
+        sent: list[int] = []
+        exclude: set[str] = set()
+        for attempt in range(self.config.max_failovers + 1):
+            route = await self.route(request, exclude)
+            replica = route.replica
+            replica.open_calls += 1
+            call = replica.stub.Generate(request.to_grpc(sent), timeout=self.config.request_timeout_seconds,
+                                         metadata=self.metadata)
+            try:
+                async for response in call:
+                    sent.extend(response.token_ids)
+                    yield Piece(response, replica.replica_id)
+                    if response.finish_reason != decode_pb2.FINISH_REASON_UNSPECIFIED:
+                        return
+                error = ApiError(503, f"replica {replica.replica_id} ended the stream before it finished",
+                                 None, "replica_failed", "service_unavailable_error")
+                code = grpc.StatusCode.UNAVAILABLE
+            except grpc.aio.AioRpcError as exc:
+                code, error = exc.code(), api_error_from_grpc(exc)
+            finally:
+                replica.open_calls -= 1
+                call.cancel()  # no-op when it ended; frees the replica's work when our client went away
+            last = attempt == self.config.max_failovers
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not sent and not last:
+                exclude.add(replica.replica_id)  # busy, not broken: try another one, if any
+                if self.replicas.up(exclude):
+                    continue
+            if code not in FAILOVER_CODES or last:
+                raise error
+            log.warning("replica %s failed (%s) after %d tokens of %s; resuming on another replica",
+                        replica.replica_id, code.name, len(sent), request.request_id)
+            self.replicas.suspect(replica)
+            exclude.add(replica.replica_id)
+            self.metrics.failovers.labels("mid_stream" if sent else "before_first_token").inc()
+
+    # ---- HTTP ------------------------------------------------------------------------------
+
+    def check_key(self, http: Request) -> None:
+        if not self.keys:
+            return
+        sent = http.headers.get(API_KEY_HEADER, "")
+        if not any(_same_secret(sent, f"Bearer {key}") for key in self.keys):
+            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key")
+
+    async def completions(self, http: Request, chat: bool) -> Response:
+        arrival = time.perf_counter()
+        self.check_key(http)
+        try:
+            body = json.loads(await http.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"body: not valid JSON ({exc})", "body", "invalid_json") from None
+        request = parse_request(body, chat, self.served_model, self.max_tokens_limit)
+        pieces = self.generate(request)
+        first = await anext(pieces)  # errors before the first token still get their HTTP status
+        self.metrics.ttft.observe(time.perf_counter() - arrival)
+        headers = {"x-kvcluster-replica": first.replica_id}
+        if request.stream:
+            return StreamingResponse(self._sse(request, first, pieces, arrival), media_type="text/event-stream",
+                                     headers=headers)
+        text, last = [first.response.text], first
+        async for piece in pieces:
+            text.append(piece.response.text)
+            last = piece
+        self.metrics.latency.observe(time.perf_counter() - arrival)
+        usage = usage_object(last.response.usage, last.replica_id)
+        return JSONResponse(completion_object(request, "".join(text), FINISH[last.response.finish_reason], usage),
+                            headers=headers)
+
+    async def _sse(self, request: CompletionRequest, first: Piece, pieces: AsyncIterator[Piece],
+                   arrival: float) -> AsyncIterator[str]:
+        piece, is_first = first, True
+        try:
+            while True:
+                response = piece.response
+                finish = FINISH.get(response.finish_reason)
+                if response.text or is_first or finish:
+                    yield sse(chunk_object(request, response.text, finish, first=is_first))
+                is_first = False
+                if finish:
+                    if request.include_usage:
+                        yield sse(chunk_object(request, None, None, usage=usage_object(response.usage, piece.replica_id)))
+                    break
+                piece = await anext(pieces)
+        except ApiError as exc:  # mid-stream and no replica could take over: the stream says so
+            yield sse(exc.body())
+        finally:
+            await pieces.aclose()
+        self.metrics.latency.observe(time.perf_counter() - arrival)
+        yield "data: [DONE]\n\n"
+
+    def models(self, http: Request) -> Response:
+        self.check_key(http)
+        return JSONResponse({"object": "list", "data": [{"id": self.served_model, "object": "model", "created": 0,
+                                                         "owned_by": "kvcluster"}]})
+
+    def health(self, http: Request) -> Response:
+        up = len(self.replicas.up())
+        return JSONResponse({"status": "ok" if up else "no replica up", "replicas_up": up}, status_code=200 if up else 503)
+
+    def metrics_page(self, http: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def app(self) -> Starlette:
+        @asynccontextmanager
+        async def lifespan(app):
+            await self.refresh()
+            task = asyncio.create_task(self.refresh_forever())
+            try:
+                yield
+            finally:
+                task.cancel()
+                await self.replicas.close()
+
+        routes = [HttpRoute("/v1/chat/completions", self._counted("/v1/chat/completions", lambda r: self.completions(r, True)), methods=["POST"]),
+                  HttpRoute("/v1/completions", self._counted("/v1/completions", lambda r: self.completions(r, False)), methods=["POST"]),
+                  HttpRoute("/v1/models", self._counted("/v1/models", self.models), methods=["GET"]),
+                  HttpRoute("/health", self.health, methods=["GET"]),
+                  HttpRoute("/live", lambda r: JSONResponse({"status": "ok"}), methods=["GET"]),
+                  HttpRoute("/metrics", self.metrics_page, methods=["GET"])]
+        return Starlette(routes=routes, lifespan=lifespan)
+
+    def _counted(self, route: str, handler):
+        """The handler, with ApiError turned into OpenAI's error object and every answer counted."""
+        async def endpoint(http: Request) -> Response:
+            try:
+                response = handler(http)
+                if asyncio.iscoroutine(response):
+                    response = await response
+            except ApiError as exc:
+                response = JSONResponse(exc.body(), status_code=exc.status)
+            except Exception:
+                log.exception("unexpected error on %s", route)
+                response = JSONResponse(ApiError(500, "internal error", kind="server_error").body(), status_code=500)
+            self.metrics.requests.labels(route, str(response.status_code)).inc()
+            return response
+        return endpoint
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def api_error_from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
+    """A replica's status as the HTTP error OpenAI clients expect."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field = details.split(":", 1)[0].removeprefix("sampling.") if ":" in details else None
+        return ApiError(400, details, field, "invalid_value")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ApiError(429, f"overloaded: {details}", None, "overloaded", "rate_limit_error")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ApiError(504, f"deadline exceeded: {details}", None, "timeout", "timeout_error")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ApiError(502, "a decode replica refused the gateway's credentials (decode_api_key)", None,
+                        "upstream_auth", "server_error")
+    return ApiError(503, f"decode replica failed: {code.name} {details}", None, "replica_failed",
+                    "service_unavailable_error")

@@ -1,0 +1,56 @@
+"""A prefill or decode worker in the Redis registry, so routers can find it and weigh it.
+
+Each worker registers under `worker_namespace(ns, kind)` with the same heartbeat, epoch and
+collection rules as a cache store (kvcluster.index, kvcluster.index_publisher): its address, its KV
+layout and block fingerprint (the gateway hashes prompts with them), and with every heartbeat its
+load. A decode worker also publishes what its local prefix cache holds: the pool tells the
+publisher of each block registered and evicted (on the engine thread, enqueue only) and the
+publisher writes them in batches from its own thread. The set per block (`blk:{hash}` -> worker,
+epoch) rather than a stream of events is what the gateway needs: one Lua call answers "how many
+leading blocks of this prompt does each worker hold", and a worker that restarts or loses Redis
+simply registers a new epoch and republishes a snapshot, with nothing to replay.
+"""
+
+import logging
+import socket
+
+from kvcluster.index import RedisIndex, worker_namespace
+from kvcluster.index_publisher import IndexPublisher
+from kvcluster.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+def worker_load(worker: EngineWorker) -> dict[str, int]:
+    """Running and waiting sequences and free KV blocks; read off the engine thread (a hint)."""
+    engine = worker.engine
+    return {"running": len(engine.running), "waiting": len(engine.waiting), "free_blocks": engine.pool.num_free}
+
+
+def make_registration(kind: str, config, worker: EngineWorker, port: int) -> IndexPublisher | None:
+    """The worker's registry publisher (not started), or None without Redis or with registration off."""
+    if not config.redis_url or config.registry_heartbeat_seconds <= 0:
+        return None
+    engine = worker.engine
+    host = socket.gethostname() if config.host in ("0.0.0.0", "::", "") else config.host
+    member_id = config.worker_id or f"{kind}-{socket.gethostname()}-{port}"
+    address = config.advertise_address or f"{host}:{port}"
+    publishes_blocks = kind == "decode" and engine.prefix_caching
+
+    def held_hashes() -> list[bytes]:
+        if not publishes_blocks:
+            return []
+        try:
+            return worker.call(lambda eng: eng.pool.cached_hashes(), timeout=10.0)
+        except Exception as exc:  # the engine is stopping or stuck: publish the rest, not the blocks
+            log.warning("could not snapshot the local cache for the registry: %r", exc)
+            return []
+
+    index = RedisIndex(config.redis_url, worker_namespace(config.index_namespace, kind))
+    heartbeat = config.registry_heartbeat_seconds
+    publisher = IndexPublisher(index, member_id, address, heartbeat, 3 * heartbeat, held_hashes,
+                               layout=engine.layout.canonical(), fingerprint=engine.fingerprint.hex(),
+                               load=lambda: worker_load(worker))
+    if publishes_blocks:
+        engine.pool.listener = publisher
+    return publisher

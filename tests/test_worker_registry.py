@@ -1,0 +1,156 @@
+"""The worker registry (decode and prefill workers in Redis, with load and cached blocks), the
+local pool's stored/removed events, and the choices built on them: the gateway's router and
+decode's choice of prefill replica. Real Redis; no model."""
+
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from decode_service.prefill_pool import NoPrefillReplica, PrefillPool
+from gateway.replicas import Replica
+from gateway.router import Router
+from kvcluster.blocks import prefix_hashes
+from kvcluster.index import RedisIndex, StoreRef, worker_namespace
+from kvcluster.index_publisher import IndexPublisher
+from kvcluster.kvpool import KVLayout, KVPool
+from tests.cluster_fixtures import running_redis
+
+FINGERPRINT = bytes(range(16))
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    with running_redis() as server:
+        yield server.url
+
+
+class RecordingSink:
+    def __init__(self):
+        self.events = []
+
+    def blocks_added(self, hashes):
+        self.events.append(("added", list(hashes)))
+
+    def blocks_removed(self, hashes):
+        self.events.append(("removed", list(hashes)))
+
+
+def test_pool_reports_registered_and_evicted_blocks():
+    pool = KVPool(KVLayout(1, 4, 1, 2), num_blocks=2)
+    pool.listener = sink = RecordingSink()
+    a, b, c = b"a" * 16, b"b" * 16, b"c" * 16
+    slots = pool.allocate(2)
+    assert pool.register(a, slots[0]) and pool.register(b, slots[1]) and not pool.register(a, slots[1])
+    pool.free(slots)                       # both stay cached (evictable)
+    new = pool.allocate(1)                 # evicts the least recently used: a
+    pool.register(c, new[0])
+    assert sink.events == [("added", [a]), ("added", [b]), ("removed", [a]), ("added", [c])]
+    assert sorted(pool.cached_hashes()) == sorted([b, c])
+
+
+def test_registry_counts_each_workers_leading_blocks_and_drops_the_dead(redis_url):
+    index = RedisIndex(redis_url, worker_namespace("t1", "decode"))
+    hashes = prefix_hashes(FINGERPRINT, list(range(64)), 16)  # 4 blocks
+    epoch_a = index.register("a", "127.0.0.1:1", ttl_s=30, layout="kvlayout-v1:L1:B16:H1:D2:float32",
+                             fingerprint=FINGERPRINT.hex())
+    epoch_b = index.register("b", "127.0.0.1:2", ttl_s=0.3)
+    index.add_entries("a", epoch_a, hashes[:3])
+    index.add_entries("b", epoch_b, hashes[:1] + hashes[2:])  # a gap after the first block
+    index.publish_load("a", {"running": 3, "waiting": 1, "free_blocks": 7})
+    members = index.live_stores()
+    assert [m.store_id for m in members] == ["a", "b"]
+    assert index.held_prefix(hashes, members) == [3, 1]
+    assert index.member_fields(["a", "b"]) == [{"running": "3", "waiting": "1", "free_blocks": "7"}, {}]
+    time.sleep(0.5)  # b's heartbeat lapses: it leaves the listing and its entries stop counting
+    assert [m.store_id for m in index.live_stores()] == ["a"]
+    assert index.held_prefix(hashes, members) == [3, 0]
+    index.close()
+
+
+def test_publisher_publishes_load_with_the_heartbeat_and_blocks_in_batches(redis_url):
+    index = RedisIndex(redis_url, worker_namespace("t2", "decode"))
+    hashes = prefix_hashes(FINGERPRINT, list(range(48)), 16)
+    held = [hashes[0]]  # the pool's contents: a snapshot on (re)registration covers changes queued before it
+    publisher = IndexPublisher(RedisIndex(redis_url, worker_namespace("t2", "decode")), "w", "127.0.0.1:9", 0.1, 1.0,
+                               held_hashes=lambda: list(held), load=lambda: {"running": 2, "waiting": 0, "free_blocks": 5})
+    publisher.start()
+    try:
+        held.extend(hashes[1:])
+        publisher.blocks_added(hashes[1:])
+        assert publisher.flush()
+        members = index.live_stores()
+        assert index.held_prefix(hashes, members) == [3]
+        publisher.blocks_removed(hashes[2:])
+        assert publisher.flush()
+        assert index.held_prefix(hashes, members) == [2]
+        assert index.member_fields(["w"])[0]["running"] == "2"
+    finally:
+        publisher.stop()
+    assert index.live_stores() == []  # deregistered on a graceful stop
+    index.close()
+
+
+@dataclass
+class FakeReplica:
+    replica_id: str
+    load: int = 0
+    published_load: int = 0
+
+
+def test_router_weighs_cached_prefix_against_load():
+    router = Router("cache_aware", overlap_weight=1.0)
+    a, b = FakeReplica("a", load=2), FakeReplica("b", load=0)
+    assert router.pick([a, b], [5, 0]).replica is a and router.pick([a, b], [5, 0]).reason == "cache_hit"
+    assert router.pick([a, b], [1, 0]).replica is b   # one cached block is not worth two queued requests
+    route = router.pick([a, b], [0, 0])
+    assert route.replica is b and route.reason == "least_loaded"
+    a.load = 0
+    a.published_load = 4  # busy with other clients' work: ties go to the other one
+    assert router.pick([a, b], [0, 0]).replica is b
+    rr = Router("round_robin", overlap_weight=1.0)
+    assert [rr.pick([a, b], [9, 0]).replica.replica_id for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    redis_url: str
+    prefill_target: str = ""
+    index_namespace: str = "t3"
+    registry_heartbeat_seconds: float = 1.0
+
+    def channel_credentials(self):
+        return None
+
+    def outgoing_metadata(self):
+        return ()
+
+
+def test_decode_picks_the_least_loaded_registered_prefill_replica(redis_url):
+    index = RedisIndex(redis_url, worker_namespace("t3", "prefill"))
+    for member, load, fingerprint in (("p1", 3, FINGERPRINT), ("p2", 1, FINGERPRINT), ("p3", 0, b"x" * 16)):
+        index.register(member, f"127.0.0.1:{member[1]}", ttl_s=30, fingerprint=fingerprint.hex())
+        index.publish_load(member, {"running": load, "waiting": 0})
+    pool = PrefillPool(PoolConfig(redis_url, prefill_target="127.0.0.1:50052"), FINGERPRINT)
+    try:
+        assert pool.pick() == "127.0.0.1:2"  # p3 is least loaded but computes other blocks (fingerprint)
+        index.publish_load("p2", {"running": 5})
+        pool.refresh()
+        assert pool.pick() == "127.0.0.1:1"
+        for member in ("p1", "p2", "p3"):
+            index.deregister(member, int(index.redis.get(index.key("epoch", member))))
+        pool.refresh()
+        assert pool.pick() == "127.0.0.1:50052"  # none registered: the configured target
+    finally:
+        pool.close()
+    empty = PrefillPool(PoolConfig(redis_url, index_namespace="t4"), FINGERPRINT)
+    with pytest.raises(NoPrefillReplica):
+        empty.pick()
+    empty.close()
+    index.close()
+
+
+def test_replica_block_size_and_fingerprint_come_from_its_registration():
+    member = StoreRef("d", "127.0.0.1:1", 1, "kvlayout-v1:L30:B16:H3:D64:float32", FINGERPRINT.hex())
+    replica = Replica(member, stub=None, channel=None, published={"running": "2", "waiting": "1"})
+    assert replica.block_size == 16 and replica.fingerprint == FINGERPRINT and replica.published_load == 3
