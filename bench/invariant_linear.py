@@ -2,7 +2,8 @@
 
 Per dtype and SmolLM2-135M shape: row count M, today's Linear (few_rows_linear up to 3 rows, then
 oneDNN with the weight reordered once) in ms, invariant_linear in ms, and their ratio; the two are
-timed alternately, and each figure is the median of the repetitions (the machine is noisy). Then,
+timed alternately, each time a median of the repetitions and the ratio the median of the paired
+per-repetition ratios (the machine is noisy). Then,
 with --model-level, the whole model: decode steps at batch 1/8/16 and one 512-token prefill with
 the model's deterministic mode off and on.
 
@@ -30,26 +31,31 @@ LM_HEAD_ROWS = (1, 2, 3, 8, 16, 64)  # lm_head only ever sees the last token of 
 
 
 def timed(fn, budget_s: float = 0.02) -> float:
-    """Seconds per call of fn, averaged over enough calls to fill ~budget_s."""
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    n = max(1, int(budget_s / max(once, 1e-7)))
+    """Seconds per call of fn, averaged over enough calls to fill ~budget_s (budget 0: one call)."""
+    n = 1
+    if budget_s > 0:
+        start = time.perf_counter()
+        fn()
+        n = max(1, int(budget_s / max(time.perf_counter() - start, 1e-7)))
     start = time.perf_counter()
     for _ in range(n):
         fn()
     return (time.perf_counter() - start) / n
 
 
-def compare(fns: list, reps: int) -> list[float]:
-    """Median seconds per call of each fn, the fns timed in turn within each repetition."""
+def compare(fns: list, reps: int, budget_s: float = 0.02) -> tuple[list[float], float]:
+    """Median seconds per call of each fn, the fns timed in turn within each repetition (the order
+    alternating), and the median of the per-repetition ratios fns[1] / fns[0]: paired, so a burst
+    of load from other processes moves both sides of a ratio."""
     samples = [[] for _ in fns]
     for fn in fns:
         fn()
-    for _ in range(reps):
-        for sample, fn in zip(samples, fns):
-            sample.append(timed(fn))
-    return [statistics.median(s) for s in samples]
+    for rep in range(reps):
+        order = list(range(len(fns)))[:: 1 if rep % 2 == 0 else -1]
+        for i in order:
+            samples[i].append(timed(fns[i], budget_s))
+    ratio = statistics.median(b / a for a, b in zip(samples[0], samples[1]))
+    return [statistics.median(s) for s in samples], ratio
 
 
 def kernel_table(dtype: torch.dtype, reps: int, shapes: list[str]) -> list[dict]:
@@ -64,10 +70,10 @@ def kernel_table(dtype: torch.dtype, reps: int, shapes: list[str]) -> list[dict]
         print(f"{'M':>5} {'Linear ms':>10} {'invariant ms':>13} {'ratio':>6}")
         for m in LM_HEAD_ROWS if name == "lm_head" else ROWS:
             x = torch.randn(m, K, generator=gen).to(dtype)
-            t_old, t_new = compare([lambda: old(x), lambda: new(x)], reps)
+            (t_old, t_new), ratio = compare([lambda: old(x), lambda: new(x)], reps, budget_s=0.01)
             rows.append({"dtype": str(dtype), "shape": name, "M": m, "old_ms": t_old * 1e3, "new_ms": t_new * 1e3,
-                         "ratio": t_new / t_old})
-            print(f"{m:>5} {t_old * 1e3:>10.4f} {t_new * 1e3:>13.4f} {t_new / t_old:>6.2f}", flush=True)
+                         "ratio": ratio})
+            print(f"{m:>5} {t_old * 1e3:>10.4f} {t_new * 1e3:>13.4f} {ratio:>6.2f}", flush=True)
     return rows
 
 
@@ -96,9 +102,9 @@ def model_level(dtype_name: str, reps: int) -> dict:
         finally:
             engine.pool.free(slots)
 
-    t = compare([lambda e=engines[d]: prefill(e) for d in (False, True)], reps)
-    out["prefill_512"] = {"off_ms": t[0] * 1e3, "on_ms": t[1] * 1e3, "ratio": t[1] / t[0]}
-    print(f"\nmodel {dtype_name}: prefill 512 tokens: off {t[0] * 1e3:.1f} ms, on {t[1] * 1e3:.1f} ms, ratio {t[1] / t[0]:.2f}",
+    t, ratio = compare([lambda e=engines[d]: prefill(e) for d in (False, True)], reps, budget_s=0)
+    out["prefill_512"] = {"off_ms": t[0] * 1e3, "on_ms": t[1] * 1e3, "ratio": ratio}
+    print(f"\nmodel {dtype_name}: prefill 512 tokens: off {t[0] * 1e3:.1f} ms, on {t[1] * 1e3:.1f} ms, ratio {ratio:.2f}",
           flush=True)
     params = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
     for batch in (1, 8, 16):
@@ -109,14 +115,14 @@ def model_level(dtype_name: str, reps: int) -> dict:
             while engine.waiting:
                 engine.step()
         steps = 8
-        t = compare([lambda e=engines[d]: [e.step() for _ in range(steps)] for d in (False, True)], reps)
+        t, ratio = compare([lambda e=engines[d]: [e.step() for _ in range(steps)] for d in (False, True)], reps, budget_s=0)
         t = [s / steps for s in t]
         for det, engine in engines.items():
             for seq in running[det]:
                 engine.abort(seq.request_id)
-        out[f"decode_b{batch}"] = {"off_ms": t[0] * 1e3, "on_ms": t[1] * 1e3, "ratio": t[1] / t[0]}
+        out[f"decode_b{batch}"] = {"off_ms": t[0] * 1e3, "on_ms": t[1] * 1e3, "ratio": ratio}
         print(f"model {dtype_name}: decode step batch {batch:>2}: off {t[0] * 1e3:.2f} ms, on {t[1] * 1e3:.2f} ms, "
-              f"ratio {t[1] / t[0]:.2f}", flush=True)
+              f"ratio {ratio:.2f}", flush=True)
     return out
 
 

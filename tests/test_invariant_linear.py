@@ -157,3 +157,24 @@ def test_deterministic_model_builds_invariant_linears(dtype):
     assert all(lin.invariant is not None for layer in model.linears for lin in layer) and model.lm_head.invariant is not None
     plain = LlamaModel(TINY_CONFIG, weights, "cpu", dtype)
     assert all(lin.invariant is None for layer in plain.linears for lin in layer)
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_decode_logits_do_not_depend_on_the_batch(dtype):
+    """With every matmul invariant (and the per-row attention, norm and rope ops), a sequence's decode
+    logits are the same alone, in the full batch and in a sub-batch."""
+    from kvcluster.model.llama import DecodeSeq, PrefillSeq
+
+    model = LlamaModel(TINY_CONFIG, LlamaWeights.random(TINY_CONFIG, 0), "cpu", dtype, deterministic=True)
+    kv = torch.zeros(48, TINY_CONFIG.num_layers, 2, 16, TINY_CONFIG.num_kv_heads, TINY_CONFIG.head_dim, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    seqs = []
+    for i in range(6):
+        ids = torch.randint(100, 40000, (20 + 7 * i,), generator=gen).tolist()
+        table = list(range(i * 8, i * 8 + 8))
+        model.prefill(kv, [PrefillSeq(ids, 0, table)])
+        seqs.append(DecodeSeq(ids[-1], len(ids), table))
+    together = model.decode(kv, seqs)
+    assert torch.equal(torch.cat([model.decode(kv, [s]) for s in seqs]), together)
+    assert torch.equal(model.decode(kv, seqs[2:5]), together[2:5])
