@@ -8,7 +8,8 @@ with --model-level, the whole model: decode steps at batch 1/8/16 and one 512-to
 the model's deterministic mode off and on.
 
 Run: `OMP_WAIT_POLICY=PASSIVE python -m bench.invariant_linear [--reps 7] [--dtype float32]
-[--model-level]`.
+[--cold] [--model-level]`. --cold: up to 16 rows, every call on another copy of the weights, so
+they come from memory as in the model's decode rather than from the L3 cache.
 """
 
 import os
@@ -58,17 +59,33 @@ def compare(fns: list, reps: int, budget_s: float = 0.02) -> tuple[list[float], 
     return [statistics.median(s) for s in samples], ratio
 
 
-def kernel_table(dtype: torch.dtype, reps: int, shapes: list[str]) -> list[dict]:
+class Rotating:
+    """Calls the Linears in turn: with enough copies of a weight, each call reads it from memory, as
+    the model's decode does (30 layers of weights do not fit in L3), not from the cache."""
+
+    def __init__(self, linears: list):
+        self.linears, self.i = linears, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.i = (self.i + 1) % len(self.linears)
+        return self.linears[self.i](x)
+
+
+def kernel_table(dtype: torch.dtype, reps: int, shapes: list[str], cold: bool = False) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for name in shapes:
         N, K = SHAPES[name]
-        w = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
-        old, new = Linear.make(w, few_rows_linear_op()), Linear.make(w, invariant=True)
-        assert new.invariant is not None, "invariant_linear op unavailable"
-        print(f"\n{dtype} {name} N={N} K={K}")
+        copies = max(1, int(160e6 / (N * K * dtype.itemsize))) if cold else 1
+        weights = [(torch.randn(N, K, generator=gen) / K**0.5).to(dtype) for _ in range(copies)]
+        old = Rotating([Linear.make(w, few_rows_linear_op()) for w in weights])
+        new = Rotating([Linear.make(w, invariant=True) for w in weights])
+        assert new.linears[0].invariant is not None, "invariant_linear op unavailable"
+        print(f"\n{dtype} {name} N={N} K={K}" + (f" (weights from memory: {copies} copies)" if cold else ""))
         print(f"{'M':>5} {'Linear ms':>10} {'invariant ms':>13} {'ratio':>6}")
         for m in LM_HEAD_ROWS if name == "lm_head" else ROWS:
+            if cold and m > 16:
+                continue  # compute-bound: where the weights come from does not matter
             x = torch.randn(m, K, generator=gen).to(dtype)
             (t_old, t_new), ratio = compare([lambda: old(x), lambda: new(x)], reps, budget_s=0.01)
             rows.append({"dtype": str(dtype), "shape": name, "M": m, "old_ms": t_old * 1e3, "new_ms": t_new * 1e3,
@@ -134,13 +151,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model-level", action="store_true", help="also time the whole model, deterministic off/on")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-shape table")
+    parser.add_argument("--cold", action="store_true",
+                        help="rows <= 16 only, each call on another copy of the weights (read from memory, as in the model)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
     with torch.inference_mode():
         for name in dtypes:
             if not args.no_kernels:
-                kernel_table(getattr(torch, name), args.reps, args.shapes.split(","))
+                kernel_table(getattr(torch, name), args.reps, args.shapes.split(","), args.cold)
             if args.model_level:
                 model_level(name, args.reps)
 
