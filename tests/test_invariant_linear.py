@@ -117,6 +117,26 @@ def test_fma_chain_reference_rounds_ties_by_the_lost_bits():
     assert fma_chain(x2, w2).item() == 1.0
 
 
+def pairs_odd_first(t: torch.Tensor) -> torch.Tensor:
+    """[rows, K] -> [rows, 2*ceil(K/2)] in fp32, zero-padded, each k pair swapped: the order in which
+    the bf16 contract (and vdpbf16ps) takes k."""
+    padded = torch.zeros(t.shape[0], (t.shape[1] + 1) // 2 * 2)
+    padded[:, : t.shape[1]] = t.float()
+    return padded.view(t.shape[0], -1, 2).flip(-1).reshape(t.shape[0], -1).contiguous()
+
+
+@needs_op
+@pytest.mark.parametrize("N, K", [(50, 37), (33, 1), (17, 130), (128, 64), (960, 576), (64, 1536)])
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e3])
+def test_bf16_is_exactly_the_pairwise_fma_chain(N, K, scale):
+    w, x = data(N, K, 24, torch.bfloat16, seed=13)
+    x = (x.float() * scale).to(torch.bfloat16)
+    x[::3] = (x[::3].float() * 1e-2).to(torch.bfloat16)  # mixed magnitudes (no denormals: vdpbf16ps flushes them)
+    out = linear(x, invariant_pack_op()(w), w)
+    chain = torch.ops.kvcluster.invariant_linear_reference(pairs_odd_first(x), pairs_odd_first(w))
+    assert torch.equal(out, chain.to(torch.bfloat16))
+
+
 @needs_op
 def test_bf16_output_is_rounded_once_to_nearest_even():
     # K = 1: the bf16 product is exact in fp32, so the output must be static_cast<BFloat16>(x * w).

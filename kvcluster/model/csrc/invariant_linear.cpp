@@ -7,22 +7,23 @@
 //   float32:  acc = 0; for k = 0 .. K-1 in order: acc = fma(x[m, k], w[n, k], acc); y = acc.
 //             One fp32 fused multiply-add chain per element (one zmm lane of _mm512_fmadd_ps with
 //             x[m, k] broadcast); no reassociation, no split of K, no horizontal reduce.
-//   bfloat16 (CPUs with AVX512_BF16, the path this file takes when built with it):
-//             acc = 0 (fp32); for p = 0 .. ceil(K/2)-1 in order:
-//                 acc = vdpbf16ps(acc, (x[m, 2p], x[m, 2p+1]), (w[n, 2p], w[n, 2p+1]))
-//             i.e. one lane of _mm512_dpbf16_ps per consecutive k pair (K odd: the last pair is
-//             (x[m, K-1], 0) . (w[n, K-1], 0)); y = bf16(acc), rounded once, round-to-nearest-even
-//             exactly as static_cast<c10::BFloat16> does (NaN -> 0x7fc0). The pair step is the
-//             instruction's own arithmetic (products of bf16 are exact in fp32; the instruction
-//             flushes denormals), fixed per CPU model, not per call.
-//             Why pairs and not the fp32 chain on widened values: the chain costs one fp32 FMA per
-//             k (plus widening every weight), the pair instruction one per 2 k. Measured with the
-//             same tiles (2-core Zen 4): the pairs were 2.0-2.3x faster at 16-1024 rows and
-//             1.3-1.5x at one row with the weights in cache; at one row from DRAM (lm_head) both
-//             are limited by reading the weights and tie.
-//   bfloat16 without AVX512_BF16 (and the portable build): the float32 chain on the exactly
-//             widened bf16 values, then the same rounding. (So a bf16 result is reproducible on
-//             one CPU kind, not across CPUs with and without AVX512_BF16.)
+//   bfloat16: the same fp32 FMA chain on the (exactly) widened bf16 values, with k taken in the
+//             order vdpbf16ps takes it: pairs in order, the odd element of each pair first:
+//                 acc = 0; for p = 0 .. ceil(K/2)-1:
+//                     acc = fma(x[m, 2p+1], w[n, 2p+1], acc); acc = fma(x[m, 2p], w[n, 2p], acc)
+//             (K odd: x[m, K] = w[n, K] = 0); y = bf16(acc), rounded once, to nearest even exactly
+//             as static_cast<c10::BFloat16> does (NaN -> 0x7fc0).
+//             With AVX512_BF16 this is one lane of _mm512_dpbf16_ps per k pair: the instruction is
+//             defined (Intel SDM) as exactly those two fused steps, odd first, each rounded to
+//             nearest even, except that it treats denormal inputs and results as zero; on this
+//             Zen 4 its fp32 accumulators equal the scalar std::fma chain above bit for bit
+//             (tests/test_invariant_linear.py checks it). Without AVX512_BF16 the file runs that
+//             chain with _mm512_fmadd_ps over a weight packed in the same k order, so a bf16 result
+//             is the same on either kind of CPU unless denormals occur.
+//             Why the pair instruction rather than one fp32 FMA per k on widened values: one
+//             instruction per 2 k and no widening of the weights. Measured with the same tiles
+//             (2-core Zen 4): 2.0-2.3x faster at 16-1024 rows, 1.3-1.5x at one row with the
+//             weights in cache; at one row from DRAM (lm_head) both wait on memory and tie.
 //
 // What is free to vary, because none of it touches that per-element order: which rows share a
 // register tile (MR) and which columns (the panels of NR = 32 below), the order tiles and panels
@@ -32,9 +33,9 @@
 //
 // Layout: invariant_pack re-lays a torch Linear weight w [N, K] out once at load time into panels
 // of NR = 32 output columns, the tail panel zero-padded:
-//   float32:               [ceil(N/32)][K][32]               (k-step reads 128 contiguous bytes)
-//   bfloat16 (pairs):      [ceil(N/32)][ceil(K/2)][32][2]    (k-pair step reads 128 bytes)
-//   bfloat16 (fp32 chain): [ceil(N/32)][K][32]
+//   float32:                     [ceil(N/32)][K][32]             (a k step reads 128 contiguous bytes)
+//   bfloat16 with AVX512_BF16:   [ceil(N/32)][ceil(K/2)][32][2]  (a k-pair step reads 128 bytes)
+//   bfloat16 without:            [ceil(N/32)][2*ceil(K/2)][32], k in the order 1, 0, 3, 2, ...
 // so each panel is one sequential stream, and a thread's range of panels is one as well.
 //
 // Kernels: one register tile, up to 14 rows x one panel (2 zmm of 16 columns = 28 accumulators;
@@ -72,6 +73,9 @@ constexpr bool kBf16Pairs = false;
 
 int64_t panels_of(int64_t N) { return (N + NR - 1) / NR; }
 
+// [rows, 2k] -> each column pair swapped: (a0, a1, b0, b1, ...) -> (a1, a0, b1, b0, ...)
+at::Tensor swap_pairs(const at::Tensor& t) { return t.view({t.size(0), t.size(1) / 2, 2}).flip({2}).reshape({t.size(0), t.size(1)}); }
+
 // ---- packing --------------------------------------------------------------------------------
 
 at::Tensor invariant_pack(const at::Tensor& w) {
@@ -79,12 +83,13 @@ at::Tensor invariant_pack(const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
               "invariant_pack takes float32 or bfloat16");
   const int64_t N = w.size(0), K = w.size(1), P = panels_of(N);
-  const bool pairs = kBf16Pairs && w.scalar_type() == at::kBFloat16;
-  const int64_t Kpad = pairs ? (K + 1) / 2 * 2 : K;
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  const int64_t Kpad = bf16 ? (K + 1) / 2 * 2 : K;
   at::Tensor padded = at::zeros({P * NR, Kpad}, w.options().device(at::kCPU));
   padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
-  if (pairs) return padded.view({P, NR, Kpad / 2, 2}).permute({0, 2, 1, 3}).contiguous();
-  return padded.view({P, NR, K}).permute({0, 2, 1}).contiguous();
+  if (bf16 && kBf16Pairs) return padded.view({P, NR, Kpad / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+  if (bf16) padded = swap_pairs(padded);  // the chain walks k as vdpbf16ps does: 1, 0, 3, 2, ...
+  return padded.view({P, NR, Kpad}).permute({0, 2, 1}).contiguous();
 }
 
 // ---- kernels ----------------------------------------------------------------------------------
@@ -245,8 +250,9 @@ at::Tensor invariant_linear(const at::Tensor& x_in, const at::Tensor& packed, in
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "invariant_linear: x must be [M, K]");
   TORCH_CHECK(x_in.scalar_type() == packed.scalar_type(), "invariant_linear: x and the packed weight must share a dtype");
   TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu() && packed.is_contiguous(), "invariant_linear: CPU tensors");
-  const bool pairs = kBf16Pairs && x_in.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(packed.numel() == panels_of(N) * NR * (pairs ? (K + 1) / 2 * 2 : K), "invariant_linear: packed weight does not match N, K");
+  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+  const int64_t Kpad = bf16 ? (K + 1) / 2 * 2 : K;
+  TORCH_CHECK(packed.numel() == panels_of(N) * NR * Kpad, "invariant_linear: packed weight does not match N, K");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
@@ -260,8 +266,11 @@ at::Tensor invariant_linear(const at::Tensor& x_in, const at::Tensor& packed, in
     if constexpr (kBf16Pairs) {
       run<B, B, B>(x.data_ptr<B>(), M, packed.data_ptr<B>(), N, K, out.data_ptr<B>());
     } else {
-      const at::Tensor xf = x.to(at::kFloat);  // exact
-      run<float, B, B>(xf.data_ptr<float>(), M, packed.data_ptr<B>(), N, K, out.data_ptr<B>());
+      // Widened (exact), zero-padded to even K, in the packed weight's k order.
+      at::Tensor xf = at::zeros({M, Kpad}, x.options().dtype(at::kFloat));
+      xf.narrow(1, 0, K).copy_(x);
+      xf = swap_pairs(xf).contiguous();
+      run<float, B, B>(xf.data_ptr<float>(), M, packed.data_ptr<B>(), N, Kpad, out.data_ptr<B>());
     }
   }
   return out;
