@@ -1,5 +1,6 @@
 """Compiled CPU kernels of the engine (C++ through torch.utils.cpp_extension), built once per machine:
-the paged-attention op, the few-rows matmul and RMSNorm (csrc/, one extension).
+the paged-attention op, the few-rows matmul, the batch-invariant matmul and RMSNorm (csrc/, one
+extension).
 
 `make install` builds them (`python -m kvcluster.model.kernels`); otherwise the first engine that
 wants them builds them (gcc, ~1 minute). The build folder is keyed by the source, the torch version
@@ -73,6 +74,16 @@ def rms_norm_op():
 def few_rows_linear_op():
     """torch.ops.kvcluster.few_rows_linear (see csrc/few_rows_linear.cpp), or None when unavailable."""
     return torch.ops.kvcluster.few_rows_linear if _load() else None
+
+
+def invariant_linear_op():
+    """torch.ops.kvcluster.invariant_linear (see csrc/invariant_linear.cpp), or None when unavailable."""
+    return torch.ops.kvcluster.invariant_linear if _load() else None
+
+
+def invariant_pack_op():
+    """torch.ops.kvcluster.invariant_pack, the weight layout invariant_linear reads, or None."""
+    return torch.ops.kvcluster.invariant_pack if _load() else None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ import torch.nn.functional as F
 
 from kvcluster.kvpool import KVLayout
 from kvcluster.model.attention import CausalAttention, KernelAttention, MaskedAttention, PaddedAttention
-from kvcluster.model.kernels import few_rows_linear_op, paged_attention_op, rms_norm_op
+from kvcluster.model.kernels import (few_rows_linear_op, invariant_linear_op, invariant_pack_op, paged_attention_op,
+                                     rms_norm_op)
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +133,11 @@ class LlamaModel:
         self.dtype = dtype
         self.weights = weights.to(self.device, dtype)
         # Per layer: qkv, o, gate_up, down; each multiplied by its fastest kernel on this device.
+        # deterministic: every matmul by the batch-invariant op (a row's result whatever shares its batch).
         few_rows = few_rows_linear_op() if self.device.type == "cpu" else None
-        self.linears = [tuple(Linear.make(m, few_rows) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+        self.linears = [tuple(Linear.make(m, few_rows, deterministic) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
                         for lw in self.weights.layers]
-        self.lm_head = Linear.make(self.weights.lm_head, few_rows)
+        self.lm_head = Linear.make(self.weights.lm_head, few_rows, deterministic)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         angles = torch.outer(torch.arange(config.context_length, dtype=torch.float64), rope_frequencies(config))
         angles = torch.cat([angles, angles], dim=-1)  # [context, head_dim], rotate-half layout
@@ -274,14 +278,25 @@ class Linear:
     about 40% of it here). More rows: oneDNN with the weight reordered once into its blocked layout
     (plain F.linear reorders a bf16 weight on every call, and MKL's fp32 gemm is 1.2-2.5x slower
     than oneDNN's at 2-16 rows). Without the compiled op: oneDNN for bf16 at every row count, MKL's
-    gemv for one fp32 row. CUDA: F.linear."""
+    gemv for one fp32 row. CUDA: F.linear.
 
-    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None, packed_rows: int, few_rows=None):
+    invariant=True (the model's deterministic mode): every row count goes through the compiled
+    `invariant_linear` op, whose per-element arithmetic does not depend on the row count or on the
+    other rows (csrc/invariant_linear.cpp states the contract), over a weight packed once here."""
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None, packed_rows: int, few_rows=None,
+                 invariant=None):
         self.weight, self.packed, self.packed_rows = weight, packed, packed_rows  # packed from this many rows
         self.few_rows = few_rows  # the compiled op for up to FEW_ROWS_MAX rows, or None
+        self.invariant = invariant  # (invariant_linear op, its packed weight), or None
 
     @classmethod
-    def make(cls, weight: torch.Tensor, few_rows_op=None) -> "Linear":
+    def make(cls, weight: torch.Tensor, few_rows_op=None, invariant: bool = False) -> "Linear":
+        if invariant:
+            op, pack = invariant_linear_op(), invariant_pack_op()
+            if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and op is not None:
+                return cls(weight, None, 0, invariant=(op, pack(weight)))
+            log.warning("no batch-invariant matmul for %s %s: results may depend on the batch", weight.device, weight.dtype)
         if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return cls(weight, None, 0)
         few_rows = few_rows_op if weight.dtype in (torch.float32, torch.bfloat16) else None
@@ -292,6 +307,8 @@ class Linear:
         return cls(weight, None, 0, few_rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in]
+        if self.invariant is not None:
+            return self.invariant[0](x, self.invariant[1], self.weight.shape[0], self.weight.shape[1])
         if self.few_rows is not None and x.shape[0] <= FEW_ROWS_MAX:
             return self.few_rows(x, self.weight)
         if self.packed is not None and x.shape[0] >= self.packed_rows:
