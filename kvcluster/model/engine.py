@@ -44,7 +44,7 @@ T = TypeVar("T")
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_BYTES = 1 << 30
 # Batch-invariant numerics by default: see the README's "Exactness" notes for its measured cost.
-DETERMINISTIC_DEFAULT = False
+DETERMINISTIC_DEFAULT = True
 
 
 @dataclass(frozen=True)

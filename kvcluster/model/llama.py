@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 log = logging.getLogger(__name__)
 
 # Part of every block's fingerprint: bump it when a change to the forward changes K/V bytes.
-NUMERICS_VERSION = 1
+NUMERICS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,6 @@ class LlamaModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.weights = weights.to(self.device, dtype)
-        # Per layer: qkv, o, gate_up, down; each multiplied by its fastest kernel on this device.
-        # deterministic: every matmul by the batch-invariant op (a row's result whatever shares its batch).
-        few_rows = few_rows_linear_op() if self.device.type == "cpu" else None
-        self.linears = [tuple(Linear.make(m, few_rows, deterministic) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
-                        for lw in self.weights.layers]
-        self.lm_head = Linear.make(self.weights.lm_head, few_rows, deterministic)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         angles = torch.outer(torch.arange(config.context_length, dtype=torch.float64), rope_frequencies(config))
         angles = torch.cat([angles, angles], dim=-1)  # [context, head_dim], rotate-half layout
@@ -149,11 +143,22 @@ class LlamaModel:
         self.paged_op = paged_attention_op() if self.device.type == "cpu" else None
         # One compiled op instead of torch's chain of seven, on CPU in fp32 and bf16.
         self.rms_op = rms_norm_op() if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
-        # Batch-invariant numerics (see `numerics`): every attention through the compiled op with
-        # fixed key chunks, every norm through the per-row op. Needs the compiled kernels (CPU).
-        self.deterministic = deterministic and self.paged_op is not None and self.rms_op is not None
-        if deterministic and not self.deterministic:
-            log.warning("deterministic mode needs the compiled CPU kernels (device %s): running without it", self.device)
+        # Batch-invariant numerics (see `numerics`): every matmul by the batch-invariant op, every
+        # attention through the compiled op with fixed key chunks, every norm through the per-row op.
+        able = (self.paged_op is not None and self.rms_op is not None and invariant_linear_op() is not None)
+        self.deterministic = deterministic and able
+        if deterministic and not able:
+            log.warning("deterministic mode needs the compiled CPU kernels (fp32 or bf16; here %s %s): running without it",
+                        self.device, dtype)
+        # Per layer: qkv, o, gate_up, down; each multiplied by its fastest kernel on this device
+        # (deterministic: the batch-invariant one, over a packed copy that replaces the matrix).
+        few_rows = few_rows_linear_op() if self.device.type == "cpu" else None
+        self.linears = [tuple(Linear.make(m, few_rows, self.deterministic) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+                        for lw in self.weights.layers]
+        self.lm_head = Linear.make(self.weights.lm_head, few_rows, self.deterministic)
+        if self.deterministic:  # the packed copies are all the forward reads: don't hold the weights twice
+            for lw in self.weights.layers:
+                lw.wqkv = lw.wo = lw.w_gate_up = lw.w_down = None
 
     @property
     def numerics(self) -> str:
@@ -289,13 +294,16 @@ class Linear:
         self.weight, self.packed, self.packed_rows = weight, packed, packed_rows  # packed from this many rows
         self.few_rows = few_rows  # the compiled op for up to FEW_ROWS_MAX rows, or None
         self.invariant = invariant  # (invariant_linear op, its packed weight), or None
+        self.shape = None if weight is None else tuple(weight.shape)  # [out, in]
 
     @classmethod
     def make(cls, weight: torch.Tensor, few_rows_op=None, invariant: bool = False) -> "Linear":
         if invariant:
             op, pack = invariant_linear_op(), invariant_pack_op()
             if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and op is not None:
-                return cls(weight, None, 0, invariant=(op, pack(weight)))
+                linear = cls(None, None, 0, invariant=(op, pack(weight)))
+                linear.shape = tuple(weight.shape)  # the packed copy replaces the weight
+                return linear
             log.warning("no batch-invariant matmul for %s %s: results may depend on the batch", weight.device, weight.dtype)
         if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return cls(weight, None, 0)
@@ -308,7 +316,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in]
         if self.invariant is not None:
-            return self.invariant[0](x, self.invariant[1], self.weight.shape[0], self.weight.shape[1])
+            return self.invariant[0](x, self.invariant[1], *self.shape)
         if self.few_rows is not None and x.shape[0] <= FEW_ROWS_MAX:
             return self.few_rows(x, self.weight)
         if self.packed is not None and x.shape[0] >= self.packed_rows:

@@ -43,10 +43,13 @@ struct Attend {
     const int64_t count = last - first;
     for (int64_t i = 0; i < num_heads * dim; ++i) qf[i] = static_cast<float>(q_all[t * num_heads * dim + i]) * scale;
     scores.resize(num_heads * count);  // [heads, count]
-    for (int64_t j = first; j < last; ++j) {
-      const T* k = key_row(table, j);
-      for (int64_t head = 0; head < num_heads; ++head)
-        scores[head * count + j - first] = kvc::dot(qf.data() + head * dim, k + head / group * dim, dim);
+    for (int64_t j = first; j < last; j += 16) {  // 16 keys at a time (kvc::dots16: one fixed tree per key)
+      const int64_t n = std::min<int64_t>(16, last - j);
+      for (int64_t head = 0; head < num_heads; ++head) {
+        const int64_t offset = head / group * dim;
+        kvc::dots16<T>(qf.data() + head * dim, n, [&](int64_t i) { return key_row(table, j + i) + offset; }, dim,
+                       scores.data() + head * count + j - first);
+      }
     }
     for (int64_t head = 0; head < num_heads; ++head) {  // softmax numerators, fp32
       float* s = scores.data() + head * count;
@@ -56,10 +59,10 @@ struct Attend {
       out[dim] = top;
       out[dim + 1] = count ? kvc::exp_shifted(s, count, top) : 0.f;
     }
-    for (int64_t j = first; j < last; ++j) {
-      const T* v = key_row(table, j) + kv_stride;
-      for (int64_t head = 0; head < num_heads; ++head)
-        kvc::axpy(scores[head * count + j - first], v + head / group * dim, part + head * (dim + 2), dim);
+    for (int64_t head = 0; head < num_heads; ++head) {  // out += sum_j p_j v_j, keys in order
+      const int64_t offset = kv_stride + head / group * dim;
+      kvc::weighted_rows<T>(scores.data() + head * count, count,
+                            [&](int64_t i) { return key_row(table, first + i) + offset; }, part + head * (dim + 2), dim);
     }
   }
 };

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -92,6 +93,79 @@ inline void axpy(float p, const T* b, float* acc, int64_t dim) {
   }
 }
 
+// out[i] = sum_d a[d] * row(i)[d] for i < n <= 16: the attention scores of one query head against
+// 16 keys. Each key's products are summed by one fixed tree (an fma chain over d in steps of 16
+// lanes, then lanes (l, l+2), pairs of those, then 128-bit quarters (0+1), (2+3), then the two
+// halves), whatever its slot and n: a key's score depends on the query and the key only. Reducing 16
+// keys at once costs about a quarter of 16 separate horizontal sums.
+template <typename T, typename RowAt>
+inline void dots16(const float* a, int64_t n, const RowAt& row_at, int64_t dim, float* out) {
+  __m512 acc[16];
+  const T* rows[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    acc[i] = _mm512_setzero_ps();
+    rows[i] = row_at(i < n ? i : 0);  // slots past n repeat row 0; their sums are not stored
+  }
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 mask = tail_mask(dim - d);
+    const __m512 av = _mm512_maskz_loadu_ps(mask, a + d);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(av, load16(rows[i] + d, mask), acc[i]);
+  }
+  __m512 x[8], y[4], z[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // per 128-bit quarter: [a0+a2, b0+b2, a1+a3, b1+b3]
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]), _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // per quarter: one partial sum of each of 4 keys, in slot order
+    const __m512d p = _mm512_castps_pd(x[2 * i]), q = _mm512_castps_pd(x[2 * i + 1]);
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // quarters (0+1) and (2+3) of y[2i], then of y[2i+1]
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88), _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
+  // halves: quarter q of the result holds keys 4q..4q+3
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+  _mm512_mask_storeu_ps(out, tail_mask(n), sums);
+}
+
+// acc[d] += sum_j p[j] * row(j)[d], j in order: for every d the same chain of fmas as calling
+// axpy(p[j], row(j), acc, dim) for j = 0, 1, ..., but with acc held in registers (slices of up to
+// 128 dims) instead of stored and reloaded for every row.
+template <int V, typename T, typename RowAt>
+inline void weighted_rows_slice(const float* p, int64_t count, const RowAt& row_at, float* acc, int64_t offset, int64_t width) {
+  __m512 a[V];
+  __mmask16 masks[V];
+  for (int i = 0; i < V; ++i) {
+    masks[i] = tail_mask(width - 16 * i);
+    a[i] = _mm512_maskz_loadu_ps(masks[i], acc + offset + 16 * i);
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const T* row = row_at(j) + offset;
+    const __m512 pv = _mm512_set1_ps(p[j]);
+    for (int i = 0; i < V; ++i) a[i] = _mm512_fmadd_ps(pv, load16(row + 16 * i, masks[i]), a[i]);
+  }
+  for (int i = 0; i < V; ++i) _mm512_mask_storeu_ps(acc + offset + 16 * i, masks[i], a[i]);
+}
+
+template <typename T, typename RowAt>
+inline void weighted_rows(const float* p, int64_t count, const RowAt& row_at, float* acc, int64_t dim) {
+  for (int64_t offset = 0; offset < dim; offset += 128) {
+    const int64_t width = std::min<int64_t>(128, dim - offset);
+    switch ((width + 15) / 16) {
+      case 1: weighted_rows_slice<1, T>(p, count, row_at, acc, offset, width); break;
+      case 2: weighted_rows_slice<2, T>(p, count, row_at, acc, offset, width); break;
+      case 3: weighted_rows_slice<3, T>(p, count, row_at, acc, offset, width); break;
+      case 4: weighted_rows_slice<4, T>(p, count, row_at, acc, offset, width); break;
+      case 5: weighted_rows_slice<5, T>(p, count, row_at, acc, offset, width); break;
+      case 6: weighted_rows_slice<6, T>(p, count, row_at, acc, offset, width); break;
+      case 7: weighted_rows_slice<7, T>(p, count, row_at, acc, offset, width); break;
+      default: weighted_rows_slice<8, T>(p, count, row_at, acc, offset, width); break;
+    }
+  }
+}
+
 // s[j] = exp(s[j] - top); returns the sum.
 inline float exp_shifted(float* s, int64_t n, float top) {
   const __m512 topv = _mm512_set1_ps(top);
@@ -124,6 +198,16 @@ inline float sum_squares(const T* a, int64_t dim) {
 template <typename T>
 inline void axpy(float p, const T* b, float* acc, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<float>(b[d]);
+}
+
+template <typename T, typename RowAt>
+inline void weighted_rows(const float* p, int64_t count, const RowAt& row_at, float* acc, int64_t dim) {
+  for (int64_t j = 0; j < count; ++j) axpy(p[j], row_at(j), acc, dim);
+}
+
+template <typename T, typename RowAt>
+inline void dots16(const float* a, int64_t n, const RowAt& row_at, int64_t dim, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = dot(a, row_at(i), dim);
 }
 
 inline float exp_shifted(float* s, int64_t n, float top) {
