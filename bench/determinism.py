@@ -24,9 +24,10 @@ from kvcluster.model.llama import PrefillSeq
 
 NAME = "determinism"
 COST_TARGET = 0.85  # on ÷ off throughput at which the mode is on by default (<= 15% cost)
-# (alternations, decode steps, prefill lengths, decode batches)
-SUITE_SIZES = {"full": (3, 16, (512, 1024), (1, 8, 16)), "quick": (1, 4, (512, 1024), (1, 8, 16)),
-               "tiny": (1, 2, (128,), (1, 4))}
+# (alternations, decode steps, prefill lengths, decode batches, dtypes)
+BOTH = ("float32", "bfloat16")
+SUITE_SIZES = {"full": (3, 16, (512, 1024), (1, 8, 16), BOTH), "quick": (1, 4, (512, 1024), (1, 8, 16), BOTH),
+               "tiny": (1, 2, (128,), (1, 4), ("float32",))}
 
 
 def batch_invariant(engine: Engine) -> bool:
@@ -73,15 +74,15 @@ def summarize(per_dtype: dict[str, dict]) -> dict:
 
 
 def run(ctx: BenchContext) -> dict:
-    alternations, steps, lengths, batches = ctx.pick(SUITE_SIZES)
+    alternations, steps, lengths, batches, dtypes = ctx.pick(SUITE_SIZES)
     per_dtype = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         progress(NAME, f"{dtype}: prefill {lengths} and decode batch {batches}, deterministic on vs off")
         per_dtype[dtype] = measure(dtype, alternations, steps, lengths, batches, ctx.model)
         progress(NAME, f"{dtype}: on/off " + ", ".join(f"{k} {v}" for k, v in per_dtype[dtype]["on_over_off"].items()))
     result = {"per_dtype": per_dtype, "ratios": summarize(per_dtype)}
     ctx.write(NAME, result)
-    labels = list(per_dtype["float32"]["on_over_off"])
+    labels = list(next(iter(per_dtype.values()))["on_over_off"])
     bar_plot(ctx.results_dir / f"{NAME}.png", "Deterministic mode: throughput on ÷ off (1.0 = free)", "ratio",
              labels, {dtype: [r["on_over_off"][k] for k in labels] for dtype, r in per_dtype.items()})
     return result
@@ -92,9 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default=None)
     args = parser.parse_args(argv)
-    alternations, steps, lengths, batches = SUITE_SIZES["quick" if args.quick else "full"]
-    per_dtype = {dtype: measure(dtype, alternations, steps, lengths, batches, args.model)
-                 for dtype in ("float32", "bfloat16")}
+    alternations, steps, lengths, batches, dtypes = SUITE_SIZES["quick" if args.quick else "full"]
+    per_dtype = {dtype: measure(dtype, alternations, steps, lengths, batches, args.model) for dtype in dtypes}
     result = {"per_dtype": per_dtype, "ratios": summarize(per_dtype), "quick": args.quick}
     path = write_result(NAME, result)
     for dtype, r in per_dtype.items():

@@ -32,7 +32,7 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
                                    "them by hash (the first cache tier; the store is the second)")
     deterministic: bool = setting(DETERMINISTIC_DEFAULT, "batch-invariant numerics: a token's K/V and logits are "
                                   "bitwise the same whatever shares its batch, however its prompt is chunked and "
-                                  "whichever worker computed its context (README: Exactness, for the measured cost); "
+                                  "whichever worker computed its context (README: Performance, Exactness); "
                                   "every worker of a cluster must agree (it is part of the block fingerprint)")
     max_batch: int = setting(8, "sequences computed together in one forward")
     max_waiting: int = setting(64, "queued requests before new ones get RESOURCE_EXHAUSTED")

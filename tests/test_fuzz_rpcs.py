@@ -166,7 +166,8 @@ def block_refs(draw, for_push: bool) -> common_pb2.BlockRef:
         ref.request_key = draw(st.sampled_from(["", "k" * 257, "\x00"]))
     if for_push:
         ref.num_tokens = draw(mostly(st.integers(1, 16), st.one_of(st.just(0), st.just(17), UINT32)))
-        ref.token_ids.extend(draw(mostly(st.lists(TOKEN_ID, min_size=ref.num_tokens, max_size=ref.num_tokens),
+        matching = min(ref.num_tokens, 17)  # a wild num_tokens (up to 2**32 - 1) gets at most 17 ids
+        ref.token_ids.extend(draw(mostly(st.lists(TOKEN_ID, min_size=matching, max_size=matching),
                                          st.lists(WILD_TOKEN_ID, max_size=17))))
         ref.store_id, ref.store_address = draw(SHORT_TEXT), draw(SHORT_TEXT)
     return ref

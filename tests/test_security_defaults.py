@@ -114,7 +114,7 @@ def test_generate_needs_no_token_and_its_blocks_are_keyed_by_the_cluster_secret(
         result = client.generate(messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0.0)
     assert len(result.token_ids) >= 1 and result.usage.prompt_tokens > 32
     ids, bs = prompt_ids(smollm_engine), smollm_engine.config.block_size
-    keyed = make_fingerprint(smollm_engine.model_digest, smollm_engine.layout.canonical(),
+    keyed = make_fingerprint(smollm_engine.identity, smollm_engine.layout.canonical(),
                              fingerprint_key(up_cluster.internal_token))
     store = store_of(up_cluster, up_cluster.internal_metadata)
     try:
@@ -138,7 +138,7 @@ def test_the_cluster_secret_keys_the_fingerprint_and_every_block_hash(smollm_eng
     assert not set(prefix_hashes(a.fingerprint, tokens, 16)) & set(prefix_hashes(b.fingerprint, tokens, 16))
     # No secret: the fingerprint every cluster had before keys existed.
     assert open_engine.fingerprint == smollm_engine.fingerprint == make_fingerprint(
-        smollm_engine.model_digest, smollm_engine.layout.canonical())
+        smollm_engine.identity, smollm_engine.layout.canonical())
     assert open_engine.fingerprint not in (a.fingerprint, b.fingerprint)
     assert fingerprint_key("") == b"" and fingerprint_key("a") != fingerprint_key("b")
 

@@ -114,7 +114,8 @@ class Engine:
         self.layout = model.config.kv_layout(config.block_size, DTYPE_NAMES[model.dtype])
         # The cluster secret keys every block hash (see kvcluster.blocks); "" = no secret.
         # The numerics mode joins the model's identity: the two modes compute different K/V bytes.
-        self.fingerprint: Fingerprint = make_fingerprint(model_digest + f"|{model.numerics}".encode(), self.layout.canonical(),
+        self.identity = model_digest + f"|{model.numerics}".encode()
+        self.fingerprint: Fingerprint = make_fingerprint(self.identity, self.layout.canonical(),
                                                          fingerprint_key(cluster_secret))
         self.pool = KVPool.from_budget(self.layout, config.kv_capacity_bytes, model.device)
         self.waiting: deque[Sequence] = deque()
