@@ -97,9 +97,7 @@ class Verifier:
         first_diff = next((i for i, (a, b) in enumerate(zip(served, recomputed)) if a != b),
                           None if len(served) == len(recomputed) else min(len(served), len(recomputed)))
         verdict = Verdict(first_diff is None, first_diff, diverging, compared)
-        self.metrics.verify.labels("match" if verdict.ok else "mismatch").inc()
-        if not verdict.ok:
-            self.metrics.verify_mismatch.inc()
+        if not verdict.ok:  # logged before it is counted: whoever sees the count finds the log line
             bs = self.worker.engine.config.block_size
             where = ("" if diverging is None else
                      f"; its prompt K/V first differs in block {diverging} (tokens {diverging * bs}-{(diverging + 1) * bs - 1})")
@@ -110,4 +108,6 @@ class Verifier:
                       "outputs identical" if first_diff is None else
                       f"outputs diverge at output token {first_diff} (served {served[first_diff:first_diff + 4]}, "
                       f"recomputed {recomputed[first_diff:first_diff + 4]})", where)
+            self.metrics.verify_mismatch.inc()
+        self.metrics.verify.labels("match" if verdict.ok else "mismatch").inc()
         return verdict

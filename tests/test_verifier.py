@@ -66,20 +66,36 @@ def test_warm_requests_are_recomputed_and_match(server):
     assert registry.get_sample_value("kvcluster_verify_mismatch_total") == 0
 
 
-def test_a_corrupt_cached_block_is_caught_and_named(server, caplog):
+class Lines(logging.Handler):
+    """The verifier's log lines, heard on its own logger (whatever the root logger's set-up)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_corrupt_cached_block_is_caught_and_named(server):
     decode, port, registry = server
     tokenizer = decode.generator.worker.engine.tokenizer
     prompt_ids = tokenizer.encode_chat([ChatMessage("user", PROMPT)])
     assert len(prompt_ids) > 4 * 16
-    with Client(f"127.0.0.1:{port}") as client:
-        client.generate(token_ids=prompt_ids, **GREEDY)
-        corrupt_cached_block(decode, prompt_ids, 2)
-        with caplog.at_level(logging.ERROR, logger="decode_service.verifier"):
+    logger, lines = logging.getLogger("decode_service.verifier"), Lines()
+    logger.addHandler(lines)
+    logger.disabled = False
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            client.generate(token_ids=prompt_ids, **GREEDY)
+            corrupt_cached_block(decode, prompt_ids, 2)
             warm = client.generate(token_ids=prompt_ids, **GREEDY)
             assert warm.usage.local_cache_tokens > 2 * 16
-            assert verified(registry, "mismatch", 1) == 1
+            assert verified(registry, "mismatch", 1) == 1  # counted after its log line is written
+    finally:
+        logger.removeHandler(lines)
     assert registry.get_sample_value("kvcluster_verify_mismatch_total") == 1
-    assert any("first differs in block 2 (tokens 32-47)" in r.getMessage() for r in caplog.records)
+    assert any("first differs in block 2 (tokens 32-47)" in line for line in lines.lines), lines.lines
 
 
 def test_kvcluster_verify_passes_on_a_healthy_cluster_and_fails_on_a_corrupt_cache(server, tmp_path, capsys):
