@@ -28,7 +28,7 @@ $(INSTALLED): pyproject.toml
 
 # The engine's C++ attention op, compiled for this CPU (kvcluster/model/kernels.py). A failed build
 # is not an install failure: the engine then runs its plain torch path, and says so in its log.
-$(KERNELS): $(wildcard kvcluster/model/csrc/*.cpp) kvcluster/model/kernels.py $(INSTALLED)
+$(KERNELS): $(wildcard kvcluster/model/csrc/*.cpp kvcluster/model/csrc/*.h) kvcluster/model/kernels.py $(INSTALLED)
 	$(PY) -m kvcluster.model.kernels || echo "warning: kernels not built; the torch attention path will be used"
 	mkdir -p build/kernels && touch $@
 

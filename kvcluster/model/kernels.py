@@ -22,6 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # part of the build key: vec.h holds kernels too
 DEFAULT_BUILD_ROOT = Path(__file__).resolve().parents[2] / "build" / "kernels"
 
 
@@ -34,7 +35,7 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    code = b"".join(source.read_bytes() for source in SOURCES)
+    code = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(code + Path(__file__).read_bytes() + torch.__version__.encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     return Path(os.environ.get("KVC_KERNEL_DIR", DEFAULT_BUILD_ROOT)) / key

@@ -15,16 +15,32 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
 
 namespace {
 
-// One work item: query token t, keys [first, last) of its sequence, every head. A key's row holds
-// all kv heads side by side, so a block's keys (then its values) are one sequential read. Writes
-// each query head's running max and exp-sum and its unnormalised output (fp32) to `part`:
-// [heads, dim + 2] = acc[dim], max, sum.
+constexpr int64_t kTile = 16;        // keys per tile: one kvc::dots16 call
+constexpr int64_t kQueryBlock = 16;  // query tokens of one sequence that share every key/value load
+
+// One work item: a block of query tokens t0 .. t0 + nq - 1, consecutive tokens of one sequence,
+// and chunk c of their keys. Query t's part of the chunk is keys [c * chunk, min(context_t, (c + 1) * chunk));
+// queries whose context ends before the chunk take no part. Every query of the block reads each
+// key (then value) tile once for all its heads and all the block's queries: the tile is widened to
+// fp32 once (bf16 and fp16 pools) into a scratch buffer in L1, and values are accumulated into
+// several (query, head) rows per load.
+//
+// The arithmetic of each query is fixed by its own keys alone, exactly as if it were alone in
+// the batch, whatever block, batch or tile it shares:
+//  - score of key j: kvc::dots16's fixed tree over q . k_j (widening to fp32 is exact);
+//  - softmax numerators over its chunk: its own max, kvc::exp_shifted over its own count;
+//  - output: acc[d] = fma chain over its keys j in ascending order (kvc::weighted_rows_block).
+// So a query's output bits do not depend on which other queries share its block or tile.
+// Writes each query head's running max and exp-sum and its unnormalised output (fp32) to
+// parts[item of (t, c)]: [heads, dim + 2] = acc[dim], max, sum.
 template <typename T>
 struct Attend {
   const T* pool;
@@ -37,32 +53,101 @@ struct Attend {
     return pool + table[j / block_size] * block_stride + (j % block_size) * row_stride;
   }
 
-  void run(int64_t t, int32_t seq, int64_t first, int64_t last, float* part, std::vector<float>& qf,
-           std::vector<float>& scores) const {
-    const int32_t* table = table_all + static_cast<int64_t>(seq) * width;
-    const int64_t count = last - first;
-    for (int64_t i = 0; i < num_heads * dim; ++i) qf[i] = static_cast<float>(q_all[t * num_heads * dim + i]) * scale;
-    scores.resize(num_heads * count);  // [heads, count]
-    for (int64_t j = first; j < last; j += 16) {  // 16 keys at a time (kvc::dots16: one fixed tree per key)
-      const int64_t n = std::min<int64_t>(16, last - j);
-      for (int64_t head = 0; head < num_heads; ++head) {
-        const int64_t offset = head / group * dim;
-        kvc::dots16<T>(qf.data() + head * dim, n, [&](int64_t i) { return key_row(table, j + i) + offset; }, dim,
-                       scores.data() + head * count + j - first);
+  struct Scratch {  // one per thread, reused across items
+    std::vector<float> qf, scores, tile;
+    std::vector<const float*> rows, p_rows;
+    std::vector<float*> acc_rows;
+    std::vector<int64_t> ends;
+  };
+
+  // Rows of keys (half = 0) or values (half = 1) j0 .. j0 + n - 1 as fp32 [num_kv * dim] pointers;
+  // the slots past n repeat the first row (dots16 reads but never stores them).
+  void tile_rows(const int32_t* table, int64_t j0, int64_t n, int half, Scratch& s) const {
+    const int64_t row_len = num_kv * dim;
+    s.rows.resize(kTile);
+    for (int64_t i = 0; i < kTile; ++i) {
+      const T* row = key_row(table, j0 + (i < n ? i : 0)) + half * kv_stride;
+      if constexpr (std::is_same_v<T, float>) {
+        s.rows[i] = row;
+      } else {
+        float* out = s.tile.data() + i * row_len;
+        if (i < n) kvc::widen(row, out, row_len);
+        s.rows[i] = i < n ? out : s.tile.data();
       }
     }
-    for (int64_t head = 0; head < num_heads; ++head) {  // softmax numerators, fp32
-      float* s = scores.data() + head * count;
-      float* out = part + head * (dim + 2);
-      const float top = count ? *std::max_element(s, s + count) : -std::numeric_limits<float>::infinity();
-      std::fill(out, out + dim, 0.f);
-      out[dim] = top;
-      out[dim + 1] = count ? kvc::exp_shifted(s, count, top) : 0.f;
+  }
+
+  void run(int64_t t0, int64_t nq, int32_t seq, const int32_t* pos_all, int64_t c, int64_t chunk, float* const* parts,
+           Scratch& s) const {
+    const int32_t* table = table_all + static_cast<int64_t>(seq) * width;
+    const int64_t first = c * chunk, hd = num_heads * dim;
+    int64_t count[kQueryBlock];  // keys of each query in this chunk (0: takes no part)
+    int64_t longest = 0;
+    for (int64_t q = 0; q < nq; ++q) {
+      count[q] = std::max<int64_t>(0, std::min<int64_t>(pos_all[t0 + q] + 1, first + chunk) - first);
+      longest = std::max(longest, count[q]);
     }
-    for (int64_t head = 0; head < num_heads; ++head) {  // out += sum_j p_j v_j, keys in order
-      const int64_t offset = kv_stride + head / group * dim;
-      kvc::weighted_rows<T>(scores.data() + head * count, count,
-                            [&](int64_t i) { return key_row(table, first + i) + offset; }, part + head * (dim + 2), dim);
+    s.qf.resize(nq * hd);
+    for (int64_t i = 0; i < nq * hd; ++i) s.qf[i] = static_cast<float>(q_all[t0 * hd + i]) * scale;
+    s.scores.resize(nq * num_heads * longest);  // [query, head, key]
+    s.tile.resize(kTile * num_kv * dim);
+    s.p_rows.resize(nq * group);
+    s.acc_rows.resize(nq * group);
+    s.ends.resize(nq * group);
+    for (int64_t j0 = 0; j0 < longest; j0 += kTile) {  // scores, 16 keys at a time
+      tile_rows(table, first + j0, std::min(kTile, longest - j0), 0, s);
+      for (int64_t kvh = 0; kvh < num_kv; ++kvh) {  // the rows (query, head) reading this kv head
+        const int64_t offset = kvh * dim;
+        int64_t n_rows = 0;
+        for (int64_t q = 0; q < nq; ++q)
+          for (int64_t head = kvh * group; count[q] > j0 && head < (kvh + 1) * group; ++head) {
+            s.p_rows[n_rows] = s.qf.data() + q * hd + head * dim;
+            s.acc_rows[n_rows] = s.scores.data() + (q * num_heads + head) * longest + j0;
+            s.ends[n_rows++] = std::min(kTile, count[q] - j0);
+          }
+        int64_t r = 0;
+        for (; r + 4 <= n_rows; r += 4) {  // 4 rows x 4 keys: each key vector loaded once for 4 rows
+          const int64_t most = *std::max_element(s.ends.data() + r, s.ends.data() + r + 4);
+          for (int64_t g = 0; g * 4 < most; ++g) {
+            const float* keys[4];
+            float* outs[4];
+            int64_t ns[4];
+            for (int i = 0; i < 4; ++i) {
+              keys[i] = s.rows[4 * g + i] + offset;
+              outs[i] = s.acc_rows[r + i] + 4 * g;
+              ns[i] = std::clamp<int64_t>(s.ends[r + i] - 4 * g, 0, 4);
+            }
+            kvc::dots4x4(s.p_rows.data() + r, keys, dim, outs, ns);
+          }
+        }
+        for (; r < n_rows; ++r)  // the rest one row at a time (decode: the heads of one group)
+          kvc::dots16<float>(s.p_rows[r], s.ends[r], [&](int64_t i) { return s.rows[i] + offset; }, dim, s.acc_rows[r]);
+      }
+    }
+    for (int64_t q = 0; q < nq; ++q) {  // softmax numerators, fp32
+      for (int64_t head = 0; count[q] > 0 && head < num_heads; ++head) {
+        float* sc = s.scores.data() + (q * num_heads + head) * longest;
+        float* out = parts[q] + head * (dim + 2);
+        const float top = kvc::max_of(sc, count[q]);
+        std::fill(out, out + dim, 0.f);
+        out[dim] = top;
+        out[dim + 1] = kvc::exp_shifted(sc, count[q], top);
+      }
+    }
+    // out += sum_j p_j v_j, keys in order: the rows of one kv head (every query of the block, every
+    // head of its group) take each value tile together.
+    for (int64_t j0 = 0; j0 < longest; j0 += kTile) {
+      tile_rows(table, first + j0, std::min(kTile, longest - j0), 1, s);
+      for (int64_t kvh = 0; kvh < num_kv; ++kvh) {
+        int64_t n_rows = 0;
+        for (int64_t q = 0; q < nq; ++q)
+          for (int64_t head = kvh * group; count[q] > j0 && head < (kvh + 1) * group; ++head) {
+            s.p_rows[n_rows] = s.scores.data() + (q * num_heads + head) * longest + j0;
+            s.acc_rows[n_rows] = parts[q] + head * (dim + 2);
+            s.ends[n_rows++] = std::min(kTile, count[q] - j0);
+          }
+        kvc::weighted_rows_block(s.p_rows.data(), s.acc_rows.data(), s.ends.data(), n_rows, s.rows.data(), kvh * dim, dim);
+      }
     }
   }
 };
@@ -77,7 +162,7 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
                        kv.stride(3), static_cast<float>(scale)};
   const int32_t* seq_all = seq_of.data_ptr<int32_t>();
   const int32_t* pos_all = positions.data_ptr<int32_t>();
-  // Work items: (query token, chunk of its keys). Two ways to chunk:
+  // Chunks of a query's keys. Two ways to cut them:
   // - adaptive (chunk_keys == 0): a small batch has fewer tokens than threads, so long contexts
   //   are split into chunks of whole blocks, each its own item, merged below (as flash-decoding
   //   does on GPUs); short ones stay whole (a chunk under kMinChunkKeys keys costs less than
@@ -94,33 +179,49 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
     const int64_t splits = std::max<int64_t>(1, std::min((threads + num_tokens - 1) / num_tokens, longest / kMinChunkKeys));
     chunk = ((longest + splits - 1) / splits + block_size - 1) / block_size * block_size;
   }
-  std::vector<int64_t> first_item(num_tokens + 1, 0);  // token t's chunks are items [first_item[t], first_item[t + 1])
-  for (int64_t t = 0; t < num_tokens; ++t) first_item[t + 1] = first_item[t] + (pos_all[t] + chunk) / chunk;
-  const int64_t num_items = first_item[num_tokens];
-  std::vector<int32_t> item_token(num_items);
+  std::vector<int64_t> first_part(num_tokens + 1, 0);  // token t's chunks are parts [first_part[t], first_part[t + 1])
+  for (int64_t t = 0; t < num_tokens; ++t) first_part[t + 1] = first_part[t] + (pos_all[t] + chunk) / chunk;
+  // Query blocks: runs of up to kQueryBlock consecutive tokens of one sequence at consecutive
+  // positions (a prompt's tokens in prefill; one token per sequence in decode). Work items:
+  // (block, chunk) for every chunk of the block's longest context.
+  std::vector<int64_t> block_start;
   for (int64_t t = 0; t < num_tokens; ++t)
-    std::fill(item_token.begin() + first_item[t], item_token.begin() + first_item[t + 1], static_cast<int32_t>(t));
+    if (t == 0 || t - block_start.back() == kQueryBlock || seq_all[t] != seq_all[t - 1] || pos_all[t] != pos_all[t - 1] + 1)
+      block_start.push_back(t);
+  block_start.push_back(num_tokens);
+  // Chunk-major order: consecutive items of a thread read the same chunk of keys and values
+  // (384 KB of fp32 K/V at 256 keys of SmolLM2), which then stays in L2 instead of every query
+  // block streaming its whole context from L3 or memory again.
+  std::vector<std::pair<int64_t, int64_t>> items;  // (block, chunk)
+  for (int64_t b = 0; b + 1 < static_cast<int64_t>(block_start.size()); ++b) {
+    int64_t top = 0;
+    for (int64_t t = block_start[b]; t < block_start[b + 1]; ++t) top = std::max<int64_t>(top, pos_all[t]);
+    for (int64_t c = 0; c < (top + chunk) / chunk; ++c) items.emplace_back(b, c);
+  }
+  std::stable_sort(items.begin(), items.end(), [](const auto& x, const auto& y) { return x.second < y.second; });
   const int64_t part_size = num_heads * (dim + 2);
-  std::unique_ptr<float[]> parts(new float[num_items * part_size]);  // every item writes its whole part
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(num_heads * dim), scores;
+  std::unique_ptr<float[]> parts(new float[first_part[num_tokens] * part_size]);  // every part is written whole
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    typename Attend<T>::Scratch scratch;
+    float* block_parts[kQueryBlock];
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t t = item_token[w], c = w - first_item[t];
-      const int64_t context = static_cast<int64_t>(pos_all[t]) + 1;  // keys 0..position
-      const int64_t first = c * chunk, last = std::min(context, (c + 1) * chunk);
-      work.run(t, seq_all[t], first, last, parts.get() + w * part_size, qf, scores);
+      const auto [b, c] = items[w];
+      const int64_t t0 = block_start[b], nq = block_start[b + 1] - t0;
+      for (int64_t i = 0; i < nq; ++i)  // a query whose context ends before chunk c takes no part in it
+        block_parts[i] = c < first_part[t0 + i + 1] - first_part[t0 + i] ? parts.get() + (first_part[t0 + i] + c) * part_size : nullptr;
+      work.run(t0, nq, seq_all[t0], pos_all, c, chunk, block_parts, scratch);
     }
   });
   T* out_all = out.data_ptr<T>();
   for (int64_t t = 0; t < num_tokens; ++t) {  // merge the chunks in order: rescale to the common max
-    const int64_t splits = first_item[t + 1] - first_item[t];
+    const int64_t splits = first_part[t + 1] - first_part[t];
     for (int64_t head = 0; head < num_heads; ++head) {
-      const float* first_part = parts.get() + first_item[t] * part_size + head * (dim + 2);
+      const float* first = parts.get() + first_part[t] * part_size + head * (dim + 2);
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < splits; ++c) top = std::max(top, first_part[c * part_size + dim]);
+      for (int64_t c = 0; c < splits; ++c) top = std::max(top, first[c * part_size + dim]);
       float acc[512] = {0.f}, total = 0.f;
       for (int64_t c = 0; c < splits; ++c) {
-        const float* part = first_part + c * part_size;
+        const float* part = first + c * part_size;
         const float factor = std::exp(part[dim] - top);  // exactly 1 for the chunk holding the max
         total += part[dim + 1] * factor;
         for (int64_t d = 0; d < dim; ++d) acc[d] += part[d] * factor;

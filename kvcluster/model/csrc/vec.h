@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -93,6 +94,26 @@ inline void axpy(float p, const T* b, float* acc, int64_t dim) {
   }
 }
 
+// Lane sums of 16 accumulators, each by one fixed tree: lanes (l, l+2), pairs of those, then
+// 128-bit quarters (0+1), (2+3), then the two halves; lane i of the result is acc[i]'s sum, and
+// its value depends on acc[i] alone (not on its slot or the other 15).
+inline __m512 reduce16(const __m512* acc) {
+  __m512 x[8], y[4], z[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // per 128-bit quarter: [a0+a2, b0+b2, a1+a3, b1+b3]
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]), _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // per quarter: one partial sum of each of 4 keys, in slot order
+    const __m512d p = _mm512_castps_pd(x[2 * i]), q = _mm512_castps_pd(x[2 * i + 1]);
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // quarters (0+1) and (2+3) of y[2i], then of y[2i+1]
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88), _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
+  // halves: quarter q of the result holds slots 4q..4q+3
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
 // out[i] = sum_d a[d] * row(i)[d] for i < n <= 16: the attention scores of one query head against
 // 16 keys. Each key's products are summed by one fixed tree (an fma chain over d in steps of 16
 // lanes, then lanes (l, l+2), pairs of those, then 128-bit quarters (0+1), (2+3), then the two
@@ -113,21 +134,35 @@ inline void dots16(const float* a, int64_t n, const RowAt& row_at, int64_t dim, 
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(av, load16(rows[i] + d, mask), acc[i]);
   }
-  __m512 x[8], y[4], z[2];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)  // per 128-bit quarter: [a0+a2, b0+b2, a1+a3, b1+b3]
-    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]), _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+  _mm512_mask_storeu_ps(out, tail_mask(n), reduce16(acc));
+}
+
+// out_r[i] = a_r . row_i for 4 query rows a_r and 4 keys row_i (i < n_r stored): the scores of
+// several queries (or heads of one GQA group) against the same keys, each key vector loaded once
+// for the 4 rows. Slot 4r + i of the fixed tree of reduce16, so a score is bitwise the one dots16
+// gives for the same query and key. (Unrolling the d loop for a fixed head size measured 12-15%
+// slower here: keep it rolled.)
+inline void dots4x4(const float* const* a, const float* const* row, int64_t dim, float* const* out, const int64_t* n) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 mask = tail_mask(dim - d);
+    __m512 av[4];
 #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {  // per quarter: one partial sum of each of 4 keys, in slot order
-    const __m512d p = _mm512_castps_pd(x[2 * i]), q = _mm512_castps_pd(x[2 * i + 1]);
-    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+    for (int r = 0; r < 4; ++r) av[r] = _mm512_maskz_loadu_ps(mask, a[r] + d);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m512 kv = _mm512_maskz_loadu_ps(mask, row[i] + d);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) acc[4 * r + i] = _mm512_fmadd_ps(av[r], kv, acc[4 * r + i]);
+    }
   }
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i)  // quarters (0+1) and (2+3) of y[2i], then of y[2i+1]
-    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88), _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
-  // halves: quarter q of the result holds keys 4q..4q+3
-  const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
-  _mm512_mask_storeu_ps(out, tail_mask(n), sums);
+  const __m512 sums = reduce16(acc);
+  _mm_mask_storeu_ps(out[0], static_cast<__mmask8>(tail_mask(n[0]) & 0xf), _mm512_extractf32x4_ps(sums, 0));
+  _mm_mask_storeu_ps(out[1], static_cast<__mmask8>(tail_mask(n[1]) & 0xf), _mm512_extractf32x4_ps(sums, 1));
+  _mm_mask_storeu_ps(out[2], static_cast<__mmask8>(tail_mask(n[2]) & 0xf), _mm512_extractf32x4_ps(sums, 2));
+  _mm_mask_storeu_ps(out[3], static_cast<__mmask8>(tail_mask(n[3]) & 0xf), _mm512_extractf32x4_ps(sums, 3));
 }
 
 // acc[d] += sum_j p[j] * row(j)[d], j in order: for every d the same chain of fmas as calling
@@ -166,6 +201,13 @@ inline void weighted_rows(const float* p, int64_t count, const RowAt& row_at, fl
   }
 }
 
+// max of s[0..n), n >= 1 (order-free: max is exact, so the same as a scalar walk for non-NaN values).
+inline float max_of(const float* s, int64_t n) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, tail_mask(n - j), s + j));
+  return _mm512_reduce_max_ps(top);
+}
+
 // s[j] = exp(s[j] - top); returns the sum.
 inline float exp_shifted(float* s, int64_t n, float top) {
   const __m512 topv = _mm512_set1_ps(top);
@@ -179,8 +221,94 @@ inline float exp_shifted(float* s, int64_t n, float top) {
   return _mm512_reduce_add_ps(sum);
 }
 
-#else  // plain loops
 
+// out[i] = float(row[i]) for i < n: exact for bf16 and fp16 (a tile widened once, read by many queries).
+template <typename T>
+inline void widen(const T* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(n - i);
+    _mm512_mask_storeu_ps(out + i, mask, load16(row + i, mask));
+  }
+}
+
+// R rows at once over one slice of V x 16 dims: for each row r, acc[r][d] += sum_j p[r][j] * row(j)[d]
+// for j < count, in order: each value vector is loaded once for the R rows. Per element the same
+// fma chain as weighted_rows_slice of one row.
+template <int R, int V>
+inline void weighted_block_slice(const float* const* p, float* const* acc, int64_t count, const float* const* rows,
+                                 int64_t voffset, int64_t offset, int64_t width) {
+  // Fully unrolled so that the R x V accumulators live in registers (GCC keeps a partly indexed
+  // array of vectors on the stack and stores it every iteration: 3x slower).
+  __m512 a[R][V];
+  __mmask16 masks[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) masks[v] = tail_mask(width - 16 * v);
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) a[r][v] = _mm512_maskz_loadu_ps(masks[v], acc[r] + offset + 16 * v);
+  const float* pr[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) pr[r] = p[r];
+  for (int64_t j = 0; j < count; ++j) {
+    const float* row = rows[j] + voffset + offset;
+    __m512 values[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) values[v] = _mm512_maskz_loadu_ps(masks[v], row + 16 * v);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m512 pv = _mm512_set1_ps(pr[r][j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) a[r][v] = _mm512_fmadd_ps(pv, values[v], a[r][v]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(acc[r] + offset + 16 * v, masks[v], a[r][v]);
+}
+
+template <int R>
+inline void weighted_block(const float* const* p, float* const* acc, int64_t count, const float* const* rows,
+                           int64_t voffset, int64_t dim) {
+  for (int64_t offset = 0; offset < dim; offset += 64) {  // slices of 4 zmm: R x 4 accumulators stay in registers
+    const int64_t width = std::min<int64_t>(64, dim - offset);
+    switch ((width + 15) / 16) {
+      case 1: weighted_block_slice<R, 1>(p, acc, count, rows, voffset, offset, width); break;
+      case 2: weighted_block_slice<R, 2>(p, acc, count, rows, voffset, offset, width); break;
+      case 3: weighted_block_slice<R, 3>(p, acc, count, rows, voffset, offset, width); break;
+      default: weighted_block_slice<R, 4>(p, acc, count, rows, voffset, offset, width); break;
+    }
+  }
+}
+
+// For every row r < n_rows: acc[r][d] += sum_{j < ends[r]} p[r][j] * (rows[j] + voffset)[d], j in order
+// (d < dim): value vectors shared by up to 6 rows per load; a row's tail past the shortest row of its
+// group continues the same chain alone.
+inline void weighted_rows_block(const float* const* p, float* const* acc, const int64_t* ends, int64_t n_rows,
+                                const float* const* rows, int64_t voffset, int64_t dim) {
+  constexpr int64_t kRows = 6;  // 6 rows x 4 zmm accumulators + 4 value vectors + 1 broadcast <= 32 zmm
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
+    const int64_t n = std::min(kRows, n_rows - r0);
+    const int64_t common = *std::min_element(ends + r0, ends + r0 + n);
+    switch (n) {
+      case 1: weighted_block<1>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      case 2: weighted_block<2>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      case 3: weighted_block<3>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      case 4: weighted_block<4>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      case 5: weighted_block<5>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      default: weighted_block<6>(p + r0, acc + r0, common, rows, voffset, dim); break;
+    }
+    for (int64_t r = r0; r < r0 + n; ++r)
+      if (ends[r] > common) {
+        const float* pr = p[r] + common;
+        float* ar = acc[r];
+        weighted_block<1>(&pr, &ar, ends[r] - common, rows + common, voffset, dim);
+      }
+  }
+}
+
+#else  // plain loops
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t dim) {
   float acc = 0.f;
@@ -210,6 +338,13 @@ inline void dots16(const float* a, int64_t n, const RowAt& row_at, int64_t dim, 
   for (int64_t i = 0; i < n; ++i) out[i] = dot(a, row_at(i), dim);
 }
 
+inline void dots4x4(const float* const* a, const float* const* row, int64_t dim, float* const* out, const int64_t* n) {
+  for (int r = 0; r < 4; ++r)
+    for (int64_t i = 0; i < std::min<int64_t>(4, n[r]); ++i) out[r][i] = dot(a[r], row[i], dim);
+}
+
+inline float max_of(const float* s, int64_t n) { return *std::max_element(s, s + n); }
+
 inline float exp_shifted(float* s, int64_t n, float top) {
   float sum = 0.f;
   for (int64_t j = 0; j < n; ++j) {
@@ -218,6 +353,18 @@ inline float exp_shifted(float* s, int64_t n, float top) {
   }
   return sum;
 }
+
+template <typename T>
+inline void widen(const T* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(row[i]);
+}
+
+inline void weighted_rows_block(const float* const* p, float* const* acc, const int64_t* ends, int64_t n_rows,
+                                const float* const* rows, int64_t voffset, int64_t dim) {
+  for (int64_t r = 0; r < n_rows; ++r)
+    for (int64_t j = 0; j < ends[r]; ++j) axpy(p[r][j], rows[j] + voffset, acc[r], dim);
+}
+
 
 #endif
 
