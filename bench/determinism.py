@@ -1,12 +1,13 @@
 """The deterministic mode's cost: batch-invariant numerics vs the fastest kernels, side by side.
 
-For float32 and bfloat16: prefill tok/s at 512 and 1,024 tokens and decode tok/s at batch 1, 8
-and 16, each measured alternately on two engines over the same weights (deterministic on, off),
-as ratios on ÷ off (1.0 = free). Also whether each mode's logits of one prompt are bitwise the
-same alone and inside a batch of four (on: by construction; off: as it happens).
+For float32 and bfloat16: prefill tok/s at 512, 1,024 and 2,048 tokens and decode tok/s at batch
+1, 8 and 16, each measured alternately on two engines over the same weights (deterministic on,
+off), as ratios on ÷ off (1.0 = free). Also whether each mode's logits of one prompt are bitwise
+the same alone and inside a batch of four (on: by construction; off: as it happens).
 
-The deterministic mode is the default when it costs at most 15% (ratio >= 0.85) in every figure
-of the default dtype; see kvcluster.model.engine.DETERMINISTIC_DEFAULT.
+Batch-invariant numerics are the default (the fast kernels are an opt-out that breaks the
+exactness guarantee); the target is that they cost at most 5% (worst ratio >= 0.95) in every
+figure of both dtypes.
 Run alone: `python -m bench.determinism [--quick]`; `python -m bench.suite` runs it as `determinism`.
 """
 
@@ -23,10 +24,10 @@ from kvcluster.model.engine import Engine, EngineConfig, load_engine
 from kvcluster.model.llama import PrefillSeq
 
 NAME = "determinism"
-COST_TARGET = 0.85  # on ÷ off throughput at which the mode is on by default (<= 15% cost)
+COST_TARGET = 0.95  # worst on ÷ off throughput: exactness by default may cost at most 5%
 # (alternations, decode steps, prefill lengths, decode batches, dtypes)
 BOTH = ("float32", "bfloat16")
-SUITE_SIZES = {"full": (3, 16, (512, 1024), (1, 8, 16), BOTH), "quick": (1, 4, (512, 1024), (1, 8, 16), BOTH),
+SUITE_SIZES = {"full": (3, 16, (512, 1024, 2048), (1, 8, 16), BOTH), "quick": (1, 4, (512, 1024, 2048), (1, 8, 16), BOTH),
                "tiny": (1, 2, (128,), (1, 4), ("float32",))}
 
 
@@ -44,7 +45,7 @@ def batch_invariant(engine: Engine) -> bool:
     return bool(torch.equal(alone, mixed))
 
 
-def measure(dtype: str, alternations: int, steps: int, lengths=(512, 1024), batches=(1, 8, 16),
+def measure(dtype: str, alternations: int, steps: int, lengths=(512, 1024, 2048), batches=(1, 8, 16),
             model: str | None = None) -> dict:
     engines = {mode: load_engine(model, "cpu", EngineConfig(kv_capacity_bytes=384 << 20, deterministic=mode == "on"),
                                  dtype) for mode in ("on", "off")}

@@ -5,7 +5,7 @@ oneDNN with the weight reordered once) in ms, invariant_linear in ms, and their 
 timed alternately, each time a median of the repetitions and the ratio the median of the paired
 per-repetition ratios (the machine is noisy). Then,
 with --model-level, the whole model: decode steps at batch 1/8/16 and one 512-token prefill with
-the model's deterministic mode off and on.
+the model's fast and batch-invariant numerics (LlamaModel's `deterministic` off and on).
 
 Run: `OMP_WAIT_POLICY=PASSIVE python -m bench.invariant_linear [--reps 7] [--dtype float32]
 [--cold] [--model-level]`. --cold: up to 16 rows, every call on another copy of the weights, so
@@ -95,7 +95,7 @@ def kernel_table(dtype: torch.dtype, reps: int, shapes: list[str], cold: bool = 
 
 
 def model_level(dtype_name: str, reps: int) -> dict:
-    """Decode-step and 512-token prefill seconds of the SmolLM2 model, deterministic off and on."""
+    """Decode-step and 512-token prefill seconds of the SmolLM2 model, fast and batch-invariant numerics."""
     from bench.engine import random_prompt
     from kvcluster.dtypes import DTYPES
     from kvcluster.model.engine import Engine, EngineConfig
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model-level", action="store_true", help="also time the whole model, deterministic off/on")
+    parser.add_argument("--model-level", action="store_true", help="also time the whole model, fast and batch-invariant numerics")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-shape table")
     parser.add_argument("--cold", action="store_true",
                         help="rows <= 16 only, each call on another copy of the weights (read from memory, as in the model)")

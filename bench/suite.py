@@ -4,7 +4,7 @@ Every kvcluster benchmark in one run, each a ratio against a baseline measured s
   index_latency      Redis index lookup p50/p99 for 16/64/256 hashes (PING as the floor)
   kv_transfer        bench/transfer.py: store pull vs raw TCP loopback, same bytes; store RSS
   engine             in-process prefill and decode tok/s
-  determinism        the deterministic (batch-invariant) mode's cost: throughput on vs off, fp32 and bf16
+  determinism        the cost of batch-invariant numerics (the default): throughput vs the fast ones, fp32 and bf16
   decode_throughput  our engine vs transformers `generate`, batch 1-16
   ttft               TTFT vs prompt length through the cluster: cold, half-cached, fully cached
   overhead           cold end-to-end latency: cluster vs in-process engine

@@ -16,7 +16,8 @@ from kvcluster.errors import InvalidArgument, ResourceExhausted
 from kvcluster.model.engine import Engine, load_engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
 from kvcluster.cache_client import make_cache_client
-from kvcluster.serving_metrics import register_pool_gauges
+from kvcluster.numerics import numerics_status
+from kvcluster.serving_metrics import register_numerics_info, register_pool_gauges
 from kvcluster.worker_registration import make_registration
 from kvcluster.worker_server import WorkerServer
 from kvcluster.worker import EngineWorker
@@ -76,6 +77,7 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
     metrics = DecodeMetrics(registry)
     engine.prefix_caching = engine.prefix_caching and config.prefix_caching
     register_pool_gauges(registry, engine.pool)
+    register_numerics_info(registry, numerics_status(engine))
     worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
     cache = make_cache_client(config, engine)
     prefill = PrefillPool(config, engine.fingerprint) if config.prefill_target else None

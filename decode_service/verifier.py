@@ -6,11 +6,12 @@ sampled fraction (`--verify-fraction`), once the request has been served, the sa
 the same sampling parameters (seed included) runs again on the side through the same engine
 with the cache bypassed, and the two outputs are compared token by token; then its recomputed
 prompt blocks are compared byte for byte with the cached blocks that served it, to name the
-block where they first differ. Under batch-invariant numerics (`--deterministic`) both must be
+block where they first differ. Under batch-invariant numerics (the default) both must be
 identical: any difference is a bug (a corrupt block, a wrong hash, a hand-off error) and is
-counted in `kvcluster_verify_mismatch_total` and logged. With the fast numerics only the tokens
-are compared (a correct block may differ in its last bits), and a token that differs may be a
-near-tie rounded differently rather than a cache fault: the log says so. Verification runs one at a time in the
+counted in `kvcluster_verify_mismatch_total` and logged. With the fast numerics (`--fast-numerics`,
+or a device and dtype without batch-invariant kernels: kvcluster.numerics) only the tokens are
+compared (a correct block may differ in its last bits), and a token that differs may be a near-tie
+rounded differently rather than a cache fault: the log says so. Verification runs one at a time in the
 background and is skipped (counted) when one is already waiting: it never delays serving more
 than the one side request it adds to the batch.
 """
@@ -102,8 +103,9 @@ class Verifier:
             where = ("" if diverging is None else
                      f"; its prompt K/V first differs in block {diverging} (tokens {diverging * bs}-{(diverging + 1) * bs - 1})")
             if not self.worker.engine.model.deterministic:
-                where += ("; blocks not compared: the fast numerics (without --deterministic) round by batch, so a "
-                          "near-tie can flip a token without any cache fault")
+                where += ("; blocks not compared: the fast numerics (--fast-numerics, or no batch-invariant kernels "
+                          "for this device and dtype) round by batch, so a near-tie can flip a token without any "
+                          "cache fault")
             log.error("verify mismatch: request %s (%d prompt tokens): %s%s", request_id, len(prompt_ids),
                       "outputs identical" if first_diff is None else
                       f"outputs diverge at output token {first_diff} (served {served[first_diff:first_diff + 4]}, "

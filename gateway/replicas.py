@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.config import GatewayConfig
-from kvcluster.index import RedisIndex, StoreRef, worker_namespace
+from kvcluster.index import LOAD_FIELDS, NUMERICS_FIELDS, RedisIndex, StoreRef, worker_namespace
 from kvcluster.proto import decode_pb2_grpc
 from kvcluster.rpc import channel_options
 
@@ -30,7 +30,7 @@ class Replica:
     member: StoreRef                   # id, address, epoch, layout, fingerprint (hex) as registered
     stub: decode_pb2_grpc.DecodeServiceStub
     channel: grpc.aio.Channel
-    published: dict = field(default_factory=dict)  # running, waiting, free_blocks at its last heartbeat
+    published: dict = field(default_factory=dict)  # running, waiting, free_blocks, numerics at its last heartbeat
     open_calls: int = 0                # Generate calls of this gateway to it now
     suspect_until: float = 0.0         # monotonic; out of rotation before it
 
@@ -49,6 +49,13 @@ class Replica:
     def published_load(self) -> int:
         """Sequences running and waiting on it at its last heartbeat (every client's)."""
         return int(self.published.get("running", 0)) + int(self.published.get("waiting", 0))
+
+    @property
+    def exactness_guaranteed(self) -> bool | None:
+        """Whether its numerics make a cached or batched answer the cold one; None when it published
+        nothing (a static target)."""
+        value = self.published.get("exactness_guaranteed")
+        return None if value is None else value == "true"
 
     @property
     def fingerprint(self) -> bytes:
@@ -74,11 +81,12 @@ class ReplicaSet:
         self._retired: list[Replica] = []  # gone from the registry; closed once no call of ours uses them
 
     def read_registry(self) -> list[tuple[StoreRef, dict]]:
-        """Blocking: every live replica and its load (static targets have none)."""
+        """Blocking: every live replica, its load and numerics (static targets have none)."""
         if self.index is None:
             return [(member, {}) for member in self.static]
         members = self.index.live_stores()
-        return list(zip(members, self.index.member_fields([m.store_id for m in members])))
+        fields = self.index.member_fields([m.store_id for m in members], LOAD_FIELDS + NUMERICS_FIELDS)
+        return list(zip(members, fields))
 
     def apply(self, listing: list[tuple[StoreRef, dict]]) -> None:
         seen = set()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -216,8 +217,13 @@ class Gateway:
                                                          "owned_by": "kvcluster"}]})
 
     def health(self, http: Request) -> Response:
-        up = len(self.replicas.up())
-        return JSONResponse({"status": "ok" if up else "no replica up", "replicas_up": up}, status_code=200 if up else 503)
+        """Up replicas and how many run each numerics mode (no replica names: this port is public);
+        `exactness_guaranteed` only when every up replica said it holds on it."""
+        up = self.replicas.up()
+        numerics = Counter(r.published.get("numerics", "unknown") for r in up)
+        body = {"status": "ok" if up else "no replica up", "replicas_up": len(up), "numerics": dict(numerics),
+                "exactness_guaranteed": bool(up) and all(r.exactness_guaranteed for r in up)}
+        return JSONResponse(body, status_code=200 if up else 503)
 
     def metrics_page(self, http: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -174,6 +174,8 @@ def _unavailable_on_redis_error(method: Callable[P, R]) -> Callable[P, R]:
 
 WORKER_KINDS = ("decode", "prefill")
 LOAD_FIELDS = ("running", "waiting", "free_blocks")
+# A worker's numerics mode and whether exactness holds on it (kvcluster.numerics), for /health.
+NUMERICS_FIELDS = ("numerics", "exactness_guaranteed")
 
 
 def worker_namespace(namespace: str, kind: str) -> str:
@@ -280,8 +282,8 @@ class RedisIndex:
         return epoch
 
     @_unavailable_on_redis_error
-    def publish_load(self, store_id: str, load: dict[str, int]) -> None:
-        """Add or refresh fields of this member's registration (a worker's load)."""
+    def publish_load(self, store_id: str, load: dict[str, int | str]) -> None:
+        """Add or refresh fields of this member's registration (a worker's load and numerics)."""
         self.redis.hset(self.key("store", store_id), mapping=load)
 
     @_unavailable_on_redis_error

@@ -33,7 +33,7 @@ class IndexPublisher:
     def __init__(self, index: RedisIndex | None, store_id: str, address: str, heartbeat_s: float,
                  ttl_s: float, held_hashes: Callable[[], list[bytes]],
                  on_tick: Callable[[], object] = lambda: None, layout: str = "", fingerprint: str = "",
-                 dead_store_grace_s: float = 600.0, load: Callable[[], dict[str, int]] | None = None):
+                 dead_store_grace_s: float = 600.0, load: Callable[[], dict[str, int | str]] | None = None):
         self.index = index
         self.store_id = store_id
         self.address = address

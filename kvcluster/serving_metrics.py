@@ -38,6 +38,14 @@ def register_pool_gauges(registry: CollectorRegistry, pool) -> None:
     registry.register(_PoolEvictions(pool))
 
 
+def register_numerics_info(registry: CollectorRegistry, numerics) -> None:
+    """`kvcluster_numerics_info{mode, guaranteed} 1`: the arithmetic this worker computes K/V with
+    (a kvcluster.numerics.NumericsStatus) and whether a cached or batched answer is the cold one."""
+    info = Gauge("kvcluster_numerics_info", "Numerics of this worker: mode batch-invariant or fast, guaranteed true "
+                 "when a cached or batched answer is bitwise the cold one", ["mode", "guaranteed"], registry=registry)
+    info.labels(numerics.mode, "true" if numerics.guaranteed else "false").set(1)
+
+
 class _PoolEvictions:
     """`kvcluster_worker_kv_evictions_total`: cached blocks the pool evicted to make room."""
 

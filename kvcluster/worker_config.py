@@ -5,7 +5,7 @@ from typing import Any
 
 from kvcluster.config import ServiceConfig, setting
 from kvcluster.dtypes import check_dtype
-from kvcluster.model.engine import DETERMINISTIC_DEFAULT, EngineConfig
+from kvcluster.model.engine import EngineConfig
 from kvcluster.security import SecuritySettings
 
 
@@ -30,10 +30,10 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     kv_capacity_bytes: int = setting(512 << 20, "bytes of this worker's own paged KV pool")
     prefix_caching: bool = setting(True, "keep full KV blocks in this worker's pool after their request and share "
                                    "them by hash (the first cache tier; the store is the second)")
-    deterministic: bool = setting(DETERMINISTIC_DEFAULT, "batch-invariant numerics: a token's K/V and logits are "
-                                  "bitwise the same whatever shares its batch, however its prompt is chunked and "
-                                  "whichever worker computed its context (README: Performance, Exactness); "
-                                  "every worker of a cluster must agree (it is part of the block fingerprint)")
+    fast_numerics: bool = setting(False, "run the fast (batch-dependent) kernels instead of the default batch-invariant "
+                                  "ones: a few percent faster on some shapes, but they BREAK the exactness guarantee "
+                                  "(a cached or batched answer may differ from the cold one); every worker of a "
+                                  "cluster must agree (the numerics are part of the block fingerprint)")
     max_batch: int = setting(8, "sequences computed together in one forward")
     max_waiting: int = setting(64, "queued requests before new ones get RESOURCE_EXHAUSTED")
     lease_seconds: int = setting(30, "lease of request-scoped (tail) blocks in the store")
@@ -56,4 +56,4 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
         """The engine knobs these settings imply (a service adds its own through `overrides`)."""
         return EngineConfig(block_size=self.block_size, kv_capacity_bytes=self.kv_capacity_bytes,
                             max_batch=self.max_batch, prefix_caching=self.prefix_caching,
-                            deterministic=self.deterministic, **overrides)
+                            deterministic=not self.fast_numerics, **overrides)

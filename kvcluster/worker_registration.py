@@ -2,13 +2,14 @@
 
 Each worker registers under `worker_namespace(ns, kind)` with the same heartbeat, epoch and
 collection rules as a cache store (kvcluster.index, kvcluster.index_publisher): its address, its KV
-layout and block fingerprint (the gateway hashes prompts with them), and with every heartbeat its
-load. A decode worker also publishes what its local prefix cache holds: the pool tells the
-publisher of each block registered and evicted (on the engine thread, enqueue only) and the
-publisher writes them in batches from its own thread. The set per block (`blk:{hash}` -> worker,
-epoch) rather than a stream of events is what the gateway needs: one Lua call answers "how many
-leading blocks of this prompt does each worker hold", and a worker that restarts or loses Redis
-simply registers a new epoch and republishes a snapshot, with nothing to replay.
+layout and block fingerprint (the gateway hashes prompts with them), its numerics and whether
+exactness holds on it (the gateway's /health shows them), and with every heartbeat its load. A
+decode worker also publishes what its local prefix cache holds: the pool tells the publisher of
+each block registered and evicted (on the engine thread, enqueue only) and the publisher writes
+them in batches from its own thread. The set per block (`blk:{hash}` -> worker, epoch) rather than
+a stream of events is what the gateway needs: one Lua call answers "how many leading blocks of
+this prompt does each worker hold", and a worker that restarts or loses Redis simply registers a
+new epoch and republishes a snapshot, with nothing to replay.
 """
 
 import logging
@@ -16,6 +17,7 @@ import socket
 
 from kvcluster.index import RedisIndex, worker_namespace
 from kvcluster.index_publisher import IndexPublisher
+from kvcluster.numerics import numerics_status
 from kvcluster.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ def make_registration(kind: str, config, worker: EngineWorker, port: int) -> Ind
     member_id = config.worker_id or f"{kind}-{socket.gethostname()}-{port}"
     address = config.advertise_address or f"{host}:{port}"
     publishes_blocks = kind == "decode" and engine.prefix_caching
+    numerics = numerics_status(engine).registry_fields()
 
     def held_hashes() -> list[bytes]:
         if not publishes_blocks:
@@ -50,7 +53,7 @@ def make_registration(kind: str, config, worker: EngineWorker, port: int) -> Ind
     heartbeat = config.registry_heartbeat_seconds
     publisher = IndexPublisher(index, member_id, address, heartbeat, 3 * heartbeat, held_hashes,
                                layout=engine.layout.canonical(), fingerprint=engine.fingerprint.hex(),
-                               load=lambda: worker_load(worker))
+                               load=lambda: worker_load(worker) | numerics)
     if publishes_blocks:
         engine.pool.listener = publisher
     return publisher

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from prometheus_client import CollectorRegistry
 
 from kvcluster import rpc
+from kvcluster.numerics import log_numerics, numerics_status
 from kvcluster.serving_metrics import serve_metrics
 from kvcluster.worker import EngineWorker
 
@@ -26,10 +27,12 @@ class WorkerServer:
         self.port = port
         self.on_stop = list(on_stop)
         self.registration = registration  # IndexPublisher of the worker registry, or None
+        self.numerics = numerics_status(worker.engine)
         self.metrics_port: int | None = None
         self._metrics_http = None
 
     def start(self) -> "WorkerServer":
+        log_numerics(self.name, self.numerics)
         self.worker.start()
         self.rpc_server.start()
         if self.config.metrics_port >= 0:

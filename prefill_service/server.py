@@ -9,7 +9,8 @@ from kvcluster.cache_client import make_cache_client
 from kvcluster.messages import sampling_from_proto
 from kvcluster.model.engine import Engine, load_engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
-from kvcluster.serving_metrics import register_pool_gauges
+from kvcluster.numerics import numerics_status
+from kvcluster.serving_metrics import register_numerics_info, register_pool_gauges
 from kvcluster.worker_registration import make_registration
 from kvcluster.worker_server import WorkerServer
 from kvcluster.worker import EngineWorker
@@ -63,6 +64,7 @@ def create_server(config: PrefillConfig, engine: Engine | None = None,
     metrics = PrefillMetrics(registry)
     engine.prefix_caching = engine.prefix_caching and config.prefix_caching
     register_pool_gauges(registry, engine.pool)
+    register_numerics_info(registry, numerics_status(engine))
     worker = EngineWorker(engine, config.max_waiting, name="prefill-engine", on_step=metrics.observe_step)
     cache = make_cache_client(config, engine)
     prefiller = Prefiller(worker, cache, metrics, config.lease_seconds)

@@ -67,6 +67,7 @@ KVCLUSTER_METRICS: dict[str, dict[str, str]] = {
         "kvcluster_prefill_batch_size": "histogram",
         "kvcluster_fallbacks_total": "counter",
         "kvcluster_index_lookup_seconds": "histogram",
+        "kvcluster_numerics_info": "gauge",
     },
     "decode": {
         "kvcluster_time_to_first_token_seconds": "histogram",
@@ -85,6 +86,7 @@ KVCLUSTER_METRICS: dict[str, dict[str, str]] = {
         "kvcluster_worker_kv_evictions_total": "counter",
         "kvcluster_verify_total": "counter",
         "kvcluster_verify_mismatch_total": "counter",
+        "kvcluster_numerics_info": "gauge",
     },
 }
 METRIC_TYPES = {name: kind for job in KVCLUSTER_METRICS.values() for name, kind in job.items()}
@@ -93,6 +95,8 @@ LABEL_VALUES = {
     "source": {"local_cache", "store", "prefill", "local_computed", "computed"},
     "outcome": {"ok", "cancelled", "invalid", "rejected", "error"},
     "result": {"match", "mismatch", "skipped"},
+    "mode": {"batch-invariant", "fast"},
+    "guaranteed": {"true", "false"},
     "reason": {"redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch",
                "token_mismatch", "prefill_unavailable", "prefill_mismatch", "push_failed"},
     "job": set(KVCLUSTER_METRICS) | {"prometheus"},

@@ -167,6 +167,7 @@ def test_models_health_and_metrics(cluster, client):
     assert [model.id for model in client.models.list()] == [cluster.served_model]
     health = httpx.get(f"{cluster.gateway_url}/health", timeout=10)
     assert health.status_code == 200 and health.json()["replicas_up"] == 2
+    assert health.json()["numerics"] == {"batch-invariant": 2} and health.json()["exactness_guaranteed"] is True
     text = httpx.get(f"{cluster.gateway_url}/metrics", timeout=10).text
     assert 'kvcluster_gateway_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert 'kvcluster_gateway_requests_total{route="/v1/chat/completions",status="401"}' in text

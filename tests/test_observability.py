@@ -69,6 +69,13 @@ def test_every_service_exports_its_metrics_and_they_moved(live):
     assert sample_value(decode, "kvcluster_worker_kv_blocks_cached") > 0
 
 
+def test_workers_export_their_numerics_batch_invariant_by_default(live):
+    for job in ("prefill", "decode"):
+        text = scrape(live.children[JOBS[job]].metrics_port)
+        assert sample_value(text, "kvcluster_numerics_info", 'guaranteed="true",mode="batch-invariant"') == 1, job
+        assert 'mode="fast"' not in text, job
+
+
 def test_dashboard_metrics_exist_in_a_live_scrape(live):
     live_names = set().union(*(families(scrape(live.children[c].metrics_port)) for c in JOBS.values()))
     named = {metric_family(n) for n in metrics_named(list(dashboard_queries().values()) + list(alert_queries().values()))}

@@ -83,15 +83,18 @@ def prompt(length: int, seed: int) -> list[int]:
 
 
 def torch_only(engine):
-    """The plain torch attention path: no compiled op, so no deterministic mode either."""
+    """The plain torch attention path: no compiled op, so an engine of the fast numerics (built with
+    deterministic=False: the batch-invariant numerics run every attention through the op)."""
+    assert engine.model.numerics == "fast"
     engine.model.paged_op = None
-    engine.model.deterministic = False
     return engine
 
 
 @needs_op
 def test_decode_and_short_prefill_kernel_equal_torch_path(tokenizer):
-    fast, plain = make_tiny_engine(tokenizer), torch_only(make_tiny_engine(tokenizer))
+    # The fast numerics' paths (an explicit opt-out: the default runs every attention through the op).
+    fast, plain = (make_tiny_engine(tokenizer, deterministic=False) for _ in range(2))
+    torch_only(plain)
     lengths = (5, 16, 31, 70)
     for eng in (fast, plain):
         eng.tables = [eng.pool.allocate(6) for _ in lengths]
@@ -107,8 +110,8 @@ def test_decode_and_short_prefill_kernel_equal_torch_path(tokenizer):
     torch.testing.assert_close(chunk[0], chunk[1], rtol=1e-4, atol=5e-5)
 
 
-def test_several_prompts_in_one_forward_equal_each_alone(tiny_engine):
-    eng = tiny_engine
+def test_several_prompts_in_one_forward_equal_each_alone(tokenizer):
+    eng = make_tiny_engine(tokenizer, deterministic=False)  # the fast numerics' SDPA paths (an explicit opt-out)
     seqs = [PrefillSeq(prompt(n, n), 0, eng.pool.allocate(5)) for n in (3, 40, 17)]
     together = eng.model.prefill(eng.pool.kv, seqs)      # one masked SDPA per layer
     keys_together = eng.pool.kv[seqs[1].block_table].clone()
@@ -134,13 +137,13 @@ def test_rope_with_folded_sign_equals_rotate_half(tiny_engine):
     assert torch.equal(_rope(x, model.cos[pos][:, None], model.sin[pos][:, None]), expected)
 
 
-@pytest.mark.parametrize("kernels", [True, False])
-def test_bf16_cached_equals_uncached_greedy(tokenizer, kernels):
+@pytest.mark.parametrize("path", ["batch-invariant", "fast", "torch"])
+def test_bf16_cached_equals_uncached_greedy(tokenizer, path):
     from kvcluster.model.engine import EngineConfig, random_engine
 
-    eng = random_engine(TINY_CONFIG, tokenizer, seed=1234, engine_config=EngineConfig(kv_capacity_bytes=8 << 20),
-                        dtype="bfloat16")
-    if not kernels:
+    config = EngineConfig(kv_capacity_bytes=8 << 20, deterministic=path == "batch-invariant")
+    eng = random_engine(TINY_CONFIG, tokenizer, seed=1234, engine_config=config, dtype="bfloat16")
+    if path == "torch":
         torch_only(eng)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     for length in (1, 17, 40):

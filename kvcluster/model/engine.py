@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_BYTES = 1 << 30
-# Batch-invariant numerics are opt-in: their measured cost (bench/determinism.py) passes the 15%
-# line at long prompts (prefill of 1,024 tokens: 0.84x fp32, 0.77x bf16), though decode is faster.
-DETERMINISTIC_DEFAULT = False
+# Batch-invariant numerics are the default; the fast kernels are an explicit opt-out (workers:
+# --fast-numerics), since only the batch-invariant ones make a cache hit bitwise the cold answer.
+# Their cost is measured by bench/determinism.py.
+DETERMINISTIC_DEFAULT = True
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class EngineConfig:
     max_batch: int = 16                 # sequences decoded together
     max_prefill_tokens: int = 512       # prompt tokens computed per prefill step (chunking)
     prefix_caching: bool = True         # keep and share full blocks in the pool (the local cache tier)
-    deterministic: bool = DETERMINISTIC_DEFAULT  # batch-invariant numerics (see LlamaModel.numerics)
+    deterministic: bool = DETERMINISTIC_DEFAULT  # batch-invariant numerics, where the device has them (LlamaModel.numerics)
 
 
 @dataclass

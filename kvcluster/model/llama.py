@@ -127,7 +127,7 @@ class LlamaModel:
     """Weights plus the forward. Stateless between calls: all KV state lives in the pool tensor."""
 
     def __init__(self, config: ModelConfig, weights: LlamaWeights, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, deterministic: bool = False):
+                 dtype: torch.dtype = torch.float32, deterministic: bool = True):
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -148,8 +148,8 @@ class LlamaModel:
         able = (self.paged_op is not None and self.rms_op is not None and invariant_linear_op() is not None)
         self.deterministic = deterministic and able
         if deterministic and not able:
-            log.warning("deterministic mode needs the compiled CPU kernels (fp32 or bf16; here %s %s): running without it",
-                        self.device, dtype)
+            log.warning("batch-invariant numerics need the compiled CPU kernels in float32 or bfloat16 (here %s %s): "
+                        "running the fast kernels, exactness is not guaranteed", self.device, dtype)
         # Per layer: qkv, o, gate_up, down; each multiplied by its fastest kernel on this device
         # (deterministic: the batch-invariant one, over a packed copy that replaces the matrix).
         few_rows = few_rows_linear_op() if self.device.type == "cpu" else None
