@@ -106,20 +106,8 @@ struct Attend {
             s.ends[n_rows++] = std::min(kTile, count[q] - j0);
           }
         int64_t r = 0;
-        for (; r + 4 <= n_rows; r += 4) {  // 4 rows x 4 keys: each key vector loaded once for 4 rows
-          const int64_t most = *std::max_element(s.ends.data() + r, s.ends.data() + r + 4);
-          for (int64_t g = 0; g * 4 < most; ++g) {
-            const float* keys[4];
-            float* outs[4];
-            int64_t ns[4];
-            for (int i = 0; i < 4; ++i) {
-              keys[i] = s.rows[4 * g + i] + offset;
-              outs[i] = s.acc_rows[r + i] + 4 * g;
-              ns[i] = std::clamp<int64_t>(s.ends[r + i] - 4 * g, 0, 4);
-            }
-            kvc::dots4x4(s.p_rows.data() + r, keys, dim, outs, ns);
-          }
-        }
+        for (; r + 4 <= n_rows; r += 4)  // 4 rows x 4 keys: each key vector loaded once for 4 rows
+          kvc::dots4x16(s.p_rows.data() + r, s.rows.data(), offset, dim, s.acc_rows.data() + r, s.ends.data() + r);
         for (; r < n_rows; ++r)  // the rest one row at a time (decode: the heads of one group)
           kvc::dots16<float>(s.p_rows[r], s.ends[r], [&](int64_t i) { return s.rows[i] + offset; }, dim, s.acc_rows[r]);
       }
@@ -213,23 +201,27 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
     }
   });
   T* out_all = out.data_ptr<T>();
-  for (int64_t t = 0; t < num_tokens; ++t) {  // merge the chunks in order: rescale to the common max
-    const int64_t splits = first_part[t + 1] - first_part[t];
-    for (int64_t head = 0; head < num_heads; ++head) {
-      const float* first = parts.get() + first_part[t] * part_size + head * (dim + 2);
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < splits; ++c) top = std::max(top, first[c * part_size + dim]);
-      float acc[512] = {0.f}, total = 0.f;
-      for (int64_t c = 0; c < splits; ++c) {
-        const float* part = first + c * part_size;
-        const float factor = std::exp(part[dim] - top);  // exactly 1 for the chunk holding the max
-        total += part[dim + 1] * factor;
-        for (int64_t d = 0; d < dim; ++d) acc[d] += part[d] * factor;
+  // Merge each token's chunks in order, rescaled to the common max (tokens split across threads:
+  // at 2k-token prefill this is 8 chunks x 9 heads x 64 dims per token, too much to leave serial).
+  at::parallel_for(0, num_tokens, 64, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t splits = first_part[t + 1] - first_part[t];
+      for (int64_t head = 0; head < num_heads; ++head) {
+        const float* first = parts.get() + first_part[t] * part_size + head * (dim + 2);
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < splits; ++c) top = std::max(top, first[c * part_size + dim]);
+        float acc[512] = {0.f}, total = 0.f;
+        for (int64_t c = 0; c < splits; ++c) {
+          const float* part = first + c * part_size;
+          const float factor = std::exp(part[dim] - top);  // exactly 1 for the chunk holding the max
+          total += part[dim + 1] * factor;
+          for (int64_t d = 0; d < dim; ++d) acc[d] += part[d] * factor;
+        }
+        T* o = out_all + (t * num_heads + head) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d] / total);
       }
-      T* o = out_all + (t * num_heads + head) * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d] / total);
     }
-  }
+  });
 }
 
 // q [T, H, D]; kv the whole pool; tables [S, W] int32 (block ids of each sequence);

@@ -137,32 +137,43 @@ inline void dots16(const float* a, int64_t n, const RowAt& row_at, int64_t dim, 
   _mm512_mask_storeu_ps(out, tail_mask(n), reduce16(acc));
 }
 
-// out_r[i] = a_r . row_i for 4 query rows a_r and 4 keys row_i (i < n_r stored): the scores of
-// several queries (or heads of one GQA group) against the same keys, each key vector loaded once
-// for the 4 rows. Slot 4r + i of the fixed tree of reduce16, so a score is bitwise the one dots16
-// gives for the same query and key. (Unrolling the d loop for a fixed head size measured 12-15%
-// slower here: keep it rolled.)
-inline void dots4x4(const float* const* a, const float* const* row, int64_t dim, float* const* out, const int64_t* n) {
-  __m512 acc[16];
+// out_r[j] = a_r . (rows[j] + offset) for 4 query rows a_r and the keys j < n_r of a 16-key tile:
+// the scores of several queries (or heads of one GQA group) against the same keys, 4 keys at a
+// time, each key vector loaded once for the 4 rows. Slot 4r + i of the fixed tree of reduce16, so
+// a score is bitwise the one dots16 gives for the same query and key. (Unrolling the d loop for a
+// fixed head size measured 12-15% slower here: it stays rolled.)
+inline void dots4x16(const float* const* a, const float* const* rows, int64_t offset, int64_t dim, float* const* out,
+                     const int64_t* n) {
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+  const __mmask16 m0 = tail_mask(n[0]), m1 = tail_mask(n[1]), m2 = tail_mask(n[2]), m3 = tail_mask(n[3]);
+  const int64_t keys = std::max(std::max(n[0], n[1]), std::max(n[2], n[3]));
+  for (int64_t g = 0; g < keys; g += 4) {
+    const float *k0 = rows[g] + offset, *k1 = rows[g + 1] + offset, *k2 = rows[g + 2] + offset, *k3 = rows[g + 3] + offset;
+    __m512 acc[16];
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dim; d += 16) {
-    const __mmask16 mask = tail_mask(dim - d);
-    __m512 av[4];
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) av[r] = _mm512_maskz_loadu_ps(mask, a[r] + d);
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      const __m512 kv = _mm512_maskz_loadu_ps(mask, row[i] + d);
-#pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) acc[4 * r + i] = _mm512_fmadd_ps(av[r], kv, acc[4 * r + i]);
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __mmask16 mask = tail_mask(dim - d);
+      const __m512 q0 = _mm512_maskz_loadu_ps(mask, a0 + d), q1 = _mm512_maskz_loadu_ps(mask, a1 + d);
+      const __m512 q2 = _mm512_maskz_loadu_ps(mask, a2 + d), q3 = _mm512_maskz_loadu_ps(mask, a3 + d);
+      const __m512 v0 = _mm512_maskz_loadu_ps(mask, k0 + d), v1 = _mm512_maskz_loadu_ps(mask, k1 + d);
+      const __m512 v2 = _mm512_maskz_loadu_ps(mask, k2 + d), v3 = _mm512_maskz_loadu_ps(mask, k3 + d);
+      acc[0] = _mm512_fmadd_ps(q0, v0, acc[0]); acc[1] = _mm512_fmadd_ps(q0, v1, acc[1]);
+      acc[2] = _mm512_fmadd_ps(q0, v2, acc[2]); acc[3] = _mm512_fmadd_ps(q0, v3, acc[3]);
+      acc[4] = _mm512_fmadd_ps(q1, v0, acc[4]); acc[5] = _mm512_fmadd_ps(q1, v1, acc[5]);
+      acc[6] = _mm512_fmadd_ps(q1, v2, acc[6]); acc[7] = _mm512_fmadd_ps(q1, v3, acc[7]);
+      acc[8] = _mm512_fmadd_ps(q2, v0, acc[8]); acc[9] = _mm512_fmadd_ps(q2, v1, acc[9]);
+      acc[10] = _mm512_fmadd_ps(q2, v2, acc[10]); acc[11] = _mm512_fmadd_ps(q2, v3, acc[11]);
+      acc[12] = _mm512_fmadd_ps(q3, v0, acc[12]); acc[13] = _mm512_fmadd_ps(q3, v1, acc[13]);
+      acc[14] = _mm512_fmadd_ps(q3, v2, acc[14]); acc[15] = _mm512_fmadd_ps(q3, v3, acc[15]);
     }
+    const __m512 sums = reduce16(acc);
+    const int shift = static_cast<int>(g);
+    _mm_mask_storeu_ps(out[0] + g, static_cast<__mmask8>((m0 >> shift) & 0xf), _mm512_extractf32x4_ps(sums, 0));
+    _mm_mask_storeu_ps(out[1] + g, static_cast<__mmask8>((m1 >> shift) & 0xf), _mm512_extractf32x4_ps(sums, 1));
+    _mm_mask_storeu_ps(out[2] + g, static_cast<__mmask8>((m2 >> shift) & 0xf), _mm512_extractf32x4_ps(sums, 2));
+    _mm_mask_storeu_ps(out[3] + g, static_cast<__mmask8>((m3 >> shift) & 0xf), _mm512_extractf32x4_ps(sums, 3));
   }
-  const __m512 sums = reduce16(acc);
-  _mm_mask_storeu_ps(out[0], static_cast<__mmask8>(tail_mask(n[0]) & 0xf), _mm512_extractf32x4_ps(sums, 0));
-  _mm_mask_storeu_ps(out[1], static_cast<__mmask8>(tail_mask(n[1]) & 0xf), _mm512_extractf32x4_ps(sums, 1));
-  _mm_mask_storeu_ps(out[2], static_cast<__mmask8>(tail_mask(n[2]) & 0xf), _mm512_extractf32x4_ps(sums, 2));
-  _mm_mask_storeu_ps(out[3], static_cast<__mmask8>(tail_mask(n[3]) & 0xf), _mm512_extractf32x4_ps(sums, 3));
 }
 
 // acc[d] += sum_j p[j] * row(j)[d], j in order: for every d the same chain of fmas as calling
@@ -338,9 +349,10 @@ inline void dots16(const float* a, int64_t n, const RowAt& row_at, int64_t dim, 
   for (int64_t i = 0; i < n; ++i) out[i] = dot(a, row_at(i), dim);
 }
 
-inline void dots4x4(const float* const* a, const float* const* row, int64_t dim, float* const* out, const int64_t* n) {
+inline void dots4x16(const float* const* a, const float* const* rows, int64_t offset, int64_t dim, float* const* out,
+                     const int64_t* n) {
   for (int r = 0; r < 4; ++r)
-    for (int64_t i = 0; i < std::min<int64_t>(4, n[r]); ++i) out[r][i] = dot(a[r], row[i], dim);
+    for (int64_t j = 0; j < n[r]; ++j) out[r][j] = dot(a[r], rows[j] + offset, dim);
 }
 
 inline float max_of(const float* s, int64_t n) { return *std::max_element(s, s + n); }
