@@ -23,7 +23,8 @@
 
 namespace {
 
-constexpr int64_t kTile = 16;        // keys per tile: one kvc::dots16 call
+constexpr int64_t kTile = 16;        // keys per score tile: one kvc::dots16 / dots4x16 call
+constexpr int64_t kValueTile = 128;  // values per tile of the weighted sum (fewer accumulator loads and stores)
 constexpr int64_t kQueryBlock = 16;  // query tokens of one sequence that share every key/value load
 
 // One work item: a block of query tokens t0 .. t0 + nq - 1, consecutive tokens of one sequence,
@@ -60,12 +61,12 @@ struct Attend {
     std::vector<int64_t> ends;
   };
 
-  // Rows of keys (half = 0) or values (half = 1) j0 .. j0 + n - 1 as fp32 [num_kv * dim] pointers;
-  // the slots past n repeat the first row (dots16 reads but never stores them).
-  void tile_rows(const int32_t* table, int64_t j0, int64_t n, int half, Scratch& s) const {
+  // Rows of keys (half = 0) or values (half = 1) j0 .. j0 + n - 1 as fp32 [num_kv * dim] pointers,
+  // `size` of them; the slots past n repeat the first row (dots16 reads but never stores them).
+  void tile_rows(const int32_t* table, int64_t j0, int64_t n, int half, int64_t size, Scratch& s) const {
     const int64_t row_len = num_kv * dim;
-    s.rows.resize(kTile);
-    for (int64_t i = 0; i < kTile; ++i) {
+    s.rows.resize(size);
+    for (int64_t i = 0; i < size; ++i) {
       const T* row = key_row(table, j0 + (i < n ? i : 0)) + half * kv_stride;
       if constexpr (std::is_same_v<T, float>) {
         s.rows[i] = row;
@@ -90,12 +91,12 @@ struct Attend {
     s.qf.resize(nq * hd);
     for (int64_t i = 0; i < nq * hd; ++i) s.qf[i] = static_cast<float>(q_all[t0 * hd + i]) * scale;
     s.scores.resize(nq * num_heads * longest);  // [query, head, key]
-    s.tile.resize(kTile * num_kv * dim);
+    s.tile.resize(kValueTile * num_kv * dim);
     s.p_rows.resize(nq * group);
     s.acc_rows.resize(nq * group);
     s.ends.resize(nq * group);
     for (int64_t j0 = 0; j0 < longest; j0 += kTile) {  // scores, 16 keys at a time
-      tile_rows(table, first + j0, std::min(kTile, longest - j0), 0, s);
+      tile_rows(table, first + j0, std::min(kTile, longest - j0), 0, kTile, s);
       for (int64_t kvh = 0; kvh < num_kv; ++kvh) {  // the rows (query, head) reading this kv head
         const int64_t offset = kvh * dim;
         int64_t n_rows = 0;
@@ -124,15 +125,15 @@ struct Attend {
     }
     // out += sum_j p_j v_j, keys in order: the rows of one kv head (every query of the block, every
     // head of its group) take each value tile together.
-    for (int64_t j0 = 0; j0 < longest; j0 += kTile) {
-      tile_rows(table, first + j0, std::min(kTile, longest - j0), 1, s);
+    for (int64_t j0 = 0; j0 < longest; j0 += kValueTile) {
+      tile_rows(table, first + j0, std::min(kValueTile, longest - j0), 1, kValueTile, s);
       for (int64_t kvh = 0; kvh < num_kv; ++kvh) {
         int64_t n_rows = 0;
         for (int64_t q = 0; q < nq; ++q)
           for (int64_t head = kvh * group; count[q] > j0 && head < (kvh + 1) * group; ++head) {
             s.p_rows[n_rows] = s.scores.data() + (q * num_heads + head) * longest + j0;
             s.acc_rows[n_rows] = parts[q] + head * (dim + 2);
-            s.ends[n_rows++] = std::min(kTile, count[q] - j0);
+            s.ends[n_rows++] = std::min(kValueTile, count[q] - j0);
           }
         kvc::weighted_rows_block(s.p_rows.data(), s.acc_rows.data(), s.ends.data(), n_rows, s.rows.data(), kvh * dim, dim);
       }
