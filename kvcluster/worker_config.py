@@ -31,7 +31,7 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     prefix_caching: bool = setting(True, "keep full KV blocks in this worker's pool after their request and share "
                                    "them by hash (the first cache tier; the store is the second)")
     fast_numerics: bool = setting(False, "run the fast (batch-dependent) kernels instead of the default batch-invariant "
-                                  "ones: 3-5% faster at 2k-token prefill (slower in decode), but they BREAK the "
+                                  "ones: no faster in this project's benchmarks (slower in decode), and they BREAK the "
                                   "exactness guarantee (a cached or batched answer may differ from the cold one); every "
                                   "worker of a cluster must agree (the numerics are part of the block fingerprint)")
     max_batch: int = setting(8, "sequences computed together in one forward")

@@ -115,8 +115,9 @@ class Engine:
         self.model_digest = model_digest
         self.layout = model.config.kv_layout(config.block_size, DTYPE_NAMES[model.dtype])
         # The cluster secret keys every block hash (see kvcluster.blocks); "" = no secret.
-        # The numerics mode joins the model's identity: the two modes compute different K/V bytes.
-        self.identity = model_digest + f"|{model.numerics}".encode()
+        # The numerics join the model's identity: the two modes, and batch-invariant kernels built
+        # for different instruction sets, compute different K/V bytes.
+        self.identity = model_digest + f"|{model.numerics_identity}".encode()
         self.fingerprint: Fingerprint = make_fingerprint(self.identity, self.layout.canonical(),
                                                          fingerprint_key(cluster_secret))
         self.pool = KVPool.from_budget(self.layout, config.kv_capacity_bytes, model.device)

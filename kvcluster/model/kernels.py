@@ -62,6 +62,18 @@ def _load() -> bool:
         return False
 
 
+def kernel_isa() -> str:
+    """Which arithmetic the compiled kernels run here, part of a block's fingerprint under batch-invariant
+    numerics: they are built for this CPU (-march=native), and their AVX-512 paths and their portable
+    loops sum in different orders (csrc/vec.h), as the bf16 matmul differs with and without
+    AVX512-BF16 on denormals. Workers on CPUs of different kinds then never share blocks whose
+    bytes would differ."""
+    flags = set(_cpu_flags().split())
+    if "avx512f" not in flags:
+        return "portable"
+    return "avx512-bf16" if "avx512_bf16" in flags else "avx512"
+
+
 def paged_attention_op():
     """torch.ops.kvcluster.paged_attention (see csrc/paged_attention.cpp), or None when unavailable."""
     return torch.ops.kvcluster.paged_attention if _load() else None

@@ -16,10 +16,8 @@ import torch.nn.functional as F
 
 from kvcluster.kvpool import KVLayout
 from kvcluster.model.attention import CausalAttention, KernelAttention, MaskedAttention, PaddedAttention
-from kvcluster.model.kernels import (few_rows_linear_op, invariant_linear_op, invariant_pack_op, paged_attention_op,
-                                     rms_norm_op)
-
-log = logging.getLogger(__name__)
+from kvcluster.model.kernels import (few_rows_linear_op, invariant_linear_op, invariant_pack_op, kernel_isa,
+                                     paged_attention_op, rms_norm_op)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +164,12 @@ class LlamaModel:
         "batch-invariant": a token's K/V and logits are bitwise the same whatever shares its batch, however
         its prompt was chunked, and whichever path (prefill, cached prefix, decode) computed its context."""
         return "batch-invariant" if self.deterministic else "fast"
+
+    @property
+    def numerics_identity(self) -> str:
+        """The numerics as the block fingerprint sees them: batch-invariant bytes also depend on the
+        instruction set the compiled kernels run (kvcluster.model.kernels.kernel_isa)."""
+        return f"{self.numerics}/{kernel_isa()}" if self.deterministic else self.numerics
 
     # ---- public entry points -------------------------------------------------------------
 
