@@ -78,6 +78,21 @@ struct Attend {
     }
   }
 
+  // The rows (query q, head) that read kv head `kvh` and have keys in [j0, j0 + tile): each row's
+  // input in(q, head), output out(q, head) and its number of keys in the tile. Returns the count.
+  template <typename In, typename Out>
+  int64_t rows_of(int64_t kvh, int64_t nq, const int64_t* count, int64_t j0, int64_t tile, In in, Out out,
+                  Scratch& s) const {
+    int64_t n = 0;
+    for (int64_t q = 0; q < nq; ++q)
+      for (int64_t head = kvh * group; count[q] > j0 && head < (kvh + 1) * group; ++head) {
+        s.p_rows[n] = in(q, head);
+        s.acc_rows[n] = out(q, head);
+        s.ends[n++] = std::min(tile, count[q] - j0);
+      }
+    return n;
+  }
+
   void run(int64_t t0, int64_t nq, int32_t seq, const int32_t* pos_all, int64_t c, int64_t chunk, float* const* parts,
            Scratch& s) const {
     const int32_t* table = table_all + static_cast<int64_t>(seq) * width;
@@ -99,13 +114,9 @@ struct Attend {
       tile_rows(table, first + j0, std::min(kTile, longest - j0), 0, kTile, s);
       for (int64_t kvh = 0; kvh < num_kv; ++kvh) {  // the rows (query, head) reading this kv head
         const int64_t offset = kvh * dim;
-        int64_t n_rows = 0;
-        for (int64_t q = 0; q < nq; ++q)
-          for (int64_t head = kvh * group; count[q] > j0 && head < (kvh + 1) * group; ++head) {
-            s.p_rows[n_rows] = s.qf.data() + q * hd + head * dim;
-            s.acc_rows[n_rows] = s.scores.data() + (q * num_heads + head) * longest + j0;
-            s.ends[n_rows++] = std::min(kTile, count[q] - j0);
-          }
+        const int64_t n_rows = rows_of(
+            kvh, nq, count, j0, kTile, [&](int64_t q, int64_t head) { return s.qf.data() + q * hd + head * dim; },
+            [&](int64_t q, int64_t head) { return s.scores.data() + (q * num_heads + head) * longest + j0; }, s);
         int64_t r = 0;
         for (; r + 4 <= n_rows; r += 4)  // 4 rows x 4 keys: each key vector loaded once for 4 rows
           kvc::dots4x16(s.p_rows.data() + r, s.rows.data(), offset, dim, s.acc_rows.data() + r, s.ends.data() + r);
@@ -128,13 +139,10 @@ struct Attend {
     for (int64_t j0 = 0; j0 < longest; j0 += kValueTile) {
       tile_rows(table, first + j0, std::min(kValueTile, longest - j0), 1, kValueTile, s);
       for (int64_t kvh = 0; kvh < num_kv; ++kvh) {
-        int64_t n_rows = 0;
-        for (int64_t q = 0; q < nq; ++q)
-          for (int64_t head = kvh * group; count[q] > j0 && head < (kvh + 1) * group; ++head) {
-            s.p_rows[n_rows] = s.scores.data() + (q * num_heads + head) * longest + j0;
-            s.acc_rows[n_rows] = parts[q] + head * (dim + 2);
-            s.ends[n_rows++] = std::min(kValueTile, count[q] - j0);
-          }
+        const int64_t n_rows = rows_of(
+            kvh, nq, count, j0, kValueTile,
+            [&](int64_t q, int64_t head) -> const float* { return s.scores.data() + (q * num_heads + head) * longest + j0; },
+            [&](int64_t q, int64_t head) { return parts[q] + head * (dim + 2); }, s);
         kvc::weighted_rows_block(s.p_rows.data(), s.acc_rows.data(), s.ends.data(), n_rows, s.rows.data(), kvh * dim, dim);
       }
     }

@@ -176,42 +176,6 @@ inline void dots4x16(const float* const* a, const float* const* rows, int64_t of
   }
 }
 
-// acc[d] += sum_j p[j] * row(j)[d], j in order: for every d the same chain of fmas as calling
-// axpy(p[j], row(j), acc, dim) for j = 0, 1, ..., but with acc held in registers (slices of up to
-// 128 dims) instead of stored and reloaded for every row.
-template <int V, typename T, typename RowAt>
-inline void weighted_rows_slice(const float* p, int64_t count, const RowAt& row_at, float* acc, int64_t offset, int64_t width) {
-  __m512 a[V];
-  __mmask16 masks[V];
-  for (int i = 0; i < V; ++i) {
-    masks[i] = tail_mask(width - 16 * i);
-    a[i] = _mm512_maskz_loadu_ps(masks[i], acc + offset + 16 * i);
-  }
-  for (int64_t j = 0; j < count; ++j) {
-    const T* row = row_at(j) + offset;
-    const __m512 pv = _mm512_set1_ps(p[j]);
-    for (int i = 0; i < V; ++i) a[i] = _mm512_fmadd_ps(pv, load16(row + 16 * i, masks[i]), a[i]);
-  }
-  for (int i = 0; i < V; ++i) _mm512_mask_storeu_ps(acc + offset + 16 * i, masks[i], a[i]);
-}
-
-template <typename T, typename RowAt>
-inline void weighted_rows(const float* p, int64_t count, const RowAt& row_at, float* acc, int64_t dim) {
-  for (int64_t offset = 0; offset < dim; offset += 128) {
-    const int64_t width = std::min<int64_t>(128, dim - offset);
-    switch ((width + 15) / 16) {
-      case 1: weighted_rows_slice<1, T>(p, count, row_at, acc, offset, width); break;
-      case 2: weighted_rows_slice<2, T>(p, count, row_at, acc, offset, width); break;
-      case 3: weighted_rows_slice<3, T>(p, count, row_at, acc, offset, width); break;
-      case 4: weighted_rows_slice<4, T>(p, count, row_at, acc, offset, width); break;
-      case 5: weighted_rows_slice<5, T>(p, count, row_at, acc, offset, width); break;
-      case 6: weighted_rows_slice<6, T>(p, count, row_at, acc, offset, width); break;
-      case 7: weighted_rows_slice<7, T>(p, count, row_at, acc, offset, width); break;
-      default: weighted_rows_slice<8, T>(p, count, row_at, acc, offset, width); break;
-    }
-  }
-}
-
 // max of s[0..n), n >= 1 (order-free: max is exact, so the same as a scalar walk for non-NaN values).
 inline float max_of(const float* s, int64_t n) {
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -244,7 +208,7 @@ inline void widen(const T* row, float* out, int64_t n) {
 
 // R rows at once over one slice of V x 16 dims: for each row r, acc[r][d] += sum_j p[r][j] * row(j)[d]
 // for j < count, in order: each value vector is loaded once for the R rows. Per element the same
-// fma chain as weighted_rows_slice of one row.
+// fma chain as axpy(p[r][j], row(j), acc[r], dim) for j = 0, 1, ..., with acc held in registers.
 template <int R, int V>
 inline void weighted_block_slice(const float* const* p, float* const* acc, int64_t count, const float* const* rows,
                                  int64_t voffset, int64_t offset, int64_t width) {
@@ -337,11 +301,6 @@ inline float sum_squares(const T* a, int64_t dim) {
 template <typename T>
 inline void axpy(float p, const T* b, float* acc, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<float>(b[d]);
-}
-
-template <typename T, typename RowAt>
-inline void weighted_rows(const float* p, int64_t count, const RowAt& row_at, float* acc, int64_t dim) {
-  for (int64_t j = 0; j < count; ++j) axpy(p[j], row_at(j), acc, dim);
 }
 
 template <typename T, typename RowAt>
