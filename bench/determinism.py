@@ -35,13 +35,13 @@ def batch_invariant(engine: Engine) -> bool:
     """Whether a prompt's logits are bitwise the same alone and with three others in its forward."""
     prompts = [random_prompt(200 + 37 * i, seed=100 + i) for i in range(4)]
     bs = engine.config.block_size
-    tables = [engine.pool.allocate(-(-len(p) // bs)) for p in prompts]
+    tables = [engine.blocks.allocate(-(-len(p) // bs)) for p in prompts]
     try:
         alone = engine.model.prefill(engine.pool.kv, [PrefillSeq(prompts[0], 0, tables[0])])[0]
         mixed = engine.model.prefill(engine.pool.kv, [PrefillSeq(p, 0, t) for p, t in zip(prompts, tables)])[0]
     finally:
         for table in tables:
-            engine.pool.free(table)
+            engine.blocks.free(table)
     return bool(torch.equal(alone, mixed))
 
 

@@ -37,11 +37,11 @@ def random_prompt(length: int, seed: int) -> list[int]:
 
 def prefill_tok_s(engine: Engine, length: int, repeats: int) -> float:
     ids = random_prompt(length, seed=length)
-    slots = engine.pool.allocate(-(-length // engine.config.block_size))
+    slots = engine.blocks.allocate(-(-length // engine.config.block_size))
     try:
         seconds = median_seconds(lambda: engine.model.prefill(engine.pool.kv, [PrefillSeq(ids, 0, slots)]), repeats)
     finally:
-        engine.pool.free(slots)
+        engine.blocks.free(slots)
     return length / seconds
 
 
@@ -49,7 +49,7 @@ def warm_forward_seconds(engine: Engine, repeats: int) -> tuple[float, float]:
     """(seconds of one forward of token 1,024 over 1,023 cached, seconds of the full 1,024-token
     prefill), alternated so both see the same machine load; the warm figure is a median of 5."""
     ids = random_prompt(WARM_CACHED_TOKENS + 1, seed=WARM_CACHED_TOKENS)
-    slots = engine.pool.allocate(-(-len(ids) // engine.config.block_size))
+    slots = engine.blocks.allocate(-(-len(ids) // engine.config.block_size))
     full, warm = [], []
     try:
         for _ in range(repeats):
@@ -57,7 +57,7 @@ def warm_forward_seconds(engine: Engine, repeats: int) -> tuple[float, float]:
             last = [PrefillSeq(ids[WARM_CACHED_TOKENS:], WARM_CACHED_TOKENS, slots)]
             warm.append(median_seconds(lambda: engine.model.prefill(engine.pool.kv, last), 5))
     finally:
-        engine.pool.free(slots)
+        engine.blocks.free(slots)
     return statistics.median(warm), statistics.median(full)
 
 

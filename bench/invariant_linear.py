@@ -113,11 +113,11 @@ def model_level(dtype_name: str, reps: int) -> dict:
     ids = random_prompt(512, seed=512)
 
     def prefill(engine):
-        slots = engine.pool.allocate(-(-len(ids) // engine.config.block_size))
+        slots = engine.blocks.allocate(-(-len(ids) // engine.config.block_size))
         try:
             engine.model.prefill(engine.pool.kv, [PrefillSeq(ids, 0, slots)])
         finally:
-            engine.pool.free(slots)
+            engine.blocks.free(slots)
 
     t, ratio = compare([lambda e=engines[d]: prefill(e) for d in (False, True)], reps, budget_s=0)
     out["prefill_512"] = {"off_ms": t[0] * 1e3, "on_ms": t[1] * 1e3, "ratio": ratio}

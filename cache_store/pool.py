@@ -28,6 +28,7 @@ import torch
 
 from kvcluster.block_io import batch_to_payloads
 from kvcluster.errors import IntegrityError, InvalidArgument, ResourceExhausted
+from kvcluster.block_manager import BlockManager
 from kvcluster.kvpool import KVLayout, KVPool
 from kvcluster.proto import common_pb2
 from kvcluster.wire import describe_key
@@ -105,6 +106,7 @@ class StorePool:
         self.max_leased_per_pusher = max(1, int(num_blocks * max_leased_fraction))
         self._leased_by: dict[Hashable, int] = {}
         self._kv = KVPool(layout, num_blocks, device)
+        self._slots = BlockManager(num_blocks)  # free/taken slots (the store keeps its own index)
         self._index = index or NoIndex()
         self._clock = clock
         self._lock = threading.Lock()
@@ -159,11 +161,11 @@ class StorePool:
             self._kv.import_block(slot, payload)
         except BaseException:
             with self._lock:
-                self._kv.free([slot])
+                self._slots.free([slot])
             raise
         with self._lock:
             if self._touch_existing(key, fingerprint, header):  # a concurrent push won the race
-                self._kv.free([slot])
+                self._slots.free([slot])
                 return False
             self._publish(StoredBlock(key, slot, self._generation[slot], fingerprint, header, pusher=pusher), lease_s)
             return True
@@ -183,9 +185,9 @@ class StorePool:
         return True
 
     def _take_slot(self) -> int:
-        slots = self._kv.allocate(1)
+        slots = self._slots.allocate(1)
         if not slots and self._expire_leases():
-            slots = self._kv.allocate(1)
+            slots = self._slots.allocate(1)
         if slots:
             slot = slots[0]
         elif self._lru:
@@ -267,7 +269,7 @@ class StorePool:
                 if consumed and isinstance(entry.key, str) and not entry.retired:
                     self._retire(entry)
                 elif entry.pins == 0 and entry.retired:
-                    self._kv.free([entry.slot])
+                    self._slots.free([entry.slot])
                 elif entry.pins == 0 and isinstance(entry.key, bytes):
                     self._lru[entry.key] = entry
 
@@ -311,7 +313,7 @@ class StorePool:
 
     def stats(self) -> PoolStats:
         with self._lock:
-            used = self._kv.num_used
+            used = self._slots.num_used
             pinned = len({id(entry) for pins in self._pins.values() for entry in pins})
             return PoolStats(used, self.num_blocks, used * self.layout.block_nbytes,
                              self.num_blocks * self.layout.block_nbytes, pinned,
@@ -340,7 +342,7 @@ class StorePool:
         self._unmap(entry)
         entry.retired = True
         if entry.pins == 0:
-            self._kv.free([entry.slot])
+            self._slots.free([entry.slot])
 
     def _count_lookup(self, hits: int, requested: int) -> None:
         self.counters.lookups += 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvcluster.block_io import BlockBatch, batch_from_payloads
+from kvcluster.block_io import BlockBatch
 from kvcluster.blocks import BlockHash, prefix_hashes
 from kvcluster.cache_client import Fetched, KVCacheClient
 from kvcluster.messages import sampling_to_proto
@@ -109,7 +109,7 @@ class PromptKVSource:
         bs = self.engine.config.block_size
         kv = PromptKV(hashes=prefix_hashes(self.engine.fingerprint, prompt_ids, bs, cache_salt))
         # The local tier: a hint (blocks can be evicted before admission; the engine re-checks).
-        kv.local_blocks = kv.pulled_from = self.engine.pool.peek(kv.hashes) if self.engine.prefix_caching else 0
+        kv.local_blocks = kv.pulled_from = self.engine.local_prefix_blocks(kv.hashes)
         if self.cache is None:
             return kv
         deadline = None if time_left_s is None else time.monotonic() + time_left_s
@@ -172,7 +172,7 @@ class PromptKVSource:
 
     def _take(self, kv: PromptKV, fetched: Fetched, tokens_per_block: list[int], cached_blocks: int) -> None:
         """Stage the pulled blocks here on the handler thread; the engine thread only scatters them."""
-        kv.blocks = batch_from_payloads(fetched.payloads, self.engine.layout.block_nbytes, self.engine.pool.device)
+        kv.blocks = self.engine.stage_blocks(fetched.payloads)
         kv.num_tokens = sum(tokens_per_block[:len(fetched.payloads)])
         kv.pull_s = fetched.pull_s
         block_bytes = self.engine.layout.block_nbytes

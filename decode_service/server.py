@@ -76,7 +76,7 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
     registry = registry or CollectorRegistry()
     metrics = DecodeMetrics(registry)
     engine.prefix_caching = engine.prefix_caching and config.prefix_caching
-    register_pool_gauges(registry, engine.pool)
+    register_pool_gauges(registry, engine.blocks)
     register_numerics_info(registry, numerics_status(engine))
     worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
     cache = make_cache_client(config, engine)

@@ -6,18 +6,10 @@ A block on the wire is `pool[slot]` as raw contiguous bytes. Blocks move in batc
 whatever the number of blocks; the host side (bytes, pinned buffers, device copies) happens off
 the thread that owns the pool.
 
-Slots are reference counted, and a full block can be registered under its chained hash: that is
-the worker-local prefix cache (the first tier; the cache store is the second). Sequences with a
-common prefix `match` the same physical slots; a slot whose last reference goes keeps its block
-and its hash (evictable, least recently used first) until `allocate` needs the room. Only the
-pool's owner thread changes it; `peek` is a read-only hint for other threads.
-
-A `listener` (an IndexSink: `blocks_added`, `blocks_removed`) hears of every hash registered and
-every cached block evicted, in order, on the owner's thread; it must only enqueue (a decode worker
-publishes them to Redis from another thread so the gateway can route by what each pool holds).
+The pool is only the tensor and its byte I/O: which slot is free, referenced or cached under a
+hash is `kvcluster.block_manager.BlockManager`'s bookkeeping.
 """
 
-from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,8 +56,7 @@ class KVLayout:
 
 
 class KVPool:
-    """A preallocated tensor of KV blocks, reference-counted slots and a hash index of full blocks.
-    No allocation per request."""
+    """A preallocated tensor of KV blocks, one row per slot; `BlockManager` says which slot holds what."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: str | torch.device = "cpu"):
         if num_blocks < 1:
@@ -75,13 +66,6 @@ class KVPool:
         # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
         self.kv = torch.zeros((num_blocks, *layout.block_shape), dtype=layout.torch_dtype, device=device)
         self._bytes = self.kv.view(torch.uint8).view(num_blocks, layout.block_nbytes)  # [num_blocks, block_nbytes]
-        self._free: deque[int] = deque(range(num_blocks))  # no references, no block worth keeping
-        self._refs = [0] * num_blocks
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # no references, a cached block; LRU first
-        self._slot_of: dict[bytes, int] = {}   # block hash -> slot holding it
-        self._hash_of: dict[int, bytes] = {}
-        self.evictions = 0
-        self.listener = None  # IndexSink told of registered and evicted hashes; None = nobody
 
     @classmethod
     def from_budget(cls, layout: KVLayout, capacity_bytes: int, device: str | torch.device = "cpu") -> "KVPool":
@@ -91,103 +75,9 @@ class KVPool:
     def device(self) -> torch.device:
         return self.kv.device
 
-    @property
-    def num_free(self) -> int:
-        """Slots `allocate` can hand out: free ones plus cached blocks nobody references."""
-        return len(self._free) + len(self._evictable)
-
-    @property
-    def num_used(self) -> int:
-        """Slots referenced by someone."""
-        return self.num_blocks - self.num_free
-
-    @property
-    def num_cached(self) -> int:
-        """Blocks findable by hash (referenced or not)."""
-        return len(self._slot_of)
-
-    def allocate(self, count: int) -> list[int] | None:
-        """`count` slots with one reference each, or None when the pool cannot spare them. Free slots
-        go first; then the least recently used unreferenced cached blocks are evicted."""
-        if count > self.num_free:
-            return None
-        slots, evicted = [], []
-        for _ in range(count):
-            if self._free:
-                slot = self._free.popleft()
-            else:
-                slot, _ = self._evictable.popitem(last=False)
-                evicted.append(self._hash_of.pop(slot))
-                del self._slot_of[evicted[-1]]
-                self.evictions += 1
-            self._refs[slot] = 1
-            slots.append(slot)
-        if evicted and self.listener is not None:
-            self.listener.blocks_removed(evicted)
-        return slots
-
-    def free(self, slots: Sequence[int]) -> None:
-        """Drop one reference to each slot. A slot left without references becomes free, or
-        evictable if it holds a registered block."""
-        for slot in slots:
-            refs = self._refs[slot] - 1
-            if refs < 0:
-                raise RuntimeError(f"KV slot {slot} released more often than it was taken")
-            self._refs[slot] = refs
-            if refs == 0:
-                if slot in self._hash_of:
-                    self._evictable[slot] = None
-                else:
-                    self._free.append(slot)
-
-    def refs(self, slot: int) -> int:
-        return self._refs[slot]
-
-    def match(self, hashes: Sequence[bytes]) -> list[int]:
-        """Slots of the longest prefix of `hashes` held here, each with one more reference."""
-        slots = []
-        for block_hash in hashes:
-            slot = self._slot_of.get(block_hash)
-            if slot is None:
-                break
-            if self._refs[slot] == 0:
-                del self._evictable[slot]
-            self._refs[slot] += 1
-            slots.append(slot)
-        return slots
-
-    def peek(self, hashes: Sequence[bytes]) -> int:
-        """How many leading `hashes` are held now: a hint for other threads (a block may be evicted
-        before they act on it; `match` on the owner's thread is the authority)."""
-        held = 0
-        for block_hash in hashes:
-            if block_hash not in self._slot_of:
-                break
-            held += 1
-        return held
-
     def same_bytes(self, a: int, b: int) -> bool:
         """Whether two slots hold bitwise-identical blocks."""
         return torch.equal(self._bytes[a], self._bytes[b])
-
-    def slot_of(self, block_hash: bytes) -> int | None:
-        """The slot holding `block_hash` now, without taking a reference (owner's thread only)."""
-        return self._slot_of.get(block_hash)
-
-    def register(self, block_hash: bytes, slot: int) -> bool:
-        """Make the full block in `slot` findable under `block_hash`. False (nothing changes) when the
-        hash is already held elsewhere or the slot already holds another block."""
-        if block_hash in self._slot_of or slot in self._hash_of:
-            return False
-        self._slot_of[block_hash] = slot
-        self._hash_of[slot] = block_hash
-        if self.listener is not None:
-            self.listener.blocks_added([block_hash])
-        return True
-
-    def cached_hashes(self) -> list[bytes]:
-        """Every hash findable now (owner's thread: a snapshot for a listener that starts late)."""
-        return list(self._slot_of)
 
     def copy_slot(self, source: int, target: int) -> None:
         """Copy one block's K/V (copy-on-write of a shared block about to be written)."""

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def worker_load(worker: EngineWorker) -> dict[str, int]:
     """Running and waiting sequences and free KV blocks; read off the engine thread (a hint)."""
     engine = worker.engine
-    return {"running": len(engine.running), "waiting": len(engine.waiting), "free_blocks": engine.pool.num_free}
+    return {"running": len(engine.running), "waiting": len(engine.waiting), "free_blocks": engine.blocks.num_free}
 
 
 def make_registration(kind: str, config, worker: EngineWorker, port: int) -> IndexPublisher | None:
@@ -44,7 +44,7 @@ def make_registration(kind: str, config, worker: EngineWorker, port: int) -> Ind
         if not publishes_blocks:
             return []
         try:
-            return worker.call(lambda eng: eng.pool.cached_hashes(), timeout=10.0)
+            return worker.call(lambda eng: eng.blocks.cached_hashes(), timeout=10.0)
         except Exception as exc:  # the engine is stopping or stuck: publish the rest, not the blocks
             log.warning("could not snapshot the local cache for the registry: %r", exc)
             return []
@@ -55,5 +55,5 @@ def make_registration(kind: str, config, worker: EngineWorker, port: int) -> Ind
                                layout=engine.layout.canonical(), fingerprint=engine.fingerprint.hex(),
                                load=lambda: worker_load(worker) | numerics)
     if publishes_blocks:
-        engine.pool.listener = publisher
+        engine.blocks.listener = publisher
     return publisher

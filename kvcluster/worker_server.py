@@ -47,8 +47,8 @@ class WorkerServer:
         then the engine thread and helpers stop."""
         if self.registration is not None:
             self.registration.stop(deregister=True)
-            if self.worker.engine.pool.listener is self.registration:  # tests share one engine between servers
-                self.worker.engine.pool.listener = None
+            if self.worker.engine.blocks.listener is self.registration:  # tests share one engine between servers
+                self.worker.engine.blocks.listener = None
         self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
         self.worker.stop()
         for close in self.on_stop:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from kvcluster.block_io import batch_from_payloads
 from kvcluster.blocks import BlockHash, check_cache_salt, prefix_hashes
 from kvcluster.cache_client import Fetched, KVCacheClient, Pushed
 from kvcluster.errors import InvalidArgument, RequestFailed
@@ -122,13 +121,13 @@ class Prefiller:
         cache = None if bypass_cache else self.cache
         hashes = prefix_hashes(engine.fingerprint, token_ids, bs, cache_salt)
         blocks = [list(token_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
-        local = engine.pool.peek(hashes) if cache is not None and engine.prefix_caching else 0  # a hint
+        local = engine.local_prefix_blocks(hashes) if cache is not None else 0  # a hint
         lookup_at = time.monotonic()
         holders, lookup_s, fallback = cache.lookup(hashes) if cache is not None else ([], 0.0, None)
         fetched = (cache.pull_held(hashes[local:], blocks[local:], holders[local:]) if len(holders) > local
                    else Fetched())
         fetched.lookup_s, fetched.fallback = lookup_s, fetched.fallback or fallback
-        staged = batch_from_payloads(fetched.payloads, engine.layout.block_nbytes, engine.pool.device)
+        staged = engine.stage_blocks(fetched.payloads)
 
         job = _Job(self, PrefixSource(hashes, staged, local, len(fetched.payloads) * bs), blocks, cache, holders,
                    lookup_at, cache_salt, f"{request_id or 'prefill'}/{uuid.uuid4().hex[:12]}")

@@ -156,12 +156,12 @@ def test_cancel_mid_stream_leaves_no_slots_or_pins(cluster):
     stream.cancel()
     worker = cluster["decode"].worker
     for _ in range(100):  # the abort reaches the engine thread within a step
-        if worker.call(lambda eng: eng.pool.num_used) == 0:
+        if worker.call(lambda eng: eng.blocks.num_used) == 0:
             break
         time.sleep(0.05)
-    assert worker.call(lambda eng: (eng.pool.num_used, eng.has_work())) == (0, False)
+    assert worker.call(lambda eng: (eng.blocks.num_used, eng.has_work())) == (0, False)
     assert cluster["store"].pool.stats().pinned_blocks == 0
-    assert cluster["prefill"].worker.call(lambda eng: eng.pool.num_used) == 0
+    assert cluster["prefill"].worker.call(lambda eng: eng.blocks.num_used) == 0
     assert cluster["registry"].get_sample_value("kvcluster_requests_total", {"outcome": "cancelled"}) >= 1
 
 
@@ -207,7 +207,7 @@ def test_client_deadline_reaches_prefill_and_frees_everything(cluster):
         time.sleep(0.05)
     assert fallbacks(cluster, "prefill_unavailable") > before
     worker = cluster["decode"].worker
-    assert worker.call(lambda eng: (eng.pool.num_used, eng.has_work())) == (0, False)
+    assert worker.call(lambda eng: (eng.blocks.num_used, eng.has_work())) == (0, False)
 
 
 def test_store_stopped_output_is_still_exact(cluster, smollm_engine):

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from kvcluster.kvpool import KVPool
+from kvcluster.block_manager import BlockManager
 from kvcluster.model.llama import DecodeSeq, PrefillSeq
 from kvcluster.model.sampling import SamplingParams
 from tests.conftest import make_tiny_engine
@@ -25,7 +25,7 @@ def test_cached_equals_uncached_across_block_boundaries(tiny_engine, length):
     uncached = [e.token_id for e in tiny_engine.generate_no_cache(ids, GREEDY)]
     assert len(cached) == GREEDY.max_tokens
     assert cached == uncached
-    assert tiny_engine.pool.num_used == 0
+    assert tiny_engine.blocks.num_used == 0
 
 
 def test_batched_decode_of_different_lengths_equals_each_alone(tiny_engine):
@@ -40,7 +40,7 @@ def test_batched_decode_logits_match_single(tiny_engine):
     eng = tiny_engine
     seqs = []
     for n in (5, 17, 40):
-        slots = eng.pool.allocate(4)
+        slots = eng.blocks.allocate(4)
         eng.model.prefill(eng.pool.kv, [PrefillSeq(prompt(n, n), 0, slots)])
         seqs.append(DecodeSeq(token_id=7, position=n, block_table=slots))
     batch = eng.model.decode(eng.pool.kv, seqs)
@@ -63,15 +63,15 @@ def test_preemption_by_recompute_keeps_outputs(tokenizer):
     tight = make_tiny_engine(tokenizer, kv_blocks=18)
     assert tight.generate_batch(prompts, GREEDY) == roomy
     assert tight.num_preemptions > 0
-    assert tight.pool.num_used == 0
+    assert tight.blocks.num_used == 0
 
 
 def test_export_import_into_fresh_pool_gives_bitwise_identical_logits(tokenizer):
     a, b = make_tiny_engine(tokenizer), make_tiny_engine(tokenizer)
     ids = prompt(37, seed=3)
-    slots_a = a.pool.allocate(3)
+    slots_a = a.blocks.allocate(3)
     a.model.prefill(a.pool.kv, [PrefillSeq(ids, 0, slots_a)])
-    slots_b = list(reversed(b.pool.allocate(5)[2:]))  # different slot numbers in the fresh pool
+    slots_b = list(reversed(b.blocks.allocate(5)[2:]))  # different slot numbers in the fresh pool
     for sa, sb in zip(slots_a, slots_b):
         payload = a.pool.export_block(sa)
         assert len(payload) == a.layout.block_nbytes
@@ -83,19 +83,19 @@ def test_export_import_into_fresh_pool_gives_bitwise_identical_logits(tokenizer)
 
 
 def test_pool_allocate_and_free(tiny_engine):
-    pool: KVPool = tiny_engine.pool
-    total = pool.num_blocks
-    taken = pool.allocate(total)
-    assert taken is not None and pool.num_free == 0
-    assert pool.allocate(1) is None
-    pool.free(taken)
-    assert pool.num_free == total
-    assert pool.kv.shape == (total, *tiny_engine.layout.block_shape)
+    blocks: BlockManager = tiny_engine.blocks
+    total = blocks.num_blocks
+    taken = blocks.allocate(total)
+    assert taken is not None and blocks.num_free == 0
+    assert blocks.allocate(1) is None
+    blocks.free(taken)
+    assert blocks.num_free == total
+    assert tiny_engine.pool.kv.shape == (total, *tiny_engine.layout.block_shape)
 
 
 def test_abort_frees_blocks(tiny_engine):
     seq = tiny_engine.add_request(prompt(40), GREEDY)
     tiny_engine.step()
-    assert tiny_engine.pool.num_used > 0
+    assert tiny_engine.blocks.num_used > 0
     assert tiny_engine.abort(seq.request_id)
-    assert tiny_engine.pool.num_used == 0 and not tiny_engine.has_work()
+    assert tiny_engine.blocks.num_used == 0 and not tiny_engine.has_work()

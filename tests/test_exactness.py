@@ -122,7 +122,7 @@ def test_every_path_gives_the_reference_tokens_and_logits(case):
             for i in range(NUM_PROMPTS):
                 for step in range(OUTPUT_TOKENS):
                     assert torch.equal(log.rows[(f"{tag}{i}", step)], log.rows[(f"ref{i}", step)]), (tag, i, step)
-        assert engine.pool.num_cached > 0
+        assert engine.blocks.num_cached > 0
     finally:
         engine.config = replace(engine.config, max_prefill_tokens=CHUNK)
     # The no-cache recompute: the same kernels, so the same bits.

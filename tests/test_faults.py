@@ -100,8 +100,8 @@ def test_fault_is_recomputed_and_counted(cluster, smollm_engine, decode_faults, 
     else:
         assert last.usage.cached_tokens > 0 and last.usage.timing.kv_pull_ms >= 150
     assert cluster["store"].pool.stats().pinned_blocks == 0
-    assert cluster["decode"].worker.call(lambda eng: eng.pool.num_used) == 0
-    assert cluster["prefill"].worker.call(lambda eng: eng.pool.num_used) == 0
+    assert cluster["decode"].worker.call(lambda eng: eng.blocks.num_used) == 0
+    assert cluster["prefill"].worker.call(lambda eng: eng.blocks.num_used) == 0
 
 
 def test_block_evicted_between_lookup_and_pull_is_recomputed(cluster, smollm_engine):

@@ -76,7 +76,7 @@ def test_a_sampling_failure_fails_only_its_request(tokenizer):
     (failed_id, error), = engine.take_failures()
     assert failed_id == seqs[1].request_id and isinstance(error, InvalidArgument) and error.field == "sampling"
     assert [seqs[0].output_ids, seqs[2].output_ids] == [expected[0], expected[2]]
-    assert engine.pool.num_used == 0 and not engine.has_work()
+    assert engine.blocks.num_used == 0 and not engine.has_work()
 
 
 def test_a_forward_failure_fails_only_its_request(tokenizer):
@@ -117,7 +117,7 @@ def test_the_worker_delivers_a_failure_to_its_stream_only(tokenizer):
             list(worker.stream(poisoned))
         thread.join(60)
         assert results["good"] == expected
-        assert worker.call(lambda eng: eng.pool.num_used) == 0
+        assert worker.call(lambda eng: eng.blocks.num_used) == 0
     finally:
         worker.stop()
 
@@ -128,12 +128,12 @@ def test_a_full_pool_makes_a_prompt_wait_not_fail(tokenizer):
     engine = make_tiny_engine(tokenizer, kv_blocks=6)
     holder = engine.add_request(prompt(70, seed=1), replace(GREEDY, max_tokens=1), keep_blocks=True)
     run_to_end(engine, [holder])
-    assert engine.pool.num_free == 1
+    assert engine.blocks.num_free == 1
     waiting = engine.add_request(prompt(40, seed=2), replace(GREEDY, max_tokens=2))
     assert engine.step() == [] and engine.last_step == ("idle", 0) and not engine.take_failures()
     engine.release(holder)
     run_to_end(engine, [waiting])
-    assert len(waiting.output_ids) == 2 and engine.pool.num_used == 0
+    assert len(waiting.output_ids) == 2 and engine.blocks.num_used == 0
 
 
 # ---- leaks and bounds in the services -----------------------------------------------------------
@@ -149,10 +149,10 @@ def test_prefill_refused_after_importing_blocks_leaks_no_slot(small_engine):
     ids = prompt(64, seed=5)
     bs = small_engine.config.block_size
     # The store holds the prompt's first 3 blocks, computed by this very engine.
-    slots = small_engine.pool.allocate(4)
+    slots = small_engine.blocks.allocate(4)
     small_engine.model.prefill(small_engine.pool.kv, [PrefillSeq(ids, 0, slots)])
     payloads = batch_to_payloads(small_engine.read_blocks(slots[:3]))
-    small_engine.pool.free(slots)
+    small_engine.blocks.free(slots)
     hashes = prefix_hashes(small_engine.fingerprint, ids, bs)
     blocks = [(make_ref(payload, ids[i * bs:(i + 1) * bs], hashes[i]), payload) for i, payload in enumerate(payloads)]
     with running_redis() as redis_server:
@@ -171,7 +171,7 @@ def test_prefill_refused_after_importing_blocks_leaks_no_slot(small_engine):
                 stub.Prefill(prefill_pb2.PrefillRequest(request_id="leak", token_ids=ids, sampling=common_pb2.SamplingParams(
                     temperature=0.0)), timeout=60)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert prefill.worker.call(lambda eng: eng.pool.num_free) == 4
+            assert prefill.worker.call(lambda eng: eng.blocks.num_free) == 4
         finally:
             prefill.stop(0)
             store.stop(0)
@@ -191,7 +191,7 @@ def test_prefill_stops_computing_when_its_caller_leaves():
                                                     sampling=common_pb2.SamplingParams(temperature=0.0)), timeout=0.5)
         assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # The engine dropped the prompt (a 1200-token prefill takes seconds here, so it did not finish).
-        assert wait_until(lambda: prefill.worker.call(lambda eng: not eng.has_work() and eng.pool.num_used == 0),
+        assert wait_until(lambda: prefill.worker.call(lambda eng: not eng.has_work() and eng.blocks.num_used == 0),
                           timeout_s=2.0)
         # The same request id twice at once (callers' ids may repeat) both complete.
         outcomes = []
@@ -222,7 +222,7 @@ def test_decode_drops_and_counts_pushes_beyond_its_queue(smollm_engine):
             decode.generator.flush_pushes()
             assert registry.get_sample_value("kvcluster_generated_pushes_dropped_total") == 2
             assert store.pool.stats().blocks_used == 0
-            assert decode.worker.call(lambda eng: eng.pool.num_used) == 0
+            assert decode.worker.call(lambda eng: eng.blocks.num_used) == 0
         finally:
             decode.stop(0)
             store.stop(0)

@@ -112,7 +112,7 @@ def engine_logits(engine, prompt_ids: list[int], tokens: list[int]) -> list[torc
     """The engine's model through the paged pool: the prompt prefilled in CHUNK-token pieces, then
     one decode step per given token (the reference's, so each step's logits compare one to one)."""
     bs = engine.config.block_size
-    table = engine.pool.allocate(-(-(len(prompt_ids) + len(tokens)) // bs))
+    table = engine.blocks.allocate(-(-(len(prompt_ids) + len(tokens)) // bs))
     try:
         for start in range(0, len(prompt_ids), CHUNK):
             out = engine.model.prefill(engine.pool.kv, [PrefillSeq(prompt_ids[start:start + CHUNK], start, table)])
@@ -121,7 +121,7 @@ def engine_logits(engine, prompt_ids: list[int], tokens: list[int]) -> list[torc
             logits.append(engine.model.decode(engine.pool.kv, [DecodeSeq(token, len(prompt_ids) + i, table)])[0])
         return logits
     finally:
-        engine.pool.free(table)
+        engine.blocks.free(table)
 
 
 def tiny_engine(path: Path, dtype: str = "float32"):

@@ -97,7 +97,7 @@ def test_decode_and_short_prefill_kernel_equal_torch_path(tokenizer):
     torch_only(plain)
     lengths = (5, 16, 31, 70)
     for eng in (fast, plain):
-        eng.tables = [eng.pool.allocate(6) for _ in lengths]
+        eng.tables = [eng.blocks.allocate(6) for _ in lengths]
         for n, table in zip(lengths, eng.tables):
             eng.model.prefill(eng.pool.kv, [PrefillSeq(prompt(n, n), 0, table)])
     decode = [eng.model.decode(eng.pool.kv, [DecodeSeq(9, n, t) for n, t in zip(lengths, eng.tables)])
@@ -112,7 +112,7 @@ def test_decode_and_short_prefill_kernel_equal_torch_path(tokenizer):
 
 def test_several_prompts_in_one_forward_equal_each_alone(tokenizer):
     eng = make_tiny_engine(tokenizer, deterministic=False)  # the fast numerics' SDPA paths (an explicit opt-out)
-    seqs = [PrefillSeq(prompt(n, n), 0, eng.pool.allocate(5)) for n in (3, 40, 17)]
+    seqs = [PrefillSeq(prompt(n, n), 0, eng.blocks.allocate(5)) for n in (3, 40, 17)]
     together = eng.model.prefill(eng.pool.kv, seqs)      # one masked SDPA per layer
     keys_together = eng.pool.kv[seqs[1].block_table].clone()
     alone = torch.cat([eng.model.prefill(eng.pool.kv, [s]) for s in seqs])  # the causal path

@@ -63,22 +63,22 @@ def reference_kv(engine, token_ids) -> torch.Tensor:
     """K/V of the full blocks as the in-process engine computes them, in the same prefill chunks
     as the worker (matmul rounding on this CPU depends on the row count): [blocks, *block_shape]."""
     n_blocks = -(-len(token_ids) // BS)
-    slots = engine.pool.allocate(n_blocks)
+    slots = engine.blocks.allocate(n_blocks)
     chunk = engine.config.max_prefill_tokens
     try:
         for start in range(0, len(token_ids), chunk):
             engine.model.prefill(engine.pool.kv, [PrefillSeq(token_ids[start:start + chunk], start, slots)])
         return engine.pool.kv[slots[: len(token_ids) // BS]].clone()
     finally:
-        engine.pool.free(slots)
+        engine.blocks.free(slots)
 
 
 def first_token_alone(engine, token_ids) -> int:
-    slots = engine.pool.allocate(-(-len(token_ids) // BS))
+    slots = engine.blocks.allocate(-(-len(token_ids) // BS))
     try:
         return int(engine.model.prefill(engine.pool.kv, [PrefillSeq(token_ids, 0, slots)]).argmax())
     finally:
-        engine.pool.free(slots)
+        engine.blocks.free(slots)
 
 
 def test_cold_then_warm_reuses_all_but_the_last_block(cluster, engine):

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
-from kvcluster.kvpool import KVLayout, KVPool
+from kvcluster.block_manager import BlockManager
 from kvcluster.model.engine import EngineConfig, load_engine
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
@@ -34,21 +34,15 @@ def no_cache(engine, prompt, params=GREEDY) -> list[int]:
     return [e.token_id for e in engine.generate_no_cache(prompt, params)]
 
 
-def check_pool(pool: KVPool) -> None:
+def check_pool(blocks: BlockManager) -> None:
     """Every slot is exactly one of: referenced, free, evictable (a cached block nobody uses)."""
-    free, evictable = set(pool._free), set(pool._evictable)
-    referenced = {s for s in range(pool.num_blocks) if pool.refs(s) > 0}
-    assert len(free) == len(pool._free) and not free & evictable and not referenced & (free | evictable)
-    assert free | evictable | referenced == set(range(pool.num_blocks))
-    assert all(pool.refs(s) >= 0 for s in range(pool.num_blocks))
-    assert {pool._slot_of[h] for h in pool._slot_of} == set(pool._hash_of)
-    assert evictable <= set(pool._hash_of)
+    blocks.check()
 
 
 # ---- the pool's bookkeeping ------------------------------------------------------------------
 
-def small_pool(blocks: int = 6) -> KVPool:
-    return KVPool(KVLayout(num_layers=1, block_size=4, num_kv_heads=1, head_dim=2), blocks)
+def small_pool(blocks: int = 6) -> BlockManager:
+    return BlockManager(blocks)
 
 
 def test_matched_blocks_are_shared_and_kept_after_release_until_evicted():
@@ -97,13 +91,13 @@ def test_concurrent_sequences_share_the_physical_blocks_of_their_common_prefix(t
     engine.step()  # the first prompt is computed and its 3 full blocks registered
     second = engine.add_request(prompts[1], GREEDY)
     assert second.block_table[:3] == first.block_table[:3] and second.num_computed == 48
-    assert all(engine.pool.refs(s) == 2 for s in first.block_table[:3])
+    assert all(engine.blocks.refs(s) == 2 for s in first.block_table[:3])
     while engine.has_work():
         engine.step()
     assert [first.output_ids, second.output_ids] == [no_cache(engine, p) for p in prompts]
     assert second.sources.local_cache == 48 and second.sources.computed == 7
-    assert engine.pool.num_used == 0 and engine.pool.num_cached == 3  # 62 and 59 tokens: 3 full blocks, shared
-    check_pool(engine.pool)
+    assert engine.blocks.num_used == 0 and engine.blocks.num_cached == 3  # 62 and 59 tokens: 3 full blocks, shared
+    check_pool(engine.blocks)
 
 
 @pytest.mark.parametrize("length", [64, 70])
@@ -116,7 +110,7 @@ def test_a_fully_cached_prompt_computes_only_what_is_new(tokenizer, length):
     before = engine.tokens_computed
     cached_kv = engine.pool.kv.clone()
     warm = engine.add_request(prompt, GREEDY)
-    shared_tail = engine.pool._slot_of[warm.block_hashes[-1]] if length % BS == 0 else None
+    shared_tail = engine.blocks._slot_of[warm.block_hashes[-1]] if length % BS == 0 else None
     while engine.has_work():
         engine.step()
     assert warm.output_ids == cold == no_cache(engine, prompt)
@@ -124,7 +118,7 @@ def test_a_fully_cached_prompt_computes_only_what_is_new(tokenizer, length):
     assert warm.sources.local_cache == length - (engine.tokens_computed - before)
     if shared_tail is not None:  # copy-on-write: the shared block's bytes did not change
         assert torch.equal(engine.pool.kv[shared_tail], cached_kv[shared_tail])
-    check_pool(engine.pool)
+    check_pool(engine.blocks)
 
 
 def test_concurrent_cold_prompts_with_one_prefix_compute_it_once(tokenizer):
@@ -140,7 +134,7 @@ def test_concurrent_cold_prompts_with_one_prefix_compute_it_once(tokenizer):
     assert engine.tokens_computed <= budget, f"{engine.tokens_computed} prompt tokens computed, budget {budget:.0f}"
     assert engine.deferrals > 0
     assert outputs == [no_cache(engine, p) for p in prompts]
-    check_pool(engine.pool)
+    check_pool(engine.blocks)
 
 
 def test_a_thousand_mixed_requests_with_cancels_leak_and_double_free_nothing(tokenizer):
@@ -163,14 +157,14 @@ def test_a_thousand_mixed_requests_with_cancels_leak_and_double_free_nothing(tok
             engine.release(seq)  # the owner of kept blocks gives them back
             seq.keep_blocks = False
         if i % 50 == 0:
-            check_pool(engine.pool)
+            check_pool(engine.blocks)
     while engine.has_work():
         engine.step()
     for seq in [s for s in live if s.keep_blocks]:
         engine.release(seq)
-    assert engine.pool.num_used == 0 and engine.pool.evictions > 0
+    assert engine.blocks.num_used == 0 and engine.blocks.evictions > 0
     assert not engine.take_failures()
-    check_pool(engine.pool)
+    check_pool(engine.blocks)
 
 
 def test_eviction_under_pressure_keeps_outputs_exact(tokenizer):
@@ -182,9 +176,9 @@ def test_eviction_under_pressure_keeps_outputs_exact(tokenizer):
     outputs = []
     for start in range(0, len(prompts), 4):  # waves of 4: cached blocks are evicted between and within
         outputs += engine.generate_batch(prompts[start:start + 4], params)
-    assert engine.pool.evictions > 0
+    assert engine.blocks.evictions > 0
     assert outputs == [no_cache(engine, p, params) for p in prompts]
-    check_pool(engine.pool)
+    check_pool(engine.blocks)
 
 
 def test_bypassing_requests_neither_read_nor_fill_the_local_cache(tokenizer):
@@ -193,7 +187,7 @@ def test_bypassing_requests_neither_read_nor_fill_the_local_cache(tokenizer):
     seq = engine.add_request(prompt, GREEDY, use_cache=False)
     while engine.has_work():
         engine.step()
-    assert engine.pool.num_cached == 0 and seq.sources.computed == 64
+    assert engine.blocks.num_cached == 0 and seq.sources.computed == 64
 
 
 # ---- two tiers through a real cluster --------------------------------------------------------

@@ -47,7 +47,7 @@ def corrupt_cached_block(decode, prompt_ids: list[int], index: int) -> None:
 
     def corrupt(engine) -> None:
         hashes = prefix_hashes(engine.fingerprint, prompt_ids, engine.config.block_size)
-        slot = engine.pool.slot_of(hashes[index])
+        slot = engine.blocks.slot_of(hashes[index])
         assert slot is not None
         engine.pool.kv[slot].fill_(7.0)
 

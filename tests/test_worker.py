@@ -35,15 +35,15 @@ def test_concurrent_streams_match_sequential(worker):
     for t in threads:
         t.join(60)
     assert [results[i] for i in range(6)] == sequential
-    assert worker.call(lambda eng: eng.pool.num_used) == 0
+    assert worker.call(lambda eng: eng.blocks.num_used) == 0
 
 
 def test_closing_a_stream_aborts_and_frees(worker):
     stream = worker.stream(lambda eng: eng.add_request(prompt(40), SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)))
     next(stream)
-    assert worker.call(lambda eng: eng.pool.num_used) > 0
+    assert worker.call(lambda eng: eng.blocks.num_used) > 0
     stream.close()
-    assert worker.call(lambda eng: (eng.pool.num_used, eng.has_work())) == (0, False)
+    assert worker.call(lambda eng: (eng.blocks.num_used, eng.has_work())) == (0, False)
 
 
 def test_full_waiting_queue_is_resource_exhausted(tokenizer):

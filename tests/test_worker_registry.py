@@ -13,7 +13,7 @@ from gateway.router import Router
 from kvcluster.blocks import prefix_hashes
 from kvcluster.index import RedisIndex, StoreRef, worker_namespace
 from kvcluster.index_publisher import IndexPublisher
-from kvcluster.kvpool import KVLayout, KVPool
+from kvcluster.block_manager import BlockManager
 from tests.cluster_fixtures import running_redis
 
 FINGERPRINT = bytes(range(16))
@@ -37,7 +37,7 @@ class RecordingSink:
 
 
 def test_pool_reports_registered_and_evicted_blocks():
-    pool = KVPool(KVLayout(1, 4, 1, 2), num_blocks=2)
+    pool = BlockManager(num_blocks=2)
     pool.listener = sink = RecordingSink()
     a, b, c = b"a" * 16, b"b" * 16, b"c" * 16
     slots = pool.allocate(2)

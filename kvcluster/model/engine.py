@@ -1,20 +1,19 @@
-"""The in-process engine: continuous batching over a paged KV pool.
+"""The in-process engine: continuous batching over a paged KV pool, in three parts.
 
-Each `step()` is either one prefill step (waiting sequences, chunked under a token budget,
-batched into one forward) or one decode step (every running sequence advances one token).
-Blocks are allocated on demand; when the pool runs dry a running sequence is preempted by
-recomputation (its blocks freed, its tokens prefilled again later), as vLLM does. Sampling is
-stateless per step, so a preempted sequence continues exactly where it stopped.
+- `Scheduler` (scheduler.py) decides each step under one token budget: running sequences decode
+  first, waiting prompts fill the rest with chunks of their uncached tokens in the same forward
+  (Sarathi-style), prefix hits come from the block manager, and a pool too short for the decodes
+  preempts by recompute (vLLM's policy). Sampling is stateless per step, so a preempted sequence
+  continues exactly where it stopped.
+- `BlockManager` (kvcluster/block_manager.py): reference counts, free slots and the hash index of
+  full blocks, i.e. the worker-local prefix cache (the first KV tier, vLLM's automatic prefix
+  caching); `KVPool` is only the tensor.
+- `ModelRunner` (model_runner.py): a step's sequences through one forward, failures isolated.
 
-The engine owns the worker-local prefix cache (the first KV tier, vLLM's automatic prefix caching):
-every full block a cacheable sequence computes is registered in the pool under its chained hash;
-a new sequence starts from the longest prefix the pool holds, sharing those physical blocks
-(reference counted); finished sequences' blocks stay until the pool needs room (LRU). Callers
-hand in what they fetched from the second tier (the cache store) as a `PrefixSource`, and take
-blocks out with `export_blocks`: the import/export logic lives here, once. A waiting sequence
-whose next block another waiting sequence is about to compute waits for it instead of computing
-it too (in-flight deduplication); when every block is cached, only the last token is computed,
-in a private copy of its block.
+The engine is the seam the services talk to (vLLM's KV connector split): callers hand in what they
+fetched from the second tier (the cache store) as a `PrefixSource` and take blocks out with
+`export_blocks`; `local_prefix_blocks` and `stage_blocks` are the only things other threads ask of
+it. Nobody outside reaches into the pool or the block manager.
 """
 
 import itertools
@@ -24,23 +23,24 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
-from kvcluster.block_io import BlockBatch
+from kvcluster.block_io import BlockBatch, batch_from_payloads
+from kvcluster.block_manager import BlockManager
 from kvcluster.blocks import BlockHash, Fingerprint, chain_root, extend_hashes, fingerprint_key, make_fingerprint
 from kvcluster.dtypes import DTYPE_NAMES, DTYPES, resolve_dtype
 from kvcluster.errors import InvalidArgument, RequestFailed, ResourceExhausted
 from kvcluster.kvpool import KVPool
 from kvcluster.model.loader import load_model, model_identity
-from kvcluster.model.llama import DecodeSeq, LlamaModel, LlamaWeights, ModelConfig, PrefillSeq
+from kvcluster.model.llama import LlamaModel, LlamaWeights, ModelConfig, PrefillSeq
+from kvcluster.model.model_runner import ModelRunner
+from kvcluster.model.scheduler import Scheduler, StepPlan
 from kvcluster.model.sampling import SamplingParams, sample
-from kvcluster.model.sequence import FinishReason, Sequence, TokenEvent
+from kvcluster.model.sequence import Sequence, TokenEvent
 from kvcluster.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_BYTES = 1 << 30
 # Batch-invariant numerics are the default; the fast kernels are an explicit opt-out (workers:
@@ -105,13 +105,14 @@ def ewma(average: float | None, value: float, weight: float = 0.2) -> float:
 
 
 class Engine:
-    """Owns the model and its KV pool. Not thread-safe: one engine thread drives it."""
+    """Owns the model, its KV pool and the scheduler. Not thread-safe: one engine thread drives it
+    (except `local_prefix_blocks` and `stage_blocks`, which any thread may call)."""
 
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, model_digest: bytes, config: EngineConfig = EngineConfig(),
                  cluster_secret: str = ""):
         self.model = model
         self.tokenizer = tokenizer
-        self.config = config
+        self._config = config
         self.model_digest = model_digest
         self.layout = model.config.kv_layout(config.block_size, DTYPE_NAMES[model.dtype])
         # The cluster secret keys every block hash (see kvcluster.blocks); "" = no secret.
@@ -121,22 +122,67 @@ class Engine:
         self.fingerprint: Fingerprint = make_fingerprint(self.identity, self.layout.canonical(),
                                                          fingerprint_key(cluster_secret))
         self.pool = KVPool.from_budget(self.layout, config.kv_capacity_bytes, model.device)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.blocks = BlockManager(self.pool.num_blocks)
+        self.scheduler = Scheduler(config, self.blocks, self.pool, self.fingerprint)
+        self.runner = ModelRunner(model, self.pool)
         self._ids = itertools.count()
-        self.num_preemptions = 0
-        self.last_step: tuple[str, int] = ("idle", 0)  # ("prefill" | "decode", sequences in the forward)
+        self.last_plan = StepPlan(config.max_prefill_tokens)  # the last step's work (metrics, tests)
         self.failures: list[tuple[str, Exception]] = []  # requests failed alone; see take_failures
         self.prefix_caching = config.prefix_caching
         self.tokens_computed = 0   # prompt tokens this engine computed (deduplication is counted here)
-        self.deferrals = 0         # prefill steps a sequence waited for a block another one was computing
         self.prefill_cost = PrefillCost()
         # Called with (sequences, their logits [n, vocab]) before each sampling: exactness tests, logprobs.
         self.logits_observer: Callable[[list[Sequence], torch.Tensor], None] | None = None
 
     @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: EngineConfig) -> None:
+        """A new config (tests change the chunking of a live engine) reaches the scheduler too."""
+        self._config = self.scheduler.config = config
+
+    @property
     def model_config(self) -> ModelConfig:
         return self.model.config
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def waiting(self) -> deque[Sequence]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    @property
+    def deferrals(self) -> int:
+        return self.scheduler.deferrals
+
+    @property
+    def last_step(self) -> tuple[str, int]:
+        """("decode" | "prefill" | "mixed" | "idle", sequences in the last forward)."""
+        return self.last_plan.kind, len(self.last_plan.items)
+
+    # ---- the KV connector seam (any thread) ------------------------------------------------
+
+    def local_prefix_blocks(self, hashes: Seq[BlockHash]) -> int:
+        """How many leading `hashes` this worker's local cache holds now: a hint for the fetcher on
+        another thread (a block may be evicted before admission; the scheduler re-checks)."""
+        return self.blocks.peek(hashes) if self.prefix_caching else 0
+
+    def stage_blocks(self, payloads: Seq[bytes | bytearray | memoryview]) -> BlockBatch:
+        """Fetched wire-format blocks staged for this pool's device (off the engine thread); the
+        engine thread only scatters them (`PrefixSource.pulled`)."""
+        return batch_from_payloads(payloads, self.layout.block_nbytes, self.pool.device)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -163,8 +209,8 @@ class Engine:
         params.validate(self.model_config.vocab_size, self.model_config.context_length)
         bs = self.config.block_size
         worst = -(-min(len(prompt_ids) + params.max_tokens, self.model_config.context_length) // bs)
-        if worst > self.pool.num_blocks:
-            raise ResourceExhausted(f"prompt + max_tokens need {worst} KV blocks; this worker's pool holds {self.pool.num_blocks}")
+        if worst > self.blocks.num_blocks:
+            raise ResourceExhausted(f"prompt + max_tokens need {worst} KV blocks; this worker's pool holds {self.blocks.num_blocks}")
         seq = Sequence.create(request_id or f"req-{next(self._ids)}", prompt_ids, params.with_seed(),
                               self.tokenizer, self.model_config.context_length)
         seq.keep_blocks = keep_blocks
@@ -172,11 +218,11 @@ class Engine:
         seq.hash_root = chain_root(cache_salt)
         if prefix is not None:
             seq.block_hashes = list(prefix.hashes[:len(prompt_ids) // bs])
-        self._reuse(seq)
+        self.scheduler.reuse(seq)
         if prefix is not None and prefix.pulled is not None:
             self._load_pulled(seq, prefix)
         if not output_ids:  # with a handed-over token the prompt's last logits are not needed
-            self._leave_work(seq)
+            self.scheduler.leave_work(seq)
         seq.initial_events = [seq.append_token(t) for t in output_ids]
         if seq.finish_reason is not None:  # the handed-over token already ended it
             if not keep_blocks:
@@ -204,72 +250,14 @@ class Engine:
         seq.num_computed += tokens
         seq.sources.pulled += tokens
         seq.sources.last = "pulled"
-        self._register(seq)
-
-    def _reuse(self, seq: Sequence) -> None:
-        """Extend the sequence's computed prefix with blocks the local cache holds."""
-        bs = self.config.block_size
-        have = len(seq.block_table)
-        if not seq.cacheable or seq.num_computed != have * bs:
-            return
-        limit = seq.num_tokens // bs
-        if have >= limit:
-            return
-        extend_hashes(self.fingerprint, seq.hash_root, seq.block_hashes, seq.token_ids, bs, limit)
-        slots = self.pool.match(seq.block_hashes[have:limit])
-        if not slots:
-            return
-        seq.block_table += slots
-        seq.num_computed += len(slots) * bs
-        seq.num_registered = len(seq.block_table)
-        prompt_hit = min(seq.num_computed, len(seq.prompt_ids)) - min(have * bs, len(seq.prompt_ids))
-        seq.sources.local_cache += prompt_hit
-        seq.sources.last = "local_cache"
-
-    def _leave_work(self, seq: Sequence) -> None:
-        """When every token's K/V is at hand, the last one must still be computed (its logits give
-        the next token): copy the last block, shared with others, into a private slot and recompute
-        that token there (copy-on-write: a shared block is never written). With no slot to spare,
-        give the block back and recompute all of its tokens instead."""
-        if seq.num_computed < seq.num_tokens:
-            return
-        bs, shared = self.config.block_size, seq.block_table[-1]
-        copy = self.pool.allocate(1)
-        if copy is not None:
-            self.pool.copy_slot(shared, copy[0])
-            seq.block_table[-1] = copy[0]
-            computed = seq.num_tokens - 1
-        else:
-            seq.block_table.pop()
-            computed = len(seq.block_table) * bs
-        self.pool.free([shared])
-        seq.num_registered = min(seq.num_registered, computed // bs)
-        recomputed, seq.num_computed = seq.num_computed - computed, computed
-        counted = getattr(seq.sources, seq.sources.last)
-        setattr(seq.sources, seq.sources.last, counted - min(counted, recomputed, max(0, len(seq.prompt_ids) - seq.num_computed)))
-
-    def _register(self, seq: Sequence) -> None:
-        """Register the sequence's newly completed full blocks in the local cache."""
-        if not seq.cacheable:
-            return
-        bs = self.config.block_size
-        full = min(seq.num_computed // bs, len(seq.block_table))
-        if full <= seq.num_registered:
-            return
-        extend_hashes(self.fingerprint, seq.hash_root, seq.block_hashes, seq.token_ids, bs, full)
-        for i in range(seq.num_registered, full):
-            self.pool.register(seq.block_hashes[i], seq.block_table[i])
-        seq.num_registered = full
+        self.scheduler.register(seq)
 
     def abort(self, request_id: str) -> bool:
-        for queue in (self.waiting, self.running):
-            for seq in list(queue):
-                if seq.request_id == request_id:
-                    queue.remove(seq)
-                    seq.finish_reason = FinishReason.CANCELLED
-                    self.release(seq)
-                    return True
-        return False
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return False
+        self.scheduler.cancel(seq)
+        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -283,102 +271,46 @@ class Engine:
         return failures
 
     def step(self) -> list[TokenEvent]:
-        """One prefill step if a waiting sequence fits, else one decode step (`last_step` says which,
-        or "idle" when nothing could run)."""
-        self.last_step = ("idle", 0)
-        events = self._prefill_step()
-        if events is None:
-            events = self._decode_step()
+        """One step of the scheduler's plan: every running sequence's next token (up to max_batch)
+        and chunks of waiting prompts, one forward, within the token budget (`last_plan` says what
+        ran; "idle" when nothing could)."""
+        plan = self.last_plan = self.scheduler.schedule()
+        if not plan.items:
+            if self.waiting and not self.running and self.blocks.num_used == 0:
+                # add_request admits only what fits an empty pool: failing the head is the only way on.
+                self._fail(self.waiting[0], ResourceExhausted(
+                    f"KV pool of {self.blocks.num_blocks} blocks cannot hold this prompt"))
+            # Else blocks held by finished sequences (kept for their owners) come back through the
+            # owners' commands, or running sequences finish: the prompt waits, nothing fails.
+            return []
+        start = time.perf_counter()
+        items, logits = self.runner.run(plan.items, lambda item, exc: self._fail(
+            item.seq, RequestFailed(f"the engine failed on this request: {exc}")))
+        if any(not item.decode for item in items):
+            self.prefill_cost.observe(sum(item.num_tokens for item in items), time.perf_counter() - start)
+        rows, ready, started, decoded = [], [], [], []
+        for row, item in enumerate(items):
+            seq, completes = item.seq, item.completes
+            before = seq.sources.computed
+            self.scheduler.computed(item)
+            self.tokens_computed += seq.sources.computed - before
+            if item.decode:
+                decoded.append(seq)
+            elif seq.on_chunk is not None and not self._run_hook(seq):
+                continue
+            if completes:
+                rows.append(row)
+                ready.append(seq)
+                if not item.decode:
+                    started.append(seq)
+        self.scheduler.start_running(started)
+        self.scheduler.rotate(decoded)
+        events = self._sample(ready, logits[rows]) if ready else []
         for seq in [s for s in self.running if s.finish_reason]:
             self.running.remove(seq)
             if not seq.keep_blocks:
                 self.release(seq)
         return events
-
-    def _prefill_step(self) -> list[TokenEvent] | None:
-        budget, bs = self.config.max_prefill_tokens, self.config.block_size
-        chunks: list[tuple[Sequence, int]] = []
-        claimed: set[BlockHash] = set()  # blocks that sequences ahead in the queue are computing
-        for seq in self.waiting:
-            if budget == 0 or len(self.running) + len(chunks) >= self.config.max_batch:
-                break
-            self._reuse(seq)
-            self._leave_work(seq)
-            if self._waits_for(seq, claimed):
-                self.deferrals += 1
-                continue
-            count = min(seq.num_tokens - seq.num_computed, budget)
-            slots = self.pool.allocate(seq.blocks_needed(seq.num_computed + count, bs))
-            if slots is None:
-                break
-            seq.block_table.extend(slots)
-            chunks.append((seq, count))
-            budget -= count
-        if not chunks:
-            if self.waiting and not self.running and self.pool.num_used == 0:
-                # add_request admits only what fits an empty pool: failing the head is the only way on.
-                self._fail(self.waiting[0], ResourceExhausted(
-                    f"KV pool of {self.pool.num_blocks} blocks cannot hold this prompt"))
-            # Else blocks held by finished sequences (kept for their owners) come back through the
-            # owners' commands, or running sequences finish: the prompt waits, nothing fails.
-            return None
-        self.last_step = ("prefill", len(chunks))
-        start = time.perf_counter()
-        chunks, logits = self._forward_isolated(chunks, lambda item: item[0], lambda batch: self.model.prefill(
-            self.pool.kv, [PrefillSeq(seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed,
-                                      seq.block_table) for seq, n in batch]))
-        if chunks:
-            self.prefill_cost.observe(sum(n for _, n in chunks), time.perf_counter() - start)
-        done = []
-        for row, (seq, n) in enumerate(chunks):
-            prompt_part = max(0, min(n, len(seq.prompt_ids) - seq.num_computed))
-            seq.sources.computed += prompt_part
-            self.tokens_computed += prompt_part
-            seq.num_computed += n
-            self._register(seq)
-            if seq.on_chunk is not None and not self._run_hook(seq):
-                continue
-            if seq.num_computed == seq.num_tokens:
-                done.append((seq, row))
-        for seq, _ in done:
-            self.waiting.remove(seq)
-            self.running.append(seq)
-        return self._sample([s for s, _ in done], logits[[row for _, row in done]])
-
-    def _waits_for(self, seq: Sequence, claimed: set[BlockHash]) -> bool:
-        """True when the next block `seq` would compute is being computed by a sequence ahead of it
-        (it then waits a step and takes that block from the cache). Else it claims its own."""
-        if not seq.cacheable:
-            return False
-        bs = self.config.block_size
-        extend_hashes(self.fingerprint, seq.hash_root, seq.block_hashes, seq.prompt_ids, bs)  # its prompt's blocks
-        nxt = seq.num_computed // bs
-        if seq.num_computed % bs == 0 and nxt < len(seq.block_hashes) and seq.block_hashes[nxt] in claimed:
-            return True
-        claimed.update(seq.block_hashes[nxt:])
-        return False
-
-    def _decode_step(self) -> list[TokenEvent]:
-        bs = self.config.block_size
-        batch = self.running[: self.config.max_batch]
-        for seq in list(batch):
-            while seq in batch and seq.blocks_needed(seq.num_tokens, bs):
-                slots = self.pool.allocate(1)
-                if slots is None:
-                    self._preempt(batch.pop())
-                    continue
-                seq.block_table.extend(slots)
-        if not batch:
-            return []
-        self.last_step = ("decode", len(batch))
-        batch, logits = self._forward_isolated(batch, lambda seq: seq, lambda seqs: self.model.decode(
-            self.pool.kv, [DecodeSeq(seq.token_ids[-1], seq.num_tokens - 1, seq.block_table) for seq in seqs]))
-        for seq in batch:
-            seq.num_computed = seq.num_tokens
-            self._register(seq)
-        # Sequences past max_batch rotate to the back so every one advances in turn.
-        self.running = self.running[len(batch):] + batch
-        return self._sample(batch, logits)
 
     def _run_hook(self, seq: Sequence) -> bool:
         """A sequence's chunk hook (e.g. prefill's pushes); if it raises, only that sequence fails."""
@@ -409,49 +341,17 @@ class Engine:
                                         "for this request's logits"))
         return []
 
-    def _forward_isolated(self, items: list[T], seq_of: Callable[[T], Sequence],
-                          forward: Callable[[list[T]], torch.Tensor]) -> tuple[list[T], torch.Tensor]:
-        """`forward(items)` (logits, one row per item). If it raises, each item runs alone and the
-        ones that still raise are failed: one request's failure never fails its batch. K/V writes
-        are idempotent (same tokens, same slots), so re-running a sequence is safe."""
-        try:
-            return items, forward(items)
-        except Exception as exc:
-            if len(items) == 1:
-                log.exception("forward failed for request %s", seq_of(items[0]).request_id)
-                self._fail(seq_of(items[0]), RequestFailed(f"the engine failed on this request: {exc}"))
-                return [], torch.empty(0)
-        kept, rows = [], []
-        for item in items:
-            alone, logits = self._forward_isolated([item], seq_of, forward)
-            kept += alone
-            rows += [logits] if alone else []
-        return kept, torch.cat(rows) if rows else torch.empty(0)
-
     def _fail(self, seq: Sequence, error: Exception) -> None:
         """Take `seq` out of the engine alone: out of the queues, blocks released, error recorded."""
-        for queue in (self.waiting, self.running):
-            if seq in queue:
-                queue.remove(seq)
-        seq.finish_reason = FinishReason.CANCELLED
-        self.release(seq)
+        self.scheduler.cancel(seq)
         self.failures.append((seq.request_id, error))
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks; it prefills again later (its registered blocks may
-        still be in the local cache then)."""
-        self.num_preemptions += 1
-        self.running.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table, seq.num_computed, seq.num_registered = [], 0, 0
-        self.waiting.appendleft(seq)
 
     # ---- blocks in and out (the pool's owner does the copying) ----------------------------
 
     def load_blocks(self, batch: BlockBatch) -> list[int] | None:
         """Put staged blocks (see kvcluster.block_io) into free slots with one scatter; their slots,
         or None when the pool cannot spare them now."""
-        slots = self.pool.allocate(batch.num_blocks)
+        slots = self.blocks.allocate(batch.num_blocks)
         if slots:
             self.pool.write(slots, batch)
         return slots
@@ -485,7 +385,7 @@ class Engine:
         bytes differ or None, blocks compared); a block evicted meanwhile is not compared."""
         compared = 0
         for i, (block_hash, slot) in enumerate(zip(hashes, seq.block_table)):
-            cached = self.pool.slot_of(block_hash)
+            cached = self.blocks.slot_of(block_hash)
             if cached is None or cached == slot:
                 continue
             compared += 1
@@ -493,10 +393,15 @@ class Engine:
                 return i, compared
         return None, compared
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the whole local prefix cache (vLLM's and SGLang's reset_prefix_cache): no block is
+        findable by hash any more, running sequences keep theirs; the pool's listener publishes the
+        removals. The number of blocks dropped."""
+        return len(self.blocks.clear_cache())
+
     def release(self, seq: Sequence) -> None:
         """Return a sequence's blocks to the pool."""
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self.scheduler.release(seq)
 
     # ---- convenience drivers (CLI, tests, benchmarks) ---------------------------------------
 
@@ -520,13 +425,13 @@ class Engine:
         params.validate(self.model_config.vocab_size, self.model_config.context_length)
         seq = Sequence.create("no-cache", prompt_ids, params.with_seed(), self.tokenizer, self.model_config.context_length)
         while seq.finish_reason is None:
-            slots = self.pool.allocate(seq.blocks_needed(seq.num_tokens, self.config.block_size))
+            slots = self.blocks.allocate(seq.blocks_needed(seq.num_tokens, self.config.block_size))
             if slots is None:
                 raise ResourceExhausted("KV pool too small for a no-cache recompute")
             try:
                 logits = self.model.prefill(self.pool.kv, [PrefillSeq(seq.token_ids, 0, slots)])
             finally:
-                self.pool.free(slots)
+                self.blocks.free(slots)
             if self.logits_observer is not None:
                 self.logits_observer([seq], logits)
             yield seq.append_token(sample(logits, [seq.params], [len(seq.output_ids)])[0])

@@ -61,6 +61,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its leading full blocks
     num_registered: int = 0        # leading blocks found in or registered with the local cache
     sources: "TokenSources" = field(default_factory=lambda: TokenSources())
+    preemptions: int = 0           # times the scheduler took its blocks back (it was recomputed after)
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: Seq[int], params: SamplingParams, tokenizer: Tokenizer,
