@@ -30,7 +30,8 @@ class DecodeConfig(WorkerConfig):
     verify_fraction: float = setting(0.0, "fraction of warm requests (prompt K/V not all computed here) recomputed "
                                      "without the cache on the side and compared token by token and block by block "
                                      "(kvcluster_verify_mismatch_total); 0 = off, 1 = every one")
-    api_key: str = setting("", "when set, Generate requires the metadata 'authorization: Bearer <key>'")
+    api_key: str = setting("", "when set, Generate and ResetPrefixCache require the metadata "
+                           "'authorization: Bearer <key>'")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,6 +1,9 @@
 """Assembles a decode worker: engine thread, prompt-KV source, Generate servicer and /metrics."""
 
+import logging
 import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
@@ -12,7 +15,8 @@ from decode_service.prompt_kv import PromptKVSource
 from decode_service.verifier import Verifier
 from kvcluster import rpc
 from kvcluster.security import token_guards
-from kvcluster.errors import InvalidArgument, ResourceExhausted
+from kvcluster.errors import InvalidArgument, ResourceExhausted, Unavailable
+from kvcluster.index_publisher import IndexPublisher
 from kvcluster.model.engine import Engine, load_engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
 from kvcluster.cache_client import make_cache_client
@@ -22,6 +26,9 @@ from kvcluster.worker_registration import make_registration
 from kvcluster.worker_server import WorkerServer
 from kvcluster.worker import EngineWorker
 
+log = logging.getLogger(__name__)
+RESET_TIMEOUT_S = 30.0  # the longest a reset waits for the engine thread, then for the registry
+
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     def __init__(self, generator: Generator, metrics: DecodeMetrics, max_streams: int):
@@ -29,6 +36,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.metrics = metrics
         self.max_streams = max_streams
         self._streams = threading.BoundedSemaphore(max_streams)
+        self.registration: IndexPublisher | None = None  # set once the port is bound (create_server)
 
     def Generate(self, request, context):
         outcome = "error"
@@ -52,6 +60,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 self._streams.release()
             self.metrics.requests.labels(outcome).inc()
 
+    def ResetPrefixCache(self, request, context):
+        remaining = context.time_remaining()
+        timeout = RESET_TIMEOUT_S if remaining is None else min(RESET_TIMEOUT_S, remaining)
+        reset = reset_prefix_cache(self.generator.worker, self.registration, timeout)
+        return decode_pb2.ResetPrefixCacheResponse(blocks_dropped=reset.blocks_dropped, index_updated=reset.index_updated)
+
+
+@dataclass(frozen=True)
+class PrefixCacheReset:
+    blocks_dropped: int
+    index_updated: bool  # the registry no longer lists the dropped blocks for this worker
+
+
+def reset_prefix_cache(worker: EngineWorker, registration: IndexPublisher | None, timeout_s: float) -> PrefixCacheReset:
+    """Drop the local prefix cache on the engine thread, then wait until the registry publisher has
+    written the removals the pool's listener queued, so a router asking Redis after the answer no
+    longer credits this worker with those blocks."""
+    try:
+        dropped = worker.call(lambda engine: engine.reset_prefix_cache(), timeout_s)
+    except FutureTimeout:
+        raise Unavailable(f"the engine thread did not take the reset within {timeout_s:g} s") from None
+    indexed = registration is None or registration.flush(timeout_s)
+    log.info("prefix cache reset: %d blocks dropped%s", dropped, "" if indexed else "; the registry is not updated yet")
+    return PrefixCacheReset(dropped, indexed)
+
 
 class DecodeServer(WorkerServer):
     """A built decode worker; `servicer` and `generator` are exposed for tests and tools."""
@@ -62,8 +95,9 @@ class DecodeServer(WorkerServer):
         prefill = generator.source.prefill
         closers = [generator.close] + ([prefill.close] if prefill is not None else []) + (
             [generator.cache.close] if generator.cache is not None else [])
+        servicer.registration = make_registration("decode", config, generator.worker, port)
         super().__init__("decode", config, rpc_server, generator.worker, registry, port, closers,
-                         make_registration("decode", config, generator.worker, port))
+                         servicer.registration)
         self.servicer = servicer
         self.generator = generator
 

@@ -23,15 +23,19 @@ class GatewayConfig(SecuritySettings, ServiceConfig):
                          "prompts); empty = the shipped SmolLM2")
     served_model_name: str = setting("", "model id of /v1/models and the `model` field; empty = the model file's "
                                      "name without its extension")
-    api_keys: str = setting("", "comma-separated API keys; when set every /v1 call needs "
-                            "'Authorization: Bearer <key>'")
-    decode_api_key: str = setting("", "API key the decode replicas require on Generate, if any")
+    api_keys: str = setting("", "comma-separated API keys; when set every /v1 call and POST "
+                            "/reset_prefix_cache needs 'Authorization: Bearer <key>'")
+    decode_api_key: str = setting("", "API key the decode replicas require on Generate and ResetPrefixCache, "
+                                  "if any")
     routing: str = setting("cache_aware", "cache_aware: the replica holding the longest prompt prefix, weighed "
                            "against load; round_robin: each replica in turn")
     overlap_weight: float = setting(1.0, "score = overlap_weight x leading prompt blocks held - load (sequences "
                                     "running + waiting): how many queued sequences one cached block is worth")
     refresh_seconds: float = setting(0.5, "how often the replica list and loads are re-read from Redis")
     request_timeout_seconds: float = setting(600.0, "deadline of one Generate call to a replica")
+    reset_timeout_seconds: float = setting(10.0, "deadline of one replica's ResetPrefixCache call "
+                                           "(POST /reset_prefix_cache); a replica that does not answer in time "
+                                           "makes the reset answer 503")
     max_failovers: int = setting(2, "times one request moves to another replica after its replica failed")
     suspect_seconds: float = setting(5.0, "a replica that failed a call stays out of rotation this long, unless it "
                                      "registers again")

@@ -167,6 +167,7 @@ def parse_sampling(body: dict, max_tokens_limit: int) -> common_pb2.SamplingPara
         raise invalid("seed", f"must be in [0, 2^64), got {seed}")
     sampling.seed = seed if seed is not None else secrets.randbits(SEED_BITS)
     sampling.stop.extend(parse_stop(body.get("stop")))
+    sampling.ignore_eos = bool(_typed(body, "ignore_eos", (bool,), "a boolean"))  # vLLM's extra field (benchmarks)
     return sampling
 
 

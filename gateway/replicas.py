@@ -16,7 +16,7 @@ import grpc
 
 from gateway.config import GatewayConfig
 from kvcluster.index import LOAD_FIELDS, NUMERICS_FIELDS, RedisIndex, StoreRef, worker_namespace
-from kvcluster.proto import decode_pb2_grpc
+from kvcluster.proto import decode_pb2, decode_pb2_grpc
 from kvcluster.rpc import channel_options
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,20 @@ class ReplicaSet:
 
     def suspect(self, replica: Replica) -> None:
         replica.suspect_until = time.monotonic() + self.config.suspect_seconds
+
+    async def reset_prefix_caches(self, metadata, timeout_s: float) -> list[tuple[Replica, object]]:
+        """ResetPrefixCache on every registered replica at once, suspects included (one back in rotation
+        must not bring blocks the router no longer expects). Per replica its ResetPrefixCacheResponse,
+        or the grpc.aio.AioRpcError it failed with (UNAVAILABLE, DEADLINE_EXCEEDED after `timeout_s`)."""
+        async def reset(replica: Replica):
+            try:
+                return await replica.stub.ResetPrefixCache(decode_pb2.ResetPrefixCacheRequest(), timeout=timeout_s,
+                                                           metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                return exc
+
+        replicas = list(self.replicas.values())
+        return list(zip(replicas, await asyncio.gather(*map(reset, replicas))))
 
     async def close(self) -> None:
         for replica in [*self.replicas.values(), *self._retired]:

@@ -211,6 +211,27 @@ class Gateway:
         self.metrics.latency.observe(time.perf_counter() - arrival)
         yield "data: [DONE]\n\n"
 
+    async def reset_prefix_cache(self, http: Request) -> Response:
+        """Every registered replica drops its local prefix cache and its blocks' registry entries
+        (vLLM's and SGLang's endpoint). The router asks Redis for every request and keeps no copy, so
+        nothing here needs invalidating. 503 naming each replica that did not confirm."""
+        self.check_key(http)
+        answers = await self.replicas.reset_prefix_caches(self.metadata, self.config.reset_timeout_seconds)
+        if not answers:
+            raise ApiError(503, "no decode replica is registered", None, "no_replica", "service_unavailable_error")
+        failed = [f"{r.replica_id} ({a.code().name}: {a.details()})"
+                  for r, a in answers if isinstance(a, grpc.aio.AioRpcError)]
+        if failed:
+            others = len(answers) - len(failed)
+            raise ApiError(503, f"prefix cache not reset on {len(failed)} of {len(answers)} replicas: "
+                           f"{'; '.join(failed)}" + (f" (the other {others} were reset)" if others else ""), None,
+                           "replica_failed", "service_unavailable_error")
+        log.info("prefix caches reset on %d replicas", len(answers))
+        return JSONResponse({"reset": True, "replicas": len(answers),
+                             "blocks_dropped": sum(a.blocks_dropped for _, a in answers),
+                             "index_updated": all(a.index_updated for _, a in answers),
+                             "per_replica": {r.replica_id: a.blocks_dropped for r, a in answers}})
+
     def models(self, http: Request) -> Response:
         self.check_key(http)
         return JSONResponse({"object": "list", "data": [{"id": self.served_model, "object": "model", "created": 0,
@@ -242,6 +263,8 @@ class Gateway:
         routes = [HttpRoute("/v1/chat/completions", self._counted("/v1/chat/completions", lambda r: self.completions(r, True)), methods=["POST"]),
                   HttpRoute("/v1/completions", self._counted("/v1/completions", lambda r: self.completions(r, False)), methods=["POST"]),
                   HttpRoute("/v1/models", self._counted("/v1/models", self.models), methods=["GET"]),
+                  HttpRoute("/reset_prefix_cache", self._counted("/reset_prefix_cache", self.reset_prefix_cache),
+                            methods=["POST"]),
                   HttpRoute("/health", self.health, methods=["GET"]),
                   HttpRoute("/live", lambda r: JSONResponse({"status": "ok"}), methods=["GET"]),
                   HttpRoute("/metrics", self.metrics_page, methods=["GET"])]

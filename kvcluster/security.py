@@ -1,6 +1,6 @@
-"""TLS (optionally mutual) for every gRPC server and client, an API key on Generate, and a shared
-token on every internal RPC (push, pull, lookup, stats, prefill), so a client can neither write
-into the cache nor ask what it holds.
+"""TLS (optionally mutual) for every gRPC server and client, an API key on decode's public methods
+(Generate, ResetPrefixCache), and a shared token on every internal RPC (push, pull, lookup, stats,
+prefill), so a client can neither write into the cache nor ask what it holds.
 
 Every service config inherits `SecuritySettings`: `--tls-cert/--tls-key` make its server speak TLS
 (`--tls-client-ca` also demands client certificates); `--tls-ca` makes its outgoing calls speak
@@ -31,6 +31,10 @@ INTERNAL_METHODS = ("/kvcluster.v1.CacheStore/PushBlocks", "/kvcluster.v1.CacheS
                     "/kvcluster.v1.CacheStore/Lookup", "/kvcluster.v1.CacheStore/Stats",
                     "/kvcluster.v1.PrefillService/Prefill")
 GENERATE_METHOD = "/kvcluster.v1.DecodeService/Generate"
+# A decode worker's public methods: with --api-key set they require it (the gateway sends its
+# decode_api_key). Resetting the prefix cache costs others speed, never an answer, so it takes the
+# same key as Generate.
+API_KEY_METHODS = (GENERATE_METHOD, "/kvcluster.v1.DecodeService/ResetPrefixCache")
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethod
 def token_guards(internal_token: str = "", api_key: str = "") -> dict[str, tuple[str, str, str]]:
     guards = {m: (INTERNAL_TOKEN_HEADER, internal_token, "internal token") for m in INTERNAL_METHODS if internal_token}
     if api_key:
-        guards[GENERATE_METHOD] = (API_KEY_HEADER, f"Bearer {api_key}", "API key")
+        guards.update({m: (API_KEY_HEADER, f"Bearer {api_key}", "API key") for m in API_KEY_METHODS})
     return guards
 
 

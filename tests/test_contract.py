@@ -11,7 +11,7 @@ def methods(pb2, service: str) -> dict[str, tuple[bool, bool]]:
 
 
 def test_services_and_streaming_shapes():
-    assert methods(decode_pb2, "DecodeService") == {"Generate": (False, True)}
+    assert methods(decode_pb2, "DecodeService") == {"Generate": (False, True), "ResetPrefixCache": (False, False)}
     assert methods(prefill_pb2, "PrefillService") == {"Prefill": (False, False)}
     assert methods(cache_pb2, "CacheStore") == {
         "PushBlocks": (True, False), "PullBlocks": (False, True), "Lookup": (False, False), "Stats": (False, False)}

@@ -1,6 +1,6 @@
 """The OpenAI-compatible gateway over a real cluster (Redis, store, prefill, two decode replicas,
 the gateway; every one its own process): the official `openai` client, error objects, routing by
-cached prefix and load, and mid-stream failover when a replica is killed."""
+cached prefix and load, POST /reset_prefix_cache, and mid-stream failover when a replica is killed."""
 
 import json
 import re
@@ -11,8 +11,12 @@ import httpx
 import openai
 import pytest
 
+from kvcluster.blocks import prefix_hashes
 from kvcluster.client import Client
+from kvcluster.index import RedisIndex, worker_namespace
 from kvcluster.launcher import Cluster, ClusterPorts
+from kvcluster.model.loader import read_tokenizer_data
+from kvcluster.model.tokenizer import ChatMessage, Tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -127,6 +131,7 @@ def test_new_prompt_goes_to_the_less_loaded_replica(cluster, client):
     ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, 400, "stop"),
     ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
+    ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": 1}, 400, "ignore_eos"),
     ({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ([1, 2, 3], 400, "body"),
 ])
@@ -174,6 +179,48 @@ def test_models_health_and_metrics(cluster, client):
     assert "kvcluster_gateway_time_to_first_token_seconds_bucket" in text
     assert re.search(r'kvcluster_gateway_routing_decisions_total\{reason="least_loaded"\} [1-9]', text)
     assert "kvcluster_gateway_replicas_up 2.0" in text
+
+
+def test_reset_prefix_cache_empties_every_replica_and_the_routers_view(cluster, client):
+    """Warm from the serving replica's own pool; the reset (API key required) drops every replica's
+    local cache and its registry entries, so the router credits nobody; the next identical request
+    finds nothing locally, pulls what the cache store (not reset) still holds, and answers the same."""
+    question = f"{LONG_DOCUMENT}\nHow many boxes of part 7 are there?"
+    kwargs = dict(model=cluster.served_model, messages=chat(question), max_tokens=6, temperature=0,
+                  extra_body={"ignore_eos": True})
+    cold = client.chat.completions.create(**kwargs)
+    assert cold.usage.completion_tokens == 6 and cold.choices[0].finish_reason == "length"  # ignore_eos reaches decode
+    warm = client.chat.completions.create(**kwargs)
+    assert warm.usage.kvcluster["local_cache_tokens"] >= warm.usage.prompt_tokens - 16
+    index = RedisIndex(cluster.redis_url, worker_namespace("kvc", "decode"))
+    try:
+        members = index.live_stores()
+        prompt = Tokenizer(read_tokenizer_data()).encode_chat([ChatMessage("user", question)])
+        hashes = prefix_hashes(bytes.fromhex(members[0].fingerprint), prompt, 16)
+        held = dict(zip([m.store_id for m in members], index.held_prefix(hashes, members)))
+        assert held[warm.usage.kvcluster["replica"]] == len(prompt) // 16  # what the router credits it with
+
+        url = f"{cluster.gateway_url}/reset_prefix_cache"
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = httpx.post(url, headers=headers, timeout=30)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        reset = httpx.post(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        assert reset.status_code == 200, reset.text
+        body = reset.json()
+        assert body["reset"] is True and body["replicas"] == 2 and body["index_updated"] is True
+        assert body["blocks_dropped"] >= len(prompt) // 16 and sorted(body["per_replica"]) == sorted(held)
+        assert index.held_prefix(hashes, members) == [0, 0]
+    finally:
+        index.close()
+
+    hits = metric(cluster, "kvcluster_gateway_routing_decisions_total", 'reason="cache_hit"')
+    again = client.chat.completions.create(**kwargs)
+    assert metric(cluster, "kvcluster_gateway_routing_decisions_total", 'reason="cache_hit"') == hits
+    sources = again.usage.kvcluster
+    assert sources["local_cache_tokens"] == 0
+    assert sources["store_tokens"] > 0 and again.usage.prompt_tokens_details.cached_tokens == sources["store_tokens"]
+    assert sources["store_tokens"] + sources["prefill_tokens"] + sources["local_computed_tokens"] == again.usage.prompt_tokens
+    assert again.choices[0].message.content == warm.choices[0].message.content == cold.choices[0].message.content
 
 
 def test_decode_resumes_after_handed_over_tokens(cluster):
