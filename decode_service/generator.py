@@ -97,6 +97,9 @@ class Generator:
         kv = self.source.fetch(request_id, prompt_ids, params, time_left, cache_salt) if use_cache else PromptKV()
         kv.use_cache, kv.cache_salt = use_cache, cache_salt
         self.metrics.observe(kv.fallbacks, kv.lookup_s)
+        if kv.decision is not None:
+            remote, reason = kv.decision
+            self.metrics.prefill_decisions.labels("remote" if remote else "local", reason).inc()
         if context is not None and not context.is_active():
             return  # cancelled or past its deadline while the KV was being fetched: do no more work
         keep = self.cache_generated and use_cache

@@ -9,6 +9,9 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# (where, reason) of decode_service.prompt_kv.LocalPrefillPolicy.decide, exported from the start at 0
+PREFILL_DECISIONS = (("local", "short"), ("local", "never"), ("local", "no_replica"), ("local", "colocated"), ("local", "prefill_busy"),
+                     ("remote", "threshold"), ("remote", "remote"))
 OUTCOMES = ("ok", "cancelled", "invalid", "rejected", "error")
 
 
@@ -40,16 +43,22 @@ class DecodeMetrics(FallbackMetrics):
                                        "(tokens or prompt K/V bytes): always a bug", registry=registry)
         self.batch_size = Histogram("kvcluster_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS,
                                     registry=registry)
+        self.prefill_decisions = Counter("kvcluster_prefill_decisions", "Where a prompt's uncached tokens were "
+                                         "computed (where=local|remote) and why (reason: short, threshold, no_replica, "
+                                         "never, colocated, prefill_busy, remote)", ["where", "reason"], registry=registry)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         for result in ("match", "mismatch", "skipped"):
             self.verify.labels(result)
         for source in ("local_cache", "store", "prefill", "local_computed"):
             self.prompt_tokens.labels(source)
+        for where, reason in PREFILL_DECISIONS:
+            self.prefill_decisions.labels(where, reason)
 
     def observe_step(self, engine: Engine) -> None:
-        kind, size = engine.last_step
-        if kind == "decode":
-            self.batch_size.observe(size)
+        self.scheduler.observe(engine)
+        plan = engine.last_plan
+        if plan.decode_tokens:
+            self.batch_size.observe(plan.decode_tokens)
         self.running.set(len(engine.running))
         self.waiting.set(len(engine.waiting))

@@ -13,6 +13,7 @@ import itertools
 import logging
 import threading
 from collections import Counter
+from dataclasses import dataclass
 
 import grpc
 
@@ -22,6 +23,13 @@ from kvcluster.index import RedisIndex, StoreRef, worker_namespace
 from kvcluster.proto import prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    address: str
+    host_id: str        # "" = unknown (kvcluster.worker_registration.host_id)
+    queued_tokens: int  # prompt tokens it has yet to compute
 
 
 class NoPrefillReplica(grpc.RpcError):
@@ -45,6 +53,7 @@ class PrefillPool:
                       if config.redis_url and config.registry_heartbeat_seconds > 0 else None)
         self.refresh_s = refresh_s
         self.live: list[tuple[StoreRef, int]] = []  # registered replicas and their published loads
+        self.fields: dict[str, dict[str, str]] = {}  # address -> its published load fields (queued_tokens, host_id)
         self._stubs: dict[str, prefill_pb2_grpc.PrefillServiceStub] = {}
         self._channels: list[grpc.Channel] = []
         self._open: Counter[str] = Counter()
@@ -63,6 +72,15 @@ class PrefillPool:
         except Unavailable:
             return  # keep the last list; the next round retries
         self.live = [(m, int(f.get("running", 0)) + int(f.get("waiting", 0))) for m, f in zip(members, loads)]
+        self.fields = {m.address: f for m, f in zip(members, loads)}
+
+    def candidates(self) -> list[ReplicaState]:
+        """What decode's prefill policy weighs: each live replica's host and queued prompt tokens as
+        last published; the static target (no registry) with neither known."""
+        if self.live:
+            return [ReplicaState(m.address, self.fields.get(m.address, {}).get("host_id", ""),
+                                 int(self.fields.get(m.address, {}).get("queued_tokens", 0))) for m, _ in self.live]
+        return [ReplicaState(self.static_target, "", 0)] if self.static_target else []
 
     def pick(self) -> str:
         """The address to call now."""

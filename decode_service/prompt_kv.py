@@ -3,9 +3,11 @@ prefill service, else computing it here.
 
 Two tiers (see kvcluster.model.engine): the blocks this worker's pool already holds are never
 fetched again; only the rest is looked up in the store. Conditional disaggregation (as Dynamo
-does): when the part of the prompt neither tier holds is short, decode pulls what the store has
-and computes the rest itself, skipping the Prefill round trip; "short" is decided from measured
-costs (`LocalPrefillPolicy`). Otherwise it calls Prefill and pulls every block it lacks. Any
+does), decided per request from measured state (`LocalPrefillPolicy.decide`): decode pulls what
+the store has and computes the rest itself (in chunks, inside its decode steps) when that part is
+short, when every prefill replica computes on this worker's own cores (one machine: a hand-off
+adds a call, a push and a pull but no compute), or when the replicas' queues make waiting there
+slower than computing here. Otherwise it calls Prefill and pulls every block it lacks. Any
 failure leaves fewer blocks (and a fallback reason): the engine then recomputes whatever is
 missing, so the answer never changes.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from decode_service.prefill_pool import ReplicaState
 from kvcluster.block_io import BlockBatch
 from kvcluster.blocks import BlockHash, prefix_hashes
 from kvcluster.cache_client import Fetched, KVCacheClient
@@ -25,6 +28,7 @@ from kvcluster.messages import sampling_to_proto
 from kvcluster.model.engine import Engine, PrefixSource, ewma
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
+from kvcluster.worker_registration import host_id
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class PromptKV:
     fallbacks: list[str] = field(default_factory=list)
     use_cache: bool = True             # False for bypass_cache: the local cache is neither read nor written
     cache_salt: str = ""               # roots the hash chain (the engine extends it over generated tokens)
+    decision: tuple[bool, str] | None = None  # (remote prefill?, why): LocalPrefillPolicy.decide
 
     def prefix(self) -> PrefixSource:
         return PrefixSource(self.hashes, self.blocks, self.pulled_from, self.num_tokens)
@@ -67,8 +72,9 @@ class LocalPrefillPolicy:
     and every prefill step. Until this engine has run a long forward, the prefill service's
     measured speed stands in for its per-token part; `prior` until a Prefill call was measured."""
 
-    def __init__(self, fixed: int, engine: Engine, prior: int = 64, ceiling: int = 1024):
+    def __init__(self, fixed: int, engine: Engine, prior: int = 64, ceiling: int = 1024, mode: str = "auto"):
         self.fixed = fixed
+        self.mode = mode  # DecodeConfig.disaggregation
         self.engine = engine
         self.prior = prior
         self.ceiling = ceiling
@@ -81,6 +87,37 @@ class LocalPrefillPolicy:
             self.overhead_s = ewma(self.overhead_s, max(0.0, wall_s - compute_s))
             if computed_tokens >= 64:
                 self.remote_per_token_s = ewma(self.remote_per_token_s, compute_s / computed_tokens)
+
+    def decide(self, uncached: int, replicas: list[ReplicaState], local_queued: int) -> tuple[bool, str]:
+        """Whether to hand this prompt's `uncached` tokens to a prefill replica, and why (Dynamo's
+        conditional disaggregation, decided per request from measured state):
+        - "short": no more than `max_tokens()`: computing here costs less than a call adds;
+        - "threshold": `--disaggregation always`, or a fixed `--local-prefill-max-tokens`, sends every
+          longer prompt away; "never": `--disaggregation never` keeps it;
+        - "no_replica": nobody to call;
+        - "colocated": every replica computes on this worker's own cores (same host id): a hand-off
+          adds the call, the push and the pull but no compute;
+        - "prefill_busy": waiting in the shortest replica queue alone would take longer than
+          computing the prompt here after this worker's own queue;
+        - "remote": the hand-off wins."""
+        if uncached <= self.max_tokens():
+            return False, "short"
+        if self.mode == "never":
+            return False, "never"
+        if self.fixed >= 0 or self.mode == "always":
+            return True, "threshold"
+        if not replicas:
+            return False, "no_replica"
+        own = host_id()
+        elsewhere = [r for r in replicas if r.host_id != own]  # an unknown host ("") may add compute
+        if not elsewhere:
+            return False, "colocated"
+        local_pt = self.engine.prefill_cost.per_token_s
+        remote_pt = self.remote_per_token_s or local_pt
+        if local_pt and remote_pt:  # waiting in the replicas' queue alone would outlast computing it here
+            if min(r.queued_tokens for r in elsewhere) * remote_pt >= (local_queued + uncached) * local_pt:
+                return False, "prefill_busy"
+        return True, "remote"
 
     def max_tokens(self) -> int:
         if self.fixed >= 0:
@@ -97,11 +134,11 @@ class PromptKVSource:
     """Decides where a prompt's KV comes from and fetches it. Thread-safe; runs on handler threads."""
 
     def __init__(self, engine: Engine, cache: KVCacheClient | None, prefill: prefill_pb2_grpc.PrefillServiceStub | None,
-                 local_prefill_max_tokens: int, prefill_timeout_s: float):
+                 local_prefill_max_tokens: int, prefill_timeout_s: float, disaggregation: str = "auto"):
         self.engine = engine
         self.cache = cache
         self.prefill = prefill
-        self.policy = LocalPrefillPolicy(local_prefill_max_tokens, engine)
+        self.policy = LocalPrefillPolicy(local_prefill_max_tokens, engine, mode=disaggregation)
         self.prefill_timeout_s = prefill_timeout_s
 
     def fetch(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
@@ -118,8 +155,9 @@ class PromptKVSource:
         holders, kv.lookup_s, fallback = self.cache.lookup(hashes[local:])
         kv.fallbacks += [fallback] if fallback else []
         uncached = len(prompt_ids) - (local + len(holders)) * bs
-        if self.prefill is not None and uncached > self.policy.max_tokens():
-            if self._via_prefill(kv, request_id, prompt_ids, params, deadline, cache_salt):
+        if self.prefill is not None:
+            kv.decision = self.policy.decide(uncached, self._replicas(), self._local_queued())
+            if kv.decision[0] and self._via_prefill(kv, request_id, prompt_ids, params, deadline, cache_salt):
                 return kv
         fetched = (self.cache.pull_held(hashes[local:], blocks[local:], holders, _left(deadline))
                    if holders else Fetched())
@@ -127,6 +165,14 @@ class PromptKVSource:
         kv.cached_upto = (local + len(fetched.payloads)) * bs
         kv.held_blocks = local + len(fetched.payloads)
         return kv
+
+    def _replicas(self) -> list[ReplicaState]:
+        candidates = getattr(self.prefill, "candidates", None)  # a PrefillPool; a bare stub knows nothing
+        return candidates() if candidates is not None else [ReplicaState("", "", 0)]
+
+    def _local_queued(self) -> int:
+        """Prompt tokens this worker's engine has yet to compute (a hint read off its thread)."""
+        return sum(max(0, s.num_tokens - s.num_computed) for s in list(self.engine.waiting))
 
     def _via_prefill(self, kv: PromptKV, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                      deadline: float | None, cache_salt: str = "") -> bool:

@@ -115,7 +115,8 @@ def create_server(config: DecodeConfig, engine: Engine | None = None,
     worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
     cache = make_cache_client(config, engine)
     prefill = PrefillPool(config, engine.fingerprint) if config.prefill_target else None
-    source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds)
+    source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds,
+                            config.disaggregation)
     metrics.local_prefill_max.set_function(source.policy.max_tokens)
     verifier = Verifier(worker, metrics, config.verify_fraction) if config.verify_fraction > 0 else None
     generator = Generator(worker, source, cache, metrics, config.cache_generated, config.lease_seconds,

@@ -173,7 +173,7 @@ def _unavailable_on_redis_error(method: Callable[P, R]) -> Callable[P, R]:
 
 
 WORKER_KINDS = ("decode", "prefill")
-LOAD_FIELDS = ("running", "waiting", "free_blocks")
+LOAD_FIELDS = ("running", "waiting", "free_blocks", "queued_tokens", "host_id")
 # A worker's numerics mode and whether exactness holds on it (kvcluster.numerics), for /health.
 NUMERICS_FIELDS = ("numerics", "exactness_guaranteed")
 

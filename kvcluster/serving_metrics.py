@@ -8,10 +8,51 @@ FALLBACK_REASONS = ("redis_unavailable", "store_unavailable", "short_pull", "che
                     "prefill_unavailable", "prefill_mismatch", "push_failed")
 
 
-class FallbackMetrics:
-    """Fallbacks to recompute and Redis index latency: shared by prefill and decode."""
+STEP_KINDS = ("decode", "prefill", "mixed")
+BUDGET_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+class SchedulerMetrics:
+    """What the engine's scheduler did each step (kvcluster.model.scheduler): the share of the token
+    budget used, prefill vs decode tokens, steps by kind, preemptions, prompt tokens still queued."""
 
     def __init__(self, registry: CollectorRegistry):
+        self.budget_used = Histogram("kvcluster_scheduler_budget_used_ratio", "Tokens a step computed / its token "
+                                     "budget", buckets=BUDGET_BUCKETS, registry=registry)
+        self.budget = Gauge("kvcluster_scheduler_step_budget_tokens", "Token budget of one engine step",
+                            registry=registry)
+        self.tokens = Counter("kvcluster_scheduler_tokens", "Tokens computed by engine steps, by kind: decode (one "
+                              "per running sequence) or prefill (prompt chunks)", ["kind"], registry=registry)
+        self.steps = Counter("kvcluster_scheduler_steps", "Engine steps by kind: decode, prefill, mixed (both in one "
+                             "forward)", ["kind"], registry=registry)
+        self.preemptions = Counter("kvcluster_scheduler_preemptions", "Running sequences preempted (blocks taken "
+                                   "back, recomputed later) because the KV pool ran short", registry=registry)
+        self.queued_tokens = Gauge("kvcluster_scheduler_queued_tokens", "Prompt tokens waiting sequences have yet "
+                                   "to compute", registry=registry)
+        for kind in ("decode", "prefill"):
+            self.tokens.labels(kind)
+        for kind in STEP_KINDS:
+            self.steps.labels(kind)
+
+    def observe(self, engine) -> None:
+        """After each step, on the engine thread."""
+        plan = engine.last_plan
+        self.budget.set(plan.budget)
+        self.preemptions.inc(plan.preempted)
+        self.queued_tokens.set(sum(max(0, s.num_tokens - s.num_computed) for s in engine.waiting))
+        if not plan.items:
+            return
+        self.steps.labels(plan.kind).inc()
+        self.budget_used.observe(plan.num_tokens / max(1, plan.budget))
+        self.tokens.labels("decode").inc(plan.decode_tokens)
+        self.tokens.labels("prefill").inc(plan.prefill_tokens)
+
+
+class FallbackMetrics:
+    """Fallbacks to recompute, Redis index latency and the scheduler: shared by prefill and decode."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.scheduler = SchedulerMetrics(registry)
         self.fallbacks = Counter("kvcluster_fallbacks", "Cache path failures that fell back to recompute",
                                  ["reason"], registry=registry)
         self.index_lookup = Histogram("kvcluster_index_lookup_seconds", "Redis index lookup latency",

@@ -12,8 +12,11 @@ this prompt does each worker hold", and a worker that restarts or loses Redis si
 new epoch and republishes a snapshot, with nothing to replay.
 """
 
+import hashlib
 import logging
+import os
 import socket
+from functools import cache
 
 from kvcluster.index import RedisIndex, worker_namespace
 from kvcluster.index_publisher import IndexPublisher
@@ -23,10 +26,27 @@ from kvcluster.worker import EngineWorker
 log = logging.getLogger(__name__)
 
 
-def worker_load(worker: EngineWorker) -> dict[str, int]:
-    """Running and waiting sequences and free KV blocks; read off the engine thread (a hint)."""
+@cache
+def host_id() -> str:
+    """Which cores this process computes on: the kernel's boot id (one per machine, shared by its
+    containers) and this process's CPU affinity. Two workers with the same id compete for the same
+    cores, so handing a prompt from one to the other adds no compute (decode's prefill policy)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            machine = f.read().strip()
+    except OSError:
+        machine = socket.gethostname()
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [os.cpu_count()]
+    return hashlib.sha256(f"{machine}|{cpus}".encode()).hexdigest()[:16]
+
+
+def worker_load(worker: EngineWorker) -> dict[str, int | str]:
+    """Running and waiting sequences, prompt tokens still to compute, free KV blocks and the host
+    id; read off the engine thread (a hint)."""
     engine = worker.engine
-    return {"running": len(engine.running), "waiting": len(engine.waiting), "free_blocks": engine.blocks.num_free}
+    queued = sum(max(0, s.num_tokens - s.num_computed) for s in list(engine.waiting))
+    return {"running": len(engine.running), "waiting": len(engine.waiting), "free_blocks": engine.blocks.num_free,
+            "queued_tokens": queued, "host_id": host_id()}
 
 
 def make_registration(kind: str, config, worker: EngineWorker, port: int) -> IndexPublisher | None:

@@ -27,9 +27,10 @@ class PrefillMetrics(FallbackMetrics):
             self.tokens.labels(source)
 
     def observe_step(self, engine: Engine) -> None:
-        kind, size = engine.last_step
-        if kind == "prefill":
-            self.batch_size.observe(size)
+        self.scheduler.observe(engine)
+        plan = engine.last_plan
+        if plan.items:
+            self.batch_size.observe(len(plan.items))
         self.queue_depth.set(len(engine.waiting))
 
     def observe_request(self, sources: TokenSources, seconds: float) -> None:

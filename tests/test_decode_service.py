@@ -43,7 +43,7 @@ def cluster():
         registry = CollectorRegistry()
         decode, decode_port = create_decode(
             DecodeConfig(port=0, metrics_port=-1, redis_url=redis_server.url, prefill_target=f"127.0.0.1:{prefill_port}",
-                         store_timeout_seconds=3.0, prefill_timeout_seconds=30.0),
+                         store_timeout_seconds=3.0, prefill_timeout_seconds=30.0, disaggregation="always"),
             engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=registry)
         decode.start()
         state = {"redis": redis_server, "store": store, "prefill": prefill, "decode": decode, "registry": registry,

@@ -39,7 +39,8 @@ def families(text: str) -> set[str]:
 @pytest.fixture(scope="module")
 def live():
     with tempfile.TemporaryDirectory() as logs, open(Path(logs) / "cluster.log", "w") as log:
-        with Cluster(ClusterPorts.any_free(), log_stream=log) as cluster:
+        # Disaggregation forced: on one machine auto keeps prompts local, and the prefill path must move too.
+        with Cluster(ClusterPorts.any_free(), log_stream=log, extra_env={"KVC_DISAGGREGATION": "always"}) as cluster:
             with Client(cluster.decode_target) as client:
                 messages = [("system", DOCUMENT), ("user", "What is the liability in clause 4?")]
                 for _ in range(3):  # cold, then warm twice: hits, pulls, pushes, TTFT, ITL
