@@ -42,9 +42,19 @@ run: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The bench extra (accelerate) are installed once; the stamp makes it a no-op after.
+# The bench extras are installed once; the stamps make them a no-op after. accelerate goes into
+# .venv; NVIDIA's aiperf load generator (bench/aiperf_chat.py) gets a virtualenv of its own, so its
+# ~140 dependencies never change the main one; its constraints pin them all and forbid torch.
 BENCH_EXTRAS := $(VENV)/.bench-extras
-$(BENCH_EXTRAS): $(INSTALLED) pyproject.toml
+AIPERF_VENV := .venv-aiperf
+AIPERF_PKG := aiperf==0.13.0
+AIPERF_INSTALLED := $(AIPERF_VENV)/.installed
+$(AIPERF_INSTALLED): bench/aiperf-constraints.txt
+	test -x $(AIPERF_VENV)/bin/python || $(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/python -m pip install -q -c bench/aiperf-constraints.txt $(AIPERF_PKG)
+	touch $@
+
+$(BENCH_EXTRAS): $(INSTALLED) pyproject.toml $(AIPERF_INSTALLED)
 	$(PY) -m pip install -q --no-build-isolation -e '.[bench]'
 	touch $@
 
@@ -58,4 +68,4 @@ demo: install
 	$(PY) -m kvcluster demo
 
 clean:
-	rm -rf $(VENV) kvcluster/proto .pytest_cache
+	rm -rf $(VENV) $(AIPERF_VENV) kvcluster/proto .pytest_cache

@@ -72,6 +72,14 @@ class BenchContext:
                                     log_stream=self._cluster_log, dtype=self.dtype).start()
         return self._cluster
 
+    def gateway_url(self) -> str:
+        """The OpenAI gateway in front of the shared cluster, started on first use (the suite runs its
+        one user last, so the measures that call decode directly never share the cores with it)."""
+        cluster = self.cluster()
+        if "gateway" not in cluster.children:
+            cluster.spawn("gateway", cluster.gateway_child_args())
+        return cluster.gateway_url
+
     def cluster_env(self) -> dict[str, str]:
         """With `--model`, every worker loads it and the store accepts its KV layout (via KVC_* env)."""
         if not self.model:

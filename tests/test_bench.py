@@ -15,6 +15,7 @@ pytest.importorskip("matplotlib", reason="the bench plots need matplotlib (the `
 from bench.suite import MEASURES  # noqa: E402  (after the skip: it imports matplotlib)
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
 MACHINE_FIELDS = ("cpu", "cores", "torch", "device", "commit")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -83,3 +84,17 @@ def test_unknown_measure_is_refused():
     run = subprocess.run([sys.executable, "-m", "bench.suite", "--only", "nope", "--results-dir", "/nonexistent"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "unknown measure" in run.stderr
+
+
+def test_aiperf_exports_of_recorded_runs_parse():
+    """Summary exports of two real aiperf 0.13 runs: the tiny cache run against the bench cluster's
+    gateway, and one against a stub server that answered every other chat request with 503."""
+    from bench.aiperf_chat import parse_export
+
+    recorded = {"requests": 4, "errors": 0, "duration_s": 0.956, "requests_per_s": 4.1679, "ttft_p50_ms": 207.7,
+                "ttft_p99_ms": 322.8, "prompt_tokens": 518, "cached_tokens": 288, "cached_share": 0.556,
+                "output_tokens": 8, "aiperf_version": "0.13.0", "cancelled": False}
+    assert parse_export(DATA / "aiperf_export_cluster.json", expected_requests=4) == recorded
+    half_failed = parse_export(DATA / "aiperf_export_half_failed.json", expected_requests=4)
+    assert half_failed["requests"] == 2 and half_failed["errors"] == 2
+    assert parse_export(DATA / "aiperf_export_half_failed.json", expected_requests=6)["errors"] == 4  # 2 never ran
