@@ -7,7 +7,9 @@ As vLLM v1 and nano-vllm schedule (Sarathi-style chunked prefill): every step ha
    A decode that needs a new block and finds none preempts the most recently admitted running
    sequence by recompute (its blocks go back, it waits again and is prefilled later; sampling is
    stateless per step and the numerics batch-invariant, so it continues token-identically).
-2. What is left of the budget goes to waiting prompts in arrival order: each first takes the
+2. What is left of the budget goes to waiting prompts, short ones first (at most a quarter of
+   the budget left to compute: a warm chat turn's new tokens), then the rest, each group in
+   arrival order, with aging so a long prompt is never starved (`_admission_order`): each takes the
    prefix its worker-local cache holds (`BlockManager.match`), then the next chunk of its uncached
    tokens, in the same forward as the decodes. A prompt whose next block another prompt ahead of it
    is computing waits a step and then takes it from the cache (in-flight deduplication); a prompt
@@ -25,6 +27,8 @@ from kvcluster.block_manager import BlockManager
 from kvcluster.blocks import BlockHash, Fingerprint, extend_hashes
 from kvcluster.kvpool import KVPool
 from kvcluster.model.sequence import FinishReason, Sequence, TokenSources
+
+MAX_SKIPS = 4  # steps a waiting prompt may be passed over for shorter ones before it goes first
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ class Scheduler:
             plan.items.append(Scheduled(seq, 1, True))
         budget -= len(plan.items)
         claimed: set[BlockHash] = set()  # blocks that prompts ahead in the queue are computing
-        for seq in self.waiting:
+        for seq in self._admission_order():
             if budget <= 0 or len(plan.items) >= self.config.max_batch or plan.preempted:
                 # (vLLM's rule: a step that had to preempt admits no prompt, or the two would thrash)
                 break
@@ -129,7 +133,23 @@ class Scheduler:
             seq.block_table.extend(slots)
             plan.items.append(Scheduled(seq, count, False))
             budget -= count
+        scheduled = {id(item.seq) for item in plan.items}
+        for seq in self.waiting:
+            seq.skipped = 0 if id(seq) in scheduled else seq.skipped + 1
         return plan
+
+    def _admission_order(self) -> list[Sequence]:
+        """Waiting prompts in the order they get the budget: those with at most a quarter of it left
+        to compute (a warm chat turn, the tail of a long prompt) first, then the rest, each group in
+        arrival order. A short prompt then never waits behind a long one's chunks (its TTFT is one
+        step), and a long one still gets what is left of every step; one passed over for
+        `MAX_SKIPS` steps joins the first group, so none starves."""
+        small = self.config.max_prefill_tokens // 4
+        first, rest = [], []
+        for seq in self.waiting:
+            remaining = seq.num_tokens - seq.num_computed
+            (first if remaining <= small or seq.skipped >= MAX_SKIPS else rest).append(seq)
+        return first + rest
 
     def _decodes(self, plan: StepPlan, limit: int) -> list[Sequence]:
         """The running sequences that decode this step, each with a slot for its next token;

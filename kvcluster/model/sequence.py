@@ -62,6 +62,7 @@ class Sequence:
     num_registered: int = 0        # leading blocks found in or registered with the local cache
     sources: "TokenSources" = field(default_factory=lambda: TokenSources())
     preemptions: int = 0           # times the scheduler took its blocks back (it was recomputed after)
+    skipped: int = 0               # consecutive steps it waited while shorter prompts were scheduled
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: Seq[int], params: SamplingParams, tokenizer: Tokenizer,
