@@ -22,11 +22,12 @@ import grpc
 
 from decode_service.prefill_pool import ReplicaState
 from kvcluster.block_io import BlockBatch
-from kvcluster.blocks import BlockHash, prefix_hashes
+from kvcluster.blocks import BlockHash
 from kvcluster.cache_client import Fetched, KVCacheClient
 from kvcluster.messages import sampling_to_proto
 from kvcluster.model.engine import Engine, PrefixSource, ewma
 from kvcluster.model.sampling import SamplingParams
+from kvcluster.prefix_fetch import PrefixFetcher, time_left
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
 from kvcluster.worker_registration import host_id
 
@@ -137,33 +138,30 @@ class PromptKVSource:
                  local_prefill_max_tokens: int, prefill_timeout_s: float, disaggregation: str = "auto"):
         self.engine = engine
         self.cache = cache
+        self.fetcher = PrefixFetcher(engine, cache)
         self.prefill = prefill
         self.policy = LocalPrefillPolicy(local_prefill_max_tokens, engine, mode=disaggregation)
         self.prefill_timeout_s = prefill_timeout_s
 
     def fetch(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
               time_left_s: float | None, cache_salt: str = "") -> PromptKV:
-        bs = self.engine.config.block_size
-        kv = PromptKV(hashes=prefix_hashes(self.engine.fingerprint, prompt_ids, bs, cache_salt))
-        # The local tier: a hint (blocks can be evicted before admission; the engine re-checks).
-        kv.local_blocks = kv.pulled_from = self.engine.local_prefix_blocks(kv.hashes)
+        found = self.fetcher.lookup(prompt_ids, cache_salt)
+        kv = PromptKV(hashes=found.hashes, local_blocks=found.local_blocks, pulled_from=found.local_blocks,
+                      lookup_s=found.lookup_s, fallbacks=[found.fallback] if found.fallback else [])
         if self.cache is None:
             return kv
         deadline = None if time_left_s is None else time.monotonic() + time_left_s
-        hashes, local = kv.hashes, kv.local_blocks
-        blocks = [list(prompt_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
-        holders, kv.lookup_s, fallback = self.cache.lookup(hashes[local:])
-        kv.fallbacks += [fallback] if fallback else []
-        uncached = len(prompt_ids) - (local + len(holders)) * bs
         if self.prefill is not None:
+            uncached = len(prompt_ids) - found.cached_blocks * self.engine.config.block_size
             kv.decision = self.policy.decide(uncached, self._replicas(), self._local_queued())
             if kv.decision[0] and self._via_prefill(kv, request_id, prompt_ids, params, deadline, cache_salt):
                 return kv
-        fetched = (self.cache.pull_held(hashes[local:], blocks[local:], holders, _left(deadline))
-                   if holders else Fetched())
-        self._take(kv, fetched, [bs] * len(fetched.payloads), cached_blocks=len(fetched.payloads))
-        kv.cached_upto = (local + len(fetched.payloads)) * bs
-        kv.held_blocks = local + len(fetched.payloads)
+        found.fallback = None  # counted above
+        source, fetched = self.fetcher.pull(found, time_left(deadline))
+        pulled = source.pulled.num_blocks
+        self._take(kv, fetched, source.pulled, source.pulled_tokens, cached_blocks=pulled)
+        kv.held_blocks = found.local_blocks + pulled
+        kv.cached_upto = kv.held_blocks * self.engine.config.block_size
         return kv
 
     def _replicas(self) -> list[ReplicaState]:
@@ -177,7 +175,7 @@ class PromptKVSource:
     def _via_prefill(self, kv: PromptKV, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                      deadline: float | None, cache_salt: str = "") -> bool:
         start = time.perf_counter()
-        timeout = self.prefill_timeout_s if deadline is None else min(_left(deadline), self.prefill_timeout_s)
+        timeout = self.prefill_timeout_s if deadline is None else min(time_left(deadline), self.prefill_timeout_s)
         try:
             response = self.prefill.Prefill(prefill_pb2.PrefillRequest(
                 request_id=request_id, token_ids=prompt_ids, sampling=sampling_to_proto(params), cache_salt=cache_salt),
@@ -196,9 +194,10 @@ class PromptKVSource:
         kv.first_token = response.first_token_id
         local, bs = kv.local_blocks, self.engine.config.block_size
         wanted = response.blocks[local:]  # what this worker's pool lacks
-        fetched = self.cache.pull(wanted, _left(deadline))
+        fetched = self.cache.pull(wanted, time_left(deadline))
         cached_blocks = max(0, response.num_cached_tokens // bs - local)
-        self._take(kv, fetched, [ref.num_tokens for ref in wanted], cached_blocks)
+        tokens = sum(ref.num_tokens for ref in wanted[:len(fetched.payloads)])
+        self._take(kv, fetched, self.engine.stage_blocks(fetched.payloads), tokens, cached_blocks)
         kv.cached_upto = response.num_cached_tokens
         full = [ref for ref in response.blocks if ref.WhichOneof("key") == "block_hash"]
         kv.held_blocks = next((i for i, ref in enumerate(full) if not ref.store_address), len(full))
@@ -216,18 +215,13 @@ class PromptKVSource:
             return f"its first token was sampled with seed {response.seed}, the request has {params.seed}"
         return None
 
-    def _take(self, kv: PromptKV, fetched: Fetched, tokens_per_block: list[int], cached_blocks: int) -> None:
-        """Stage the pulled blocks here on the handler thread; the engine thread only scatters them."""
-        kv.blocks = self.engine.stage_blocks(fetched.payloads)
-        kv.num_tokens = sum(tokens_per_block[:len(fetched.payloads)])
-        kv.pull_s = fetched.pull_s
-        block_bytes = self.engine.layout.block_nbytes
-        kv.bytes_pulled = min(len(fetched.payloads), cached_blocks) * block_bytes
+    def _take(self, kv: PromptKV, fetched: Fetched, staged: BlockBatch, num_tokens: int, cached_blocks: int) -> None:
+        """What a pull brought (staged on this handler thread; the engine thread only scatters it):
+        of its blocks, the first `cached_blocks` were cache hits, the rest a hand-off."""
+        kv.blocks, kv.num_tokens, kv.pull_s = staged, num_tokens, fetched.pull_s
+        kv.bytes_pulled = min(len(fetched.payloads), cached_blocks) * self.engine.layout.block_nbytes
         kv.bytes_handoff = fetched.bytes_pulled - kv.bytes_pulled
         if fetched.fallback:
             kv.fallbacks.append(fetched.fallback)
 
 
-def _left(deadline: float | None) -> float | None:
-    """Seconds until the client's deadline (never below a token amount: the call then fails fast)."""
-    return None if deadline is None else max(0.001, deadline - time.monotonic())

@@ -98,13 +98,6 @@ class KVCacheClient:
             log.warning("index lookup failed: %s", exc)
             return [], time.perf_counter() - start, "redis_unavailable"
 
-    def fetch_prefix(self, hashes: Sequence[BlockHash], token_blocks: Sequence[Sequence[int]]) -> Fetched:
-        """Longest cached prefix of `hashes`: one index lookup, then one pull per run of blocks per holder."""
-        holders, lookup_s, fallback = self.lookup(hashes)
-        fetched = self.pull_held(hashes, token_blocks, holders) if holders else Fetched(fallback=fallback)
-        fetched.lookup_s = lookup_s
-        return fetched
-
     def pull_held(self, hashes: Sequence[BlockHash], token_blocks: Sequence[Sequence[int]],
                   holders: Sequence[StoreRef], timeout_s: float | None = None) -> Fetched:
         """Pull the blocks a lookup found, from their holders."""

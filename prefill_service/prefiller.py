@@ -1,8 +1,10 @@
 """The prefill itself: reuse every cached block, compute only the rest, ship new blocks to the stores.
 
 Flow of one request (handler thread unless noted):
-1. chained hashes of the prompt's full blocks (once); how many this worker's own pool holds (the
-   local tier); one Redis lookup; pull only the cached blocks past the local ones;
+1. the shared prefix fetcher (kvcluster.prefix_fetch, as decode uses it): chained hashes of the
+   prompt's full blocks (once), how many this worker's own pool holds (the local tier), one Redis
+   lookup of them all (their holders become decode's references), a pull of the cached blocks
+   past the local ones;
 2. on the engine thread: the engine takes the local blocks and the pulled ones and queues the
    prompt, which it batches with other prompts and computes in chunks (a prompt whose next block
    another prompt is computing waits for it instead of computing it twice);
@@ -24,13 +26,14 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from kvcluster.blocks import BlockHash, check_cache_salt, prefix_hashes
-from kvcluster.cache_client import Fetched, KVCacheClient, Pushed
+from kvcluster.blocks import BlockHash, check_cache_salt
+from kvcluster.cache_client import KVCacheClient, Pushed
 from kvcluster.errors import InvalidArgument, RequestFailed
 from kvcluster.index import StoreRef
 from kvcluster.model.engine import Engine, PrefixSource
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.model.sequence import FinishReason, Sequence as EngineSeq
+from kvcluster.prefix_fetch import PrefixFetcher, PrefixLookup
 from kvcluster.proto import common_pb2
 from kvcluster.worker import EngineWorker
 from prefill_service.metrics import PrefillMetrics
@@ -101,6 +104,7 @@ class Prefiller:
         self.lease_seconds = lease_seconds
         self._pushers = ThreadPoolExecutor(push_threads, thread_name_prefix="push")
         self.recent = RecentPushes()
+        self.fetcher = PrefixFetcher(worker.engine, cache)
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
@@ -117,20 +121,11 @@ class Prefiller:
         check_cache_salt(cache_salt)
         params = params.with_seed()
         params.validate(engine.model_config.vocab_size, engine.model_config.context_length)
-        bs = engine.config.block_size
-        cache = None if bypass_cache else self.cache
-        hashes = prefix_hashes(engine.fingerprint, token_ids, bs, cache_salt)
-        blocks = [list(token_ids[i * bs:(i + 1) * bs]) for i in range(len(hashes))]
-        local = engine.local_prefix_blocks(hashes) if cache is not None else 0  # a hint
-        lookup_at = time.monotonic()
-        holders, lookup_s, fallback = cache.lookup(hashes) if cache is not None else ([], 0.0, None)
-        fetched = (cache.pull_held(hashes[local:], blocks[local:], holders[local:]) if len(holders) > local
-                   else Fetched())
-        fetched.lookup_s, fetched.fallback = lookup_s, fetched.fallback or fallback
-        staged = engine.stage_blocks(fetched.payloads)
-
-        job = _Job(self, PrefixSource(hashes, staged, local, len(fetched.payloads) * bs), blocks, cache, holders,
-                   lookup_at, cache_salt, f"{request_id or 'prefill'}/{uuid.uuid4().hex[:12]}")
+        lookup_at = time.monotonic()  # a push that ended after this may be missing from the lookup
+        found = self.fetcher.lookup(token_ids, cache_salt, use_cache=not bypass_cache, look_up_local=True)
+        source, fetched = self.fetcher.pull(found)
+        job = _Job(self, source, found, self.cache if not bypass_cache else None, lookup_at, cache_salt,
+                   f"{request_id or 'prefill'}/{uuid.uuid4().hex[:12]}")
         compute_start = time.perf_counter()
         first_token = self._compute(job, token_ids, params, context)
         compute_end = time.perf_counter()
@@ -170,9 +165,8 @@ class _Job:
 
     prefiller: Prefiller
     prefix: PrefixSource      # hashes (computed once) and the blocks pulled past the local ones
-    blocks: list[list[int]]
+    found: PrefixLookup       # the token ids of each full block and the store lookup's answer
     cache: KVCacheClient | None
-    holders: list[StoreRef]   # the store lookup's answer
     lookup_at: float
     cache_salt: str
     tail_key: str
@@ -196,8 +190,7 @@ class _Job:
         ready = min(seq.num_computed, len(seq.prompt_ids)) // engine.config.block_size
         todo: list[int] = []
         for i in range(self.covered, ready):
-            held = self.holders[i] if i < len(self.holders) else self.prefiller.recent.get(self.prefix.hashes[i],
-                                                                                           self.lookup_at)
+            held = self.found.holder(i) or self.prefiller.recent.get(self.prefix.hashes[i], self.lookup_at)
             if held is not None:
                 self.refs[i] = held
             else:
@@ -238,8 +231,8 @@ class _Job:
         for i in sorted(self.refs):
             held = self.refs[i]
             if isinstance(held, StoreRef):
-                refs.append(common_pb2.BlockRef(block_hash=self.prefix.hashes[i], token_ids=self.blocks[i],
-                                                num_tokens=len(self.blocks[i]), store_id=held.store_id,
+                refs.append(common_pb2.BlockRef(block_hash=self.prefix.hashes[i], token_ids=self.found.token_blocks[i],
+                                                num_tokens=len(self.found.token_blocks[i]), store_id=held.store_id,
                                                 store_address=held.address))
             else:
                 future, index = held
