@@ -20,7 +20,7 @@ from kvcluster.cache_client import KVCacheClient
 from kvcluster.errors import InvalidArgument
 from kvcluster.messages import FINISH_REASONS, sampling_from_proto
 from kvcluster.model.engine import Engine
-from kvcluster.model.sequence import Sequence as EngineSeq
+from kvcluster.model.sequence import Sequence as EngineSeq, TokenEvent
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import decode_pb2
 from kvcluster.worker import EngineWorker
@@ -38,6 +38,29 @@ def check_resume(resume: list[int], params, vocab_size: int) -> list[int]:
     if bad is not None:
         raise InvalidArgument("resume_token_ids", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return resume
+
+
+class _Clock:
+    """A stream's timing: the first response observes the time to first token, each later one the
+    inter-token latency."""
+
+    def __init__(self, metrics: DecodeMetrics, arrival: float):
+        self.metrics, self.arrival = metrics, arrival
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def respond(self, event: TokenEvent) -> decode_pb2.GenerateResponse:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.observe(now - self.arrival)
+        else:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+        response = decode_pb2.GenerateResponse(text=event.text, token_ids=[event.token_id])
+        if event.finish_reason is not None:
+            response.finish_reason = FINISH_REASONS[event.finish_reason]
+        return response
 
 
 class Generator:
@@ -96,6 +119,12 @@ class Generator:
         time_left = context.time_remaining() if context is not None else None
         kv = self.source.fetch(request_id, prompt_ids, params, time_left, cache_salt) if use_cache else PromptKV()
         kv.use_cache, kv.cache_salt = use_cache, cache_salt
+        early = self._send_handoff_token(kv, request_id, prompt_ids, params) if not resume else None
+        clock = _Clock(self.metrics, arrival)
+        if early is not None:
+            yield clock.respond(early)
+        if kv.finish_handoff is not None:
+            kv.finish_handoff()
         self.metrics.observe(kv.fallbacks, kv.lookup_s)
         if kv.decision is not None:
             remote, reason = kv.decision
@@ -112,7 +141,7 @@ class Generator:
 
         if context is not None:  # a cancelled or expired call leaves the batch at once
             context.add_callback(lambda: self.worker.cancel(request_id))
-        last = first = None
+        sent = max(len(resume), 1 if early is not None else 0)  # leading tokens the client has already
         count = 0
         finished = False
         served: list[int] = []
@@ -120,20 +149,12 @@ class Generator:
             for event in self.worker.stream(admit):
                 count += 1
                 served.append(event.token_id)
-                if count <= len(resume) and event.finish_reason is None:  # the client has these already
+                if count <= sent and event.finish_reason is None:
                     continue
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                    self.metrics.ttft.observe(now - arrival)
-                else:
-                    self.metrics.itl.observe(now - last)
-                last = now
-                response = decode_pb2.GenerateResponse(text=event.text, token_ids=[event.token_id])
+                response = clock.respond(event)
                 if event.finish_reason is not None:
                     finished = True
-                    response.finish_reason = FINISH_REASONS[event.finish_reason]
-                    usage = self._usage(prompt_ids, kv, holder[0] if holder else None, count, arrival, first)
+                    usage = self._usage(prompt_ids, kv, holder[0] if holder else None, count, arrival, clock.first)
                     response.usage.CopyFrom(usage)
                     for source in PROMPT_SOURCES:
                         self.metrics.prompt_tokens.labels(source).inc(getattr(usage, f"{source}_tokens"))
@@ -146,6 +167,18 @@ class Generator:
             self.verifier.maybe_verify(request_id, prompt_ids, params, served, kv.hashes, warm)
         self.metrics.latency.observe(time.perf_counter() - arrival)
         self.metrics.generation_tokens.inc(max(0, count - len(resume)))
+
+    def _send_handoff_token(self, kv: PromptKV, request_id: str, prompt_ids: list[int], params) -> TokenEvent | None:
+        """The event of a hand-off's first token, to send before its blocks are pulled (the prefill
+        replica's pushes and the pull then stay off the time to first token); None when there is
+        none or when it ends the request (the engine then says so in the usual way). The engine's
+        sequence later computes this same event from the same prompt, params and token."""
+        if kv.finish_handoff is None or kv.first_token is None:
+            return None
+        engine = self.worker.engine
+        preview = EngineSeq.create(request_id, prompt_ids, params, engine.tokenizer, engine.model_config.context_length)
+        event = preview.append_token(kv.first_token)
+        return event if event.finish_reason is None else None
 
     def _admit(self, engine: Engine, request_id: str, prompt_ids: list[int], params, kv: PromptKV, keep: bool,
                resume: list[int]) -> EngineSeq:

@@ -3,7 +3,7 @@
 The prefill replicas registered in Redis (kvcluster.worker_registration, namespace `{ns}:prefill`)
 whose block fingerprint equals this worker's, least loaded first: load = this worker's open Prefill
 calls to it + its published running and waiting sequences; ties go round robin. Prefill is one
-short unary call and prefix reuse happens in the shared store, not in a prefill worker's own pool,
+short call and prefix reuse happens in the shared store, not in a prefill worker's own pool,
 so load alone decides (no prefix scoring as the gateway does for decode). Without a live registered
 replica it falls back to `--prefill-target`; without that either, the call fails as UNAVAILABLE
 and decode prefills locally (its usual fallback).
@@ -43,7 +43,8 @@ class NoPrefillReplica(grpc.RpcError):
 
 
 class PrefillPool:
-    """Duck-types a PrefillServiceStub (`Prefill(request, timeout=)`), choosing the replica per call."""
+    """Duck-types a PrefillServiceStub (`Prefill` and `PrefillStream(request, timeout=)`), choosing
+    the replica per call."""
 
     def __init__(self, config, fingerprint: bytes, refresh_s: float = 1.0):
         self.config = config
@@ -104,6 +105,23 @@ class PrefillPool:
         finally:
             with self._lock:
                 self._open[address] -= 1
+
+    def PrefillStream(self, request, timeout: float | None = None):
+        """The streamed call on the replica chosen now; it counts as open until the stream ends."""
+        address = self.pick()
+        with self._lock:
+            self._open[address] += 1
+        try:
+            call = self._stub(address).PrefillStream(request, timeout=timeout)
+        except BaseException:
+            self._closed(address)
+            raise
+        call.add_callback(lambda: self._closed(address))
+        return call
+
+    def _closed(self, address: str) -> None:
+        with self._lock:
+            self._open[address] -= 1
 
     def close(self) -> None:
         self._stopped.set()

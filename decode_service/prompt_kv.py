@@ -15,7 +15,7 @@ missing, so the answer never changes.
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -56,6 +56,7 @@ class PromptKV:
     use_cache: bool = True             # False for bypass_cache: the local cache is neither read nor written
     cache_salt: str = ""               # roots the hash chain (the engine extends it over generated tokens)
     decision: tuple[bool, str] | None = None  # (remote prefill?, why): LocalPrefillPolicy.decide
+    finish_handoff: Callable[[], None] | None = None  # a hand-off whose first token came ahead of its blocks
 
     def prefix(self) -> PrefixSource:
         return PrefixSource(self.hashes, self.blocks, self.pulled_from, self.num_tokens)
@@ -174,24 +175,46 @@ class PromptKVSource:
 
     def _via_prefill(self, kv: PromptKV, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                      deadline: float | None, cache_salt: str = "") -> bool:
+        """Hand the prompt to a prefill replica (PrefillStream). True once its first token has arrived
+        (`kv.first_token`); the block references follow once the replica's pushes are done, and
+        `kv.finish_handoff()` waits for them and pulls: the caller sends the first token before."""
         start = time.perf_counter()
         timeout = self.prefill_timeout_s if deadline is None else min(time_left(deadline), self.prefill_timeout_s)
         try:
-            response = self.prefill.Prefill(prefill_pb2.PrefillRequest(
+            stream = self.prefill.PrefillStream(prefill_pb2.PrefillRequest(
                 request_id=request_id, token_ids=prompt_ids, sampling=sampling_to_proto(params), cache_salt=cache_salt),
                 timeout=timeout)
-        except grpc.RpcError as exc:
+            first = next(stream)
+        except (grpc.RpcError, StopIteration) as exc:
             log.warning("prefill call failed (%s): prefilling locally", exc.code() if hasattr(exc, "code") else exc)
             kv.fallbacks.append("prefill_unavailable")
             return False
         finally:
             kv.prefill_s = time.perf_counter() - start
-        mismatch = self._mismatch(response, params)
+        mismatch = self._mismatch(first, params)
         if mismatch:
+            stream.cancel()
             log.warning("not using the prefill service's answer: %s; prefilling locally", mismatch)
             kv.fallbacks.append("prefill_mismatch")
             return False
-        kv.first_token = response.first_token_id
+        kv.first_token = first.first_token_id
+        kv.finish_handoff = lambda: self._pull_handoff(kv, stream, start, deadline)
+        return True
+
+    def _pull_handoff(self, kv: PromptKV, stream, start: float, deadline: float | None) -> None:
+        """The rest of a hand-off: the replica's block references, then a pull of the blocks this
+        worker lacks. A broken stream leaves them missing: the engine computes them (the first token
+        stands, being the one this engine samples too)."""
+        kv.finish_handoff = None
+        try:
+            response = next(stream)
+        except (grpc.RpcError, StopIteration) as exc:
+            log.warning("prefill stream ended before its blocks (%s): computing them here",
+                        exc.code() if hasattr(exc, "code") else "no second message")
+            kv.fallbacks.append("prefill_unavailable")
+            return
+        finally:
+            kv.prefill_s = time.perf_counter() - start
         local, bs = kv.local_blocks, self.engine.config.block_size
         wanted = response.blocks[local:]  # what this worker's pool lacks
         fetched = self.cache.pull(wanted, time_left(deadline))
@@ -203,7 +226,6 @@ class PromptKVSource:
         kv.held_blocks = next((i for i, ref in enumerate(full) if not ref.store_address), len(full))
         self.policy.observe_prefill_call(kv.prefill_s + kv.pull_s, response.timing.compute_ms / 1000.0,
                                          response.num_computed_tokens)
-        return True
 
     def _mismatch(self, response: prefill_pb2.PrefillResponse, params: SamplingParams) -> str | None:
         """Why a Prefill answer cannot be trusted here (its K/V and first token came from another

@@ -5,6 +5,7 @@ from typing import Any
 
 from kvcluster.config import ServiceConfig, setting
 from kvcluster.dtypes import check_dtype
+from kvcluster.errors import InvalidArgument
 from kvcluster.model.engine import EngineConfig
 from kvcluster.security import SecuritySettings
 
@@ -35,6 +36,10 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
                                   "exactness guarantee (a cached or batched answer may differ from the cold one); every "
                                   "worker of a cluster must agree (the numerics are part of the block fingerprint)")
     max_batch: int = setting(8, "sequences computed together in one forward")
+    chunk_tokens: int = setting(512, "token budget of one engine step (vLLM's max_num_batched_tokens): every running "
+                                "sequence's next token first, then chunks of waiting prompts; longer prompts are "
+                                "chunked. Smaller = shorter steps (time to first token and between tokens under "
+                                "load), larger = fewer weight reads per prompt token")
     max_waiting: int = setting(64, "queued requests before new ones get RESOURCE_EXHAUSTED")
     lease_seconds: int = setting(30, "lease of request-scoped (tail) blocks in the store")
     store_timeout_seconds: float = setting(10.0, "deadline of one push or pull to a cache store")
@@ -51,9 +56,11 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
+        if self.chunk_tokens < 1:
+            raise InvalidArgument("chunk_tokens", f"must be at least 1 token per step; got {self.chunk_tokens}")
 
     def engine_config(self, **overrides: Any) -> EngineConfig:
         """The engine knobs these settings imply (a service adds its own through `overrides`)."""
         return EngineConfig(block_size=self.block_size, kv_capacity_bytes=self.kv_capacity_bytes,
-                            max_batch=self.max_batch, prefix_caching=self.prefix_caching,
-                            deterministic=not self.fast_numerics, **overrides)
+                            max_batch=self.max_batch, max_prefill_tokens=self.chunk_tokens,
+                            prefix_caching=self.prefix_caching, deterministic=not self.fast_numerics, **overrides)

@@ -12,4 +12,3 @@ class PrefillConfig(WorkerConfig):
 
     port: int = setting(50052, "gRPC port of Prefill; 0 picks a free one")
     metrics_port: int = setting(9102, "Prometheus /metrics port; 0 picks a free one, -1 disables it")
-    chunk_tokens: int = setting(512, "prompt tokens computed per forward; longer prompts are chunked")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from kvcluster.blocks import BlockHash, check_cache_salt
-from kvcluster.cache_client import KVCacheClient, Pushed
+from kvcluster.cache_client import Fetched, KVCacheClient, Pushed
 from kvcluster.errors import InvalidArgument, RequestFailed
 from kvcluster.index import StoreRef
 from kvcluster.model.engine import Engine, PrefixSource
@@ -113,6 +113,13 @@ class Prefiller:
                 bypass_cache: bool = False, context: grpc.ServicerContext | None = None,
                 cache_salt: str = "") -> PrefillOutcome:
         """`context` (the gRPC call) ends the work when the caller leaves or its deadline passes."""
+        return self.start(request_id, token_ids, params, bypass_cache, context, cache_salt).finish()
+
+    def start(self, request_id: str, token_ids: Sequence[int], params: SamplingParams,
+              bypass_cache: bool = False, context: grpc.ServicerContext | None = None,
+              cache_salt: str = "") -> "Started":
+        """Everything up to the first token: fetch the cached prefix, compute the rest (its blocks'
+        pushes start as chunks complete). `finish()` then waits for the pushes."""
         start = time.perf_counter()
         engine = self.worker.engine
         if len(request_id) > MAX_REQUEST_ID_CHARS:
@@ -128,20 +135,8 @@ class Prefiller:
                    f"{request_id or 'prefill'}/{uuid.uuid4().hex[:12]}")
         compute_start = time.perf_counter()
         first_token = self._compute(job, token_ids, params, context)
-        compute_end = time.perf_counter()
-        fallbacks = [fetched.fallback] if fetched.fallback else []
-        refs, bytes_pushed = job.collect(fallbacks)
-        computed = job.seq.sources.computed
-        outcome = PrefillOutcome(
-            first_token_id=first_token, seed=params.seed, blocks=refs,
-            num_cached_tokens=len(token_ids) - computed, num_computed_tokens=computed,
-            lookup_s=fetched.lookup_s, pull_s=fetched.pull_s, compute_s=compute_end - compute_start,
-            push_s=time.perf_counter() - compute_end, bytes_pulled=fetched.bytes_pulled,
-            bytes_pushed=bytes_pushed, fallbacks=fallbacks)
-        outcome.total_s = time.perf_counter() - start
-        self.metrics.observe_request(job.seq.sources, outcome.total_s)
-        self.metrics.observe(fallbacks, fetched.lookup_s)
-        return outcome
+        return Started(self, job, fetched, first_token, params.seed, len(token_ids), start,
+                       time.perf_counter() - compute_start)
 
     def _compute(self, job: "_Job", token_ids, params: SamplingParams, context: grpc.ServicerContext | None) -> int:
         """Run the prompt through the engine; returns the first token. The engine knows the job by
@@ -157,6 +152,38 @@ class Prefiller:
         if not events:  # cancelled: the caller left or its deadline passed
             raise RequestFailed("cancelled: the caller left or its deadline passed")
         return events[0].token_id
+
+
+@dataclass
+class Started:
+    """A prefill whose first token is sampled; its new blocks may still be on their way to a store."""
+
+    prefiller: Prefiller
+    job: "_Job"
+    fetched: Fetched
+    first_token: int
+    seed: int
+    num_prompt_tokens: int
+    started_at: float
+    compute_s: float
+
+    def finish(self) -> PrefillOutcome:
+        """Wait for the pushes: every block's store reference, and what the request cost."""
+        compute_end = time.perf_counter()
+        fetched, prefiller = self.fetched, self.prefiller
+        fallbacks = [fetched.fallback] if fetched.fallback else []
+        refs, bytes_pushed = self.job.collect(fallbacks)
+        computed = self.job.seq.sources.computed
+        outcome = PrefillOutcome(
+            first_token_id=self.first_token, seed=self.seed, blocks=refs,
+            num_cached_tokens=self.num_prompt_tokens - computed, num_computed_tokens=computed,
+            lookup_s=fetched.lookup_s, pull_s=fetched.pull_s, compute_s=self.compute_s,
+            push_s=time.perf_counter() - compute_end, bytes_pulled=fetched.bytes_pulled,
+            bytes_pushed=bytes_pushed, fallbacks=fallbacks)
+        outcome.total_s = time.perf_counter() - self.started_at
+        prefiller.metrics.observe_request(self.job.seq.sources, outcome.total_s)
+        prefiller.metrics.observe(fallbacks, fetched.lookup_s)
+        return outcome
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Assembles a prefill worker: engine thread, shared-cache client, gRPC servicer and /metrics."""
 
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 
@@ -28,6 +29,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                          sampling_from_proto(request.sampling), request.bypass_cache, context,
                                          request.cache_salt)
         return to_response(outcome, self.prefiller.worker.engine.fingerprint)
+
+    def PrefillStream(self, request: prefill_pb2.PrefillRequest, context) -> Iterator[prefill_pb2.PrefillResponse]:
+        started = self.prefiller.start(request.request_id, list(request.token_ids),
+                                       sampling_from_proto(request.sampling), request.bypass_cache, context,
+                                       request.cache_salt)
+        fingerprint = self.prefiller.worker.engine.fingerprint
+        yield prefill_pb2.PrefillResponse(first_token_id=started.first_token, seed=started.seed,
+                                          num_prompt_tokens=started.num_prompt_tokens, fingerprint=fingerprint,
+                                          blocks_pending=True)
+        yield to_response(started.finish(), fingerprint)
 
 
 def to_response(outcome: PrefillOutcome, fingerprint: bytes) -> prefill_pb2.PrefillResponse:
@@ -58,7 +69,7 @@ def create_server(config: PrefillConfig, engine: Engine | None = None,
                   registry: CollectorRegistry | None = None) -> tuple[PrefillServer, int]:
     """Build a prefill worker (not started). `engine` lets tests share one loaded model."""
     engine = engine or load_engine(config.model or None, config.device or None,
-                                   config.engine_config(max_prefill_tokens=config.chunk_tokens), config.dtype,
+                                   config.engine_config(), config.dtype,
                                    cluster_secret=config.internal_token)
     registry = registry or CollectorRegistry()
     metrics = PrefillMetrics(registry)

@@ -87,3 +87,13 @@ def test_store_config_validates_and_defaults_to_the_smollm2_layout():
     for bad in (dict(dtype="int8"), dict(block_size=0), dict(fingerprint="zz"), dict(fingerprint="ab")):
         with pytest.raises(InvalidArgument):
             StoreConfig(**bad)
+
+
+def test_the_step_token_budget_reaches_both_workers_engines_and_must_be_positive():
+    from decode_service.config import DecodeConfig
+    from prefill_service.config import PrefillConfig
+
+    for config_type in (DecodeConfig, PrefillConfig):
+        assert config_type.from_env({"KVC_CHUNK_TOKENS": "128"}).engine_config().max_prefill_tokens == 128
+        with pytest.raises(InvalidArgument, match="chunk_tokens.*at least 1"):
+            config_type.from_env({"KVC_CHUNK_TOKENS": "0"})

@@ -223,6 +223,37 @@ def test_store_stopped_output_is_still_exact(cluster, smollm_engine):
         cluster["store"] = start_store(cluster["redis"].url, blocks=1024, store_id=store.store_id, port=store.port)
 
 
+def test_a_handoffs_first_token_reaches_the_client_before_the_prefill_replicas_pushes_end(cluster, smollm_engine):
+    """The first token leaves with PrefillStream's first message: while every push of the prefill
+    replica is held back, the client already has it; the rest follows once the pushes end, and the
+    whole answer is the engine's own (ordering, not timing: a gate holds the pushes)."""
+    prefiller = cluster["prefill"].prefiller
+    gate, held = threading.Event(), []
+    real_push = prefiller.cache.push_batch
+
+    def gated_push(*args, **kwargs):
+        held.append(1)
+        assert gate.wait(60), "the test never opened the gate"
+        return real_push(*args, **kwargs)
+
+    messages = chat(("system", SYSTEM), ("user", "Which documents does a customs broker need for an import?"))
+    expected = reference(smollm_engine, messages)
+    prefiller.cache.push_batch = gated_push
+    try:
+        stream = cluster["stub"].Generate(decode_pb2.GenerateRequest(messages=messages, sampling=greedy()), timeout=180)
+        first = next(stream)
+        assert held and not gate.is_set()  # the prefill replica's pushes have not ended, the token is here
+        gate.set()
+        rest = list(stream)
+    finally:
+        gate.set()
+        prefiller.cache.push_batch = real_push
+    ids = list(first.token_ids) + [t for r in rest for t in r.token_ids]
+    assert ids == expected
+    assert rest[-1].usage.prefill_tokens > 0  # the blocks did come from the hand-off
+    assert rest[-1].usage.completion_tokens == MAX_TOKENS
+
+
 def test_prefill_stopped_decode_prefills_locally(cluster, smollm_engine):
     cluster["prefill"].stop(0.2)
     before = fallbacks(cluster, "prefill_unavailable")
@@ -277,3 +308,4 @@ def test_streams_over_the_limit_are_resource_exhausted(cluster):
         for _ in range(taken):
             servicer._streams.release()
     assert cluster["registry"].get_sample_value("kvcluster_requests_total", {"outcome": "rejected"}) >= 1
+
