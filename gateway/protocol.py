@@ -19,6 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 
 from kvcluster.model.sampling_params import (MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_PENALTY,
                                              MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
+                                             MAX_STOP_TOKEN_IDS,
                                              MIN_REPETITION_PENALTY)
 
 MAX_CHOICES = 16            # n
@@ -138,7 +139,7 @@ class SamplingFields(ApiModel):
     min_tokens: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     cache_salt: str | None = None
     # OpenAI fields without an effect here unless they ask for something
     store: Any = None

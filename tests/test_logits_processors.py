@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvcluster.errors import InvalidArgument
-from kvcluster.model.logits_processors import NoTokenAllowed, pick, shape_logits
+from kvcluster.model.logits_processors import pick, shape_logits
 from kvcluster.model.sampling_params import SamplingParams
 
 VOCAB = 50
@@ -60,16 +60,12 @@ def test_min_tokens_holds_back_eos_and_stop_tokens_until_reached():
     assert pick(logits, [ignoring]).tokens == [EOS]  # with ignore_eos EOS is an ordinary token
 
 
-def test_rows_without_shaping_are_left_alone_and_a_row_left_with_nothing_is_refused():
+def test_rows_without_shaping_are_left_alone():
     plain, biased = fake_seq(SamplingParams()), fake_seq(SamplingParams(logit_bias=((3, 5.0),)))
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(0))
     scores = shape_logits(logits, [plain, biased])
     assert torch.equal(scores[0], logits[0]) and scores[1, 3] == logits[1, 3] + 5
     assert shape_logits(logits, [plain, plain]) is logits  # nothing to shape: no copy at all
-    logits[0, :] = float("-inf")
-    logits[0, EOS] = 0.0
-    with pytest.raises(NoTokenAllowed):
-        shape_logits(logits[:1], [fake_seq(SamplingParams(min_tokens=1))])
 
 
 def test_logprobs_are_the_raw_log_softmax_and_the_top_list_is_ordered():
@@ -89,6 +85,7 @@ def test_logprobs_are_the_raw_log_softmax_and_the_top_list_is_ordered():
     ("repetition_penalty", 0.0, "[0.01, 2]"), ("min_tokens", 200, "max_tokens = 128"),
     ("logit_bias", ((1, 101.0),), "[-100, 100]"), ("logit_bias", ((10 ** 6, 1.0),), "[0, 49152)"),
     ("logit_bias", tuple((i, 1.0) for i in range(301)), "at most 300"), ("logprobs", 21, "[0, 20]"),
+    ("stop_token_ids", tuple(range(65)), "at most 64"),
 ])
 def test_out_of_range_values_name_the_field_and_the_limit(field, value, limit):
     with pytest.raises(InvalidArgument) as err:

@@ -348,8 +348,7 @@ class Engine:
     def _fail_sampling(self, seq: Sequence) -> list[TokenEvent]:
         log.exception("sampling failed for request %s", seq.request_id)
         self._fail(seq, InvalidArgument("sampling", "these sampling parameters gave no valid token distribution "
-                                        "for this request's logits (logit_bias, min_tokens and structured_output "
-                                        "may have left no token to pick)"))
+                                        "for this request's logits"))
         return []
 
     def _fail(self, seq: Sequence, error: Exception) -> None:

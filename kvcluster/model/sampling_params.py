@@ -25,6 +25,7 @@ from kvcluster.errors import InvalidArgument
 DEFAULT_MAX_TOKENS = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64           # (min_tokens bans them all at once: far fewer than any vocabulary)
 
 
 def _float32(value: float) -> float:
@@ -143,6 +144,8 @@ class SamplingParams:
         for s in self.stop:
             if not 0 < len(s) <= MAX_STOP_STRING_CHARS:
                 raise InvalidArgument("sampling.stop", f"each stop string needs 1 to {MAX_STOP_STRING_CHARS} characters, got {len(s)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise InvalidArgument("sampling.stop_token_ids", f"must be in [0, {vocab_size}), got {t}")
