@@ -78,10 +78,12 @@ class TextPart(ApiModel):
     text: str
 
 
+MessageContent = one_of({"<string>": str, "<objects>": list[TextPart]}, "a string or an array of text parts")
+
+
 class ChatMessageIn(ApiModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: one_of({"<string>": str, "<objects>": list[TextPart]},
-                    "a string or an array of text parts") | None = None
+    content: MessageContent | None = None
     name: Any = None
     tool_calls: Any = None
     tool_call_id: Any = None
@@ -213,11 +215,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
+PromptField = one_of({"<string>": str, "<strings>": list[str], "<numbers>": TokenIds, "<arrays>": list[TokenIds]},
+                     "a string, an array of strings, an array of token ids or an array of such arrays")
 
 
 class CompletionRequest(SamplingFields):
-    prompt: one_of({"<string>": str, "<strings>": list[str], "<numbers>": TokenIds, "<arrays>": list[TokenIds]},
-                   "a string, an array of strings, an array of token ids or an array of such arrays")
+    prompt: PromptField
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: Any = None
     best_of: Any = None

@@ -1,7 +1,7 @@
 """The gateway's HTTP app (Starlette on uvicorn) and the request path: check the body, route it to a
 decode replica, stream Generate back as OpenAI objects, and fail over mid-stream.
 
-Failover: every sampled request carries a seed (openai_api.parse_sampling). When the replica's
+Failover: every request carries a seed (openai_api.sampling_params). When the replica's
 stream breaks (UNAVAILABLE and the like) before it finished, the request goes to another replica
 with `resume_token_ids` = the tokens already sent; that replica treats them as output, continues
 with the same seed and output positions, and streams only what follows, so the client sees one
@@ -9,13 +9,11 @@ uninterrupted stream with the tokens an undisturbed run gives.
 """
 
 import asyncio
-import json
 import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -25,14 +23,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
+from gateway.choices import Piece, choice_pieces, collect, sse_events
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.openai_api import (FINISH, ApiError, ApiRequest, Choice, ModelLimits, chunk_object, completion_object,
-                                logprobs_object, parse_request, usage_object)
-from gateway.tokenize import TokenizeEndpoints
+from gateway.openai_api import ApiError, ApiRequest, ModelLimits, completion_object, parse_request, usage_object
 from gateway.protocol import tools_refusal
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import Route, Router
+from gateway.tokenize import TokenizeEndpoints
 from kvcluster.blocks import prefix_hashes
 from kvcluster.errors import Unavailable
 from kvcluster.model.gguf_loader import default_model_path
@@ -49,14 +47,6 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.S
 # Fields a replica names (INVALID_ARGUMENT) whose HTTP name differs; the schema is compiled only there.
 GRPC_FIELDS = {"sampling.structured_output.json_schema": "response_format.json_schema.schema",
                "sampling.structured_output": "response_format"}
-
-
-@dataclass
-class Piece:
-    """One GenerateResponse and the replica that produced it."""
-
-    response: decode_pb2.GenerateResponse
-    replica_id: str
 
 
 class Gateway:
@@ -193,18 +183,7 @@ class Gateway:
         if request.stream:
             return StreamingResponse(self._sse(request, pieces, arrival), media_type="text/event-stream",
                                      headers=headers)
-        choices = [Choice() for _ in range(request.n)]
-        finals: dict[int, Piece] = {}
-        try:
-            async for index, piece in pieces:
-                choice, response = choices[index], piece.response
-                choice.text += response.text
-                choice.token_ids.extend(response.token_ids)
-                choice.logprobs.extend(response.logprobs)
-                if response.finish_reason:
-                    choice.finish, finals[index] = FINISH[response.finish_reason], piece
-        finally:
-            await pieces.aclose()
+        choices, finals = await collect(request.n, pieces)
         self.metrics.latency.observe(time.perf_counter() - arrival)
         usage = self._usage([finals[i] for i in range(request.n)])
         return JSONResponse(completion_object(request, choices, usage, self.token_text), headers=headers)
@@ -218,36 +197,9 @@ class Gateway:
 
     async def _sse(self, request: ApiRequest, pieces: AsyncIterator[tuple[int, Piece]],
                    arrival: float) -> AsyncIterator[str]:
-        """Chunks per choice as its tokens arrive: text deltas (a choice's first carries the role), its
-        tokens' logprobs with the next chunk it sends, its finish; then the usage, if asked for."""
-        started, finals = set(), {}
-        held: dict[int, tuple[list[int], list]] = {}   # tokens (and logprobs) not yet in a chunk
-        offsets: dict[int, int] = {}                   # characters sent per choice (completions' text_offset)
-        try:
-            async for index, piece in pieces:
-                response = piece.response
-                finish = FINISH.get(response.finish_reason)
-                tokens, logprobs = held.setdefault(index, ([], []))
-                tokens.extend(response.token_ids)
-                logprobs.extend(response.logprobs)
-                if response.text or index not in started or finish:
-                    chunk_logprobs = (logprobs_object(request.chat, tokens, logprobs, self.token_text,
-                                                      offsets.get(index, 0)) if request.logprobs and tokens else None)
-                    yield sse(chunk_object(request, response.text, finish, first=index not in started, index=index,
-                                           logprobs=chunk_logprobs))
-                    started.add(index)
-                    offsets[index] = offsets.get(index, 0) + len(response.text)
-                    held[index] = ([], [])
-                if finish:
-                    finals[index] = piece
-            if request.include_usage:
-                yield sse(chunk_object(request, None, None, usage=self._usage([finals[i] for i in sorted(finals)])))
-        except ApiError as exc:  # mid-stream and no replica could take over: the stream says so
-            yield sse(exc.body())
-        finally:
-            await pieces.aclose()
+        async for event in sse_events(request, pieces, self.token_text, self._usage):
+            yield event
         self.metrics.latency.observe(time.perf_counter() - arrival)
-        yield "data: [DONE]\n\n"
 
     async def reset_prefix_cache(self, http: Request) -> Response:
         """Every registered replica drops its local prefix cache and its blocks' registry entries
@@ -333,49 +285,6 @@ class Gateway:
             self.metrics.requests.labels(route, str(response.status_code)).inc()
             return response
         return endpoint
-
-
-async def choice_pieces(first: Piece, streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
-    """(choice index, piece) as the choices' streams produce them; choice 0's first piece (already
-    read) comes first. The first error of any choice ends them all and is raised."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[Piece]) -> None:
-        try:
-            async for piece in stream:
-                await queue.put((index, piece, None))
-        except ApiError as exc:
-            await queue.put((index, None, exc))
-        finally:
-            await queue.put((index, None, None))
-
-    tasks = []
-    try:
-        yield 0, first
-        if len(streams) == 1:  # the common case needs no task
-            async for piece in streams[0]:
-                yield 0, piece
-            return
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        running = len(tasks)
-        while running:
-            index, piece, error = await queue.get()
-            if error is not None:
-                raise error
-            if piece is None:
-                running -= 1
-            else:
-                yield index, piece
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()  # frees each replica's work when the client went away
-
-
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def api_error_from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
