@@ -404,7 +404,8 @@ def test_stream_survives_its_replica_being_killed(cluster, client):
     under way: every stream still completes, token for token what an undisturbed run gives."""
     prompts = [f"Write a long, detailed story about a {animal} who learns to {skill}."
                for animal, skill in (("fox", "sail"), ("bear", "paint"), ("owl", "cook"), ("cat", "fly"))]
-    samplings = [dict(temperature=0), dict(temperature=0), dict(temperature=0), dict(temperature=0.8, seed=7)]
+    samplings = [dict(temperature=0), dict(temperature=0), dict(temperature=0, frequency_penalty=1.0),
+                 dict(temperature=0.8, seed=7, presence_penalty=1.5)]  # penalties count the resumed tokens
     max_tokens = 48
     expected = []
     for prompt, sampling in zip(prompts, samplings):
