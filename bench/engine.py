@@ -62,10 +62,11 @@ def warm_forward_seconds(engine: Engine, repeats: int) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def running_batch(engine: Engine, prompts: list[list[int]]) -> Iterator[Callable[[int], float]]:
-    """Admit `prompts` (greedy, EOS ignored) and prefill them all; yield a function that runs `steps`
-    pure decode steps of the whole batch and returns their seconds. The sequences are aborted on exit."""
-    params = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
+def running_batch(engine: Engine, prompts: list[list[int]],
+                  params: SamplingParams = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
+                  ) -> Iterator[Callable[[int], float]]:
+    """Admit `prompts` (by default greedy, EOS ignored) and prefill them all; yield a function that runs
+    `steps` pure decode steps of the whole batch and returns their seconds. The sequences are aborted on exit."""
     seqs = [engine.add_request(p, params) for p in prompts]
     try:
         while engine.waiting:

@@ -6,6 +6,7 @@ Every kvcluster benchmark in one run, each a ratio against a baseline measured s
   engine             in-process prefill and decode tok/s
   determinism        the cost of batch-invariant numerics (the default): throughput vs the fast ones, fp32 and bf16
   decode_throughput  our engine vs transformers `generate`, batch 1-16
+  structured_output  decode tok/s at batch 8 held to a JSON Schema vs free (llguidance's mask per step)
   ttft               TTFT vs prompt length through the cluster: cold, half-cached, fully cached
   overhead           cold end-to-end latency: cluster vs in-process engine
   shared_prefix      8 concurrent clients, 80% shared system prompt: cache vs bypass_cache
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (aiperf_chat, decode_throughput, determinism, dtype_speed, engine, index_latency, kv_transfer,
-                   overhead, routing, shared_prefix, ttft)
+                   overhead, routing, shared_prefix, structured_output, ttft)
 from bench.common import RESULTS_DIR, progress
 from bench.context import BenchContext
 from kvcluster.dtypes import DTYPE_CHOICES
@@ -40,6 +41,7 @@ MEASURES: dict[str, Callable[[BenchContext], dict]] = {
     "determinism": determinism.run,
     "decode_throughput": decode_throughput.run,
     "dtype_speed": dtype_speed.run,
+    "structured_output": structured_output.run,
     "ttft": ttft.run,
     "overhead": overhead.run,
     "shared_prefix": shared_prefix.run,

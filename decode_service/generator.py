@@ -18,7 +18,7 @@ from decode_service.verifier import Verifier
 from kvcluster.blocks import check_cache_salt
 from kvcluster.cache_client import KVCacheClient
 from kvcluster.errors import InvalidArgument
-from kvcluster.messages import FINISH_REASONS, sampling_from_proto
+from kvcluster.messages import FINISH_REASONS, logprobs_to_proto, sampling_from_proto
 from kvcluster.model.engine import Engine
 from kvcluster.model.sequence import Sequence as EngineSeq, TokenEvent
 from kvcluster.model.tokenizer import ChatMessage
@@ -58,6 +58,8 @@ class _Clock:
             self.metrics.itl.observe(now - self.last)
         self.last = now
         response = decode_pb2.GenerateResponse(text=event.text, token_ids=[event.token_id])
+        if event.logprobs is not None:
+            response.logprobs.append(logprobs_to_proto(event.logprobs))
         if event.finish_reason is not None:
             response.finish_reason = FINISH_REASONS[event.finish_reason]
         return response
@@ -112,12 +114,13 @@ class Generator:
         engine.check_prompt(prompt_ids, field)
         cache_salt = check_cache_salt(request.cache_salt)
         params = sampling_from_proto(request.sampling).with_seed()
-        params.validate(engine.model_config.vocab_size, engine.model_config.context_length)
+        engine.check_sampling(params)  # bounds, and the grammar compiled here rather than on the engine thread
         resume = check_resume(list(request.resume_token_ids), params, engine.model_config.vocab_size)
         request_id = uuid.uuid4().hex
         use_cache = not request.bypass_cache
         time_left = context.time_remaining() if context is not None else None
-        kv = self.source.fetch(request_id, prompt_ids, params, time_left, cache_salt) if use_cache else PromptKV()
+        kv = (self.source.fetch(request_id, prompt_ids, params.for_first_token_elsewhere(), time_left, cache_salt)
+              if use_cache else PromptKV())
         kv.use_cache, kv.cache_salt = use_cache, cache_salt
         early = self._send_handoff_token(kv, request_id, prompt_ids, params) if not resume else None
         clock = _Clock(self.metrics, arrival)
@@ -173,7 +176,7 @@ class Generator:
         replica's pushes and the pull then stay off the time to first token); None when there is
         none or when it ends the request (the engine then says so in the usual way). The engine's
         sequence later computes this same event from the same prompt, params and token."""
-        if kv.finish_handoff is None or kv.first_token is None:
+        if kv.finish_handoff is None or kv.first_token is None or params.needs_own_first_token:
             return None
         engine = self.worker.engine
         preview = EngineSeq.create(request_id, prompt_ids, params, engine.tokenizer, engine.model_config.context_length)
@@ -184,8 +187,11 @@ class Generator:
                resume: list[int]) -> EngineSeq:
         """On the engine thread: the engine takes what the local cache holds, then the pulled blocks.
         Resumed tokens are handed over as output (the prefill service's first token is then the
-        same as their first and is not needed)."""
-        handed = resume or ([kv.first_token] if kv.first_token is not None else [])
+        same as their first and is not needed). A prefill worker's first token serves only when it
+        carries nothing the request streams from here (logprobs, grammar state): else this worker
+        recomputes the prompt's last token, whose K/V it pulled anyway."""
+        first = [kv.first_token] if kv.first_token is not None and not params.needs_own_first_token else []
+        handed = resume or first
         return engine.add_request(prompt_ids, params, request_id, output_ids=handed, keep_blocks=keep,
                                   prefix=kv.prefix(), cache_salt=kv.cache_salt, use_cache=kv.use_cache)
 

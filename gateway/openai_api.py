@@ -1,16 +1,24 @@
-"""The OpenAI wire format: request bodies checked and turned into a GenerateRequest, and responses,
-stream chunks and error objects built from what the replicas stream back.
+"""The OpenAI wire format: request bodies (checked by gateway/protocol.py) turned into Generate requests,
+and responses, stream chunks, logprobs and error objects built from what the replicas stream back.
 
 Validation happens here, before any routing, and fails with `ApiError` (HTTP 400 naming the field
 and its limit, as OpenAI's `{"error": {"message", "type", "param", "code"}}`).
+
+`n` > 1: choice i is its own Generate call with seed + i (mod 2^64), so each choice is reproducible
+alone and choice 0 is what n = 1 gives; the gateway sends them to one replica (see server.py).
 """
 
+import json
 import secrets
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kvcluster.model.sampling import DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS
+from pydantic import ValidationError
+
+from gateway import protocol
+from kvcluster.model.sampling_params import DEFAULT_MAX_TOKENS
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import common_pb2, decode_pb2
 
@@ -18,6 +26,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 FINISH = {decode_pb2.FINISH_REASON_STOP: "stop", decode_pb2.FINISH_REASON_LENGTH: "length",
           decode_pb2.FINISH_REASON_CANCELLED: "stop"}
 SEED_BITS = 63
+TokenText = Callable[[int], str]
 
 
 class ApiError(Exception):
@@ -36,186 +45,218 @@ def invalid(param: str, problem: str) -> ApiError:
     return ApiError(400, f"{param}: {problem}", param, "invalid_value")
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the served model allows: the validation context of every request body."""
+
+    name: str
+    max_tokens: int       # context length
+    vocab_size: int
+    tools_refusal: str = protocol.tools_refusal(None)
+
+    def context(self) -> dict:
+        return {"max_tokens_limit": self.max_tokens, "vocab_size": self.vocab_size, "tools_refusal": self.tools_refusal}
+
+
 @dataclass
-class CompletionRequest:
+class ApiRequest:
     """A checked /v1/chat/completions or /v1/completions body."""
 
     chat: bool
     model: str
     messages: list[ChatMessage] = field(default_factory=list)
     prompt: str = ""
+    prompt_ids: list[int] = field(default_factory=list)   # a prompt given as token ids
     sampling: common_pb2.SamplingParams = field(default_factory=common_pb2.SamplingParams)
+    n: int = 1
     stream: bool = False
     include_usage: bool = False
     cache_salt: str = ""
     request_id: str = ""
 
-    def to_grpc(self, resume_token_ids: list[int] = ()) -> decode_pb2.GenerateRequest:
-        request = decode_pb2.GenerateRequest(request_id=self.request_id, sampling=self.sampling,
-                                             cache_salt=self.cache_salt, resume_token_ids=list(resume_token_ids))
+    @property
+    def logprobs(self) -> bool:
+        return self.sampling.HasField("logprobs")
+
+    def to_grpc(self, resume_token_ids: Sequence[int] = (), index: int = 0) -> decode_pb2.GenerateRequest:
+        """Choice `index`'s Generate request (its seed is the request's + index)."""
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(self.sampling)
+        sampling.seed = (self.sampling.seed + index) % protocol.SEED_LIMIT
+        request = decode_pb2.GenerateRequest(request_id=self.request_id, sampling=sampling, cache_salt=self.cache_salt,
+                                             resume_token_ids=list(resume_token_ids))
         if self.chat:
             request.messages.messages.extend(decode_pb2.ChatMessage(role=m.role, content=m.content)
                                              for m in self.messages)
+        elif self.prompt_ids:
+            request.token_ids.ids.extend(self.prompt_ids)
         else:
             request.prompt = self.prompt
         return request
 
 
-def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str):
-    value = body.get(name)
-    # bool is an int in Python; JSON true is never a number here
-    if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
-        raise invalid(name, f"must be {what}, got {type(value).__name__}")
-    return value
-
-
-def parse_request(body: object, chat: bool, served_model: str, max_tokens_limit: int) -> CompletionRequest:
-    """Check an OpenAI body; ApiError names the first bad field (unknown fields are ignored)."""
-    if not isinstance(body, dict):
-        raise invalid("body", "must be a JSON object")
-    model = _typed(body, "model", (str,), "a string")
-    if not model:
-        raise invalid("model", "is required")
-    if model != served_model:
-        raise ApiError(404, f"The model `{model}` does not exist; this server serves `{served_model}`", "model",
+def parse_body(model: type[protocol.ApiModel], body: bytes, limits: ModelLimits) -> protocol.ApiModel:
+    """The body as `model`, or ApiError naming the first bad field (404 for another model's name)."""
+    try:
+        parsed = model.model_validate_json(body or b"null", context=limits.context())
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] == "model_type":
+            raise invalid("body", "must be a JSON object") from None
+        param, message = protocol.first_error(exc)
+        raise ApiError(400, message, param, "invalid_json" if param == "body" else "invalid_value") from None
+    if parsed.model not in (None, limits.name):
+        raise ApiError(404, f"The model `{parsed.model}` does not exist; this server serves `{limits.name}`", "model",
                        "model_not_found")
-    request = CompletionRequest(chat=chat, model=model, request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
-    if chat:
-        request.messages = parse_messages(body.get("messages"))
-    else:
-        request.prompt = parse_prompt(body.get("prompt"))
-    request.sampling = parse_sampling(body, max_tokens_limit)
-    request.stream = bool(_typed(body, "stream", (bool,), "a boolean"))
-    options = _typed(body, "stream_options", (dict,), "an object") or {}
-    request.include_usage = bool(_typed(options, "include_usage", (bool,), "a boolean"))
-    n = _typed(body, "n", (int,), "an integer")
-    if n is not None and n != 1:
-        raise invalid("n", f"only 1 is supported, got {n}")
-    _typed(body, "user", (str,), "a string")
-    request.cache_salt = _typed(body, "cache_salt", (str,), "a string") or ""
-    return request
-
-
-def parse_messages(messages: object) -> list[ChatMessage]:
-    if messages is None:
-        raise invalid("messages", "is required")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "must be a non-empty array")
-    parsed = []
-    for i, message in enumerate(messages):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise invalid(param, "must be an object")
-        role = message.get("role")
-        if role not in ROLES:
-            raise invalid(f"{param}.role", f"must be one of {sorted(ROLES)}, got {role!r}")
-        parsed.append(ChatMessage(ROLES[role], _content(message.get("content"), f"{param}.content")))
     return parsed
 
 
-def _content(content: object, param: str) -> str:
-    """A string, or an array of text parts (joined); null is empty (an assistant turn with no text)."""
+def parse_request(body: bytes, chat: bool, limits: ModelLimits) -> ApiRequest:
+    """Check an OpenAI body (see gateway/protocol.py for what is accepted and what is refused)."""
+    fields = parse_body(protocol.ChatCompletionRequest if chat else protocol.CompletionRequest, body, limits)
+    request = ApiRequest(chat=chat, model=fields.model, n=fields.n, stream=fields.stream,
+                         include_usage=bool(fields.stream_options and fields.stream_options.include_usage),
+                         cache_salt=fields.cache_salt or "",
+                         request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
+    if chat:
+        request.messages = [ChatMessage(ROLES[m.role], message_text(m.content)) for m in fields.messages]
+    else:
+        request.prompt, request.prompt_ids = _prompt(fields.prompt)
+    request.sampling = sampling_params(fields, limits)
+    return request
+
+
+def message_text(content) -> str:
+    """A string, or text parts joined; null is empty (an assistant turn with no text)."""
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(param, "only text parts ({\"type\": \"text\", \"text\": ...}) are supported")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise invalid(param, f"must be a string or an array of text parts, got {type(content).__name__}")
+    return "".join(part.text for part in content)
 
 
-def parse_prompt(prompt: object) -> str:
-    if prompt is None:
-        raise invalid("prompt", "is required")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+def _prompt(prompt) -> tuple[str, list[int]]:
+    """(text, token ids): one prompt, as text or as token ids; batches of prompts are refused."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise invalid("prompt", f"batches of prompts are not supported, got {len(prompt)} (send one per request)")
         prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise invalid("prompt", "must be a string (batches of prompts are not supported)")
     if not prompt:
         raise invalid("prompt", "must not be empty")
-    return prompt
+    return (prompt, []) if isinstance(prompt, str) else ("", list(prompt))
 
 
-def parse_sampling(body: dict, max_tokens_limit: int) -> common_pb2.SamplingParams:
-    """OpenAI sampling fields as SamplingParams; every sampled request gets a seed (random when the
-    client gave none) so a failover resumes with exactly the tokens the first replica would have sent."""
-    sampling = common_pb2.SamplingParams()
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = _typed(body, name, (int,), "an integer")
-        if value is not None:
-            if not 1 <= value <= max_tokens_limit:
-                raise invalid(name, f"must be in [1, {max_tokens_limit}], got {value}")
-            sampling.max_tokens = value
-            break
-    else:
-        sampling.max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_limit)
-    temperature = _typed(body, "temperature", (int, float), "a number")
-    if temperature is not None:
-        if not 0 <= temperature <= 2:
-            raise invalid("temperature", f"must be in [0, 2], got {temperature}")
-        sampling.temperature = float(temperature)
-    top_p = _typed(body, "top_p", (int, float), "a number")
-    if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise invalid("top_p", f"must be in (0, 1], got {top_p}")
-        sampling.top_p = float(top_p)
-    seed = _typed(body, "seed", (int,), "an integer")
-    if seed is not None and not 0 <= seed < 1 << 64:
-        raise invalid("seed", f"must be in [0, 2^64), got {seed}")
-    sampling.seed = seed if seed is not None else secrets.randbits(SEED_BITS)
-    sampling.stop.extend(parse_stop(body.get("stop")))
-    sampling.ignore_eos = bool(_typed(body, "ignore_eos", (bool,), "a boolean"))  # vLLM's extra field (benchmarks)
+def sampling_params(fields: protocol.SamplingFields, limits: ModelLimits) -> common_pb2.SamplingParams:
+    """The body's sampling fields as SamplingParams; every request gets a seed (random when the client
+    gave none) so a failover resumes with exactly the tokens the first replica would have sent."""
+    sampling = common_pb2.SamplingParams(
+        top_k=fields.top_k, stop_token_ids=fields.stop_token_ids or [], ignore_eos=fields.ignore_eos,
+        presence_penalty=fields.presence_penalty, frequency_penalty=fields.frequency_penalty,
+        min_tokens=fields.min_tokens, logit_bias={int(k): v for k, v in (fields.logit_bias or {}).items()})
+    chat_limit = getattr(fields, "max_completion_tokens", None)
+    sampling.max_tokens = chat_limit or fields.max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_tokens)
+    if fields.min_tokens > sampling.max_tokens:
+        raise invalid("min_tokens", f"must be at most max_tokens ({sampling.max_tokens}), got {fields.min_tokens}")
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if getattr(fields, name) is not None:
+            setattr(sampling, name, getattr(fields, name))
+    sampling.seed = fields.seed if fields.seed is not None else secrets.randbits(SEED_BITS)
+    sampling.stop.extend([fields.stop] if isinstance(fields.stop, str) else fields.stop or [])
+    _logprobs(fields, sampling)
+    _response_format(fields.response_format, sampling)
     return sampling
 
 
-def parse_stop(stop: object) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise invalid("stop", "must be a string or an array of strings")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise invalid("stop", f"has {len(stops)} strings; the limit is {MAX_STOP_STRINGS}")
-    if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in stops):
-        raise invalid("stop", f"each stop string must have 1 to {MAX_STOP_STRING_CHARS} characters")
-    return stops
+def _logprobs(fields, sampling: common_pb2.SamplingParams) -> None:
+    if isinstance(fields, protocol.ChatCompletionRequest):
+        if fields.top_logprobs is not None and not fields.logprobs:
+            raise invalid("top_logprobs", "needs logprobs: true")
+        if fields.logprobs:
+            sampling.logprobs = fields.top_logprobs or 0
+    elif fields.logprobs is not None:
+        sampling.logprobs = fields.logprobs
+
+
+def _response_format(response_format: protocol.ResponseFormat | None, sampling: common_pb2.SamplingParams) -> None:
+    if response_format is None or response_format.type == "text":
+        return
+    if response_format.type == "json_object":
+        sampling.structured_output.json_object = True
+        return
+    if response_format.json_schema is None:
+        raise invalid("response_format.json_schema", "is required when type is json_schema")
+    sampling.structured_output.json_schema = json.dumps(response_format.json_schema.schema_)
 
 
 # ---- responses -------------------------------------------------------------------------------
 
-def usage_object(usage: decode_pb2.Usage, replica_id: str) -> dict:
-    """OpenAI usage, plus where the prompt's KV came from (kvcluster's own fields) and the replica."""
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-            "kvcluster": {"local_cache_tokens": usage.local_cache_tokens, "store_tokens": usage.store_tokens,
-                          "prefill_tokens": usage.prefill_tokens, "local_computed_tokens": usage.local_computed_tokens,
-                          "replica": replica_id}}
+def usage_object(usages: Sequence[decode_pb2.Usage], replica_ids: Sequence[str]) -> dict:
+    """OpenAI usage over every choice (the prompt counted once, from choice 0), plus where the prompt's
+    KV came from (kvcluster's own fields) and the replica; with several choices, each one's sources."""
+    first = usages[0]
+    completion = sum(u.completion_tokens for u in usages)
+    usage = {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+             "total_tokens": first.prompt_tokens + completion,
+             "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
+             "kvcluster": _sources(first, replica_ids[0])}
+    if len(usages) > 1:
+        usage["kvcluster"]["choices"] = [_sources(u, r) for u, r in zip(usages, replica_ids)]
+    return usage
 
 
-def completion_object(request: CompletionRequest, text: str, finish: str, usage: dict) -> dict:
-    if request.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+def _sources(usage: decode_pb2.Usage, replica_id: str) -> dict:
+    return {"local_cache_tokens": usage.local_cache_tokens, "store_tokens": usage.store_tokens,
+            "prefill_tokens": usage.prefill_tokens, "local_computed_tokens": usage.local_computed_tokens,
+            "replica": replica_id}
+
+
+def logprobs_object(chat: bool, token_ids: Sequence[int], logprobs: Sequence[decode_pb2.TokenLogprobs],
+                    token_text: TokenText, text_offset: int = 0) -> dict:
+    """OpenAI's logprobs of these tokens: chat's `{"content": [...]}` or the completions' lists."""
+    if chat:
+        return {"content": [{**_token(t, lp.logprob, token_text),
+                             "top_logprobs": [_token(top.token_id, top.logprob, token_text) for top in lp.top]}
+                            for t, lp in zip(token_ids, logprobs)], "refusal": None}
+    texts = [token_text(t) for t in token_ids]
+    offsets = [text_offset + sum(len(x) for x in texts[:i]) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{token_text(top.token_id): top.logprob for top in lp.top} for lp in logprobs],
+            "text_offset": offsets}
+
+
+def _token(token_id: int, logprob: float, token_text: TokenText) -> dict:
+    text = token_text(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+@dataclass
+class Choice:
+    """One choice's whole answer, gathered from its stream."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[decode_pb2.TokenLogprobs] = field(default_factory=list)
+    finish: str = "stop"
+
+
+def completion_object(request: ApiRequest, choices: Sequence[Choice], usage: dict, token_text: TokenText) -> dict:
+    out = []
+    for index, choice in enumerate(choices):
+        logprobs = (logprobs_object(request.chat, choice.token_ids, choice.logprobs, token_text)
+                    if request.logprobs else None)
+        body = {"message": {"role": "assistant", "content": choice.text}} if request.chat else {"text": choice.text}
+        out.append({"index": index, **body, "logprobs": logprobs, "finish_reason": choice.finish})
     return {"id": request.request_id, "object": "chat.completion" if request.chat else "text_completion",
-            "created": int(time.time()), "model": request.model, "choices": [choice], "usage": usage}
+            "created": int(time.time()), "model": request.model, "choices": out, "usage": usage}
 
 
-def chunk_object(request: CompletionRequest, text: str | None, finish: str | None, first: bool = False,
-                 usage: dict | None = None) -> dict:
-    """One stream chunk: a text delta, the finish, or (choices empty) the usage."""
+def chunk_object(request: ApiRequest, text: str | None, finish: str | None, first: bool = False,
+                 usage: dict | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
+    """One stream chunk of choice `index`: a text delta, the finish, or (choices empty) the usage."""
     if usage is not None:
         choices = []
     elif request.chat:
         delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        choices = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
     else:
-        choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+        choices = [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}]
     chunk = {"id": request.request_id, "object": "chat.completion.chunk" if request.chat else "text_completion",
              "created": int(time.time()), "model": request.model, "choices": choices}
     if usage is not None:

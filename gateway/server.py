@@ -1,7 +1,7 @@
 """The gateway's HTTP app (Starlette on uvicorn) and the request path: check the body, route it to a
 decode replica, stream Generate back as OpenAI objects, and fail over mid-stream.
 
-Failover: every sampled request carries a seed (openai_api.parse_sampling). When the replica's
+Failover: every request carries a seed (openai_api.sampling_params). When the replica's
 stream breaks (UNAVAILABLE and the like) before it finished, the request goes to another replica
 with `resume_token_ids` = the tokens already sent; that replica treats them as output, continues
 with the same seed and output positions, and streams only what follows, so the client sees one
@@ -9,13 +9,11 @@ uninterrupted stream with the tokens an undisturbed run gives.
 """
 
 import asyncio
-import json
 import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -25,12 +23,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
+from gateway.choices import Piece, choice_pieces, collect, sse_events
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.openai_api import (FINISH, ApiError, CompletionRequest, chunk_object, completion_object, parse_request,
-                                usage_object)
+from gateway.openai_api import ApiError, ApiRequest, ModelLimits, completion_object, parse_request, usage_object
+from gateway.protocol import tools_refusal
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import Route, Router
+from gateway.tokenize import TokenizeEndpoints
 from kvcluster.blocks import prefix_hashes
 from kvcluster.errors import Unavailable
 from kvcluster.model.gguf_loader import default_model_path
@@ -44,14 +44,9 @@ log = logging.getLogger(__name__)
 # Codes after which the request moves to another replica (resuming after the tokens already sent).
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
                   grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-
-
-@dataclass
-class Piece:
-    """One GenerateResponse and the replica that produced it."""
-
-    response: decode_pb2.GenerateResponse
-    replica_id: str
+# Fields a replica names (INVALID_ARGUMENT) whose HTTP name differs; the schema is compiled only there.
+GRPC_FIELDS = {"sampling.structured_output.json_schema": "response_format.json_schema.schema",
+               "sampling.structured_output": "response_format"}
 
 
 class Gateway:
@@ -60,9 +55,13 @@ class Gateway:
     def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None):
         self.config = config
         model = config.model or None
-        self.tokenizer = Tokenizer(read_tokenizer_data(model))
-        self.max_tokens_limit = read_model_config(model).context_length
+        tokenizer_data = read_tokenizer_data(model)
+        self.tokenizer = Tokenizer(tokenizer_data)
+        model_config = read_model_config(model)
         self.served_model = config.served_model_name or Path(model or default_model_path()).stem
+        self.limits = ModelLimits(self.served_model, model_config.context_length, model_config.vocab_size,
+                                  tools_refusal(tokenizer_data.chat_template))
+        self.tokenize_endpoints = TokenizeEndpoints(self.tokenizer, self.limits)
         self.replicas = ReplicaSet(config)
         self.router = Router(config.routing, config.overlap_weight)
         self.registry = registry or CollectorRegistry()
@@ -89,10 +88,13 @@ class Gateway:
             await self.refresh()
             await asyncio.sleep(self.config.refresh_seconds)
 
-    async def route(self, request: CompletionRequest, exclude: set[str]) -> Route:
+    async def route(self, request: ApiRequest, exclude: set[str], prefer: str | None = None) -> Route:
         replicas = self.replicas.up(exclude)
         if not replicas:
             raise ApiError(503, "no decode replica is available", None, "no_replica", "service_unavailable_error")
+        pinned = next((r for r in replicas if r.replica_id == prefer), None)
+        if pinned is not None:  # another choice of the same request: not a routing decision of its own
+            return Route(pinned, "cache_hit", 0)
         overlaps = [0] * len(replicas)
         if self.config.routing == "cache_aware" and self.replicas.index is not None:
             overlaps = await asyncio.to_thread(self.overlaps, request, replicas)
@@ -101,10 +103,10 @@ class Gateway:
         self.metrics.routed_blocks.inc(route.overlap_blocks)
         return route
 
-    def overlaps(self, request: CompletionRequest, replicas: list[Replica]) -> list[int]:
+    def overlaps(self, request: ApiRequest, replicas: list[Replica]) -> list[int]:
         """Blocking: leading prompt blocks each replica holds (0 for all when Redis cannot say)."""
         token_ids = (self.tokenizer.encode_chat(request.messages) if request.chat
-                     else self.tokenizer.encode(request.prompt))
+                     else request.prompt_ids or self.tokenizer.encode(request.prompt))
         counts = {}
         for key in {(r.fingerprint, r.block_size) for r in replicas if r.block_size}:
             group = [r for r in replicas if (r.fingerprint, r.block_size) == key]
@@ -118,15 +120,16 @@ class Gateway:
 
     # ---- generation with failover ----------------------------------------------------------
 
-    async def generate(self, request: CompletionRequest) -> AsyncIterator[Piece]:
-        """Stream the request's responses, moving to another replica when one fails."""
+    async def generate(self, request: ApiRequest, index: int = 0, prefer: str | None = None) -> AsyncIterator[Piece]:
+        """Stream choice `index`'s responses (on replica `prefer` while it is up), moving to another
+        replica when one fails."""
         sent: list[int] = []
         exclude: set[str] = set()
         for attempt in range(self.config.max_failovers + 1):
-            route = await self.route(request, exclude)
+            route = await self.route(request, exclude, prefer)
             replica = route.replica
             replica.open_calls += 1
-            call = replica.stub.Generate(request.to_grpc(sent), timeout=self.config.request_timeout_seconds,
+            call = replica.stub.Generate(request.to_grpc(sent, index), timeout=self.config.request_timeout_seconds,
                                          metadata=self.metadata)
             try:
                 async for response in call:
@@ -168,48 +171,35 @@ class Gateway:
     async def completions(self, http: Request, chat: bool) -> Response:
         arrival = time.perf_counter()
         self.check_key(http)
-        try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"body: not valid JSON ({exc})", "body", "invalid_json") from None
-        request = parse_request(body, chat, self.served_model, self.max_tokens_limit)
-        pieces = self.generate(request)
-        first = await anext(pieces)  # errors before the first token still get their HTTP status
+        request = parse_request(await http.body(), chat, self.limits)
+        streams = [self.generate(request)]
+        first = await anext(streams[0])  # errors before the first token still get their HTTP status
         self.metrics.ttft.observe(time.perf_counter() - arrival)
+        # Choices 1..n-1 start once choice 0's prompt blocks sit in its replica's local prefix cache,
+        # and go there: they share those blocks instead of computing or pulling the prompt again.
+        streams += [self.generate(request, i, prefer=first.replica_id) for i in range(1, request.n)]
+        pieces = choice_pieces(first, streams)
         headers = {"x-kvcluster-replica": first.replica_id}
         if request.stream:
-            return StreamingResponse(self._sse(request, first, pieces, arrival), media_type="text/event-stream",
+            return StreamingResponse(self._sse(request, pieces, arrival), media_type="text/event-stream",
                                      headers=headers)
-        text, last = [first.response.text], first
-        async for piece in pieces:
-            text.append(piece.response.text)
-            last = piece
+        choices, finals = await collect(request.n, pieces)
         self.metrics.latency.observe(time.perf_counter() - arrival)
-        usage = usage_object(last.response.usage, last.replica_id)
-        return JSONResponse(completion_object(request, "".join(text), FINISH[last.response.finish_reason], usage),
-                            headers=headers)
+        usage = self._usage([finals[i] for i in range(request.n)])
+        return JSONResponse(completion_object(request, choices, usage, self.token_text), headers=headers)
 
-    async def _sse(self, request: CompletionRequest, first: Piece, pieces: AsyncIterator[Piece],
+    def _usage(self, finals: list[Piece]) -> dict:
+        return usage_object([p.response.usage for p in finals], [p.replica_id for p in finals])
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (logprobs' `token`; a lone piece of a UTF-8 character shows as U+FFFD)."""
+        return self.tokenizer.decode([token_id], skip_special=False)
+
+    async def _sse(self, request: ApiRequest, pieces: AsyncIterator[tuple[int, Piece]],
                    arrival: float) -> AsyncIterator[str]:
-        piece, is_first = first, True
-        try:
-            while True:
-                response = piece.response
-                finish = FINISH.get(response.finish_reason)
-                if response.text or is_first or finish:
-                    yield sse(chunk_object(request, response.text, finish, first=is_first))
-                is_first = False
-                if finish:
-                    if request.include_usage:
-                        yield sse(chunk_object(request, None, None, usage=usage_object(response.usage, piece.replica_id)))
-                    break
-                piece = await anext(pieces)
-        except ApiError as exc:  # mid-stream and no replica could take over: the stream says so
-            yield sse(exc.body())
-        finally:
-            await pieces.aclose()
+        async for event in sse_events(request, pieces, self.token_text, self._usage):
+            yield event
         self.metrics.latency.observe(time.perf_counter() - arrival)
-        yield "data: [DONE]\n\n"
 
     async def reset_prefix_cache(self, http: Request) -> Response:
         """Every registered replica drops its local prefix cache and its blocks' registry entries
@@ -260,15 +250,25 @@ class Gateway:
                 task.cancel()
                 await self.replicas.close()
 
+        tokenize = self.tokenize_endpoints
         routes = [HttpRoute("/v1/chat/completions", self._counted("/v1/chat/completions", lambda r: self.completions(r, True)), methods=["POST"]),
                   HttpRoute("/v1/completions", self._counted("/v1/completions", lambda r: self.completions(r, False)), methods=["POST"]),
                   HttpRoute("/v1/models", self._counted("/v1/models", self.models), methods=["GET"]),
+                  HttpRoute("/tokenize", self._counted("/tokenize", self._keyed(tokenize.tokenize)), methods=["POST"]),
+                  HttpRoute("/detokenize", self._counted("/detokenize", self._keyed(tokenize.detokenize)),
+                            methods=["POST"]),
                   HttpRoute("/reset_prefix_cache", self._counted("/reset_prefix_cache", self.reset_prefix_cache),
                             methods=["POST"]),
                   HttpRoute("/health", self.health, methods=["GET"]),
                   HttpRoute("/live", lambda r: JSONResponse({"status": "ok"}), methods=["GET"]),
                   HttpRoute("/metrics", self.metrics_page, methods=["GET"])]
         return Starlette(routes=routes, lifespan=lifespan)
+
+    def _keyed(self, handler):
+        async def endpoint(http: Request) -> Response:
+            self.check_key(http)
+            return await handler(http)
+        return endpoint
 
     def _counted(self, route: str, handler):
         """The handler, with ApiError turned into OpenAI's error object and every answer counted."""
@@ -287,15 +287,16 @@ class Gateway:
         return endpoint
 
 
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
 def api_error_from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
     """A replica's status as the HTTP error OpenAI clients expect."""
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        field = details.split(":", 1)[0].removeprefix("sampling.") if ":" in details else None
+        field = details.split(":", 1)[0] if ":" in details else None
+        for grpc_name, http_name in GRPC_FIELDS.items():  # the replica's field as the HTTP body calls it
+            if field and field.startswith(grpc_name):
+                field, details = http_name, http_name + details[len(grpc_name):]
+                break
+        field = field.removeprefix("sampling.") if field else None
         return ApiError(400, details, field, "invalid_value")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(429, f"overloaded: {details}", None, "overloaded", "rate_limit_error")

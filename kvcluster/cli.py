@@ -15,13 +15,15 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 
 from kvcluster.client import Client, Completion
 from kvcluster.dtypes import DTYPE_CHOICES
 from kvcluster.errors import KVClusterError
-from kvcluster.model.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from kvcluster.messages import sampling_to_proto
+from kvcluster.model.sampling import DEFAULT_MAX_TOKENS, SamplingParams, StructuredOutput
 from kvcluster.model.tokenizer import ChatMessage
 
 MODEL_HELP = "GGUF file or Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3)"
@@ -38,20 +40,33 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2]")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2]")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="[0.01, 2]; 1 = off")
+    parser.add_argument("--min-tokens", type=int, default=0, help="hold back EOS until this many tokens")
+    parser.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                        help="hold the output to this JSON Schema (JSON text, or @FILE); '{}' for any JSON object")
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
+                          structured=structured_from_flag(args.json_schema))
+
+
+def structured_from_flag(schema: str | None) -> StructuredOutput | None:
+    if schema is None:
+        return None
+    text = Path(schema[1:]).read_text() if schema.startswith("@") else schema
+    return StructuredOutput("json_object") if text.strip() == "{}" else StructuredOutput("json_schema", text)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     """The same flags as SamplingParams proto fields, for the client."""
-    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  stop=args.stop, ignore_eos=args.ignore_eos)
-    if args.seed is not None:
-        kwargs["seed"] = args.seed
-    return kwargs
+    message = sampling_to_proto(sampling_from_args(args))
+    return {field.name: value for field, value in message.ListFields()}
 
 
 def build_parser() -> argparse.ArgumentParser:

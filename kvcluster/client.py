@@ -30,10 +30,12 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     usage: decode_pb2.Usage = field(default_factory=decode_pb2.Usage)
+    logprobs: list[decode_pb2.TokenLogprobs] = field(default_factory=list)  # one per token, when asked for
 
     def add(self, response: decode_pb2.GenerateResponse) -> None:
         self.text += response.text
         self.token_ids.extend(response.token_ids)
+        self.logprobs.extend(response.logprobs)
         if response.finish_reason:
             self.finish_reason = FINISH_NAMES.get(response.finish_reason, "")
             self.usage = response.usage
@@ -42,7 +44,8 @@ class Completion:
 def build_request(prompt: str | None = None, messages: Sequence[Message] | None = None,
                   token_ids: Sequence[int] | None = None, bypass_cache: bool = False, cache_salt: str = "",
                   resume_token_ids: Sequence[int] = (), **sampling) -> decode_pb2.GenerateRequest:
-    """One of prompt / messages / token_ids, plus SamplingParams fields by name (max_tokens=, temperature=, ...).
+    """One of prompt / messages / token_ids, plus SamplingParams fields by name (max_tokens=, temperature=,
+    logprobs=, logit_bias={id: bias}, structured_output={"json_schema": text}, ...).
     `cache_salt` (e.g. one per tenant) shares cached blocks only with requests of the same salt;
     `resume_token_ids` continues a generation after tokens already produced (see decode.proto)."""
     request = decode_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(**sampling), bypass_cache=bypass_cache,

@@ -145,13 +145,18 @@ class Prefiller:
             raise RequestFailed("the caller left before the prompt was computed")
         try:
             events = list(self.worker.stream(
-                lambda engine: job.admit(engine, token_ids, replace(params, max_tokens=1, stop=()))))
+                lambda engine: job.admit(engine, token_ids, first_token_only(params))))
         finally:
             if job.seq is not None:
                 self.worker.call(job.finish)
         if not events:  # cancelled: the caller left or its deadline passed
             raise RequestFailed("cancelled: the caller left or its deadline passed")
         return events[0].token_id
+
+
+def first_token_only(params: SamplingParams) -> SamplingParams:
+    """The request's sampling for its first token alone (min_tokens kept as far as it bears on it)."""
+    return replace(params, max_tokens=1, stop=(), min_tokens=min(params.min_tokens, 1))
 
 
 @dataclass

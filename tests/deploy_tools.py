@@ -129,7 +129,8 @@ LABEL_VALUES = {
     "kind": {"decode", "prefill", "mixed"},
     "where": {"local", "remote"},
     "when": {"before_first_token", "mid_stream"},
-    "route": {"/v1/chat/completions", "/v1/completions", "/v1/models", "/reset_prefix_cache"},
+    "route": {"/v1/chat/completions", "/v1/completions", "/v1/models", "/reset_prefix_cache", "/tokenize",
+              "/detokenize"},
     # `status` (the gateway's HTTP codes) is open-ended: queries match it by class, e.g. "5..".
     "job": set(SCRAPED_METRICS) | {"prometheus"},
 }

@@ -8,6 +8,7 @@ import signal
 import threading
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -127,7 +128,7 @@ def test_new_prompt_goes_to_the_less_loaded_replica(cluster, client):
     ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400, "max_tokens"),
     ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
      "max_completion_tokens"),
-    ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
     ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, 400, "stop"),
     ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
@@ -233,12 +234,178 @@ def test_decode_resumes_after_handed_over_tokens(cluster):
     assert resumed.usage.completion_tokens == len(tokens) == 16
 
 
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 120}}}
+
+
+def test_logprobs_of_a_warm_request_equal_the_cold_ones_bitwise(cluster, client):
+    """Cold (computed by the prefill service, the last token recomputed by decode for its logprobs), then
+    warm from the replica's own cache: every logprob and top list identical, for chat and completions."""
+    question = f"Logprobs run {cluster.ports.gateway}. {LONG_DOCUMENT}\nWhich part is on shelf 4?"
+    kwargs = dict(model=cluster.served_model, messages=chat(question), max_tokens=8, temperature=0, logprobs=True,
+                  top_logprobs=5)
+    cold = client.chat.completions.create(**kwargs)
+    warm = client.chat.completions.create(**kwargs)
+    # cold: at most the chat template's shared system block was cached; warm: all but the tail block
+    assert cold.usage.prompt_tokens_details.cached_tokens <= 16
+    assert warm.usage.kvcluster["local_cache_tokens"] >= warm.usage.prompt_tokens - 16
+    cold_lp, warm_lp = cold.choices[0].logprobs.content, warm.choices[0].logprobs.content
+    assert len(cold_lp) == cold.usage.completion_tokens and all(len(t.top_logprobs) == 5 for t in cold_lp)
+    assert [t.model_dump() for t in cold_lp] == [t.model_dump() for t in warm_lp]
+    assert "".join(t.token for t in cold_lp).startswith(cold.choices[0].message.content)
+    assert all(t.logprob <= 0 and t.logprob >= t.top_logprobs[-1].logprob for t in cold_lp)
+    streamed = client.chat.completions.create(**kwargs, stream=True)
+    assert [t.model_dump() for c in streamed if c.choices and c.choices[0].logprobs
+            for t in c.choices[0].logprobs.content] == [t.model_dump() for t in cold_lp]
+    text = dict(model=cluster.served_model, prompt=question, max_tokens=4, temperature=0, logprobs=3)
+    first, again = client.completions.create(**text), client.completions.create(**text)
+    assert first.choices[0].logprobs.model_dump() == again.choices[0].logprobs.model_dump()
+    assert len(first.choices[0].logprobs.top_logprobs[0]) == 3
+
+
+def test_json_schema_output_validates_beside_unconstrained_requests(cluster, client):
+    """Four concurrent requests through the official client: two held to a JSON Schema give JSON that
+    validates, the two unconstrained ones give the tokens they give alone."""
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    free = [dict(messages=chat(f"Tell me about the {thing}."), max_tokens=16, temperature=0.7, seed=5)
+            for thing in ("moon", "sea")]
+    constrained = [dict(messages=chat(f"Describe {who} as JSON."), max_tokens=48, temperature=0,
+                        response_format=schema_format) for who in ("a baker", "a pilot")]
+    alone = [client.chat.completions.create(model=cluster.served_model, **kwargs).choices[0].message.content
+             for kwargs in free]
+    results = [None] * 4
+
+    def run(i: int, kwargs: dict) -> None:
+        results[i] = client.chat.completions.create(model=cluster.served_model, **kwargs)
+
+    threads = [threading.Thread(target=run, args=(i, kwargs)) for i, kwargs in enumerate(free + constrained)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert [r.choices[0].message.content for r in results[:2]] == alone
+    for answer in results[2:]:
+        assert answer.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(answer.choices[0].message.content), PERSON)
+
+
+def test_n_choices_share_the_prompt_blocks_and_reproduce_with_seed_plus_index(cluster, client):
+    messages = chat(f"Choices run {cluster.ports.gateway}. {LONG_DOCUMENT}\nName one shelf.")
+    kwargs = dict(model=cluster.served_model, messages=messages, max_tokens=6, temperature=0.9)
+    several = client.chat.completions.create(**kwargs, n=3, seed=40)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    per_choice = several.usage.kvcluster["choices"]
+    assert len({c["replica"] for c in per_choice}) == 1  # one replica holds the prompt for all of them
+    assert per_choice[0]["local_cache_tokens"] <= 16  # choice 0 was cold (but for the template's system block)
+    assert all(c["local_cache_tokens"] >= several.usage.prompt_tokens - 16 for c in per_choice[1:])
+    answers = [client.chat.completions.create(**kwargs, seed=40 + i) for i in range(3)]
+    singles = [a.choices[0].message.content for a in answers]
+    assert [c.message.content for c in several.choices] == singles
+    assert several.usage.completion_tokens == sum(a.usage.completion_tokens for a in answers)
+    streamed = {}
+    for chunk in client.chat.completions.create(**kwargs, n=3, seed=40, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(3)] == singles
+
+
+def test_penalties_bias_and_min_tokens_reach_the_engine(cluster, client):
+    prompt = "Repeat after me: one one one one one one"
+    shaped = dict(max_tokens=8, temperature=0.8, seed=3, presence_penalty=1.5, frequency_penalty=0.5,
+                  extra_body={"repetition_penalty": 1.3, "min_tokens": 8})
+    via_http = client.completions.create(model=cluster.served_model, prompt=prompt, **shaped)
+    with Client(cluster.decode_target) as grpc_client:
+        direct = grpc_client.generate(prompt=prompt, max_tokens=8, temperature=0.8, seed=3, presence_penalty=1.5,
+                                      frequency_penalty=0.5, repetition_penalty=1.3, min_tokens=8)
+        plain = grpc_client.generate(prompt=prompt, max_tokens=8, temperature=0.8, seed=3)
+    assert via_http.choices[0].text == direct.text and direct.token_ids != plain.token_ids
+    assert via_http.usage.completion_tokens == 8
+    tokenizer = Tokenizer(read_tokenizer_data())
+    forced = tokenizer.encode(" banana")[0]
+    biased = client.completions.create(model=cluster.served_model, prompt=prompt, max_tokens=3, temperature=0,
+                                       logit_bias={str(forced): 100})
+    assert biased.choices[0].text == tokenizer.decode([forced] * 3)
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+HOSTILE = [  # (body fields, the param the 400 names)
+    ({"logprobs": "yes"}, "logprobs"), ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": "high"}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 50, "max_tokens": 10}, "min_tokens"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 500}}, "logit_bias.5"), ({"logit_bias": {str(i): 1 for i in range(5000)}}, "logit_bias"),
+    ({"logit_bias": [1, 2]}, "logit_bias"), ({"n": 0}, "n"), ({"n": 1000}, "n"), ({"n": "2"}, "n"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
+     "response_format.json_schema.schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"parallel_tool_calls": True}, "parallel_tool_calls"), ({"audio": {"voice": "alloy"}}, "audio"),
+    ({"store": True}, "store"), ({"no_such_field": 1}, "no_such_field"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0].type"),
+]
+
+
+def test_hostile_fields_get_400_naming_them_while_a_normal_request_completes(cluster, client):
+    kwargs = dict(model=cluster.served_model, messages=chat("Name a color."), max_tokens=10, temperature=0)
+    expected = client.chat.completions.create(**kwargs).choices[0].message.content
+    normal = {}
+    thread = threading.Thread(target=lambda: normal.update(text=stream_text(
+        client.chat.completions.create(**kwargs, stream=True))[0]))
+    thread.start()
+    for fields, param in HOSTILE:
+        body = {"model": cluster.served_model, "messages": CHAT, **fields}
+        response = httpx.post(f"{cluster.gateway_url}/v1/chat/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        assert response.status_code == 400, (fields, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and error["message"].startswith(param), (fields, error)
+    for fields, param in [({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "end"}, "suffix"),
+                          ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [[1], [2]]}, "prompt"),
+                          ({"prompt": [1, 10 ** 7]}, "prompt"), ({"logprobs": 21}, "logprobs")]:
+        body = {"model": cluster.served_model, "prompt": "hi", **fields}
+        response = httpx.post(f"{cluster.gateway_url}/v1/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (fields, response.text)
+    thread.join(120)
+    assert normal["text"] == expected
+
+
+def test_tokenize_and_detokenize(cluster, client):
+    url, headers = cluster.gateway_url, {"Authorization": f"Bearer {API_KEY}"}
+    messages = chat("How many shelves are there?")
+    counted = httpx.post(f"{url}/tokenize", json={"model": cluster.served_model, "messages": messages,
+                                                   "return_token_strs": True}, headers=headers, timeout=30).json()
+    answer = client.chat.completions.create(model=cluster.served_model, messages=messages, max_tokens=1)
+    assert counted["count"] == len(counted["tokens"]) == answer.usage.prompt_tokens
+    assert counted["max_model_len"] == 8192 and len(counted["token_strs"]) == counted["count"]
+    text = httpx.post(f"{url}/detokenize", json={"tokens": counted["tokens"]}, headers=headers, timeout=30).json()
+    assert text["prompt"] == "".join(counted["token_strs"]) and "How many shelves" in text["prompt"]
+    plain = httpx.post(f"{url}/tokenize", json={"prompt": "Hello world"}, headers=headers, timeout=30).json()
+    assert plain["tokens"] == Tokenizer(read_tokenizer_data()).encode("Hello world") and plain["token_strs"] is None
+    for path, body, param in [("/detokenize", {"tokens": [1, 10 ** 6]}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens"),
+                              ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+                              ("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"model": "other", "prompt": "a"}, "model")]:
+        response = httpx.post(f"{url}{path}", json=body, headers=headers, timeout=30)
+        assert response.status_code in (400, 404) and response.json()["error"]["param"] == param, response.text
+    assert httpx.post(f"{url}/tokenize", json={"prompt": "a"}, timeout=30).status_code == 401
+
+
 def test_stream_survives_its_replica_being_killed(cluster, client):
     """Several concurrent streams (greedy and seeded sampling); one replica is SIGKILLed once they are
     under way: every stream still completes, token for token what an undisturbed run gives."""
     prompts = [f"Write a long, detailed story about a {animal} who learns to {skill}."
                for animal, skill in (("fox", "sail"), ("bear", "paint"), ("owl", "cook"), ("cat", "fly"))]
-    samplings = [dict(temperature=0), dict(temperature=0), dict(temperature=0), dict(temperature=0.8, seed=7)]
+    samplings = [dict(temperature=0), dict(temperature=0), dict(temperature=0, frequency_penalty=1.0),
+                 dict(temperature=0.8, seed=7, presence_penalty=1.5)]  # penalties count the resumed tokens
     max_tokens = 48
     expected = []
     for prompt, sampling in zip(prompts, samplings):

@@ -102,6 +102,33 @@ GENERATE_CASES = {
     "stop token out of range": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(stop_token_ids=[10**6])),
                                 "sampling.stop_token_ids"),
     "cache_salt over 256 characters": (decode_pb2.GenerateRequest(prompt="hi", cache_salt="s" * 257), "cache_salt"),
+    "presence_penalty above 2": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(presence_penalty=2.5)),
+                                 "sampling.presence_penalty: must be in [-2, 2]"),
+    "NaN frequency_penalty": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(frequency_penalty=float("nan"))),
+                              "sampling.frequency_penalty"),
+    "zero repetition_penalty": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(repetition_penalty=0.0)),
+                                "sampling.repetition_penalty: must be in [0.01, 2]"),
+    "min_tokens over max_tokens": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(max_tokens=4, min_tokens=5)),
+                                   "sampling.min_tokens"),
+    "logit_bias token out of range": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(logit_bias={10**6: 1.0})),
+                                      "sampling.logit_bias: token id 1000000"),
+    "logit_bias over 100": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(logit_bias={5: 1e9})),
+                            "sampling.logit_bias"),
+    "logit_bias with 10,000 entries": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(
+        logit_bias={i: 1.0 for i in range(10_000)})), "sampling.logit_bias: at most 300"),
+    "21 logprobs": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(logprobs=21)), "sampling.logprobs: must be in [0, 20]"),
+    "empty structured_output": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(
+        structured_output=common_pb2.StructuredOutput())), "sampling.structured_output"),
+    "schema not JSON": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(
+        structured_output=common_pb2.StructuredOutput(json_schema="{nope"))), "sampling.structured_output.json_schema"),
+    "schema of an unknown type": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(
+        structured_output=common_pb2.StructuredOutput(json_schema='{"type": "nope"}'))),
+        "sampling.structured_output.json_schema: not a usable JSON Schema"),
+    "schema over 64 KiB": (decode_pb2.GenerateRequest(prompt="hi", sampling=sampling(
+        structured_output=common_pb2.StructuredOutput(json_schema='"' + "x" * 70_000 + '"'))),
+        "sampling.structured_output.json_schema: must be 1 to 65536"),
+    "resumed tokens breaking the grammar": (decode_pb2.GenerateRequest(prompt="hi", resume_token_ids=[28, 28], sampling=sampling(
+        max_tokens=8, structured_output=common_pb2.StructuredOutput(json_object=True))), "resume_token_ids"),
 }
 
 

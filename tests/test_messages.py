@@ -1,7 +1,11 @@
 """Sampling parameters survive the trip through protobuf; unset fields take the defaults."""
 
+import pytest
+
+from kvcluster.errors import InvalidArgument
 from kvcluster.messages import sampling_from_proto, sampling_to_proto
 from kvcluster.model.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from kvcluster.model.sampling_params import StructuredOutput
 from kvcluster.proto import common_pb2
 
 
@@ -12,8 +16,22 @@ def test_defaults_for_unset_fields():
 
 def test_round_trip_keeps_every_field():
     params = SamplingParams(max_tokens=7, temperature=0.0, top_p=0.5, top_k=3, seed=2**63 + 5,
-                            stop=("\n\n", "END"), stop_token_ids=(2, 9), ignore_eos=True)
+                            stop=("\n\n", "END"), stop_token_ids=(2, 9), ignore_eos=True, presence_penalty=0.5,
+                            frequency_penalty=-1.25, repetition_penalty=1.5, min_tokens=3,
+                            logit_bias=((5, -100.0), (77, 2.5)), logprobs=0,
+                            structured=StructuredOutput("json_schema", '{"type": "integer"}'))
     assert sampling_from_proto(sampling_to_proto(params)) == params
+    any_object = SamplingParams(structured=StructuredOutput("json_object"), logprobs=20)
+    assert sampling_from_proto(sampling_to_proto(any_object)) == any_object
+
+
+@pytest.mark.parametrize("structured", [common_pb2.StructuredOutput(), common_pb2.StructuredOutput(json_object=False)])
+def test_an_empty_or_false_structured_output_is_refused(structured):
+    message = common_pb2.SamplingParams()
+    message.structured_output.CopyFrom(structured)
+    with pytest.raises(InvalidArgument) as err:
+        sampling_from_proto(message)
+    assert err.value.field.startswith("sampling.structured_output")
 
 
 def test_negative_max_tokens_reaches_validation():

@@ -162,6 +162,16 @@ def test_bad_input_is_invalid_argument_naming_the_field(cluster, token_ids, fiel
     assert field in err.value.details()
 
 
+def test_shaping_fields_reach_the_first_token(cluster):
+    """logit_bias, the repetition penalty and min_tokens (beyond the one token prefill samples) apply."""
+    forced = 4321
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8, repetition_penalty=1.5,
+                                         logit_bias={forced: 100.0})
+    response = cluster["stub"].Prefill(prefill_pb2.PrefillRequest(request_id="shaped", token_ids=words(40, seed=9),
+                                                                  sampling=sampling), timeout=120)
+    assert response.first_token_id == forced
+
+
 def test_bad_sampling_is_invalid_argument(cluster):
     with pytest.raises(grpc.RpcError) as err:
         cluster["stub"].Prefill(prefill_pb2.PrefillRequest(

@@ -34,10 +34,12 @@ from kvcluster.errors import InvalidArgument, RequestFailed, ResourceExhausted
 from kvcluster.kvpool import KVPool
 from kvcluster.model.loader import load_model, model_identity
 from kvcluster.model.llama import LlamaModel, LlamaWeights, ModelConfig, PrefillSeq
+from kvcluster.model.logits_processors import pick
 from kvcluster.model.model_runner import ModelRunner
 from kvcluster.model.scheduler import Scheduler, StepPlan
-from kvcluster.model.sampling import SamplingParams, sample
+from kvcluster.model.sampling import SamplingParams
 from kvcluster.model.sequence import Sequence, TokenEvent
+from kvcluster.model.structured_output import Grammars
 from kvcluster.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,7 @@ class Engine:
         self.prefix_caching = config.prefix_caching
         self.tokens_computed = 0   # prompt tokens this engine computed (deduplication is counted here)
         self.prefill_cost = PrefillCost()
+        self.grammars = Grammars(tokenizer, model.config.vocab_size)  # structured output (response_format)
         # Called with (sequences, their logits [n, vocab]) before each sampling: exactness tests, logprobs.
         self.logits_observer: Callable[[list[Sequence], torch.Tensor], None] | None = None
 
@@ -198,6 +201,11 @@ class Engine:
         if bad is not None:
             raise InvalidArgument("token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})")
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        """Raise InvalidArgument unless `params` can be served; compiles its grammar (any thread)."""
+        params.validate(self.model_config.vocab_size, self.model_config.context_length)
+        self.grammars.check(params.structured)
+
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams, request_id: str | None = None,
                     output_ids: Seq[int] = (), keep_blocks: bool = False, prefix: PrefixSource | None = None,
                     cache_salt: str = "", use_cache: bool = True) -> Sequence:
@@ -207,6 +215,7 @@ class Engine:
         cache. With `keep_blocks` a finished sequence keeps its blocks until the caller's `release(seq)`."""
         self.check_prompt(prompt_ids)
         params.validate(self.model_config.vocab_size, self.model_config.context_length)
+        grammar = self.grammars.matcher(params.structured, output_ids) if params.structured else None
         bs = self.config.block_size
         worst = -(-min(len(prompt_ids) + params.max_tokens, self.model_config.context_length) // bs)
         if worst > self.blocks.num_blocks:
@@ -214,6 +223,7 @@ class Engine:
         seq = Sequence.create(request_id or f"req-{next(self._ids)}", prompt_ids, params.with_seed(),
                               self.tokenizer, self.model_config.context_length)
         seq.keep_blocks = keep_blocks
+        seq.grammar = grammar
         seq.cacheable = use_cache and self.prefix_caching
         seq.hash_root = chain_root(cache_salt)
         if prefix is not None:
@@ -328,12 +338,12 @@ class Engine:
         if self.logits_observer is not None:
             self.logits_observer(seqs, logits)
         try:
-            tokens = sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+            picked = pick(logits, seqs)
         except Exception:  # one row's draw failed: sample each alone, fail only the culprit
             if len(seqs) == 1:
                 return self._fail_sampling(seqs[0])
             return [event for i, seq in enumerate(seqs) for event in self._sample([seq], logits[i:i + 1])]
-        return [seq.append_token(t) for seq, t in zip(seqs, tokens)]
+        return [seq.append_token(t, lp) for seq, t, lp in zip(seqs, picked.tokens, picked.logprobs)]
 
     def _fail_sampling(self, seq: Sequence) -> list[TokenEvent]:
         log.exception("sampling failed for request %s", seq.request_id)
@@ -424,6 +434,7 @@ class Engine:
         self.check_prompt(prompt_ids)
         params.validate(self.model_config.vocab_size, self.model_config.context_length)
         seq = Sequence.create("no-cache", prompt_ids, params.with_seed(), self.tokenizer, self.model_config.context_length)
+        seq.grammar = self.grammars.matcher(params.structured) if params.structured else None
         while seq.finish_reason is None:
             slots = self.blocks.allocate(seq.blocks_needed(seq.num_tokens, self.config.block_size))
             if slots is None:
@@ -434,7 +445,8 @@ class Engine:
                 self.blocks.free(slots)
             if self.logits_observer is not None:
                 self.logits_observer([seq], logits)
-            yield seq.append_token(sample(logits, [seq.params], [len(seq.output_ids)])[0])
+            picked = pick(logits, [seq])
+            yield seq.append_token(picked.tokens[0], picked.logprobs[0])
 
 
 def load_engine(model_path: str | Path | None = None, device: str | None = None,

@@ -22,6 +22,7 @@ class TokenEvent:
     token_id: int
     text: str
     finish_reason: FinishReason | None = None
+    logprobs: object | None = None   # logits_processors.TokenLogprobs, when the request asked for them
 
 
 @dataclass
@@ -63,6 +64,9 @@ class Sequence:
     sources: "TokenSources" = field(default_factory=lambda: TokenSources())
     preemptions: int = 0           # times the scheduler took its blocks back (it was recomputed after)
     skipped: int = 0               # consecutive steps it waited while shorter prompts were scheduled
+    grammar: object | None = None  # its llguidance matcher under a structured output (see structured_output)
+    prompt_token_set: list[int] | None = None  # distinct prompt ids, for the repetition penalty
+    stop_search_from: int = 0      # text offset before which stop strings do not count (min_tokens)
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: Seq[int], params: SamplingParams, tokenizer: Tokenizer,
@@ -82,21 +86,34 @@ class Sequence:
         """Extra blocks required to hold K/V for the first `num_tokens` tokens."""
         return max(0, -(-num_tokens // block_size) - len(self.block_table))
 
-    def append_token(self, token_id: int) -> TokenEvent:
-        """Record a sampled token, apply the stop rules, and return the text it releases."""
+    def append_token(self, token_id: int, logprobs: object | None = None) -> TokenEvent:
+        """Record a sampled token, apply the stop rules, and return the text it releases. Before
+        min_tokens no stop string counts (EOS and stop tokens are masked then); a grammar that is
+        complete ends the output."""
         self.output_ids.append(token_id)
         p = self.params
+        grammar_done = self.grammar is not None and self._advance_grammar(token_id)
         if (token_id == self.eos_id and not p.ignore_eos) or token_id in p.stop_token_ids:
             self.finish_reason = FinishReason.STOP
         else:
             self.text += self.detokenizer.push(token_id)
-            cut = min((i for i in (self.text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if len(self.output_ids) <= p.min_tokens:
+                self.stop_search_from = len(self.text)
+            cut = min((i for i in (self.text.find(s, max(0, self.stop_search_from - len(s) + 1)) for s in p.stop)
+                       if i >= 0), default=-1)
             if cut >= 0:
                 self.text = self.text[:cut]
                 self.finish_reason = FinishReason.STOP
+        if self.finish_reason is None and grammar_done:
+            self.finish_reason = FinishReason.STOP
         if self.finish_reason is None and (len(self.output_ids) >= p.max_tokens or self.num_tokens >= self.context_length):
             self.finish_reason = FinishReason.LENGTH
-        return TokenEvent(self.request_id, token_id, self._release_text(), self.finish_reason)
+        return TokenEvent(self.request_id, token_id, self._release_text(), self.finish_reason, logprobs)
+
+    def _advance_grammar(self, token_id: int) -> bool:
+        """Feed the token to the grammar; True when the grammar is complete (nothing may follow)."""
+        accepted = self.grammar.consume_token(token_id)
+        return not accepted or self.grammar.is_stopped()
 
     def _release_text(self) -> str:
         # Hold back a possible stop-string prefix until it is ruled out.
