@@ -96,34 +96,37 @@ VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
 
 
 class GGUFFile:
-    """One GGUF file: its metadata, read by transformers' GGUF reader (arrays of numbers in bulk, string
-    arrays only those named in `strings`: gguf's GGUFReader builds a view per array element, a minute
-    for Gemma's 262k-token vocabulary), and its tensors, dequantized by gguf when asked for."""
+    """One GGUF file: its metadata and tensor table, parsed by transformers' GGUF reader (arrays of
+    numbers in bulk, string arrays only those named in `strings`: gguf's GGUFReader builds a view per
+    array element, a minute for Gemma's 262k-token vocabulary), and its tensors, dequantized by gguf
+    (every ggml type gguf knows) when asked for."""
 
     def __init__(self, path: Path, strings: tuple[str, ...] = ()):
-        from transformers.integrations.gguf.reader import read_gguf_metadata
+        from transformers.integrations.gguf import reader
 
         self.path = path
-        self.metadata, self.tensor_names = read_gguf_metadata(str(path), strings)
+        self._blob = reader._mapped(str(path))  # memory-mapped: nothing is read until a tensor is
+        self.metadata, count, pos = reader._read_metadata(self._blob, str(path), strings)
+        self._table, pos = reader._read_tensor_table(self._blob, count, pos)
+        alignment = self.metadata.get("general.alignment", 32)
+        self._data_start = (pos + alignment - 1) // alignment * alignment
+        self.tensor_names = tuple(name for name, *_ in self._table)
 
     def field(self, key: str, default=None):
         return self.metadata.get(key, default)
 
     def tensors(self) -> dict[str, Callable[[], np.ndarray]]:
-        """name -> a function giving that tensor dequantized to float32 [rows, cols] (torch's order)."""
-        from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict
+        """name -> a function giving that tensor dequantized to float32, shaped [rows, cols] (torch's order)."""
+        return {name: functools.partial(self._tensor, shape, kind, offset) for name, shape, kind, offset in self._table}
 
-        header = GgufHeader.from_file(str(self.path))
-        lazy = load_gguf_state_dict(header)
-
-        def load(name: str) -> np.ndarray:
-            raw = lazy[name][...]  # plain floats as they are, quantized blocks as bytes
-            if raw.dtype != torch.uint8:
-                return raw.float().numpy()
-            kind = gguf.GGMLQuantizationType(header.ggml_types[name])
-            return np.asarray(gguf.quants.dequantize(raw.numpy(), kind), dtype=np.float32)
-
-        return {name: functools.partial(load, name) for name in lazy}
+    def _tensor(self, shape: tuple[int, ...], kind: int, offset: int) -> np.ndarray:
+        kind = gguf.GGMLQuantizationType(kind)
+        block_elements, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        row_bytes = shape[-1] // block_elements * block_bytes
+        start = self._data_start + offset
+        raw = self._blob[start:start + rows * row_bytes].reshape(*shape[:-1], row_bytes)
+        return np.asarray(gguf.quants.dequantize(raw, kind), dtype=np.float32).reshape(shape)
 
 
 def _read_config(file: GGUFFile) -> ModelConfig:
