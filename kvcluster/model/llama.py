@@ -240,8 +240,8 @@ class LlamaModel:
         return self.weights.embed[token_t]
 
     def _layer(self, x: torch.Tensor, layer: int, lw: LayerWeights, linears: tuple, step: "Step") -> torch.Tensor:
-        _, wo, w_gate_up, w_down = linears
-        x = x + wo(self._attention(self._rms_norm(x, lw.attn_norm), layer, lw, linears[0], step))
+        wqkv, wo, w_gate_up, w_down = linears
+        x = x + wo(self._attention(self._rms_norm(x, lw.attn_norm), layer, lw, wqkv, step))
         gate, up = w_gate_up(self._rms_norm(x, lw.ffn_norm)).chunk(2, dim=-1)
         return x + w_down(F.silu(gate) * up)
 
