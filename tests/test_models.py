@@ -184,6 +184,7 @@ def write_gguf(path: Path, hf_dir: Path, tok: HFTokenizer, rope_scaling: gguf.Ro
     vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
     specials = {t.content for t in tok.get_added_tokens_decoder().values()}
     writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")  # the tiny tokenizer splits digits one by one, as SmolLM's does
     writer.add_token_list([t for t, _ in vocab])
     writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
     writer.add_token_merges([" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]])

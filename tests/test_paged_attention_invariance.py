@@ -78,3 +78,43 @@ def test_blocked_queries_over_several_chunks_equal_plain_math(dtype, tol):
     scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     expected = torch.einsum("hts,shd->thd", scores.softmax(-1), v)
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def windowed_plain_math(q, kv, tables, n, window, group, dim):
+    """Causal attention over the last `window` keys of each query, fp64 softmax."""
+    keys = torch.stack([kv[tables[0, p // 16], 0, 0, p % 16] for p in range(n)]).double()   # [S, KV, D]
+    values = torch.stack([kv[tables[0, p // 16], 0, 1, p % 16] for p in range(n)]).double()
+    k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)               # [S, H, D]
+    scores = torch.einsum("thd,shd->hts", q.double(), k) / math.sqrt(dim)
+    pos = torch.arange(n)
+    hidden = (pos[None, :] > pos[:, None]) | (pos[None, :] <= pos[:, None] - window)         # [T, S]
+    return torch.einsum("hts,shd->thd", scores.masked_fill(hidden, float("-inf")).softmax(-1), v)
+
+
+@needs_op
+@pytest.mark.parametrize("window", [1, 16, 37, 256, 300])
+def test_a_sliding_window_equals_plain_math_and_keeps_every_query_invariant(window):
+    """Sliding-window layers (Gemma 3): a query sees its last `window` keys only. Windows at, inside and
+    across the fixed key chunks (256), and longer than early contexts; each query's bits the same alone,
+    chunked and in its block."""
+    gen = torch.Generator().manual_seed(window)
+    n, num_kv, group, dim = 613, 1, 4, 64
+    kv, tables = pool_and_tables(gen, num_kv, dim, torch.float32, [n])
+    q = torch.randn(n, num_kv * group, dim, generator=gen)
+
+    def windowed(rows):
+        return paged_attention_op()(q[rows], kv, 0, tables, torch.zeros(len(rows), dtype=torch.int32),
+                                    torch.tensor(rows, dtype=torch.int32), 1 / math.sqrt(dim),
+                                    DETERMINISTIC_CHUNK_KEYS, window)
+
+    whole = windowed(list(range(n)))
+    torch.testing.assert_close(whole.double(), windowed_plain_math(q, kv, tables, n, window, group, dim),
+                               rtol=1e-5, atol=1e-5)
+    for t in [0, window - 1, window, 255, 256, 257, 511, 612]:
+        if 0 <= t < n:
+            assert torch.equal(windowed([t])[0], whole[t]), f"token {t} alone differs"
+    for start, stop in [(0, 7), (250, 270), (500, 613)]:
+        assert torch.equal(windowed(list(range(start, stop))), whole[start:stop])
+    full = call(q, kv, tables, [0] * n, list(range(n)))
+    assert torch.equal(full[:window], whole[:window])  # before the window fills, nothing is masked
+    assert not torch.equal(full[window:], whole[window:])

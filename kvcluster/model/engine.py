@@ -32,7 +32,7 @@ from kvcluster.blocks import BlockHash, Fingerprint, chain_root, extend_hashes, 
 from kvcluster.dtypes import DTYPE_NAMES, DTYPES, resolve_dtype
 from kvcluster.errors import InvalidArgument, RequestFailed, ResourceExhausted
 from kvcluster.kvpool import KVPool
-from kvcluster.model.loader import load_model, model_identity
+from kvcluster.model.loader import build_model, load_model, model_identity
 from kvcluster.model.llama import LlamaModel, LlamaWeights, ModelConfig, PrefillSeq
 from kvcluster.model.logits_processors import pick
 from kvcluster.model.model_runner import ModelRunner
@@ -460,7 +460,7 @@ def load_engine(model_path: str | Path | None = None, device: str | None = None,
     loaded = load_model(model_path)
     log.info("model %s: %s, %d layers, %d KV heads x %d", loaded.path, loaded.config.architecture,
              loaded.config.num_layers, loaded.config.num_kv_heads, loaded.config.head_dim)
-    model = LlamaModel(loaded.config, loaded.weights, device, DTYPES[name], config.deterministic)
+    model = build_model(loaded.config, loaded.weights, device, DTYPES[name], config.deterministic)
     return Engine(model, Tokenizer(loaded.tokenizer), model_identity(loaded.digest, loaded.config), config, cluster_secret)
 
 

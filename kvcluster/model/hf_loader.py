@@ -2,7 +2,8 @@
 model.safetensors.index.json; bf16, fp16 or fp32), tokenizer.json and the chat template.
 
 Families: llama (Llama 2, Llama 3.x with its `llama3` rope scaling, SmolLM), mistral, qwen2 (q/k/v
-biases) and qwen3 (per-head q/k RMSNorm), tied or untied embeddings. Hugging Face stores Q/K rows in
+biases), qwen3 (per-head q/k RMSNorm) and gemma3_text (kvcluster.model.gemma3), tied or untied
+embeddings. Hugging Face stores Q/K rows in
 the rotate-half order the forward uses, so they load as they are. Every tensor of the checkpoint
 must be used: a weight this forward has no place for (an o_proj bias, MLP biases) is refused rather
 than silently dropped.
@@ -20,10 +21,12 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from kvcluster.errors import UnsupportedModel
+from kvcluster.model import gemma3
 from kvcluster.model.llama import LayerWeights, LlamaWeights, ModelConfig
 
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                           gemma3.HF_MODEL_TYPE: "Gemma3ForCausalLM"}
 INDEX_FILE = "model.safetensors.index.json"
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older checkpoints saved; recomputed
 DIGEST_SAMPLES = 16          # byte ranges sampled from each safetensors file's data
@@ -38,6 +41,7 @@ class HFTokenizerFiles:
     bos_id: int | None
     eos_id: int
     chat_template: str | None
+    add_bos: bool = False        # a plain prompt starts with BOS (tokenizer_config.json's add_bos_token)
 
 
 @dataclass
@@ -76,6 +80,8 @@ def hf_config(raw: dict) -> ModelConfig:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
         raise UnsupportedModel(f"architecture {arch or '(no model_type)'!r} ({named}) is not supported; "
                                f"supported: {supported}")
+    if arch == gemma3.HF_MODEL_TYPE:
+        return gemma3.hf_config(raw)
     if raw.get("hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"{arch}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
     heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
@@ -173,9 +179,12 @@ def _read_weights(path: Path, config: ModelConfig, raw: dict) -> LlamaWeights:
     """Weights in the checkpoint's own dtype (LlamaModel casts them to the serving dtype once)."""
     with ExitStack() as stack:
         tensors = _Tensors(safetensors_files(path), stack)
-        layers = [_read_layer(tensors, f"model.layers.{i}.", config) for i in range(config.num_layers)]
+        read_layer = gemma3.hf_layer if config.architecture == gemma3.ARCHITECTURE else _read_layer
+        layers = [read_layer(tensors, f"model.layers.{i}.", config) for i in range(config.num_layers)]
         embed = tensors.take("model.embed_tokens.weight")
         norm = tensors.take("model.norm.weight")
+        if config.architecture == gemma3.ARCHITECTURE:
+            norm = 1.0 + norm.float()  # Gemma's RMSNorm multiplies by 1 + weight
         lm_head = tensors.take_optional("lm_head.weight")
         tensors.check_all_taken()
     tied = raw.get("tie_word_embeddings", False) or lm_head is None
@@ -242,7 +251,8 @@ def _read_tokenizer(path: Path, raw: dict) -> HFTokenizerFiles:
     if eos_id is None:
         raise UnsupportedModel(f"{path}: no end-of-sequence token (eos_token in tokenizer_config.json "
                                "or eos_token_id in config.json)")
-    return HFTokenizerFiles(tokenizer_json, bos_id, eos_id, _chat_template(path, settings))
+    return HFTokenizerFiles(tokenizer_json, bos_id, eos_id, _chat_template(path, settings),
+                            bool(settings.get("add_bos_token", False)))
 
 
 def _special_id(token: str | dict | None, config_id: int | list | None, tokenizer: Tokenizer) -> int | None:

@@ -41,6 +41,11 @@ class ModelConfig:
     context_length: int
     architecture: str = "llama"                         # the family (a Hugging Face model_type)
     rope_freq_factors: tuple[float, ...] | None = None  # [head_dim / 2] divisors of the rotary frequencies (Llama 3)
+    # Gemma 3 (kvcluster.model.gemma3): per layer 0 = full attention or the sliding window's length,
+    # the rope base of the windowed layers, and the attention scale when it is not head_dim ** -0.5.
+    layer_windows: tuple[int, ...] | None = None
+    local_rope_theta: float | None = None
+    attention_scale: float | None = None
 
     def kv_layout(self, block_size: int, dtype: str) -> KVLayout:
         return KVLayout(self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype)
@@ -56,6 +61,8 @@ class LayerWeights:
     w_down: torch.Tensor      # [hidden, intermediate]
     qkv_bias: torch.Tensor | None = None  # [(heads + 2 * kv_heads) * head_dim] (qwen2)
     qk_norm: torch.Tensor | None = None   # [heads + kv_heads, head_dim]: per-head RMSNorm weights of q, k (qwen3)
+    post_attn_norm: torch.Tensor | None = None  # [hidden]: norms of the attention's and the MLP's outputs (gemma3)
+    post_ffn_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -130,13 +137,9 @@ class LlamaModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.weights = weights.to(self.device, dtype)
-        self.scale = 1.0 / math.sqrt(config.head_dim)
-        angles = torch.outer(torch.arange(config.context_length, dtype=torch.float64), rope_frequencies(config))
-        angles = torch.cat([angles, angles], dim=-1)  # [context, head_dim], rotate-half layout
-        self.cos = angles.cos().to(self.device, dtype)
-        # The rotate-half sign folded into the table: x2 * -sin == -x2 * sin exactly.
-        half = config.head_dim // 2
-        self.sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], dim=-1).to(self.device, dtype)
+        self.scale = config.attention_scale or 1.0 / math.sqrt(config.head_dim)
+        self.windows = config.layer_windows  # None: every layer attends its whole context
+        self.cos, self.sin = rope_tables(config, rope_frequencies(config), self.device, dtype)
         # None on CUDA or without a compiler: the plain torch attention path (see attention.py).
         self.paged_op = paged_attention_op() if self.device.type == "cpu" else None
         # One compiled op instead of torch's chain of seven, on CPU in fp32 and bf16.
@@ -197,9 +200,9 @@ class LlamaModel:
         slots = [s.block_table[s.position // bs] * bs + s.position % bs for s in seqs]
         if self.paged_op is not None:
             attend = KernelAttention(self.paged_op, tables, range(len(seqs)), positions, self.scale, self.device,
-                                     self._chunk_keys)
+                                     self._chunk_keys, self.windows)
         else:
-            attend = PaddedAttention(tables, positions, bs, self.scale, self.dtype, self.device)
+            attend = PaddedAttention(tables, positions, bs, self.scale, self.dtype, self.device, self.windows)
         return self._logits(self._forward(kv, [s.token_id for s in seqs], positions, slots, attend))
 
     def _prefill_attention(self, seqs: Sequence[PrefillSeq], seq_of: list[int], positions: list[int], bs: int) -> Attend:
@@ -208,10 +211,12 @@ class LlamaModel:
         few_new = cached and max(len(s.token_ids) for s in seqs) <= KERNEL_MAX_NEW_TOKENS
         if self.deterministic or (self.paged_op is not None and few_new):
             tables = [s.block_table[: -(-(s.num_cached + len(s.token_ids)) // bs)] for s in seqs]
-            return KernelAttention(self.paged_op, tables, seq_of, positions, self.scale, self.device, self._chunk_keys)
+            return KernelAttention(self.paged_op, tables, seq_of, positions, self.scale, self.device, self._chunk_keys,
+                                   self.windows)
         if len(seqs) == 1 and not cached:
-            return CausalAttention()
-        return MaskedAttention([(s.num_cached, len(s.token_ids), s.block_table) for s in seqs], bs, self.device)
+            return CausalAttention(self.windows, self.scale)
+        return MaskedAttention([(s.num_cached, len(s.token_ids), s.block_table) for s in seqs], bs, self.device,
+                               self.windows, self.scale)
 
     # ---- the layers -----------------------------------------------------------------------
 
@@ -219,30 +224,45 @@ class LlamaModel:
                  attend: Attend) -> torch.Tensor:
         """The layer loop. Everything per step (positions, slots, rope tables, the attention plan) is
         made before it; each layer only computes and writes its own K/V."""
-        cfg, w, dev = self.config, self.weights, self.device
-        n, nh, nkv, d = len(tokens), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bs = kv.shape[3]
+        dev, bs = self.device, kv.shape[3]
         pos_t, slot_t = torch.tensor(positions, device=dev), torch.tensor(slots, device=dev)
-        slot_block, slot_off = slot_t // bs, slot_t % bs                             # [T]
-        cos, sin = self.cos[pos_t][:, None, :], self.sin[pos_t][:, None, :]         # [T, 1, D]
-        x = w.embed[torch.tensor(tokens, device=dev)]                               # [T, hidden]
-        for layer, (lw, (wqkv, wo, w_gate_up, w_down)) in enumerate(zip(w.layers, self.linears)):
-            qkv = wqkv(self._rms_norm(x, lw.attn_norm))                # [T, (H + 2KV) * D]
-            if lw.qkv_bias is not None:
-                qkv = qkv + lw.qkv_bias
-            qk = qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d)                      # [T, H + KV, D]
-            if lw.qk_norm is not None:
-                qk = self._qk_norm(qk, lw.qk_norm)
-            qk = _rope(qk, cos, sin)
-            q, k = qk[:, :nh], qk[:, nh:]
-            v = qkv[:, (nh + nkv) * d:].view(n, nkv, d)                             # [T, KV, D]
-            kv_layer = kv[:, layer]                                                  # [N, 2, bs, KV, D] view
-            kv_layer[:, 0][slot_block, slot_off] = k
-            kv_layer[:, 1][slot_block, slot_off] = v
-            x = x + wo(attend(q, k, v, kv, layer))
-            gate, up = w_gate_up(self._rms_norm(x, lw.ffn_norm)).chunk(2, dim=-1)
-            x = x + w_down(F.silu(gate) * up)
+        step = Step(kv, slot_t // bs, slot_t % bs, self._step_rope(pos_t), attend)
+        x = self._embed(torch.tensor(tokens, device=dev))                           # [T, hidden]
+        for layer, (lw, linears) in enumerate(zip(self.weights.layers, self.linears)):
+            x = self._layer(x, layer, lw, linears, step)
         return x
+
+    def _step_rope(self, pos_t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's rotary (cos, sin) rows for the step's positions, [T, 1, D] each."""
+        return [(self.cos[pos_t][:, None, :], self.sin[pos_t][:, None, :])] * self.config.num_layers
+
+    def _embed(self, token_t: torch.Tensor) -> torch.Tensor:
+        return self.weights.embed[token_t]
+
+    def _layer(self, x: torch.Tensor, layer: int, lw: LayerWeights, linears: tuple, step: "Step") -> torch.Tensor:
+        wqkv, wo, w_gate_up, w_down = linears
+        x = x + wo(self._attention(self._rms_norm(x, lw.attn_norm), layer, lw, wqkv, step))
+        gate, up = w_gate_up(self._rms_norm(x, lw.ffn_norm)).chunk(2, dim=-1)
+        return x + w_down(F.silu(gate) * up)
+
+    def _attention(self, h: torch.Tensor, layer: int, lw: LayerWeights, wqkv: "Linear", step: "Step") -> torch.Tensor:
+        """Attention of the normed hidden states `h` [T, hidden]: q/k/v, this layer's K/V written to the
+        pool, the plan's attention over it; [T, H * D] (before the output projection)."""
+        cfg = self.config
+        n, nh, nkv, d = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = wqkv(h)                                                               # [T, (H + 2KV) * D]
+        if lw.qkv_bias is not None:
+            qkv = qkv + lw.qkv_bias
+        qk = qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d)                          # [T, H + KV, D]
+        if lw.qk_norm is not None:
+            qk = self._qk_norm(qk, lw.qk_norm)
+        qk = _rope(qk, *step.rope[layer])
+        q, k = qk[:, :nh], qk[:, nh:]
+        v = qkv[:, (nh + nkv) * d:].view(n, nkv, d)                                 # [T, KV, D]
+        kv_layer = step.kv[:, layer]                                                 # [N, 2, bs, KV, D] view
+        kv_layer[:, 0][step.slot_block, step.slot_off] = k
+        kv_layer[:, 1][step.slot_block, step.slot_off] = v
+        return step.attend(q, k, v, step.kv, layer)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
         if self.rms_op is not None:
@@ -262,6 +282,29 @@ class LlamaModel:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self._rms_norm(hidden, self.weights.norm)).float()
+
+
+@dataclass
+class Step:
+    """What every layer of one forward shares: the pool, where the step's tokens go in it, each
+    layer's rotary rows and the attention plan."""
+
+    kv: torch.Tensor
+    slot_block: torch.Tensor  # [T]
+    slot_off: torch.Tensor    # [T]
+    rope: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (cos, sin) [T, 1, D]
+    attend: Attend
+
+
+def rope_tables(config: ModelConfig, inv_freq: torch.Tensor, device: torch.device, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [context, head_dim] of every position, rotate-half layout, the rotate-half sign folded
+    into sin (x2 * -sin == -x2 * sin exactly)."""
+    angles = torch.outer(torch.arange(config.context_length, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    half = config.head_dim // 2
+    sin = torch.cat([-angles[:, :half].sin(), angles[:, half:].sin()], dim=-1)
+    return angles.cos().to(device, dtype), sin.to(device, dtype)
 
 
 def rope_frequencies(config: ModelConfig) -> torch.Tensor:

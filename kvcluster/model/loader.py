@@ -4,36 +4,48 @@
 config, weights, tokenizer data, digest); `read_model_config` reads only the architecture (the
 launcher sizes the stores' KV layout with it); `read_tokenizer_data` only the tokenizer and chat
 template (the gateway tokenizes prompts to route them); `model_identity` is what the block fingerprint
-hashes for the model.
+hashes for the model; `build_model` the forward of the config's family.
 """
 
 from pathlib import Path
 
+import torch
 import xxhash
 
 from kvcluster.errors import UnsupportedModel
-import gguf
-
 from kvcluster.model import gguf_loader, hf_loader
 from kvcluster.model.gguf_loader import GGUFModel, TokenizerData, default_model_path, load_gguf, read_gguf_config
 from kvcluster.model.hf_loader import HFModel, HFTokenizerFiles, is_hf_dir, load_hf, read_hf_config
-from kvcluster.model.llama import NUMERICS_VERSION, ModelConfig
+from kvcluster.model.gemma3 import ARCHITECTURE as GEMMA3, Gemma3Model
+from kvcluster.model.llama import NUMERICS_VERSION, LlamaModel, LlamaWeights, ModelConfig
+from kvcluster.model.shipped import resolve
 
 
 def load_model(path: str | Path | None = None) -> GGUFModel | HFModel:
-    """The model at `path`: a checkpoint directory, a .gguf file, or the default SmolLM2 when None."""
+    """The model at `path`: a checkpoint directory, a .gguf file, a shipped model's name
+    (kvcluster.model.shipped) or the default SmolLM2 when None."""
+    path = resolve(path)
     return load_hf(path) if _is_dir(path) else load_gguf(path)
 
 
 def read_model_config(path: str | Path | None = None) -> ModelConfig:
+    path = resolve(path)
     return read_hf_config(path) if _is_dir(path) else read_gguf_config(path)
 
 
 def read_tokenizer_data(path: str | Path | None = None) -> TokenizerData | HFTokenizerFiles:
     """The tokenizer and chat template of a model, its weights unread."""
+    path = resolve(path)
     if _is_dir(path):
         return hf_loader._read_tokenizer(Path(path), hf_loader._read_json(Path(path) / "config.json"))
-    return gguf_loader._read_tokenizer(gguf.GGUFReader(Path(path) if path else default_model_path()))
+    return gguf_loader.read_gguf_tokenizer(path)
+
+
+def build_model(config: ModelConfig, weights: LlamaWeights, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, deterministic: bool = True) -> LlamaModel:
+    """The forward of the config's family over `weights` (Gemma 3's, or the llama one the others share)."""
+    model_class = Gemma3Model if config.architecture == GEMMA3 else LlamaModel
+    return model_class(config, weights, device, dtype, deterministic)
 
 
 def model_identity(weights_digest: bytes, config: ModelConfig) -> bytes:

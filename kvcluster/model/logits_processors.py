@@ -127,7 +127,7 @@ def _mask(part: torch.Tensor, seqs: Seq) -> None:
 
 
 def _stop_tokens(seq) -> list[int]:
-    return list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else [seq.eos_id])
+    return list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else sorted(seq.eos_ids))
 
 
 def _grammar_banned(shape: torch.Size, seqs: Seq) -> torch.Tensor | None:

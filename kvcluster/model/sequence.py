@@ -44,7 +44,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
-    eos_id: int
+    eos_ids: frozenset[int]        # tokens that end generation (EOS, end of turn: Tokenizer.stop_ids)
     context_length: int
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
@@ -72,7 +72,7 @@ class Sequence:
     def create(cls, request_id: str, prompt_ids: Seq[int], params: SamplingParams, tokenizer: Tokenizer,
                context_length: int) -> "Sequence":
         return cls(request_id, list(prompt_ids), params, IncrementalDetokenizer(tokenizer, prompt_ids),
-                   tokenizer.eos_id, context_length)
+                   tokenizer.stop_ids, context_length)
 
     @property
     def token_ids(self) -> list[int]:
@@ -93,7 +93,7 @@ class Sequence:
         self.output_ids.append(token_id)
         p = self.params
         grammar_done = self.grammar is not None and self._advance_grammar(token_id)
-        if (token_id == self.eos_id and not p.ignore_eos) or token_id in p.stop_token_ids:
+        if (token_id in self.eos_ids and not p.ignore_eos) or token_id in p.stop_token_ids:
             self.finish_reason = FinishReason.STOP
         else:
             self.text += self.detokenizer.push(token_id)

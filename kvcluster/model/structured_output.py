@@ -91,7 +91,7 @@ def ll_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
         built = _ll_tokenizers.setdefault(tokenizer, {})
         if vocab_size not in built:
             # the engine's Tokenizer wraps a `tokenizers` object; llguidance reads its JSON form
-            built[vocab_size] = llguidance.LLTokenizer(tokenizer._tok.to_str(), n_vocab=vocab_size,
+            built[vocab_size] = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size,
                                                        eos_token=tokenizer.eos_id)
         return built[vocab_size]
 

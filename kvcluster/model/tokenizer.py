@@ -1,5 +1,13 @@
-"""The tokenizer (byte-level BPE built from a GGUF vocabulary, or a Hugging Face tokenizer.json),
-the chat template, and streaming detokenization."""
+"""The tokenizer (built from a GGUF vocabulary, or a Hugging Face tokenizer.json), the chat template,
+and streaming detokenization.
+
+A GGUF describes its tokenizer with `tokenizer.ggml.model` and, for byte-level BPE, `tokenizer.ggml.pre`
+(how text is split before merging). transformers' GGUF conversion builds the `tokenizers` object
+(vocabulary, merges or SentencePiece scores, byte fallback, normalizer, decoder, the split regex of the
+pre-tokenizers it knows); `PRE_TOKENIZERS` names every `pre` accepted here and adds what that conversion
+leaves out. Any other model or pre-tokenizer is refused when the tokenizer is built (at start-up), since
+a wrong split still produces plausible tokens.
+"""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -8,14 +16,29 @@ import datetime
 
 import jinja2.ext
 import jinja2.sandbox
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers
 
-from kvcluster.errors import InvalidArgument
+from kvcluster.errors import InvalidArgument, UnsupportedModel
 from kvcluster.model.gguf_loader import TokenizerData
 from kvcluster.model.hf_loader import HFTokenizerFiles
 
-CONTROL_TOKEN_TYPES = (3, 4)  # GGUF CONTROL and USER_DEFINED
 CHAT_ROLES = ("system", "user", "assistant")
+GGUF_TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE; SentencePiece (BPE with byte fallback and scores)
+# Byte-level BPE pre-tokenizers (llama.cpp's names), grouped by how they split text:
+# - "regex": transformers' conversion sets the split regex itself (Llama 3, Qwen2, ...);
+# - "digits": every digit alone, then GPT-2's regex (llama.cpp's STARCODER group: SmolLM, StarCoder, ...);
+# - "gpt2": GPT-2's regex alone; "default" (and a file that names none) is taken as that, as
+#   transformers does (llama.cpp's "default" adds splits no current converter writes).
+PRE_TOKENIZERS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "tekken", "qwen2",
+                     "deepseek-r1-qwen", "gpt-4o", "llama4"), "regex"),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), "digits"),
+    **dict.fromkeys(("default", "gpt-2", "phi-2", "mpt", "olmo", "jais"), "gpt2"),
+}
+NFC_PRE_TOKENIZERS = ("qwen2", "deepseek-r1-qwen")  # Qwen2's tokenizer normalizes text to NFC first
+# Ends of a chat turn that stop generation besides EOS, when the vocabulary has them as special tokens
+# (llama.cpp finds its end-of-generation tokens by these names too).
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>")
 # Plain ChatML, used when the GGUF carries no template of its own.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -33,24 +56,36 @@ class Tokenizer:
     """Encode/decode text and render chat messages with the model's template."""
 
     def __init__(self, data: TokenizerData | HFTokenizerFiles):
-        if isinstance(data, HFTokenizerFiles):
-            self._tok = HFTokenizer.from_str(data.tokenizer_json)
-            self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
-            # As transformers renders chat templates, so the prompt's tokens are the ones it would give.
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                               extensions=[jinja2.ext.loopcontrols])
-            env.globals.update(raise_exception=_raise_template_error, strftime_now=_strftime_now)
-        else:
-            self._tok, self.special_ids = _gguf_tokenizer(data)
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
+        hf = isinstance(data, HFTokenizerFiles)
+        self._tok = HFTokenizer.from_str(data.tokenizer_json) if hf else gguf_tokenizer(data)
+        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         self.bos_id = data.bos_id
         self.eos_id = data.eos_id
+        self.add_bos = data.add_bos
+        # EOS, the file's end-of-turn token and the known end-of-turn specials: each ends generation.
+        ends = {None if hf else data.eot_id, *map(self._tok.token_to_id, END_OF_TURN_TOKENS)}
+        self.stop_ids = frozenset({data.eos_id} | (ends & self.special_ids))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # As transformers (and llama.cpp) render chat templates, so the prompt's tokens are the ones they would give.
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=[jinja2.ext.loopcontrols])
+        env.globals.update(raise_exception=_raise_template_error, strftime_now=_strftime_now)
         self._template = env.from_string(data.chat_template or CHATML_TEMPLATE)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings inside it are recognised as such."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A plain (completion) prompt's ids: BOS first when the model wants it (SentencePiece
+        vocabularies mostly), as llama.cpp and vLLM tokenize a prompt. A chat prompt's BOS is the
+        template's."""
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+    def to_json(self) -> str:
+        """The tokenizer as a Hugging Face tokenizer.json (grammar engines and load generators read it)."""
+        return self._tok.to_str()
 
     def decode(self, token_ids: Sequence[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(token_ids), skip_special_tokens=skip_special)
@@ -72,23 +107,45 @@ class Tokenizer:
         return self.encode(self.render_chat(messages))
 
 
-def _gguf_tokenizer(data: TokenizerData) -> tuple[HFTokenizer, frozenset[int]]:
-    """The byte-level BPE a GGUF vocabulary describes, and its control tokens' ids."""
-    bpe = models.BPE(
-        vocab={token: i for i, token in enumerate(data.tokens)},
-        merges=[tuple(m.split(" ", 1)) for m in data.merges],
-        fuse_unk=False,
-    )
-    tok = HFTokenizer(bpe)
-    # SmolLM/StarCoder pre-tokenization: digits split one by one, then GPT-2 byte-level regex.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    specials = [t for t, kind in zip(data.tokens, data.token_types) if kind in CONTROL_TOKEN_TYPES]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    return tok, frozenset(i for i, kind in enumerate(data.token_types) if kind in CONTROL_TOKEN_TYPES)
+def gguf_tokenizer(data: TokenizerData) -> HFTokenizer:
+    """The tokenizer a GGUF vocabulary describes (see the module's docstring); UnsupportedModel names a
+    tokenizer model or pre-tokenizer this cannot build exactly."""
+    if data.model not in GGUF_TOKENIZER_MODELS:
+        raise UnsupportedModel(f"GGUF tokenizer model {data.model!r} is not supported; supported: "
+                               f"{', '.join(GGUF_TOKENIZER_MODELS)}")
+    pre = data.pre or "default"
+    if data.model == "gpt2" and pre not in PRE_TOKENIZERS:
+        raise UnsupportedModel(f"GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; supported: "
+                               f"{', '.join(sorted(PRE_TOKENIZERS))}")
+    # Imported here: transformers takes seconds to import, and only GGUF vocabularies need it.
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    described = {"tokenizer_type": data.model, "pre_tokenizer_type": pre, "tokens": data.tokens,
+                 "token_type": data.token_types}
+    if data.merges:
+        described["merges"] = data.merges
+    if data.scores is not None:
+        described["scores"] = data.scores
+    tok, _ = convert_gguf_tokenizer(data.architecture, described)
+    if data.model == "gpt2" and PRE_TOKENIZERS[pre] == "digits":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if data.model == "gpt2" and pre in NFC_PRE_TOKENIZERS:
+        tok.normalizer = normalizers.NFC()
+    if data.model == "llama" and isinstance(tok.pre_tokenizer, pre_tokenizers.Metaspace):
+        _sentencepiece_spaces(tok, data.add_space_prefix is not False)
+    return tok
+
+
+def _sentencepiece_spaces(tok: HFTokenizer, prefix: bool) -> None:
+    """Spaces as SentencePiece (and llama.cpp) write them: every space becomes \u2581 and, with `prefix`,
+    one more starts the text and each run after a special token, even a text that starts with a space
+    (transformers' Metaspace adds none there). The decoder undoes both."""
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = None
+    strip = [decoders.Strip(content=" ", left=1)] if prefix else []
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
 
 
 def _raise_template_error(message: str) -> None:

@@ -6,6 +6,10 @@
 // kv head, so a block is read front to back once, and the query heads of one GQA group share the
 // row they read. fp32 accumulation (AVX-512 dot, axpy and exp, see vec.h) for every input dtype;
 // the output is rounded once to the input dtype.
+//
+// Sliding-window layers (window > 0) see only their last `window` keys: query t attends keys
+// max(0, position_t - window + 1) .. position_t. Chunks wholly before that are skipped; in the chunk
+// the window starts in, the keys before it get probability exactly 0 (never exp of a large negative).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,6 +30,9 @@ namespace {
 constexpr int64_t kTile = 16;        // keys per score tile: one kvc::dots16 / dots4x16 call
 constexpr int64_t kValueTile = 128;  // values per tile of the weighted sum (fewer accumulator loads and stores)
 constexpr int64_t kQueryBlock = 16;  // query tokens of one sequence that share every key/value load
+
+// The first key a query at `pos` sees: 0 without a window.
+inline int64_t window_start(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
 
 // One work item: a block of query tokens t0 .. t0 + nq - 1, consecutive tokens of one sequence,
 // and chunk c of their keys. Query t's part of the chunk is keys [c * chunk, min(context_t, (c + 1) * chunk));
@@ -93,14 +100,17 @@ struct Attend {
     return n;
   }
 
-  void run(int64_t t0, int64_t nq, int32_t seq, const int32_t* pos_all, int64_t c, int64_t chunk, float* const* parts,
-           Scratch& s) const {
+  void run(int64_t t0, int64_t nq, int32_t seq, const int32_t* pos_all, int64_t c, int64_t chunk, int64_t window,
+           float* const* parts, Scratch& s) const {
     const int32_t* table = table_all + static_cast<int64_t>(seq) * width;
     const int64_t first = c * chunk, hd = num_heads * dim;
-    int64_t count[kQueryBlock];  // keys of each query in this chunk (0: takes no part)
+    int64_t count[kQueryBlock];   // keys of each query in this chunk, from `first` (0: takes no part)
+    int64_t masked[kQueryBlock];  // of which the leading ones before its window (probability 0)
     int64_t longest = 0;
     for (int64_t q = 0; q < nq; ++q) {
-      count[q] = std::max<int64_t>(0, std::min<int64_t>(pos_all[t0 + q] + 1, first + chunk) - first);
+      const int64_t pos = pos_all[t0 + q];
+      count[q] = parts[q] == nullptr ? 0 : std::max<int64_t>(0, std::min<int64_t>(pos + 1, first + chunk) - first);
+      masked[q] = std::clamp<int64_t>(window_start(pos, window) - first, 0, count[q]);
       longest = std::max(longest, count[q]);
     }
     s.qf.resize(nq * hd);
@@ -128,10 +138,11 @@ struct Attend {
       for (int64_t head = 0; count[q] > 0 && head < num_heads; ++head) {
         float* sc = s.scores.data() + (q * num_heads + head) * longest;
         float* out = parts[q] + head * (dim + 2);
-        const float top = kvc::max_of(sc, count[q]);
+        const float top = kvc::max_of(sc + masked[q], count[q] - masked[q]);
         std::fill(out, out + dim, 0.f);
+        std::fill(sc, sc + masked[q], 0.f);  // keys before the window: weight exactly 0
         out[dim] = top;
-        out[dim + 1] = kvc::exp_shifted(sc, count[q], top);
+        out[dim + 1] = kvc::exp_shifted(sc + masked[q], count[q] - masked[q], top);
       }
     }
     // out += sum_j p_j v_j, keys in order: the rows of one kv head (every query of the block, every
@@ -151,7 +162,8 @@ struct Attend {
 
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::Tensor& tables,
-            const at::Tensor& seq_of, const at::Tensor& positions, double scale, int64_t chunk_keys, at::Tensor& out) {
+            const at::Tensor& seq_of, const at::Tensor& positions, double scale, int64_t chunk_keys, int64_t window,
+            at::Tensor& out) {
   const int64_t num_tokens = q.size(0), num_heads = q.size(1), dim = q.size(2);
   const int64_t block_size = kv.size(3), num_kv = kv.size(4), group = num_heads / num_kv;
   const Attend<T> work{kv.data_ptr<T>() + layer * kv.stride(1), q.data_ptr<T>(), tables.data_ptr<int32_t>(),
@@ -172,12 +184,17 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
   if (chunk <= 0) {
     const int64_t threads = at::get_num_threads();
     int64_t longest = 1;
-    for (int64_t t = 0; t < num_tokens; ++t) longest = std::max<int64_t>(longest, pos_all[t] + 1);
+    for (int64_t t = 0; t < num_tokens; ++t) longest = std::max<int64_t>(longest, pos_all[t] + 1 - window_start(pos_all[t], window));
     const int64_t splits = std::max<int64_t>(1, std::min((threads + num_tokens - 1) / num_tokens, longest / kMinChunkKeys));
     chunk = ((longest + splits - 1) / splits + block_size - 1) / block_size * block_size;
   }
-  std::vector<int64_t> first_part(num_tokens + 1, 0);  // token t's chunks are parts [first_part[t], first_part[t + 1])
-  for (int64_t t = 0; t < num_tokens; ++t) first_part[t + 1] = first_part[t] + (pos_all[t] + chunk) / chunk;
+  // Token t's chunks are c = first_chunk[t] .. pos_t / chunk (those its window reaches), its parts
+  // [first_part[t], first_part[t + 1]).
+  std::vector<int64_t> first_part(num_tokens + 1, 0), first_chunk(num_tokens);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    first_chunk[t] = window_start(pos_all[t], window) / chunk;
+    first_part[t + 1] = first_part[t] + pos_all[t] / chunk + 1 - first_chunk[t];
+  }
   // Query blocks: runs of up to kQueryBlock consecutive tokens of one sequence at consecutive
   // positions (a prompt's tokens in prefill; one token per sequence in decode). Work items:
   // (block, chunk) for every chunk of the block's longest context.
@@ -191,9 +208,12 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
   // block streaming its whole context from L3 or memory again.
   std::vector<std::pair<int64_t, int64_t>> items;  // (block, chunk)
   for (int64_t b = 0; b + 1 < static_cast<int64_t>(block_start.size()); ++b) {
-    int64_t top = 0;
-    for (int64_t t = block_start[b]; t < block_start[b + 1]; ++t) top = std::max<int64_t>(top, pos_all[t]);
-    for (int64_t c = 0; c < (top + chunk) / chunk; ++c) items.emplace_back(b, c);
+    int64_t top = 0, low = std::numeric_limits<int64_t>::max();
+    for (int64_t t = block_start[b]; t < block_start[b + 1]; ++t) {
+      top = std::max<int64_t>(top, pos_all[t]);
+      low = std::min(low, first_chunk[t]);
+    }
+    for (int64_t c = low; c < (top + chunk) / chunk; ++c) items.emplace_back(b, c);
   }
   std::stable_sort(items.begin(), items.end(), [](const auto& x, const auto& y) { return x.second < y.second; });
   const int64_t part_size = num_heads * (dim + 2);
@@ -204,9 +224,12 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
     for (int64_t w = begin; w < end; ++w) {
       const auto [b, c] = items[w];
       const int64_t t0 = block_start[b], nq = block_start[b + 1] - t0;
-      for (int64_t i = 0; i < nq; ++i)  // a query whose context ends before chunk c takes no part in it
-        block_parts[i] = c < first_part[t0 + i + 1] - first_part[t0 + i] ? parts.get() + (first_part[t0 + i] + c) * part_size : nullptr;
-      work.run(t0, nq, seq_all[t0], pos_all, c, chunk, block_parts, scratch);
+      for (int64_t i = 0; i < nq; ++i) {  // a query whose keys (its window) miss chunk c takes no part in it
+        const int64_t k = c - first_chunk[t0 + i];
+        block_parts[i] = 0 <= k && k < first_part[t0 + i + 1] - first_part[t0 + i]
+                             ? parts.get() + (first_part[t0 + i] + k) * part_size : nullptr;
+      }
+      work.run(t0, nq, seq_all[t0], pos_all, c, chunk, window, block_parts, scratch);
     }
   });
   T* out_all = out.data_ptr<T>();
@@ -236,9 +259,11 @@ void attend(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::
 // q [T, H, D]; kv the whole pool; tables [S, W] int32 (block ids of each sequence);
 // seq_of [T] int32 (the sequence of each query); positions [T] int32 (a query sees keys 0..position,
 // already written to the pool); chunk_keys 0 = split long contexts as the batch suggests, > 0 = cut
-// every query's keys at its multiples (batch-invariant). Returns [T, H, D] in q's dtype.
+// every query's keys at its multiples (batch-invariant); window > 0: a query sees only its last
+// `window` keys (sliding-window layers). Returns [T, H, D] in q's dtype.
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, int64_t layer, const at::Tensor& tables,
-                           const at::Tensor& seq_of, const at::Tensor& positions, double scale, int64_t chunk_keys) {
+                           const at::Tensor& seq_of, const at::Tensor& positions, double scale, int64_t chunk_keys,
+                           int64_t window) {
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 6, "q must be [T, H, D] and kv the 6-d pool");
   TORCH_CHECK(q.is_contiguous() && kv.is_contiguous(), "q and kv must be contiguous");
   TORCH_CHECK(q.scalar_type() == kv.scalar_type(), "q and kv must share a dtype");
@@ -246,6 +271,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, int64_t la
   TORCH_CHECK(0 <= layer && layer < kv.size(1), "layer out of range");
   TORCH_CHECK(q.size(2) <= 512, "head_dim above 512 is not supported");
   TORCH_CHECK(chunk_keys >= 0, "chunk_keys must be >= 0");
+  TORCH_CHECK(window >= 0, "window must be >= 0");
   TORCH_CHECK(tables.scalar_type() == at::kInt && seq_of.scalar_type() == at::kInt &&
               positions.scalar_type() == at::kInt, "tables, seq_of and positions must be int32");
   TORCH_CHECK(tables.is_contiguous() && seq_of.numel() == q.size(0) && positions.numel() == q.size(0),
@@ -262,7 +288,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, int64_t la
   }
   at::Tensor out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
-    attend<scalar_t>(q, kv, layer, tables, seqs, pos, scale, chunk_keys, out);
+    attend<scalar_t>(q, kv, layer, tables, seqs, pos, scale, chunk_keys, window, out);
   });
   return out;
 }
@@ -271,7 +297,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, int64_t la
 
 TORCH_LIBRARY(kvcluster, m) {
   m.def("paged_attention(Tensor q, Tensor kv, int layer, Tensor block_tables, Tensor seq_of, "
-        "Tensor positions, float scale, int chunk_keys=0) -> Tensor");
+        "Tensor positions, float scale, int chunk_keys=0, int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvcluster, CPU, m) { m.impl("paged_attention", &paged_attention); }

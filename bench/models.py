@@ -1,0 +1,68 @@
+"""Decode speed and memory of each shipped model (SmolLM2-135M, Gemma 3 270M), in process: decode tok/s
+at batch 1 and 8 (prefill excluded, greedy, batch-invariant numerics, the default) in float32 and
+bfloat16, and the resident memory each engine adds (weights, their packed copies and the rope tables,
+the KV pool excluded). One engine at a time, so the figures of one never carry the memory of another.
+
+Run: `python -m bench.models [--quick]` (not part of `make bench`: it loads four engines). Ratio: each
+model's batch-8 over batch-1 decode tok/s in float32 (continuous batching; target >= 4, as bench/engine.py).
+docs/models.md and the README's models table quote bench/results/models.json.
+"""
+
+import argparse
+import gc
+
+import psutil
+
+from bench.common import at_least, progress
+from bench.context import BenchContext, gpu_note
+from bench.engine import decode_tok_s
+from bench.plots import bar_plot
+from kvcluster.model.engine import EngineConfig, load_engine
+
+NAME = "models"
+MODELS = ("smollm2", "gemma3")
+DTYPES = ("float32", "bfloat16")
+BATCHES = (1, 8)
+KV_BYTES = 64 << 20
+SIZES = {"full": (16, 3), "quick": (8, 1), "tiny": (2, 1)}  # decode steps, repeats
+
+
+def measure_one(model: str, dtype: str, steps: int, repeats: int) -> dict:
+    process = psutil.Process()
+    gc.collect()
+    before = process.memory_info().rss
+    engine = load_engine(model, "cpu", EngineConfig(kv_capacity_bytes=KV_BYTES), dtype)
+    resident = process.memory_info().rss - before - engine.pool.kv.numel() * engine.pool.kv.element_size()
+    row = {"resident_mb": round(resident / 2**20), "kv_bytes_per_token": engine.layout.block_nbytes // engine.block_size}
+    for batch in BATCHES:
+        row[f"decode_tok_s_batch{batch}"] = round(decode_tok_s(engine, batch, steps, repeats), 1)
+    del engine
+    gc.collect()
+    return row
+
+
+def run(ctx: BenchContext) -> dict:
+    steps, repeats = ctx.pick(SIZES)
+    rows = {}
+    for model in MODELS:
+        for dtype in DTYPES:
+            progress(NAME, f"{model} {dtype}: decode batch {BATCHES}, {steps} steps, {repeats} repeats")
+            rows[f"{model} {dtype}"] = measure_one(model, dtype, steps, repeats)
+            progress(NAME, f"  {rows[f'{model} {dtype}']}")
+    ratios = {f"{model}_batch8_over_batch1_fp32": at_least(rows[f"{model} float32"]["decode_tok_s_batch8"]
+                                                          / rows[f"{model} float32"]["decode_tok_s_batch1"], 4.0)
+              for model in MODELS}
+    result = {"steps": steps, "repeats": repeats, "models": rows, "ratios": ratios, "gpu": gpu_note()}
+    ctx.write(NAME, result)
+    bar_plot(ctx.results_dir / f"{NAME}.png", "Decode tok/s of the shipped models (this CPU, in process)",
+             "tokens / s", list(rows), {f"batch {b}": [row[f"decode_tok_s_batch{b}"] for row in rows.values()]
+                                        for b in BATCHES})
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    with BenchContext(mode="quick" if args.quick else "full") as ctx:
+        run(ctx)
