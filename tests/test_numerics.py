@@ -167,12 +167,12 @@ def test_registry_and_gateway_health_report_each_workers_numerics(tokenizer):
 
 @needs_kernels
 def test_the_fingerprint_names_the_instruction_set_of_batch_invariant_kernels(tokenizer, monkeypatch):
-    """AVX-512 and portable builds of the kernels sum in different orders: their blocks must never mix."""
+    """AVX-512, AVX2 and portable builds of the kernels sum in different orders: their blocks must never mix."""
     from kvcluster.model import kernels, llama
 
     engine = tiny(tokenizer, EngineConfig())
     isa = kernels.kernel_isa()
-    assert isa in ("avx512-bf16", "avx512", "portable")
+    assert isa in ("avx512-bf16", "avx512", "avx2", "portable")
     assert engine.identity.endswith(f"|batch-invariant/{isa}".encode())
     other_isa = "portable" if isa != "portable" else "avx512"
     monkeypatch.setattr(llama, "kernel_isa", lambda: other_isa)  # as a worker on another kind of CPU names it

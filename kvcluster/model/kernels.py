@@ -64,13 +64,14 @@ def _load() -> bool:
 
 def kernel_isa() -> str:
     """Which arithmetic the compiled kernels run here, part of a block's fingerprint under batch-invariant
-    numerics: they are built for this CPU (-march=native), and their AVX-512 paths and their portable
-    loops sum in different orders (csrc/vec.h), as the bf16 matmul differs with and without
+    numerics: they are built for this CPU (-march=native), and their AVX-512, AVX2 and portable paths
+    sum in different orders (csrc/vec.h: 16-lane trees, 8-lane trees, sequential loops; the
+    matmul's per-element chains are the same on all three), as the bf16 matmul differs with and without
     AVX512-BF16 on denormals. Workers on CPUs of different kinds then never share blocks whose
     bytes would differ."""
     flags = set(_cpu_flags().split())
     if "avx512f" not in flags:
-        return "portable"
+        return "avx2" if {"avx2", "fma"} <= flags else "portable"
     return "avx512-bf16" if "avx512_bf16" in flags else "avx512"
 
 

@@ -12,7 +12,7 @@
 
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -44,6 +44,32 @@ inline void row_dots(const float* x, const T* w, int64_t K, float* y) {
     for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + i * K + k), wv, acc[i]);
   }
   for (int i = 0; i < MR; ++i) y[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)  // 8 lanes, the tail one element at a time
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+template <typename T, int MR>
+inline void row_dots(const float* x, const T* w, int64_t K, float* y) {
+  __m256 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchBytes, _MM_HINT_T0);
+    const __m256 wv = load8(w + k);
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + k), wv, acc[i]);
+  }
+  for (int i = 0; i < MR; ++i) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[i]);
+    float dot = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (int64_t t = k; t < K; ++t) dot += x[i * K + t] * static_cast<float>(w[t]);
+    y[i] = dot;
+  }
 }
 
 #else  // portable fallback, same order of work

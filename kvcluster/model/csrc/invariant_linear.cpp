@@ -58,7 +58,7 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -174,6 +174,63 @@ inline void tile_pairs(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16*
 }
 #endif
 
+#elif defined(__AVX2__) && defined(__FMA__)  // AVX2 + FMA: the same chains, 8 columns per ymm
+
+inline __m256 load_w8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_w8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32: exact
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline void store8(float* p, __m256 v, int64_t n) {
+  if (n >= 8) {
+    _mm256_storeu_ps(p, v);
+  } else if (n > 0) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(p, mask, v);
+  }
+}
+inline void store8(c10::BFloat16* p, __m256 v, int64_t n) {
+  if (n <= 0) return;
+  // Round to nearest even as c10's static_cast does: (bits + 0x7fff + lsb) >> 16, NaN -> 0x7fc0.
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  // packus works per 128-bit lane: [r0..r3 r0..r3 | r4..r7 r4..r7]; qwords 0 and 2 are r0..r7.
+  const __m128i packed = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+  if (n >= 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  } else {
+    alignas(16) uint16_t buf[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(buf), packed);
+    std::memcpy(p, buf, n * sizeof(uint16_t));
+  }
+}
+
+// MR rows of x (fp32, row stride ldx) times one panel, 16 columns at a time (MR x 2 ymm accumulators,
+// two weight vectors and one broadcast: at most 15 of the 16 registers): out[MR][32].
+template <int MR, int NV, typename W, typename OT>
+inline void tile_chain(const float* x, int64_t ldx, const W* b, int64_t ps, int64_t K, OT* out, int64_t ldo, int64_t ncols) {
+  static_assert(NV == 2, "one panel of 32 columns");
+  for (int64_t c0 = 0; c0 < std::min<int64_t>(ncols, NR); c0 += 16) {
+    __m256 acc[MR][2];
+    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    const W* bp = b + c0;
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 w0 = load_w8(bp + k * NR), w1 = load_w8(bp + k * NR + 8);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 a = _mm256_broadcast_ss(x + i * ldx + k);
+        acc[i][0] = _mm256_fmadd_ps(a, w0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(a, w1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      store8(out + i * ldo + c0, acc[i][0], ncols - c0);
+      store8(out + i * ldo + c0 + 8, acc[i][1], ncols - c0 - 8);
+    }
+  }
+}
+
 #else  // portable: the same chains, one element at a time
 
 template <int MR, int NV, typename W, typename OT>
@@ -190,7 +247,11 @@ inline void tile_chain(const float* x, int64_t ldx, const W* b, int64_t ps, int6
 #endif
 
 // One tile of `rows` (1..kMaxRows) rows over NV/2 panels: the runtime row count to a template.
+#if defined(__AVX512F__)
 constexpr int kMaxRows = 14;  // 14 rows x 2 zmm = 28 accumulators
+#else
+constexpr int kMaxRows = 6;   // AVX2: 6 rows x 2 ymm = 12 accumulators of the 16 registers
+#endif
 
 template <int NV, typename XT, typename W, typename OT>
 struct Tile {
@@ -198,7 +259,7 @@ struct Tile {
     switch (rows) {
 #define KVC_TILE_CASE(R) \
   case R:                \
-    return call<(R * NV <= 28 ? R : 1)>(x, ldx, b, ps, K, out, ldo, ncols);
+    return call<(R * NV <= 28 && R <= kMaxRows ? R : 1)>(x, ldx, b, ps, K, out, ldo, ncols);
       KVC_TILE_CASE(1) KVC_TILE_CASE(2) KVC_TILE_CASE(3) KVC_TILE_CASE(4) KVC_TILE_CASE(5) KVC_TILE_CASE(6) KVC_TILE_CASE(7)
       KVC_TILE_CASE(8) KVC_TILE_CASE(9) KVC_TILE_CASE(10) KVC_TILE_CASE(11) KVC_TILE_CASE(12) KVC_TILE_CASE(13) KVC_TILE_CASE(14)
 #undef KVC_TILE_CASE

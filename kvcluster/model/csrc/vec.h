@@ -1,7 +1,7 @@
 // fp32 vector primitives over rows stored as float, bf16, fp16 or double, shared by the engine's kernels.
 //
 // AVX-512 where the build has it (the kernels are compiled with -march=native on the machine that
-// runs them), plain loops otherwise; both accumulate in fp32. Every function takes a row length
+// runs them), else AVX2 + FMA, else plain loops; all accumulate in fp32. Every function takes a row length
 // that need not be a multiple of 16 (the tail is a masked load).
 
 #pragma once
@@ -13,7 +13,9 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__AVX512F__)
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -274,6 +276,265 @@ inline void weighted_rows_block(const float* const* p, float* const* acc, const 
       case 5: weighted_block<5>(p + r0, acc + r0, common, rows, voffset, dim); break;
       default: weighted_block<6>(p + r0, acc + r0, common, rows, voffset, dim); break;
     }
+    for (int64_t r = r0; r < r0 + n; ++r)
+      if (ends[r] > common) {
+        const float* pr = p[r] + common;
+        float* ar = acc[r];
+        weighted_block<1>(&pr, &ar, ends[r] - common, rows + common, voffset, dim);
+      }
+  }
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)  // AVX2 + FMA (e.g. AMD Zen 2/3, Intel before AVX-512)
+
+// 8 lanes per vector. Each function keeps the contract of its AVX-512 twin: a value that depends on
+// one query and one key (a score), or on one row (a norm), is computed by one fixed sequence of fp32
+// operations whatever its neighbours: an fma chain over d in steps of 8 lanes (a short tail is
+// zero-padded), then the fixed tree hsum8 of the 8 lanes. (The sums differ from the AVX-512 path's
+// 16-lane trees, which is why kernel_isa() names this build "avx2".)
+
+inline int64_t lanes8(int64_t n) { return n >= 8 ? 8 : n < 0 ? 0 : n; }
+
+inline __m256i mask8(int64_t n) {  // the first clamp(n, 0, 8) lanes of a maskload / maskstore
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes8(n))), idx);
+}
+
+// Lanes [0, n) of p widened to fp32 (exact for bf16 and fp16, rounded for double); lanes past n are 0.
+inline __m256 load8(const float* p, int64_t n) {
+  return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask8(n));
+}
+
+inline __m256 widen8(__m128i half) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16)); }
+
+template <typename T>
+inline __m128i load_halves(const T* p, int64_t n) {  // 8 16-bit values, zero past n
+  if (n >= 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  alignas(16) uint16_t buf[8] = {0};
+  std::memcpy(buf, p, lanes8(n) * sizeof(uint16_t));
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+}
+
+inline __m256 load8(const c10::BFloat16* p, int64_t n) { return widen8(load_halves(p, n)); }
+inline __m256 load8(const c10::Half* p, int64_t n) { return _mm256_cvtph_ps(load_halves(p, n)); }
+
+inline __m256 load8(const double* p, int64_t n) {  // rounded to fp32 as it is read
+  if (n >= 8) return _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(p + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(p)));
+  alignas(32) double buf[8] = {0.0};
+  std::memcpy(buf, p, lanes8(n) * sizeof(double));
+  return _mm256_set_m128(_mm256_cvtpd_ps(_mm256_load_pd(buf + 4)), _mm256_cvtpd_ps(_mm256_load_pd(buf)));
+}
+
+inline void store8(float* p, __m256 v, int64_t n) {
+  if (n >= 8) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, mask8(n), v);
+}
+
+// The fixed tree of one vector's 8 lanes: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
+inline float hsum8(__m256 v) {
+  const __m128 h = _mm_hadd_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // 01 23 45 67
+  const __m128 q = _mm_hadd_ps(h, h);                                                     // 0123 4567
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// Lane i of the result is hsum8(acc[i]), by the same tree (hadd pairs, then the two 128-bit halves).
+inline __m256 reduce8(const __m256* acc) {
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [a0..a3 low sums | a0..a3 high sums]
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// p * 2^n for integer-valued n in [-150, 128], rounded once, as AVX-512's scalef: the first factor
+// keeps p * 2^(n/2) a normal float (exact), the second rounds once (to a denormal or 0 if need be).
+inline __m256 scale2(__m256 p, __m256 n) {
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1), rest = _mm256_sub_epi32(ni, half);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+
+// exp of 8 lanes: the AVX-512 path's Cephes polynomial, op for op.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-104.0f));
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.37f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  return scale2(p, n);
+}
+
+// sum_d a[d] * b[d], a in fp32.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t dim) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 8) acc = _mm256_fmadd_ps(load8(a + d, dim - d), load8(b + d, dim - d), acc);
+  return hsum8(acc);
+}
+
+// sum_d a[d]^2
+template <typename T>
+inline float sum_squares(const T* a, int64_t dim) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 8) {
+    const __m256 v = load8(a + d, dim - d);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  return hsum8(acc);
+}
+
+// acc[d] += p * b[d]
+template <typename T>
+inline void axpy(float p, const T* b, float* acc, int64_t dim) {
+  const __m256 pv = _mm256_set1_ps(p);
+  for (int64_t d = 0; d < dim; d += 8)
+    store8(acc + d, _mm256_fmadd_ps(pv, load8(b + d, dim - d), load8(acc + d, dim - d)), dim - d);
+}
+
+// out[i] = sum_d a[d] * row(i)[d] for i < n <= 16, 8 keys at a time: each key's score is its fma
+// chain then hsum8 (reduce8), whatever its slot and n.
+template <typename T, typename RowAt>
+inline void dots16(const float* a, int64_t n, const RowAt& row_at, int64_t dim, float* out) {
+  for (int64_t g = 0; g < n; g += 8) {
+    __m256 acc[8];
+    const T* rows[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      acc[i] = _mm256_setzero_ps();
+      rows[i] = row_at(g + i < n ? g + i : g);  // slots past n repeat a real row; their sums are not stored
+    }
+    for (int64_t d = 0; d < dim; d += 8) {
+      const __m256 av = load8(a + d, dim - d);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(av, load8(rows[i] + d, dim - d), acc[i]);
+    }
+    store8(out + g, reduce8(acc), n - g);
+  }
+}
+
+// out_r[j] = a_r . (rows[j] + offset) for 4 query rows a_r and the keys j < n_r of a 16-key tile,
+// 4 rows x 2 keys per pass (each key vector loaded once for the 4 rows): bitwise dots16's scores.
+inline void dots4x16(const float* const* a, const float* const* rows, int64_t offset, int64_t dim, float* const* out,
+                     const int64_t* n) {
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+  const int64_t keys = std::max(std::max(n[0], n[1]), std::max(n[2], n[3]));
+  for (int64_t g = 0; g < keys; g += 2) {
+    const float* k0 = rows[g] + offset;
+    const float* k1 = rows[g + 1 < keys ? g + 1 : g] + offset;
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 8) {
+      const int64_t left = dim - d;
+      const __m256 v0 = load8(k0 + d, left), v1 = load8(k1 + d, left);
+      const __m256 q0 = load8(a0 + d, left), q1 = load8(a1 + d, left);
+      acc[0] = _mm256_fmadd_ps(q0, v0, acc[0]); acc[1] = _mm256_fmadd_ps(q0, v1, acc[1]);
+      acc[2] = _mm256_fmadd_ps(q1, v0, acc[2]); acc[3] = _mm256_fmadd_ps(q1, v1, acc[3]);
+      const __m256 q2 = load8(a2 + d, left), q3 = load8(a3 + d, left);
+      acc[4] = _mm256_fmadd_ps(q2, v0, acc[4]); acc[5] = _mm256_fmadd_ps(q2, v1, acc[5]);
+      acc[6] = _mm256_fmadd_ps(q3, v0, acc[6]); acc[7] = _mm256_fmadd_ps(q3, v1, acc[7]);
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, reduce8(acc));
+    for (int r = 0; r < 4; ++r)
+      for (int64_t i = 0; i < 2 && g + i < n[r]; ++i) out[r][g + i] = sums[2 * r + i];
+  }
+}
+
+// max of s[0..n), n >= 1 (order-free: max is exact).
+inline float max_of(const float* s, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  __m256 topv = _mm256_set1_ps(top);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) topv = _mm256_max_ps(topv, _mm256_loadu_ps(s + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, topv);
+  for (float v : lanes) top = std::max(top, v);
+  for (; j < n; ++j) top = std::max(top, s[j]);
+  return top;
+}
+
+// s[j] = exp(s[j] - top); returns the sum (8 lane sums in order of j, then hsum8).
+inline float exp_shifted(float* s, int64_t n, float top) {
+  const __m256 topv = _mm256_set1_ps(top);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const int64_t left = n - j;
+    const __m256 keep = _mm256_castsi256_ps(mask8(left));
+    const __m256 e = _mm256_and_ps(keep, exp8(_mm256_sub_ps(load8(s + j, left), topv)));
+    store8(s + j, e, left);
+    sum = _mm256_add_ps(sum, e);
+  }
+  return hsum8(sum);
+}
+
+// out[i] = float(row[i]) for i < n: exact for bf16 and fp16.
+template <typename T>
+inline void widen(const T* row, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) store8(out + i, load8(row + i, n - i), n - i);
+}
+
+// R rows over one slice of V x 8 dims: acc[r][d] += sum_{j < count} p[r][j] * row(j)[d], j in order:
+// per element the fma chain of axpy, with the R x V accumulators in registers.
+template <int R, int V>
+inline void weighted_block_slice(const float* const* p, float* const* acc, int64_t count, const float* const* rows,
+                                 int64_t voffset, int64_t offset, int64_t width) {
+  __m256 a[R][V];
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) a[r][v] = load8(acc[r] + offset + 8 * v, width - 8 * v);
+  for (int64_t j = 0; j < count; ++j) {
+    const float* row = rows[j] + voffset + offset;
+    __m256 values[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) values[v] = load8(row + 8 * v, width - 8 * v);
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r) {
+      const __m256 pv = _mm256_broadcast_ss(p[r] + j);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) a[r][v] = _mm256_fmadd_ps(pv, values[v], a[r][v]);
+    }
+  }
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) store8(acc[r] + offset + 8 * v, a[r][v], width - 8 * v);
+}
+
+template <int R>
+inline void weighted_block(const float* const* p, float* const* acc, int64_t count, const float* const* rows,
+                           int64_t voffset, int64_t dim) {
+  for (int64_t offset = 0; offset < dim; offset += 32) {  // slices of 4 ymm: R x 4 accumulators in registers
+    const int64_t width = std::min<int64_t>(32, dim - offset);
+    switch ((width + 7) / 8) {
+      case 1: weighted_block_slice<R, 1>(p, acc, count, rows, voffset, offset, width); break;
+      case 2: weighted_block_slice<R, 2>(p, acc, count, rows, voffset, offset, width); break;
+      case 3: weighted_block_slice<R, 3>(p, acc, count, rows, voffset, offset, width); break;
+      default: weighted_block_slice<R, 4>(p, acc, count, rows, voffset, offset, width); break;
+    }
+  }
+}
+
+// For every row r < n_rows: acc[r][d] += sum_{j < ends[r]} p[r][j] * (rows[j] + voffset)[d], j in order.
+inline void weighted_rows_block(const float* const* p, float* const* acc, const int64_t* ends, int64_t n_rows,
+                                const float* const* rows, int64_t voffset, int64_t dim) {
+  constexpr int64_t kRows = 2;  // 2 rows x 4 ymm accumulators + 4 value vectors + 1 broadcast <= 16 ymm
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
+    const int64_t n = std::min(kRows, n_rows - r0);
+    const int64_t common = *std::min_element(ends + r0, ends + r0 + n);
+    if (n == 1) weighted_block<1>(p + r0, acc + r0, common, rows, voffset, dim);
+    else weighted_block<2>(p + r0, acc + r0, common, rows, voffset, dim);
     for (int64_t r = r0; r < r0 + n; ++r)
       if (ends[r] > common) {
         const float* pr = p[r] + common;
