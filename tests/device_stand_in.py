@@ -11,6 +11,7 @@ What it cannot stand in for, and so is only checked on a GPU (`make gpu-check`):
 record_stream's bookkeeping in the CUDA caching allocator.
 """
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -39,7 +40,8 @@ class StandInAccelerator(Device):
 
     def __init__(self):
         super().__init__("cpu")
-        self.queued: list[Callable[[], None]] = []
+        self.queued: list[Callable[[], None]] = []  # one queue for every thread's streams: landing a copy early is
+        self._lock = threading.Lock()               # what a device may do; losing one is not
         self.host_buffers = 0
         self.streams = 0
 
@@ -47,7 +49,8 @@ class StandInAccelerator(Device):
         return "stand-in accelerator"
 
     def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-        self.host_buffers += 1
+        with self._lock:
+            self.host_buffers += 1
         return torch.empty(shape, dtype=dtype)
 
     @contextmanager
@@ -56,7 +59,8 @@ class StandInAccelerator(Device):
         yield "side"
 
     def record(self, stream: object = None) -> StandInEvent:
-        copies, self.queued = self.queued, []
+        with self._lock:
+            copies, self.queued = self.queued, []
         return StandInEvent(copies)
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
@@ -70,5 +74,6 @@ class StandInAccelerator(Device):
 
     def _queue_copy(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target.view(torch.uint8).fill_(0xFF)
-        self.queued.append(lambda: target.copy_(source))
+        with self._lock:
+            self.queued.append(lambda: target.copy_(source))
         return target
