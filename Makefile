@@ -18,7 +18,7 @@ MODEL ?=
 # waiting starve the others (3-10x slowdowns seen), so they sleep instead unless told otherwise.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install proto run test bench bench-quick demo clean
+.PHONY: install proto run test bench bench-quick demo clean gpu-check
 
 KERNELS := build/kernels/.built
 
@@ -75,6 +75,12 @@ bench-quick: install $(BENCH_EXTRAS)
 
 demo: install
 	$(PY) -m kvcluster demo
+
+# The CUDA path on a machine with a GPU, at most 8 minutes (docs/gpu.md): installs, runs the CUDA tests
+# natively and a cluster with the store's pool on the GPU, writes bench/results/gpu.json. Exits 2 at
+# once where there is no GPU.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) $(AIPERF_VENV) kvcluster/proto .pytest_cache

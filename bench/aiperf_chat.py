@@ -71,7 +71,6 @@ def export_tokenizer(model: str | None, out_dir: Path) -> Path:
         return Path(model)
     data = read_tokenizer_data(model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The engine's Tokenizer keeps its `tokenizers` object private and has no export of its own yet.
     (out_dir / "tokenizer.json").write_text(Tokenizer(data).to_json())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": data.tokens[data.bos_id],
               "eos_token": data.tokens[data.eos_id], "chat_template": data.chat_template,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcluster.config import ServiceConfig, setting
+from kvcluster.device import default_device, device_of
 from kvcluster.security import SecuritySettings
 from kvcluster.errors import InvalidArgument
 from kvcluster.dtypes import check_dtype, resolve_dtype
@@ -95,17 +96,13 @@ class StoreConfig(SecuritySettings, ServiceConfig):
         return self.heartbeat_ttl_seconds or 3 * self.heartbeat_seconds
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return default_device() if self.device == "auto" else torch.device(self.device)
 
     def pool_capacity_bytes(self, device: torch.device) -> int:
         if self.capacity_bytes:
             return self.capacity_bytes
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(free * self.cuda_memory_fraction)
-        return GIB
+        free = device_of(device).free_bytes()
+        return GIB if free is None else int(free * self.cuda_memory_fraction)
 
     def identity(self, bound_port: int) -> tuple[str, str]:
         """(store_id, advertise_address) once the gRPC port is known."""

@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 
 from kvcluster.block_io import batch_to_payloads
+from kvcluster.device import Device
 from kvcluster.errors import IntegrityError, InvalidArgument, ResourceExhausted
 from kvcluster.block_manager import BlockManager
 from kvcluster.kvpool import KVLayout, KVPool
@@ -98,7 +99,7 @@ class PoolStats:
 class StorePool:
     """Thread-safe block cache over one preallocated tensor (see the module docstring)."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: str | torch.device = "cpu",
+    def __init__(self, layout: KVLayout, num_blocks: int, device: "Device | str | torch.device" = "cpu",
                  index: IndexSink | None = None, clock: Callable[[], float] = time.monotonic,
                  max_leased_fraction: float = 0.25):
         self.layout = layout
@@ -247,14 +248,14 @@ class StorePool:
             return pins, stop_reason
 
     def read(self, blocks: Sequence[StoredBlock]) -> list[bytes]:
-        """Pinned blocks' bytes. Needs no lock: a pinned slot is never handed out. On CUDA one gather
-        and one device-to-host copy through a pinned buffer for all of them; on CPU each block is
-        copied straight out of the pool (a gather would only add a staging copy)."""
+        """Pinned blocks' bytes. Needs no lock: a pinned slot is never handed out. One gather and one
+        device-to-host copy (through a pinned buffer on CUDA) for all of them; where the pool is host
+        memory each block is copied straight out of it instead (a gather would only add a copy)."""
         slots = [block.slot for block in blocks]
-        if self.device.type == "cuda":
-            payloads = batch_to_payloads(self._kv.read(slots))
-        else:
+        if self._kv.ops.host_memory:
             payloads = [self._kv.export_block(slot) for slot in slots]
+        else:
+            payloads = batch_to_payloads(self._kv.read(slots))
         for block in blocks:
             if self._generation[block.slot] != block.generation:  # a broken invariant, not a miss
                 raise RuntimeError(f"slot {block.slot} was handed out again while pinned")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcluster.block_io import BlockBatch, batch_from_payloads, batch_to_payloads
+from kvcluster.device import Device, device_of
 from kvcluster.dtypes import DTYPES
 
 LAYOUT_VERSION = 1
@@ -58,17 +59,18 @@ class KVLayout:
 class KVPool:
     """A preallocated tensor of KV blocks, one row per slot; `BlockManager` says which slot holds what."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: str | torch.device = "cpu"):
+    def __init__(self, layout: KVLayout, num_blocks: int, device: Device | str | torch.device = "cpu"):
         if num_blocks < 1:
             raise ValueError(f"a KV pool needs at least one block, got {num_blocks}")
         self.layout = layout
         self.num_blocks = num_blocks
+        self.ops = device_of(device)  # how bytes reach this pool (kvcluster.device)
         # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
-        self.kv = torch.zeros((num_blocks, *layout.block_shape), dtype=layout.torch_dtype, device=device)
+        self.kv = torch.zeros((num_blocks, *layout.block_shape), dtype=layout.torch_dtype, device=self.ops.torch_device)
         self._bytes = self.kv.view(torch.uint8).view(num_blocks, layout.block_nbytes)  # [num_blocks, block_nbytes]
 
     @classmethod
-    def from_budget(cls, layout: KVLayout, capacity_bytes: int, device: str | torch.device = "cpu") -> "KVPool":
+    def from_budget(cls, layout: KVLayout, capacity_bytes: int, device: Device | str | torch.device = "cpu") -> "KVPool":
         return cls(layout, capacity_bytes // layout.block_nbytes, device)
 
     @property
@@ -87,7 +89,7 @@ class KVPool:
         """A snapshot of `slots` as one [n, block_nbytes] tensor on the pool's device: one gather.
         Later writes to those slots do not change it (on CUDA, once its `ready` event has passed)."""
         index = torch.as_tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
-        return BlockBatch.on_current_stream(self._bytes.index_select(0, index))
+        return BlockBatch.on_current_stream(self._bytes.index_select(0, index), self.ops)
 
     def write(self, slots: Sequence[int], batch: BlockBatch) -> None:
         """Copy `batch` (one row per slot, any device) into `slots`: one scatter."""
@@ -103,10 +105,10 @@ class KVPool:
     def export_block(self, slot: int) -> bytes:
         """One block's bytes in wire format. Not a snapshot taken on the owner's thread: for slots
         that cannot change meanwhile (a store's pinned blocks)."""
-        if self.device.type == "cpu":  # straight from the pool: one copy, no staging buffer
+        if self.ops.host_memory:  # straight from the pool: one copy, no staging buffer
             return self._bytes[slot].numpy().tobytes()
         return batch_to_payloads(self.read([slot]))[0]
 
     def import_block(self, slot: int, payload: bytes | bytearray | memoryview) -> None:
         """Write one block's wire-format bytes into `slot`."""
-        self.write([slot], batch_from_payloads([payload], self.layout.block_nbytes, self.device))
+        self.write([slot], batch_from_payloads([payload], self.layout.block_nbytes, self.ops))

@@ -1,8 +1,9 @@
 """A worker's numerics as it reports them: the mode, whether exactness holds, and why not.
 
 Batch-invariant numerics are the default (EngineConfig.deterministic); `--fast-numerics` opts out.
-A model asked for them still runs the fast kernels where no batch-invariant ones exist (CUDA today,
-float16, a CPU without the compiled kernels). Then a cached or batched answer may differ from the
+A model asked for them still runs the fast kernels where no batch-invariant ones exist (float16 on
+CPU, a CPU without the compiled kernels, CUDA without triton). On CUDA the batch-invariant kernels are
+the Triton ones (kvcluster.model.triton_kernels), for float32, bfloat16 and float16. Then a cached or batched answer may differ from the
 cold one, and the worker says so: one line at start-up (`log_numerics`), its registry entry (the
 gateway's /health) and `kvcluster_numerics_info` (kvcluster.serving_metrics).
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from kvcluster.dtypes import DTYPE_NAMES
 from kvcluster.model.engine import Engine
+from kvcluster.model.triton_support import triton_unavailable
 
 log = logging.getLogger(__name__)
 INVARIANT_DTYPES = ("float32", "bfloat16")  # what the compiled CPU kernels cover
@@ -45,7 +47,7 @@ def numerics_status(engine: Engine) -> NumericsStatus:
 def missing_kernels(device_type: str, dtype: str) -> str:
     """Why batch-invariant numerics cannot run on this device and dtype."""
     if device_type != "cpu":
-        return f"no batch-invariant kernels for {device_type} yet"
+        return f"the Triton kernels are unavailable on {device_type}: {triton_unavailable(device_type) or 'see the log'}"
     if dtype not in INVARIANT_DTYPES:
         return f"no batch-invariant kernels for {dtype} (on CPU: {' and '.join(INVARIANT_DTYPES)})"
     return "the compiled CPU kernels are unavailable (no compiler, or KVC_KERNELS=0; see kvcluster/model/kernels.py)"

@@ -2,7 +2,16 @@
 
 from pathlib import Path
 
+import os
+
 import pytest
+import torch
+
+# Without a GPU the Triton kernels' tests (tests/test_triton_*.py) execute them on CPU tensors under
+# Triton's interpreter. Triton reads this when a kernel is defined, so it is set here, before any test
+# module can import kvcluster.model.triton_kernels; on a CUDA machine they compile and run natively.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvcluster.model.engine import Engine, EngineConfig, load_engine, random_engine
 from kvcluster.model.gguf_loader import default_model_path, load_gguf
@@ -13,6 +22,15 @@ from kvcluster.model.tokenizer import Tokenizer
 TINY_CONFIG = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
                           intermediate_size=128, vocab_size=49152, rope_theta=10000.0, rms_eps=1e-5,
                           context_length=512)
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter():
+    """Under the interpreter, tl.dot in the CUDA backend's FMA order (see tests/triton_interpreter.py)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        from tests.triton_interpreter import dot_in_fma_order
+
+        dot_in_fma_order()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""StorePool: slots, LRU order, pins with owners, leases, generations, thread safety, CUDA."""
+"""StorePool: slots, LRU order, pins with owners, leases, generations, thread safety, CUDA.
+
+The data path (store, pin, read, concurrently too) runs on the host, on a stand-in accelerator (the
+CUDA sequence of staging buffers, side streams and events on CPU: tests/device_stand_in.py) and, where
+there is one, on a GPU."""
 
 import threading
 
@@ -7,6 +11,7 @@ import torch
 
 from cache_store.pool import StorePool
 from kvcluster.errors import IntegrityError, InvalidArgument, ResourceExhausted
+from tests.device_stand_in import StandInAccelerator
 from tests.store_fixtures import SMALL_LAYOUT, fingerprint_for, hashes_of, make_blocks, tail_block
 
 FP = fingerprint_for(SMALL_LAYOUT)
@@ -53,8 +58,14 @@ def read_back(pool: StorePool, key) -> bytes:
         pool.release("reader")
 
 
-def test_store_then_read_is_bitwise_identical_and_a_duplicate_takes_no_slot():
-    pool, blocks = StorePool(SMALL_LAYOUT, 4), make_blocks(SMALL_LAYOUT, 3)
+@pytest.fixture(params=["cpu", "stand-in", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def pool_device(request):
+    return StandInAccelerator() if request.param == "stand-in" else request.param
+
+
+def test_store_then_read_is_bitwise_identical_and_a_duplicate_takes_no_slot(pool_device):
+    pool, blocks = StorePool(SMALL_LAYOUT, 4, pool_device), make_blocks(SMALL_LAYOUT, 3)
     assert fill(pool, blocks) == [True] * 3
     assert fill(pool, blocks) == [False] * 3
     assert pool.stats().blocks_used == 3
@@ -198,8 +209,8 @@ def test_a_reused_slot_gets_a_new_generation():
     pool.release("o")
 
 
-def test_concurrent_pushes_pins_and_releases_keep_the_books_straight():
-    pool, blocks = StorePool(SMALL_LAYOUT, 8), make_blocks(SMALL_LAYOUT, 32)
+def test_concurrent_pushes_pins_and_releases_keep_the_books_straight(pool_device):
+    pool, blocks = StorePool(SMALL_LAYOUT, 8, pool_device), make_blocks(SMALL_LAYOUT, 32)
     errors = []
 
     def worker(worker_id: int) -> None:

@@ -74,7 +74,13 @@ def test_float16_on_cpu_runs_fast_and_the_worker_warns_once(tokenizer, caplog):
     assert line.levelno == logging.WARNING
     assert "fast on cpu float16, exactness is NOT guaranteed" in line.getMessage()
     assert "no batch-invariant kernels for float16" in line.getMessage()
-    assert missing_kernels("cuda", "bfloat16") == "no batch-invariant kernels for cuda yet"
+    assert missing_kernels("cuda", "bfloat16").startswith("the Triton kernels are unavailable on cuda: ")
+
+
+def test_cuda_says_why_its_triton_kernels_are_off(monkeypatch):
+    monkeypatch.setenv("KVC_TRITON", "0")
+    assert missing_kernels("cuda", "float16") == ("the Triton kernels are unavailable on cuda: "
+                                                  "the Triton kernels are turned off (KVC_TRITON=0)")
 
 
 def test_the_start_up_line_says_whether_exactness_holds(tokenizer, caplog):
@@ -111,10 +117,16 @@ def test_without_compiled_kernels_the_worker_says_why():
     assert "the compiled CPU kernels are unavailable" in line
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_has_no_batch_invariant_kernels_yet(tokenizer):
-    status = numerics_status(tiny(tokenizer, EngineConfig(), device="cuda"))
-    assert (status.mode, status.guaranteed, status.reason) == ("fast", False, "no batch-invariant kernels for cuda yet")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cuda_is_batch_invariant_through_the_triton_kernels(tokenizer, dtype):
+    engine = tiny(tokenizer, EngineConfig(), dtype=dtype, device="cuda")
+    status = numerics_status(engine)
+    assert (status.mode, status.guaranteed, status.reason) == ("batch-invariant", True, "")
+    assert engine.model.triton is not None and "/triton-" in engine.model.numerics_identity
+    fast = numerics_status(tiny(tokenizer, EngineConfig(deterministic=False), dtype=dtype, device="cuda"))
+    assert (fast.mode, fast.guaranteed, fast.reason) == ("fast", False, OPTED_OUT)
 
 
 async def health_before_and_after(gateway: Gateway, change) -> tuple[dict, dict]:

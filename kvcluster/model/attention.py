@@ -9,8 +9,10 @@ q/k/v, after their K/V were written to the pool. Which plan a step gets:
   the pool is not read at all.
 - `MaskedAttention`: any other prefill (several prompts, cached prefixes): one gather of every
   key the step needs and one SDPA with a mask built once per step; no loop per sequence.
-- `PaddedAttention`: decode where the op is unavailable (CUDA, no compiler): each layer gathers
-  the batch's blocks into a padded copy; GQA folded into the matmul.
+- `PaddedAttention`: decode where the op is unavailable (CUDA under --fast-numerics, no compiler):
+  each layer gathers the batch's blocks into a padded copy; GQA folded into the matmul.
+On CUDA with batch-invariant numerics (the default) the Triton kernels' plan takes KernelAttention's
+place (kvcluster.model.triton_kernels.PagedAttention).
 
 Sliding-window layers (Gemma 3): `windows[layer]` > 0 limits a query to its last that many keys
 (itself included, as transformers and llama.cpp mask them); 0 or no `windows` is full causal

@@ -29,6 +29,7 @@ import torch
 from kvcluster.block_io import BlockBatch, batch_from_payloads
 from kvcluster.block_manager import BlockManager
 from kvcluster.blocks import BlockHash, Fingerprint, chain_root, extend_hashes, fingerprint_key, make_fingerprint
+from kvcluster.device import default_device
 from kvcluster.dtypes import DTYPE_NAMES, DTYPES, resolve_dtype
 from kvcluster.errors import InvalidArgument, RequestFailed, ResourceExhausted
 from kvcluster.kvpool import KVPool
@@ -185,7 +186,7 @@ class Engine:
     def stage_blocks(self, payloads: Seq[bytes | bytearray | memoryview]) -> BlockBatch:
         """Fetched wire-format blocks staged for this pool's device (off the engine thread); the
         engine thread only scatters them (`PrefixSource.pulled`)."""
-        return batch_from_payloads(payloads, self.layout.block_nbytes, self.pool.device)
+        return batch_from_payloads(payloads, self.layout.block_nbytes, self.pool.ops)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -454,7 +455,7 @@ def load_engine(model_path: str | Path | None = None, device: str | None = None,
     """Load a GGUF file or a Hugging Face checkpoint directory (the default SmolLM2 when None) in
     `dtype` (see kvcluster.dtypes; `auto` picks the fastest the device runs natively and logs why);
     `cluster_secret` keys its block hashes."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     name, why = resolve_dtype(dtype, device)
     log.info("model dtype %s on %s (%s)", name, device, why)
     loaded = load_model(model_path)

@@ -6,6 +6,7 @@ of different lengths). Both write the new tokens' K/V into the pool through a sl
 return logits for the last position of each sequence only.
 """
 
+import importlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from kvcluster.kvpool import KVLayout
 from kvcluster.model.attention import CausalAttention, KernelAttention, MaskedAttention, PaddedAttention
 from kvcluster.model.kernels import (few_rows_linear_op, invariant_linear_op, invariant_pack_op, kernel_isa,
                                      paged_attention_op, rms_norm_op)
+from kvcluster.model.triton_support import triton_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,9 @@ class LlamaModel:
     """Weights plus the forward. Stateless between calls: all KV state lives in the pool tensor."""
 
     def __init__(self, config: ModelConfig, weights: LlamaWeights, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, deterministic: bool = True):
+                 dtype: torch.dtype = torch.float32, deterministic: bool = True, kernels: str = "auto"):
+        """kernels: "auto" = the batch-invariant kernels of the device (compiled C++ on CPU, Triton on
+        CUDA); "triton" = the Triton kernels wherever they run (on CPU: under TRITON_INTERPRET=1, tests)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -140,26 +144,54 @@ class LlamaModel:
         self.scale = config.attention_scale or 1.0 / math.sqrt(config.head_dim)
         self.windows = config.layer_windows  # None: every layer attends its whole context
         self.cos, self.sin = rope_tables(config, rope_frequencies(config), self.device, dtype)
+        # The Triton kernels (kvcluster.model.triton_kernels) when batch-invariant numerics run on CUDA.
+        self.triton = self._triton_kernels(kernels) if deterministic else None
+        cpu = self.device.type == "cpu" and self.triton is None
         # None on CUDA or without a compiler: the plain torch attention path (see attention.py).
-        self.paged_op = paged_attention_op() if self.device.type == "cpu" else None
+        self.paged_op = paged_attention_op() if cpu else None
         # One compiled op instead of torch's chain of seven, on CPU in fp32 and bf16.
-        self.rms_op = rms_norm_op() if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        self.rms_op = rms_norm_op() if cpu and dtype in (torch.float32, torch.bfloat16) else None
+        if self.triton is not None:
+            self.rms_op = self.triton.rms_norm
         # Batch-invariant numerics (see `numerics`): every matmul by the batch-invariant op, every
         # attention through the compiled op with fixed key chunks, every norm through the per-row op.
-        able = (self.paged_op is not None and self.rms_op is not None and invariant_linear_op() is not None)
+        able = self.triton is not None or (self.paged_op is not None and self.rms_op is not None
+                                           and invariant_linear_op() is not None)
         self.deterministic = deterministic and able
         if deterministic and not able:
-            log.warning("batch-invariant numerics need the compiled CPU kernels in float32 or bfloat16 (here %s %s): "
-                        "running the fast kernels, exactness is not guaranteed", self.device, dtype)
+            log.warning("batch-invariant numerics need the compiled CPU kernels in float32 or bfloat16, or the Triton "
+                        "kernels on CUDA (here %s %s): running the fast kernels, exactness is not guaranteed",
+                        self.device, dtype)
         # Per layer: qkv, o, gate_up, down; each multiplied by its fastest kernel on this device
         # (deterministic: the batch-invariant one, over a packed copy that replaces the matrix).
-        few_rows = few_rows_linear_op() if self.device.type == "cpu" else None
-        self.linears = [tuple(Linear.make(m, few_rows, self.deterministic) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
-                        for lw in self.weights.layers]
-        self.lm_head = Linear.make(self.weights.lm_head, few_rows, self.deterministic)
+        few_rows = few_rows_linear_op() if cpu else None
+
+        def linear(weight: torch.Tensor) -> Linear:
+            if self.triton is not None:
+                return Linear.invariant_from(weight, self.triton.invariant_linear, self.triton.invariant_pack)
+            return Linear.make(weight, few_rows, self.deterministic)
+
+        self.linears = [tuple(linear(m) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)) for lw in self.weights.layers]
+        self.lm_head = linear(self.weights.lm_head)
         if self.deterministic:  # the packed copies are all the forward reads: don't hold the weights twice
             for lw in self.weights.layers:
                 lw.wqkv = lw.wo = lw.w_gate_up = lw.w_down = None
+
+    def _triton_kernels(self, kernels: str):
+        """The Triton kernels module when this device should and can run it, else None (and why, logged)."""
+        if kernels not in ("auto", "triton"):
+            raise ValueError(f"kernels must be auto or triton, got {kernels!r}")
+        if kernels == "auto" and self.device.type != "cuda":
+            return None
+        why_not = triton_unavailable(self.device)
+        if not why_not and any(self.config.layer_windows or ()):
+            why_not = "sliding-window attention (Gemma 3) is not in the Triton kernels yet"
+        if why_not and kernels == "triton":
+            raise RuntimeError(f"the Triton kernels cannot run here: {why_not}")
+        if why_not:
+            log.warning("no batch-invariant kernels on %s: %s", self.device, why_not)
+            return None
+        return importlib.import_module("kvcluster.model.triton_kernels")
 
     @property
     def numerics(self) -> str:
@@ -172,7 +204,9 @@ class LlamaModel:
     def numerics_identity(self) -> str:
         """The numerics as the block fingerprint sees them: batch-invariant bytes also depend on the
         instruction set the compiled kernels run (kvcluster.model.kernels.kernel_isa)."""
-        return f"{self.numerics}/{kernel_isa()}" if self.deterministic else self.numerics
+        if not self.deterministic:
+            return self.numerics
+        return f"{self.numerics}/{self.triton.identity(self.device) if self.triton else kernel_isa()}"
 
     # ---- public entry points -------------------------------------------------------------
 
@@ -198,9 +232,8 @@ class LlamaModel:
         tables = [s.block_table[: s.position // bs + 1] for s in seqs]
         positions = [s.position for s in seqs]
         slots = [s.block_table[s.position // bs] * bs + s.position % bs for s in seqs]
-        if self.paged_op is not None:
-            attend = KernelAttention(self.paged_op, tables, range(len(seqs)), positions, self.scale, self.device,
-                                     self._chunk_keys, self.windows)
+        if self.paged_op is not None or self.triton is not None:
+            attend = self._paged_attention(tables, range(len(seqs)), positions)
         else:
             attend = PaddedAttention(tables, positions, bs, self.scale, self.dtype, self.device, self.windows)
         return self._logits(self._forward(kv, [s.token_id for s in seqs], positions, slots, attend))
@@ -211,12 +244,18 @@ class LlamaModel:
         few_new = cached and max(len(s.token_ids) for s in seqs) <= KERNEL_MAX_NEW_TOKENS
         if self.deterministic or (self.paged_op is not None and few_new):
             tables = [s.block_table[: -(-(s.num_cached + len(s.token_ids)) // bs)] for s in seqs]
-            return KernelAttention(self.paged_op, tables, seq_of, positions, self.scale, self.device, self._chunk_keys,
-                                   self.windows)
+            return self._paged_attention(tables, seq_of, positions)
         if len(seqs) == 1 and not cached:
             return CausalAttention(self.windows, self.scale)
         return MaskedAttention([(s.num_cached, len(s.token_ids), s.block_table) for s in seqs], bs, self.device,
                                self.windows, self.scale)
+
+    def _paged_attention(self, tables: Sequence[Sequence[int]], seq_of: Sequence[int], positions: Sequence[int]) -> Attend:
+        """Attention over blocks read in place: the Triton kernels' plan, or the compiled CPU op's."""
+        if self.triton is not None:
+            return self.triton.PagedAttention(tables, seq_of, positions, self.scale, self.device, self._chunk_keys)
+        return KernelAttention(self.paged_op, tables, seq_of, positions, self.scale, self.device, self._chunk_keys,
+                               self.windows)
 
     # ---- the layers -----------------------------------------------------------------------
 
@@ -256,12 +295,15 @@ class LlamaModel:
         qk = qkv[:, : (nh + nkv) * d].view(n, nh + nkv, d)                          # [T, H + KV, D]
         if lw.qk_norm is not None:
             qk = self._qk_norm(qk, lw.qk_norm)
-        qk = _rope(qk, *step.rope[layer])
+        qk = _rope(qk, *step.rope[layer]) if self.triton is None else self.triton.rotary(qk, *step.rope[layer])
         q, k = qk[:, :nh], qk[:, nh:]
         v = qkv[:, (nh + nkv) * d:].view(n, nkv, d)                                 # [T, KV, D]
-        kv_layer = step.kv[:, layer]                                                 # [N, 2, bs, KV, D] view
-        kv_layer[:, 0][step.slot_block, step.slot_off] = k
-        kv_layer[:, 1][step.slot_block, step.slot_off] = v
+        if self.triton is not None:
+            self.triton.write_kv(step.kv, layer, k, v, step.slot_block * step.kv.shape[3] + step.slot_off)
+        else:
+            kv_layer = step.kv[:, layer]                                             # [N, 2, bs, KV, D] view
+            kv_layer[:, 0][step.slot_block, step.slot_off] = k
+            kv_layer[:, 1][step.slot_block, step.slot_off] = v
         return step.attend(q, k, v, step.kv, layer)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
@@ -344,13 +386,19 @@ class Linear:
         self.shape = None if weight is None else tuple(weight.shape)  # [out, in]
 
     @classmethod
+    def invariant_from(cls, weight: torch.Tensor, op, pack) -> "Linear":
+        """Every row count through a batch-invariant `op(x, pack(weight), N, K)`; the packed copy
+        replaces the weight."""
+        linear = cls(None, None, 0, invariant=(op, pack(weight)))
+        linear.shape = tuple(weight.shape)
+        return linear
+
+    @classmethod
     def make(cls, weight: torch.Tensor, few_rows_op=None, invariant: bool = False) -> "Linear":
         if invariant:
             op, pack = invariant_linear_op(), invariant_pack_op()
             if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and op is not None:
-                linear = cls(None, None, 0, invariant=(op, pack(weight)))
-                linear.shape = tuple(weight.shape)  # the packed copy replaces the weight
-                return linear
+                return cls.invariant_from(weight, op, pack)
             log.warning("no batch-invariant matmul for %s %s: results may depend on the batch", weight.device, weight.dtype)
         if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return cls(weight, None, 0)
