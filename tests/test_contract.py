@@ -12,7 +12,7 @@ def methods(pb2, service: str) -> dict[str, tuple[bool, bool]]:
 
 def test_services_and_streaming_shapes():
     assert methods(decode_pb2, "DecodeService") == {"Generate": (False, True), "ResetPrefixCache": (False, False)}
-    assert methods(prefill_pb2, "PrefillService") == {"Prefill": (False, False)}
+    assert methods(prefill_pb2, "PrefillService") == {"Prefill": (False, False), "PrefillStream": (False, True)}
     assert methods(cache_pb2, "CacheStore") == {
         "PushBlocks": (True, False), "PullBlocks": (False, True), "Lookup": (False, False), "Stats": (False, False)}
     assert all(hasattr(m, n) for m, n in [(decode_pb2_grpc, "DecodeServiceStub"), (prefill_pb2_grpc, "PrefillServiceStub"),
