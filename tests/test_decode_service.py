@@ -236,8 +236,14 @@ def test_a_handoffs_first_token_reaches_the_client_before_the_prefill_replicas_p
         assert gate.wait(60), "the test never opened the gate"
         return real_push(*args, **kwargs)
 
-    messages = chat(("system", SYSTEM), ("user", "Which documents does a customs broker need for an import?"))
+    # A question no other test asks (its blocks are new everywhere), and every uncached token handed
+    # off: the measured local-prefill threshold would otherwise keep a short remainder here.
+    messages = chat(("system", SYSTEM), ("user", "Which documents does a customs broker need for ticket 7341, a "
+                                                 "shipment of ceramic tiles from Valencia to Rotterdam declared at "
+                                                 "18,000 euros that arrives by sea next Tuesday?"))
     expected = reference(smollm_engine, messages)
+    policy = cluster["decode"].generator.source.policy
+    fixed, policy.fixed = policy.fixed, 0
     prefiller.cache.push_batch = gated_push
     try:
         stream = cluster["stub"].Generate(decode_pb2.GenerateRequest(messages=messages, sampling=greedy()), timeout=180)
@@ -248,6 +254,7 @@ def test_a_handoffs_first_token_reaches_the_client_before_the_prefill_replicas_p
     finally:
         gate.set()
         prefiller.cache.push_batch = real_push
+        policy.fixed = fixed
     ids = list(first.token_ids) + [t for r in rest for t in r.token_ids]
     assert ids == expected
     assert rest[-1].usage.prefill_tokens > 0  # the blocks did come from the hand-off
