@@ -120,8 +120,10 @@ def run_aiperf(command: list[str], out_dir: Path, expected_requests: int) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "aiperf.log"
     with open(log, "w") as stream:
-        # Not HF_HUB_OFFLINE: aiperf 0.13 then looks a local tokenizer directory up in the hub's cache.
-        done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
+        # Never offline (the transformers baseline sets HF_HUB_OFFLINE in this process): aiperf 0.13
+        # then looks the local tokenizer directory up in the hub's cache as a repo id, and fails.
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S, env=env)
     if done.returncode != 0 or not (out_dir / EXPORT).exists():
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"aiperf exited with {done.returncode} (log {log}):\n{tail}")

@@ -82,6 +82,16 @@ class BlockManager:
                 else:
                     self._free.append(slot)
 
+    def share(self, slots: Sequence[int]) -> None:
+        """One more reference to each slot (already referenced or cached): it can be neither evicted
+        nor handed out again until `free`d."""
+        for slot in slots:
+            if self._refs[slot] == 0:
+                if slot not in self._evictable:
+                    raise RuntimeError(f"KV slot {slot} is free: there is nothing to share")
+                del self._evictable[slot]
+            self._refs[slot] += 1
+
     def refs(self, slot: int) -> int:
         return self._refs[slot]
 

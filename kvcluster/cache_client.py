@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from kvcluster.block_io import BlockBatch, batch_to_payloads
 from kvcluster.blocks import BlockHash, Fingerprint
 from kvcluster.errors import IncompatibleStores, IntegrityError, Unavailable
 from kvcluster.index import RedisIndex, StoreRef, group_runs, pick_store
@@ -219,12 +218,6 @@ class KVCacheClient:
                      ", ".join(s.store_id for s in usable))
         self._live = (time.monotonic(), usable)
         return usable
-
-    def push_batch(self, keys: Sequence[bytes | str], token_blocks: Sequence[Sequence[int]], batch: BlockBatch,
-                   lease_seconds: int = 0) -> Pushed:
-        """Push blocks exported from a worker's pool (`Engine.read_blocks`): the copy to host bytes
-        happens here, on the calling (push) thread, not on the engine thread."""
-        return self.push(list(zip(keys, token_blocks, batch_to_payloads(batch))), lease_seconds)
 
     def push(self, blocks: Sequence[tuple[bytes | str, Sequence[int], bytes]], lease_seconds: int = 0) -> Pushed:
         """Push (hash or request key, token ids, payload) blocks, each to its rendezvous-chosen store."""

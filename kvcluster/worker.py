@@ -8,12 +8,13 @@ join the running batch between decode steps (continuous batching).
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TypeVar
 
 from kvcluster.errors import ResourceExhausted
-from kvcluster.model.engine import Engine
+from kvcluster.model.engine import Engine, Export
 from kvcluster.model.sequence import Sequence, TokenEvent
 
 T = TypeVar("T")
@@ -34,6 +35,8 @@ class EngineWorker:
         self._subscribers: dict[str, queue.SimpleQueue] = {}
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._stopped = threading.Event()
+        self._idle = threading.Event()  # set while the engine has no request to run
+        self._idle_since = 0.0          # time.monotonic() when it was last set
 
     def start(self) -> "EngineWorker":
         self._thread.start()
@@ -55,6 +58,32 @@ class EngineWorker:
 
     def call(self, fn: Callable[[Engine], T], timeout: float | None = None) -> T:
         return self.submit(fn).result(timeout)
+
+    def read_export(self, export: Export) -> list[bytes]:
+        """An export's block bytes, read on the calling thread (a pusher's); its pinned slots then go
+        back to the pool on the engine thread."""
+        try:
+            return export.payloads()
+        finally:
+            self.unpin(export)
+
+    def unpin(self, export: Export) -> None:
+        """Hand a read export's pinned slots back to the pool (from any thread)."""
+        if export.slots:
+            self.submit(lambda engine: engine.unpin(export))
+
+    def wait_idle(self, timeout: float, settle: float = 0.0) -> bool:
+        """Block until the engine has had no request to run for `settle` seconds (background work's
+        turn), at most `timeout` seconds; whether it is idle."""
+        deadline = time.monotonic() + timeout
+        while self._idle.wait(max(0.0, deadline - time.monotonic())):
+            quiet = time.monotonic() - self._idle_since
+            if quiet >= settle:
+                return True
+            if time.monotonic() + settle - quiet > deadline:
+                return False
+            time.sleep(settle - quiet)
+        return False
 
     def stream(self, add: Callable[[Engine], Sequence]) -> Iterator[TokenEvent]:
         """Admit a sequence with `add(engine)` and yield its token events until it finishes.
@@ -105,9 +134,13 @@ class EngineWorker:
     def _loop(self) -> None:
         stalled = False  # the last step could run nothing: progress now needs a command (a release)
         while not self._stopped.is_set():
+            if not self.engine.has_work() and not self._idle.is_set():
+                self._idle_since = time.monotonic()
+                self._idle.set()
             self._run_commands(block=stalled or not self.engine.has_work())
             if self._stopped.is_set() or not self.engine.has_work():
                 continue
+            self._idle.clear()
             try:
                 events = self.engine.step()
             except Exception as err:  # the engine's own bookkeeping broke (requests are isolated inside)

@@ -30,7 +30,7 @@ from kvcluster.blocks import BlockHash, check_cache_salt
 from kvcluster.cache_client import Fetched, KVCacheClient, Pushed
 from kvcluster.errors import InvalidArgument, RequestFailed
 from kvcluster.index import StoreRef
-from kvcluster.model.engine import Engine, PrefixSource
+from kvcluster.model.engine import Engine, Export, PrefixSource
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.model.sequence import FinishReason, Sequence as EngineSeq
 from kvcluster.prefix_fetch import PrefixFetcher, PrefixLookup
@@ -108,6 +108,11 @@ class Prefiller:
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
+
+    def push_export(self, keys: Sequence[bytes | str], export: Export) -> Pushed:
+        """On a pusher thread: the blocks' bytes (read here, not on the engine thread), then the push."""
+        payloads = self.worker.read_export(export)
+        return self.cache.push(list(zip(keys, export.tokens, payloads)), self.lease_seconds)
 
     def prefill(self, request_id: str, token_ids: Sequence[int], params: SamplingParams,
                 bypass_cache: bool = False, context: grpc.ServicerContext | None = None,
@@ -243,8 +248,7 @@ class _Job:
         if export is None:
             return
         keys = list(export.hashes) + ([self.tail_key] if tail else [])
-        future = self.prefiller._pushers.submit(self.cache.push_batch, keys, export.tokens, export.batch,
-                                                self.prefiller.lease_seconds)
+        future = self.prefiller._pushers.submit(self.prefiller.push_export, keys, export)
         self.prefiller.recent.add(export.hashes, future)
         for offset in range(len(keys)):
             self.refs[export.first + offset] = (future, offset)

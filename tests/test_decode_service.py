@@ -229,7 +229,7 @@ def test_a_handoffs_first_token_reaches_the_client_before_the_prefill_replicas_p
     whole answer is the engine's own (ordering, not timing: a gate holds the pushes)."""
     prefiller = cluster["prefill"].prefiller
     gate, held = threading.Event(), []
-    real_push = prefiller.cache.push_batch
+    real_push = prefiller.cache.push
 
     def gated_push(*args, **kwargs):
         held.append(1)
@@ -244,7 +244,7 @@ def test_a_handoffs_first_token_reaches_the_client_before_the_prefill_replicas_p
     expected = reference(smollm_engine, messages)
     policy = cluster["decode"].generator.source.policy
     fixed, policy.fixed = policy.fixed, 0
-    prefiller.cache.push_batch = gated_push
+    prefiller.cache.push = gated_push
     try:
         stream = cluster["stub"].Generate(decode_pb2.GenerateRequest(messages=messages, sampling=greedy()), timeout=180)
         first = next(stream)
@@ -253,7 +253,7 @@ def test_a_handoffs_first_token_reaches_the_client_before_the_prefill_replicas_p
         rest = list(stream)
     finally:
         gate.set()
-        prefiller.cache.push_batch = real_push
+        prefiller.cache.push = real_push
         policy.fixed = fixed
     ids = list(first.token_ids) + [t for r in rest for t in r.token_ids]
     assert ids == expected

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from kvcluster.block_io import batch_to_payloads
 from kvcluster.errors import ResourceExhausted
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.worker import EngineWorker
@@ -88,3 +89,40 @@ def test_a_sequence_finished_before_its_handler_resumes_still_streams_every_toke
         w.stop()
     assert [e.token_id for e in events] == want
     assert events[-1].finish_reason is not None
+
+
+
+def test_a_pinned_export_survives_release_and_eviction_until_unpinned(tokenizer):
+    """On a host-memory pool an export pins its slots instead of gathering them on the engine thread:
+    after the sequence is released they can be neither evicted nor handed out until the reader gives
+    them back, and their bytes are those of the gathered snapshot."""
+    engine = make_tiny_engine(tokenizer)
+    seq = engine.add_request(prompt(40, seed=7), SamplingParams(max_tokens=1, temperature=0.0), keep_blocks=True)
+    while engine.has_work():
+        engine.step()
+    export = engine.export_blocks(seq, 0)
+    assert export.batch is None and len(export.slots) == 40 // engine.config.block_size
+    snapshot = batch_to_payloads(engine.read_blocks(export.slots))
+    engine.release(seq)
+    assert all(engine.blocks.refs(slot) == 1 for slot in export.slots)  # the export's own reference
+    taken = engine.blocks.allocate(engine.blocks.num_free)  # everything that can be handed out
+    assert not set(taken) & set(export.slots)
+    assert export.payloads() == snapshot and export.payloads(slice(1, 2)) == snapshot[1:2]
+    engine.blocks.free(taken)
+    engine.unpin(export)
+    assert export.slots == [] and engine.blocks.num_used == 0
+    engine.blocks.check()
+
+
+def test_wait_idle_waits_while_a_request_runs(worker):
+    """Background work (the decode worker's write-behind pushes) waits for the engine to have no
+    request; a running one keeps it waiting, and it is let through once the request ends."""
+    assert worker.wait_idle(5.0)
+    length = worker.engine.model_config.context_length - 8
+    stream = worker.stream(lambda eng: eng.add_request(prompt(4, seed=1), SamplingParams(max_tokens=length,
+                                                                                         temperature=0.0,
+                                                                                         ignore_eos=True)))
+    next(stream)  # running now, for hundreds of steps
+    assert not worker.wait_idle(0.05)
+    stream.close()  # aborts it
+    assert worker.wait_idle(5.0, settle=0.01)
