@@ -21,8 +21,8 @@ from kvcluster.model.gemma3 import layer_windows
 from kvcluster.model.loader import load_model, read_model_config
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
-from tests.test_models import (CHATML, PROMPT, assert_matches_transformers, tiny_engine, tiny_tokenizer,
-                               write_tokenizer_files)
+from tests.test_models import (PROMPT, assert_matches_transformers, tiny_tokenizer,
+                               write_gguf_tokenizer, write_tokenizer_files)
 
 WINDOW = 12  # the tiny model's sliding window: far shorter than its test prompts
 STEPS = 32
@@ -69,16 +69,7 @@ def write_gemma3_gguf(path: Path, hf_dir: Path, tok) -> Path:
     writer.add_rope_freq_base(raw["rope_parameters"]["full_attention"]["rope_theta"])
     writer.add_layer_norm_rms_eps(raw["rms_norm_eps"])
     writer.add_sliding_window(raw["sliding_window"])
-    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
-    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list([t for t, _ in vocab])
-    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
-    writer.add_token_merges([" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_chat_template(CHATML)
+    write_gguf_tokenizer(writer, tok)
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
              "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",

@@ -162,6 +162,22 @@ def test_what_each_variant_loads_as(checkpoints):
 
 # ---- GGUF ----------------------------------------------------------------------------------------
 
+
+def write_gguf_tokenizer(writer, tok) -> None:
+    """The tiny byte-level BPE tokenizer as GGUF metadata (gpt2 model, SmolLM's pre-tokenizer: it
+    splits digits one by one as the tiny tokenizer does), BOS 1, EOS 2 and the ChatML template."""
+    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+    writer.add_token_merges([" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template(CHATML)
+
+
 def write_gguf(path: Path, hf_dir: Path, tok: HFTokenizer, rope_scaling: gguf.RopeScalingType | None = None) -> Path:
     """The HF checkpoint as llama.cpp's converter would write it: Q/K rows permuted for interleaved
     rotary, Llama 3 scaling as a rope_freqs tensor, the tokenizer as a GGUF vocabulary."""
@@ -181,16 +197,7 @@ def write_gguf(path: Path, hf_dir: Path, tok: HFTokenizer, rope_scaling: gguf.Ro
     writer.add_layer_norm_rms_eps(raw["rms_norm_eps"])
     if rope_scaling is not None:
         writer.add_rope_scaling_type(rope_scaling)
-    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
-    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")  # the tiny tokenizer splits digits one by one, as SmolLM's does
-    writer.add_token_list([t for t, _ in vocab])
-    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
-    writer.add_token_merges([" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_chat_template(CHATML)
+    write_gguf_tokenizer(writer, tok)
 
     def permute(w: np.ndarray, n: int) -> np.ndarray:
         return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
