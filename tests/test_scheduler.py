@@ -8,6 +8,7 @@ import random
 import pytest
 
 from kvcluster.model.sampling import SamplingParams
+from kvcluster.model.scheduler import PACK_TOKENS
 from tests.conftest import make_tiny_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -141,3 +142,28 @@ def test_mixed_steps_give_the_tokens_of_each_request_alone(tokenizer, budget):
     while engine.has_work():
         engine.step()
     assert [s.output_ids for s in seqs] == alone(tokenizer, prompts, params)
+
+
+def test_prompts_that_fill_a_forward_start_one_at_a_time_and_short_ones_share_a_step(tokenizer):
+    """Four 110-token prompts arriving together with room for all of them: each step takes one (its
+    first token comes after its own work, not after all four), in arrival order; prompts under
+    PACK_TOKENS share a step until they reach it. Tokens are each request's own either way."""
+    engine = make_tiny_engine(tokenizer, max_prefill_tokens=512)
+    prompts = [prompt(110, 500 + i) for i in range(4)]
+    seqs = [engine.add_request(p, GREEDY) for p in prompts]
+    first_token_step = {}
+    step = 0
+    while engine.has_work():
+        engine.step()
+        step += 1
+        plan = engine.last_plan
+        assert sum(1 for item in plan.items if not item.decode) <= 1
+        for i, seq in enumerate(seqs):
+            if seq.output_ids and i not in first_token_step:
+                first_token_step[i] = step
+    assert [first_token_step[i] for i in range(4)] == [1, 2, 3, 4]
+    assert [s.output_ids for s in seqs] == alone(tokenizer, prompts, GREEDY)
+
+    short = [engine.add_request(prompt(20, 600 + i), GREEDY) for i in range(4)]
+    engine.step()
+    assert [item.seq for item in engine.last_plan.items if not item.decode] == short[:PACK_TOKENS // 20 + 1]
