@@ -675,6 +675,7 @@ def test_dockerfile_builds_in_stages_and_runs_unprivileged():
     final = dockerfile[dockerfile.rindex("\nFROM "):]
     assert "apt-get" not in final and "pip install" not in final  # no toolchain, no pip cache
     assert re.search(r"^USER 10001$", final, re.MULTILINE)
+    assert re.search(r"^ENV TRITON_CACHE_DIR=/tmp/", final, re.MULTILINE)  # a read-only root writes only /tmp
     builder = dockerfile[dockerfile.index(" AS builder"):dockerfile.rindex("\nFROM ")]
     assert "g++" in builder and "python -m kvcluster.model.kernels" in builder and "PIP_NO_CACHE_DIR=1" in builder
     # BuildKit would pull the named frontend from Docker Hub; the built-in one reads this file.
