@@ -18,7 +18,7 @@ MODEL ?=
 # waiting starve the others (3-10x slowdowns seen), so they sleep instead unless told otherwise.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install proto run test bench bench-quick demo clean gpu-check
+.PHONY: install proto run test bench bench-quick demo clean gpu-check deploy-check
 
 KERNELS := build/kernels/.built
 
@@ -84,3 +84,9 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV) $(AIPERF_VENV) kvcluster/proto .pytest_cache
+
+# The shipped image and compose stack, proven on this machine (deploy/README.md): installs Debian's
+# docker.io, starts dockerd, builds deploy/Dockerfile on a debootstrap base, runs the stack and
+# checks it serves. Not part of `make test`: it needs root and takes minutes (deploy/check/run.py).
+deploy-check: install
+	$(PY) deploy/check/run.py

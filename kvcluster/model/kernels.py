@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # part of the build key: vec.h holds kernels too
 DEFAULT_BUILD_ROOT = Path(__file__).resolve().parents[2] / "build" / "kernels"
+EXTENSION = "kvcluster_kernels"
 
 
 def _cpu_flags() -> str:
@@ -46,11 +47,17 @@ def _load() -> bool:
     if os.environ.get("KVC_KERNELS", "1") == "0":
         return False
     try:
+        folder = build_dir()
+        built = folder / f"{EXTENSION}.so"
+        if built.exists():
+            # Built before (a container image's builder stage): no compiler, ninja, setuptools or
+            # writable folder needed.
+            torch.ops.load_library(str(built))
+            return True
         from torch.utils import cpp_extension
 
-        folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load("kvcluster_kernels", [str(source) for source in SOURCES], build_directory=str(folder), is_python_module=False,
+        cpp_extension.load(EXTENSION, [str(source) for source in SOURCES], build_directory=str(folder), is_python_module=False,
                            # -fopenmp: at::parallel_for is a header template that runs serially unless
                            # the extension itself is built with OpenMP; the loader then reuses torch's
                            # own libgomp.so.1 (same soname), so there is one thread pool.
