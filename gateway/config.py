@@ -6,7 +6,7 @@ from kvcluster.config import ServiceConfig, setting
 from kvcluster.errors import InvalidArgument
 from kvcluster.security import SecuritySettings
 
-ROUTING_POLICIES = ("cache_aware", "round_robin")
+ROUTING_POLICIES = ("cache_aware", "round_robin", "least_loaded")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class GatewayConfig(SecuritySettings, ServiceConfig):
     decode_api_key: str = setting("", "API key the decode replicas require on Generate and ResetPrefixCache, "
                                   "if any")
     routing: str = setting("cache_aware", "cache_aware: the replica holding the longest prompt prefix, weighed "
-                           "against load; round_robin: each replica in turn")
+                           "against load; round_robin: each replica in turn; least_loaded: the replica with the fewest open "
+                           "requests, whatever it holds")
     overlap_weight: float = setting(1.0, "score = overlap_weight x leading prompt blocks held - load (sequences "
                                     "running + waiting): how many queued sequences one cached block is worth")
     refresh_seconds: float = setting(0.5, "how often the replica list and loads are re-read from Redis")
