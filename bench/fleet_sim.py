@@ -21,6 +21,7 @@ waiting for an in-flight prefix, store spill tiers (the store has none), network
 import heapq
 import json
 import math
+import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from kvcluster.kvpool import KVLayout
 from kvcluster.prefix_index import PrefixIndex
 from kvcluster.proto import common_pb2
 
-TRACES_DIR = Path("/work/shared/traces")
+TRACES_DIR = Path(os.environ.get("KVC_TRACES_DIR", "/work/shared/traces"))  # Mooncake FAST25-release traces
 TRACE_BLOCK_TOKENS = 512
 POLICIES = ("cache_aware", "round_robin", "least_loaded")
 FINGERPRINT = bytes(16)

@@ -103,3 +103,13 @@ def test_prefix_index_answers_as_the_redis_index_does():
         local.drop_member("w0")
         assert local.held_prefix(hashes, members)[0] == 0
         redis_index.close()
+
+
+def test_router_scale_routes_the_probe_to_the_replica_holding_all_of_it():
+    from bench.router_scale import CONVERSATION_BLOCKS, SYSTEM_BLOCKS, measure
+    with running_redis() as server:
+        result = measure(replicas=8, blocks_per_replica=SYSTEM_BLOCKS + CONVERSATION_BLOCKS + 5, rounds=40,
+                         redis_url=server.url)
+    assert result["distinct_blocks"] == SYSTEM_BLOCKS + 8 * (CONVERSATION_BLOCKS + 5)
+    for source in ("prefix_index", "redis_held_prefix"):
+        assert result[source]["overlap_of_chosen"] == result["prompt_blocks"] == SYSTEM_BLOCKS + CONVERSATION_BLOCKS
