@@ -166,5 +166,5 @@ def plot(path: Path, profiles: dict, sizes) -> None:
         series[f"{policy} TTFT p50 (s)"] = (list(sizes), [h100["by_size"][n][policy]["ttft_s"]["p50"] for n in sizes])
     for policy in POLICIES:
         series[f"{policy} hit / ceiling"] = (list(sizes), [h100["by_size"][n][policy]["hit_over_ceiling"] for n in sizes])
-    line_plot(path, "Mooncake conversation trace, H100 / Llama-3-8B cost model: hit ratio / ceiling, TTFT p50",
+    line_plot(path, "Conversation trace, H100 cost model: hit ratio / ceiling and TTFT p50",
               "decode replicas", "value (see label)", series, log_x=True, log_y=True)
