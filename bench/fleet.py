@@ -7,7 +7,7 @@ Sweeps, with the H100 cost model (the CPU one runs the 64-replica rows only, to 
   decides as round robin does while replicas are mostly idle), other overlap weights and capacities;
 - capacity planning at 64 replicas, cache_aware, no store tier: prefix hit ratio / ceiling against
   blocks per replica (the smallest size reaching 0.9 of the ceiling is recorded).
-The full run takes about 6 minutes on the 2-core machine (60-odd simulations of the whole trace).
+The full run takes about 5 minutes on the 2-core machine (about 35 simulations of the whole trace).
 Replica capacity: `DEFAULT_POOL_BLOCKS`, this machine's default decode pool (512 MiB of SmolLM2
 fp32 KV = 11,650 tokens = 22 trace blocks of 512 tokens). The slot-count reading of that default
 (728 slots of 16 tokens, counted as 728 trace blocks) is run beside it at 64 replicas.

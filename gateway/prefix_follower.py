@@ -1,8 +1,8 @@
 """The gateway's own copy of which decode replica holds which block, kept by following the KV events.
 
 `RedisIndex.held_prefix` costs one Lua round trip per request whose work grows with replicas x
-leading blocks (about 33 ms at 256 replicas sharing a 64-block prefix, bench/router_scale.py). With
-`--routing-index local` the gateway instead keeps a `PrefixIndex` (0.2 ms for the same decision):
+leading blocks (21-33 ms at 256 replicas sharing a 64-block prefix, bench/router_scale.py). With
+`--routing-index local` the gateway instead keeps a `PrefixIndex` (0.2-0.4 ms for the same decision):
 each refresh it mirrors the live members' epochs (a member new or in a new epoch is read from its
 entries set, one that left is dropped), then applies the `{ns}:events` stream the workers' index
 writes append to. Replaying events from before a snapshot ends in the right state (each hash's
