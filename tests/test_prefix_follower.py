@@ -70,3 +70,45 @@ def test_a_follower_behind_the_trimmed_stream_starts_over(index):
     follower.sync(live(index, {"a"}))
     assert follower.restarts == 2
     assert follower.held_prefix(hashes, live(index, {"a"})) == [8]
+
+
+def test_gateway_with_a_local_routing_index_credits_replicas_as_redis_does():
+    import asyncio
+
+    from gateway.config import GatewayConfig
+    from gateway.openai_api import ApiRequest
+    from gateway.server import Gateway
+    from kvcluster.blocks import prefix_hashes
+
+    fingerprint = bytes(range(16))
+    ids = [(7 * i) % 1000 + 5 for i in range(16 * 6)]  # 6 blocks
+    hashes = prefix_hashes(fingerprint, ids, 16)
+    request = ApiRequest(chat=False, model="m", prompt_ids=ids)
+
+    async def overlaps_by_replica(gateway: Gateway) -> dict[str, int]:
+        await gateway.refresh()
+        replicas = sorted(gateway.replicas.up(), key=lambda r: r.replica_id)
+        return dict(zip([r.replica_id for r in replicas], gateway.overlaps(request, replicas)))
+
+    async def scenario(redis_url: str) -> list[tuple[dict, dict]]:
+        index = RedisIndex(redis_url, worker_namespace("gw29", "decode"))
+        epochs = {w: index.register(w, f"127.0.0.1:{60000 + i}", ttl_s=30, layout="kvlayout-v1:L1:B16:H1:D2:float32",
+                                    fingerprint=fingerprint.hex()) for i, w in enumerate(("a", "b"))}
+        gateways = [Gateway(GatewayConfig(redis_url=redis_url, index_namespace="gw29", routing_index=where))
+                    for where in ("redis", "local")]
+        seen = []
+        index.add_entries("a", epochs["a"], hashes[:4])
+        seen.append(tuple([await overlaps_by_replica(g) for g in gateways]))
+        index.add_entries("b", epochs["b"], hashes)               # after the local copy's snapshot: an event
+        index.remove_entries("a", epochs["a"], hashes[1:2])
+        seen.append(tuple([await overlaps_by_replica(g) for g in gateways]))
+        assert gateways[0].follower is None and gateways[1].follower.events_applied > 0
+        for gateway in gateways:
+            await gateway.replicas.close()
+        index.close()
+        return seen
+
+    with running_redis() as server:
+        (first_redis, first_local), (then_redis, then_local) = asyncio.run(scenario(server.url))
+    assert first_redis == first_local == {"a": 4, "b": 0}
+    assert then_redis == then_local == {"a": 1, "b": 6}
