@@ -12,6 +12,7 @@ Every kvcluster benchmark in one run, each a ratio against a baseline measured s
   shared_prefix      8 concurrent clients, 80% shared system prompt: cache vs bypass_cache
   routing            multi-turn chat via the gateway over 2 decode replicas: cache-aware vs round robin
   aiperf_chat        NVIDIA aiperf, multi-turn chat via the gateway: shared system prompt vs --cache-bust
+  fleet              Mooncake traces simulated over 4-256 replicas through our router and tiers; routing at 256 x 10k
 Each writes DIR/<name>.json (machine, commit, figures, "ratios") and DIR/<name>.png; the run
 writes DIR/suite.json (every ratio, durations) and DIR/summary.md (the README table). Measures
 that need no cluster run first, so the in-process ones never share the 2 cores with it.
@@ -26,8 +27,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import (aiperf_chat, decode_throughput, determinism, dtype_speed, engine, index_latency, kv_transfer,
-                   overhead, routing, shared_prefix, structured_output, ttft)
+from bench import (aiperf_chat, decode_throughput, determinism, dtype_speed, engine, fleet, index_latency,
+                   kv_transfer, overhead, routing, shared_prefix, structured_output, ttft)
 from bench.common import RESULTS_DIR, progress
 from bench.context import BenchContext
 from kvcluster.dtypes import DTYPE_CHOICES
@@ -47,6 +48,7 @@ MEASURES: dict[str, Callable[[BenchContext], dict]] = {
     "shared_prefix": shared_prefix.run,
     "routing": routing.run,
     "aiperf_chat": aiperf_chat.run,
+    "fleet": fleet.run,
 }
 
 

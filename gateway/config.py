@@ -6,7 +6,8 @@ from kvcluster.config import ServiceConfig, setting
 from kvcluster.errors import InvalidArgument
 from kvcluster.security import SecuritySettings
 
-ROUTING_POLICIES = ("cache_aware", "round_robin")
+ROUTING_POLICIES = ("cache_aware", "round_robin", "least_loaded")
+ROUTING_INDEXES = ("redis", "local")
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,13 @@ class GatewayConfig(SecuritySettings, ServiceConfig):
     decode_api_key: str = setting("", "API key the decode replicas require on Generate and ResetPrefixCache, "
                                   "if any")
     routing: str = setting("cache_aware", "cache_aware: the replica holding the longest prompt prefix, weighed "
-                           "against load; round_robin: each replica in turn")
+                           "against load; round_robin: each replica in turn; least_loaded: the replica with the fewest open "
+                           "requests, whatever it holds")
     overlap_weight: float = setting(1.0, "score = overlap_weight x leading prompt blocks held - load (sequences "
                                     "running + waiting): how many queued sequences one cached block is worth")
+    routing_index: str = setting("redis", "where cache_aware reads what each replica holds: redis (one held_prefix "
+                                 "round trip per request) or local (a copy kept from the index's KV events each "
+                                 "refresh, no round trip; up to refresh_seconds stale)")
     refresh_seconds: float = setting(0.5, "how often the replica list and loads are re-read from Redis")
     request_timeout_seconds: float = setting(600.0, "deadline of one Generate call to a replica")
     reset_timeout_seconds: float = setting(10.0, "deadline of one replica's ResetPrefixCache call "
@@ -44,6 +49,8 @@ class GatewayConfig(SecuritySettings, ServiceConfig):
     def __post_init__(self) -> None:
         if self.routing not in ROUTING_POLICIES:
             raise InvalidArgument("routing", f"must be one of {ROUTING_POLICIES}, got {self.routing!r}")
+        if self.routing_index not in ROUTING_INDEXES:
+            raise InvalidArgument("routing_index", f"must be one of {ROUTING_INDEXES}, got {self.routing_index!r}")
         if self.max_failovers < 0 or self.refresh_seconds <= 0:
             raise InvalidArgument("max_failovers/refresh_seconds", "must be >= 0 / > 0")
 

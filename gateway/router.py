@@ -9,6 +9,8 @@ The overlap comes from the registry (`RedisIndex.held_prefix`) for the prompt's 
 hashes, computed exactly as the workers compute them (kvcluster.blocks.prefix_hashes with the
 fingerprint and block size each replica registered, and the request's cache_salt).
 round_robin: each replica in turn, whatever it holds (the baseline of bench/routing.py).
+least_loaded: cache_aware's score with every overlap 0 (the gateway asks the index nothing): the
+fewest open requests, ties as above.
 """
 
 import itertools
@@ -32,7 +34,7 @@ class Router:
         self._turn = itertools.count()
 
     def pick(self, replicas: Sequence[Replica], overlaps: Sequence[int]) -> Route:
-        """`overlaps[i]`: leading prompt blocks replicas[i] holds (all 0 under round_robin)."""
+        """`overlaps[i]`: leading prompt blocks replicas[i] holds (all 0 under round_robin and least_loaded)."""
         turn = next(self._turn)
         if self.policy == "round_robin":
             return Route(replicas[turn % len(replicas)], "round_robin", overlaps[turn % len(replicas)])

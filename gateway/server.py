@@ -29,6 +29,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_api import ApiError, ApiRequest, ModelLimits, completion_object, parse_request, usage_object
 from gateway.protocol import tools_refusal
 from gateway.replicas import Replica, ReplicaSet
+from gateway.prefix_follower import PrefixFollower
 from gateway.router import Route, Router
 from gateway.tokenize import TokenizeEndpoints
 from kvcluster.blocks import prefix_hashes
@@ -64,6 +65,8 @@ class Gateway:
         self.tokenize_endpoints = TokenizeEndpoints(self.tokenizer, self.limits)
         self.replicas = ReplicaSet(config)
         self.router = Router(config.routing, config.overlap_weight)
+        self.follower = (PrefixFollower(self.replicas.index) if config.routing_index == "local"
+                         and self.replicas.index is not None else None)
         self.registry = registry or CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry, lambda: len(self.replicas.up()))
         self.keys = config.keys()
@@ -82,6 +85,11 @@ class Gateway:
             return
         self._registry_healthy = True
         self.replicas.apply(listing)
+        if self.follower is not None:
+            try:
+                await asyncio.to_thread(self.follower.sync, [member for member, _ in listing])
+            except Unavailable as exc:
+                log.warning("KV events unreadable, routing on the last copy: %s", exc)
 
     async def refresh_forever(self) -> None:
         while True:
@@ -112,7 +120,7 @@ class Gateway:
             group = [r for r in replicas if (r.fingerprint, r.block_size) == key]
             hashes = prefix_hashes(key[0], token_ids, key[1], request.cache_salt)
             try:
-                held = self.replicas.index.held_prefix(hashes, [r.member for r in group])
+                held = (self.follower or self.replicas.index).held_prefix(hashes, [r.member for r in group])
             except Unavailable:
                 held = [0] * len(group)
             counts.update(zip((r.replica_id for r in group), held))

@@ -11,6 +11,8 @@ Key schema (namespace `ns`, default "kvc"; hashes as 32 lowercase hex digits):
                                                               how to reach the store, what it holds
     {ns}:stores                 SET   store_id, ...           every store registered and not collected
     {ns}:gc                     STR   lock, PX                one collector of dead stores at a time
+    {ns}:events                 STREAM m, e, op, h            KV events: member, epoch, add|remove, hex hashes
+                                                              (capped at EVENTS_MAXLEN; gateway.prefix_follower)
 
 Workers use the same machinery under their own namespaces (`worker_namespace`: `{ns}:decode`,
 `{ns}:prefill`): a member there is a worker, `{ns}:decode:blk:{hash}` says which decode workers'
@@ -44,6 +46,7 @@ from redis.retry import Retry
 from kvcluster.errors import Unavailable
 
 BATCH = 512  # entries per round trip when publishing or removing
+EVENTS_MAXLEN = 100_000  # KV events kept in {ns}:events (about; a follower further behind re-reads the entries sets)
 
 _LOOKUP = """
 local ns, live, holders, previous = ARGV[1], {}, {}, false
@@ -299,6 +302,7 @@ class RedisIndex:
             for hex_hash in hexes:
                 pipe.hset(self.key("blk", hex_hash), store_id, epoch)
             pipe.sadd(self.key("entries", store_id, epoch), *hexes)
+            self._event(pipe, store_id, epoch, "add", hexes)
             pipe.execute()
 
     @_unavailable_on_redis_error
@@ -363,7 +367,34 @@ class RedisIndex:
             batch = hexes[start:start + BATCH]
             keys = [self.key("blk", hex_hash) for hex_hash in batch]
             removed += self._remove(keys=keys, args=[self.ns, store_id, epoch, *batch])
+            self._event(self.redis, store_id, epoch, "remove", batch)
         return removed
+
+    def _event(self, client, store_id: str, epoch: int, op: str, hexes: Sequence[str]) -> None:
+        client.xadd(self.key("events"), {"m": store_id, "e": epoch, "op": op, "h": "".join(hexes)},
+                    maxlen=EVENTS_MAXLEN, approximate=True)
+
+    # ---- followers of the KV events (gateway.prefix_follower) -------------------------------
+
+    @_unavailable_on_redis_error
+    def events_position(self) -> tuple[str, str]:
+        """(id of the oldest event kept, id of the newest); "0-0" for both when there are none."""
+        first = self.redis.xrange(self.key("events"), count=1)
+        last = self.redis.xrevrange(self.key("events"), count=1)
+        return (first[0][0] if first else "0-0"), (last[0][0] if last else "0-0")
+
+    @_unavailable_on_redis_error
+    def read_events(self, after_id: str, count: int = 1000) -> list[tuple[str, str, int, str, list[bytes]]]:
+        """Up to `count` events after `after_id`: (id, member, epoch, add|remove, hashes)."""
+        reply = self.redis.xread({self.key("events"): after_id}, count=count)
+        entries = reply[0][1] if reply else []
+        return [(event_id, f["m"], int(f["e"]), f["op"], [bytes.fromhex(f["h"][i:i + 32]) for i in range(0, len(f["h"]), 32)])
+                for event_id, f in entries]
+
+    @_unavailable_on_redis_error
+    def member_entries(self, store_id: str, epoch: int) -> list[bytes]:
+        """Every hash `store_id` indexed in `epoch` (a follower's snapshot)."""
+        return [bytes.fromhex(h) for h in self.redis.sscan_iter(self.key("entries", store_id, epoch), count=4096)]
 
     def _drop_epoch(self, store_id: str, epoch: int) -> None:
         entries = self.key("entries", store_id, epoch)

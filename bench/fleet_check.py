@@ -1,0 +1,122 @@
+"""`python -m bench.fleet_check`: the fleet simulator's replica model against a real 2-replica cluster.
+
+A slice of the Mooncake conversation trace, scaled down to this machine: the requests of the
+conversations with the most turns in its first `WINDOW_S` seconds, their arrivals compressed to
+`SPAN_S`, each 512-token trace block replayed as one 16-token block of token ids drawn from its hash
+id (equal ids, equal tokens, so the prefix structure is the trace's). The real run sends them
+through the gateway (cache_aware, 2 decode replicas, the default pools and store) as
+/v1/completions with token-id prompts, streamed, `MAX_TOKENS` tokens each; the simulator replays
+the same requests over 2 replicas with the CPU cost model (bench/fleet.py's, pulls per 16-token
+block), the default pool's 728 slots and the store's 1,456 (1 GiB / 737,280 B). Compared: prefix
+hit ratio (tokens found local or in the store ÷ prompt tokens) and TTFT p50. Targets: within 0.05
+and 30%. Writes bench/results/fleet_check.json.
+"""
+
+import argparse
+import dataclasses
+import random
+import threading
+import time
+from collections import Counter
+
+import openai
+
+from bench.common import RESULTS_DIR, at_most, percentile, progress, write_result
+from bench.fleet import cpu_profile
+from bench.fleet_sim import TRACES_DIR, FleetConfig, TraceRequest, load_trace, simulate
+from kvcluster.launcher import Cluster, ClusterPorts
+
+NAME = "fleet_check"
+BLOCK_TOKENS = 16
+WINDOW_S = 900.0
+SPAN_S = 120.0
+MAX_TOKENS = 4
+REPLICA_SLOTS = (512 << 20) // 737_280
+STORE_SLOTS = (1 << 30) // 737_280
+
+
+def trace_slice(conversations: int) -> list[TraceRequest]:
+    requests = [r for r in load_trace(TRACES_DIR / "mooncake_conversation_trace.jsonl")
+                if r.arrival_s < WINDOW_S and len(r.block_hashes) > 1]
+    turns = Counter(r.block_hashes[1] for r in requests)
+    chosen = {key for key, _ in turns.most_common(conversations)}
+    picked = [r for r in requests if r.block_hashes[1] in chosen]
+    start, span = picked[0].arrival_s, picked[-1].arrival_s - picked[0].arrival_s
+    return [dataclasses.replace(r, arrival_s=(r.arrival_s - start) * SPAN_S / span,
+                                input_tokens=BLOCK_TOKENS * len(r.block_hashes), output_tokens=MAX_TOKENS)
+            for r in picked]
+
+
+def prompt_ids(request: TraceRequest) -> list[int]:
+    ids = []
+    for block_hash in request.block_hashes:
+        rng = random.Random(block_hash)
+        ids += [rng.randrange(100, 49_000) for _ in range(BLOCK_TOKENS)]
+    return ids
+
+
+def send(client: openai.OpenAI, model: str, request: TraceRequest, start: float, out: list) -> None:
+    time.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+    sent, first, usage = time.perf_counter(), None, None
+    for chunk in client.completions.create(model=model, prompt=prompt_ids(request), max_tokens=MAX_TOKENS,
+                                           temperature=0, stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}):
+        if chunk.choices and first is None:
+            first = time.perf_counter() - sent
+        if chunk.usage is not None:
+            usage = chunk.usage
+    sources = usage.kvcluster
+    out.append({"ttft_s": first, "prompt_tokens": usage.prompt_tokens, "local": sources["local_cache_tokens"],
+                "store": sources["store_tokens"], "replica": sources["replica"]})
+
+
+def real_run(requests: list[TraceRequest]) -> list[dict]:
+    log = open(RESULTS_DIR / "tmp" / "fleet-check-cluster.log", "a")
+    with Cluster(ClusterPorts.any_free(), log_stream=log, dtype="float32", decode_replicas=2, gateway=True,
+                 gateway_args=("--routing", "cache_aware")) as cluster:
+        client = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0, timeout=600)
+        out: list[dict] = []
+        start = time.perf_counter()
+        threads = [threading.Thread(target=send, args=(client, cluster.served_model, r, start, out)) for r in requests]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    log.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet_check", description=__doc__)
+    parser.add_argument("--conversations", type=int, default=8)
+    args = parser.parse_args(argv)
+    (RESULTS_DIR / "tmp").mkdir(exist_ok=True)
+    requests = trace_slice(args.conversations)
+    cpu = cpu_profile()
+    cost = dataclasses.replace(cpu, pull_s_per_block=cpu.pull_s_per_block * BLOCK_TOKENS / 512)
+    simulated = simulate(requests, FleetConfig("cache_aware", 2, REPLICA_SLOTS, 1, STORE_SLOTS, cost,
+                                               overlap_weight=1.0, block_tokens=BLOCK_TOKENS))
+    progress(NAME, f"{len(requests)} requests; simulated hit ratio {simulated['hit_ratio']:.3f}, "
+             f"TTFT p50 {simulated['ttft_s']['p50']:.3f} s; running the cluster")
+    measured = real_run(requests)
+    prompt = sum(m["prompt_tokens"] for m in measured)
+    hit = sum(m["local"] + m["store"] for m in measured) / prompt
+    ttft_p50 = percentile([m["ttft_s"] for m in measured], 50)
+    result = {"requests": len(requests), "conversations": args.conversations, "span_s": SPAN_S,
+              "simulated": simulated, "measured": {
+                  "hit_ratio": round(hit, 4), "ttft_p50_s": round(ttft_p50, 4),
+                  "local_share": round(sum(m["local"] for m in measured) / prompt, 4),
+                  "store_share": round(sum(m["store"] for m in measured) / prompt, 4),
+                  "per_replica": dict(Counter(m["replica"] for m in measured)),
+                  "per_request": sorted(measured, key=lambda m: m["ttft_s"])},
+              "ratios": {"hit_ratio_abs_difference": at_most(abs(hit - simulated["hit_ratio"]), 0.05, 3),
+                         "ttft_p50_relative_difference": at_most(
+                             abs(simulated["ttft_s"]["p50"] - ttft_p50) / ttft_p50, 0.3, 3)}}
+    write_result(NAME, result)
+    progress(NAME, f"measured hit ratio {hit:.3f} (local {result['measured']['local_share']:.3f}), TTFT p50 "
+             f"{ttft_p50:.3f} s; {result['ratios']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,353 @@
+"""Fleet scale by simulation: a request trace replayed through the project's own router and cache tiers.
+
+Discrete-event: requests arrive at the trace's timestamps (divided by `speedup`) and are routed by
+the gateway's `Router` (cache_aware, round_robin, least_loaded) over N decode replicas, each a real
+`BlockManager` (the local prefix cache, `replica_blocks` slots of one trace block each), with S real
+`StorePool` shards (tier 2; a block's shard is `kvcluster.index.pick_store`, rendezvous hashing as
+the workers place it). cache_aware's overlaps come from a `PrefixIndex` fed by the replicas' own
+KV events (their BlockManager listener), the in-process answer to `RedisIndex.held_prefix`. Only
+time is modelled (`CostModel`): a replica prefills one request at a time (the prefix it holds
+costs nothing, store blocks cost a pull, the rest is computed in one forward), and otherwise runs continuous-
+batching decode steps; an arriving request waits for the step in progress. TTFT = end of its
+prefill - arrival.
+
+Tiers of a request's prompt blocks, in lookup order: local (the chosen replica's pool, `match`),
+store (the next blocks whose shard holds them: `pin` + `release`, which touches the store's LRU),
+computed. New blocks are registered locally (as many as the pool can spare while its running
+requests hold theirs) and pushed to their shard. Not modelled: the prefill service's own pool,
+waiting for an in-flight prefix, store spill tiers (the store has none), network contention.
+"""
+
+import heapq
+import json
+import math
+import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cache_store.pool import StorePool
+from gateway.replicas import Replica
+from gateway.router import Router
+from kvcluster.block_manager import BlockManager
+from kvcluster.index import StoreRef, pick_store
+from kvcluster.kvpool import KVLayout
+from kvcluster.prefix_index import PrefixIndex
+from kvcluster.proto import common_pb2
+
+TRACES_DIR = Path(os.environ.get("KVC_TRACES_DIR", "/work/shared/traces"))  # Mooncake FAST25-release traces
+TRACE_BLOCK_TOKENS = 512
+POLICIES = ("cache_aware", "round_robin", "least_loaded")
+FINGERPRINT = bytes(16)
+TINY_LAYOUT = KVLayout(1, 1, 1, 1, "float32")  # the store pools' tensor: 8 bytes a block, the bookkeeping is real
+PAYLOAD = bytes(TINY_LAYOUT.block_nbytes)
+HEADER = common_pb2.BlockRef()
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+    block_hashes: tuple[bytes, ...]   # the trace's hash ids as 16-byte keys, one per 512-token block
+
+
+def load_trace(path: Path, limit: int | None = None) -> list[TraceRequest]:
+    requests = []
+    with open(path) as lines:
+        for line in lines:
+            row = json.loads(line)
+            requests.append(TraceRequest(row["timestamp"] / 1000, row["input_length"], row["output_length"],
+                                         tuple(h.to_bytes(16, "little") for h in row["hash_ids"])))
+            if limit is not None and len(requests) == limit:
+                break
+    return requests
+
+
+def ceiling_hit_ratio(requests: Sequence[TraceRequest]) -> float:
+    """Share of prompt blocks an earlier request produced, counted while every block before hit (an
+    infinite cache seen by every request): what no router and cache can beat."""
+    seen, hits, total = set(), 0, 0
+    for request in requests:
+        total += len(request.block_hashes)
+        for block_hash in request.block_hashes:
+            if block_hash not in seen:
+                break
+            hits += 1
+        seen.update(request.block_hashes)
+    return hits / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per prefill token, per decode step by batch size (linear between the points given),
+    per 512-token block pulled from the store."""
+
+    name: str
+    source: str
+    prefill_s_per_token: float
+    decode_step_s: dict[int, float]
+    pull_s_per_block: float
+    max_batch: int
+
+    def prefill(self, tokens: int) -> float:
+        """A forward over `tokens` new tokens: one decode step (every weight is read, even for the one
+        token of a fully cached prompt) plus the per-token cost. On this machine it gives 744 / 385 /
+        115 ms for 512 / 256 / 64 new tokens where bench/results/ttft.json measured 764 / 384 / 111."""
+        return self.decode_step(1) + max(tokens, 0) * self.prefill_s_per_token
+
+    def decode_step(self, batch: int) -> float:
+        points = sorted(self.decode_step_s.items())
+        for (b0, t0), (b1, t1) in zip(points, points[1:]):
+            if batch <= b1:
+                return t0 + (t1 - t0) * (max(batch, b0) - b0) / (b1 - b0)
+        b1, t1 = points[-1]
+        return t1 * batch / b1
+
+
+@dataclass
+class Job:
+    index: int
+    request: TraceRequest
+    replica: int
+    slots: list[int] = field(default_factory=list)  # pool slots it references until it ends
+    remaining: int = 0           # tokens left to decode
+    cached_blocks: int = 0       # leading prompt blocks found local or in the store
+
+
+@dataclass
+class SimReplica:
+    """One decode replica: the gateway's view of it (`view`, whose open_calls is the load the router
+    weighs), its pool's bookkeeping (`blocks`), its prefill queue and decode batch."""
+
+    position: int
+    view: Replica
+    blocks: BlockManager
+    prefill_queue: deque = field(default_factory=deque)
+    decoding: list = field(default_factory=list)
+    phase: str = "idle"          # idle, prefill, decode
+    phase_start: float = 0.0
+    step_s: float = 0.0
+    steps: int = 0
+    current: Job | None = None
+    version: int = 0
+    busy_s: float = 0.0
+
+
+class CountingSink:
+    """A pool's IndexSink: counts the index writes the real publisher would send, and feeds the
+    in-process PrefixIndex (None: a store, whose entries the router does not read)."""
+
+    def __init__(self, counters: dict, member_sink=None):
+        self.counters = counters
+        self.member_sink = member_sink
+
+    def blocks_added(self, block_hashes: list[bytes]) -> None:
+        self.counters["event_batches"] += 1
+        self.counters["entries_written"] += len(block_hashes)
+        if self.member_sink is not None:
+            self.member_sink.blocks_added(block_hashes)
+
+    def blocks_removed(self, block_hashes: list[bytes]) -> None:
+        self.counters["event_batches"] += 1
+        self.counters["entries_written"] += len(block_hashes)
+        if self.member_sink is not None:
+            self.member_sink.blocks_removed(block_hashes)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    policy: str
+    replicas: int
+    replica_blocks: int
+    store_shards: int
+    store_blocks_per_shard: int
+    cost: CostModel
+    speedup: float = 1.0
+    # The gateway's default is 1.0 per held block of 16 tokens; a trace block is 32 of them.
+    overlap_weight: float = TRACE_BLOCK_TOKENS / 16
+    block_tokens: int = TRACE_BLOCK_TOKENS  # tokens per block (a scaled-down replay uses the cluster's 16)
+
+
+class FleetSim:
+    """One run: `run(requests)` returns the figures of `summary`."""
+
+    def __init__(self, config: FleetConfig):
+        self.config = config
+        self.router = Router(config.policy, config.overlap_weight)
+        self.index = PrefixIndex()
+        self.counters = {"event_batches": 0, "entries_written": 0, "held_prefix_calls": 0, "store_lookups": 0}
+        self.replicas = []
+        for i in range(config.replicas):
+            member = StoreRef(f"decode-{i}", f"sim:{i}", 1)
+            blocks = BlockManager(config.replica_blocks)
+            blocks.listener = CountingSink(self.counters, self.index.sink(member.store_id))
+            self.replicas.append(SimReplica(i, Replica(member, None, None), blocks))
+        self._position = {id(r.view): r.position for r in self.replicas}
+        self.shard_refs = [StoreRef(f"store-{s}", f"sim:s{s}", 1) for s in range(config.store_shards)]
+        self.shards = {ref.store_id: StorePool(TINY_LAYOUT, config.store_blocks_per_shard,
+                                               index=CountingSink(self.counters)) for ref in self.shard_refs}
+        self.events: list = []
+        self._seq = 0
+        self.tiers = {"local": 0, "store": 0, "computed": 0}
+        self.ttft_s: list[float] = []
+
+    # ---- the event loop --------------------------------------------------------------------
+
+    def run(self, requests: Sequence[TraceRequest]) -> dict:
+        for i, request in enumerate(requests):
+            self._push(request.arrival_s / self.config.speedup, "arrive", i)
+        self.requests = requests
+        now = 0.0
+        while self.events:
+            now, _, kind, payload = heapq.heappop(self.events)
+            if kind == "arrive":
+                self._arrive(now, payload)
+            else:
+                replica_index, version = payload
+                replica = self.replicas[replica_index]
+                if version == replica.version:
+                    self._phase_done(now, replica)
+        return self.summary(requests, now)
+
+    def _push(self, at: float, kind: str, payload) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (at, self._seq, kind, payload))
+
+    def _arrive(self, now: float, index: int) -> None:
+        request = self.requests[index]
+        views = [r.view for r in self.replicas]
+        overlaps = [0] * len(views)
+        if self.config.policy == "cache_aware":
+            overlaps = self.index.held_prefix(request.block_hashes, [v.member for v in views])
+            self.counters["held_prefix_calls"] += 1
+        route = self.router.pick(views, overlaps)
+        route.replica.open_calls += 1
+        replica = self.replicas[self._position[id(route.replica)]]
+        replica.prefill_queue.append(Job(index, request, replica.position))
+        if replica.phase == "idle":
+            self._start_next(now, replica)
+        elif replica.phase == "decode":  # the prefill goes in after the decode step in progress
+            done = min(replica.steps, math.ceil((now - replica.phase_start) / replica.step_s - 1e-9))
+            replica.steps = done
+            replica.version += 1
+            self._push(replica.phase_start + done * replica.step_s, "wake", (replica.position, replica.version))
+
+    def _start_next(self, now: float, replica: SimReplica) -> None:
+        replica.version += 1
+        replica.phase_start = now
+        if replica.prefill_queue:
+            job = replica.current = replica.prefill_queue.popleft()
+            replica.phase, duration = "prefill", self._prefill(job, replica)
+        elif replica.decoding:
+            batch = replica.decoding[:self.config.cost.max_batch]
+            replica.step_s = self.config.cost.decode_step(len(batch))
+            replica.steps = min(job.remaining for job in batch)
+            replica.phase, duration = "decode", replica.steps * replica.step_s
+        else:
+            replica.phase = "idle"
+            return
+        self._push(now + duration, "wake", (replica.position, replica.version))
+
+    def _phase_done(self, now: float, replica: SimReplica) -> None:
+        replica.busy_s += now - replica.phase_start
+        if replica.phase == "prefill":
+            job = replica.current
+            self.ttft_s.append(now - job.request.arrival_s / self.config.speedup)
+            self._cache_new_blocks(job, replica)
+            job.remaining = job.request.output_tokens - 1
+            if job.remaining > 0:
+                replica.decoding.append(job)
+            else:
+                self._finish(job, replica)
+        elif replica.phase == "decode":
+            batch = replica.decoding[:self.config.cost.max_batch]
+            for job in batch:
+                job.remaining -= replica.steps
+            replica.decoding = [job for job in replica.decoding if job.remaining > 0]
+            for job in batch:
+                if job.remaining <= 0:
+                    self._finish(job, replica)
+        self._start_next(now, replica)
+
+    def _finish(self, job: Job, replica: SimReplica) -> None:
+        replica.blocks.free(job.slots)
+        replica.view.open_calls -= 1
+
+    # ---- the tiers -------------------------------------------------------------------------
+
+    def _prefill(self, job: Job, replica: SimReplica) -> float:
+        """Look the prompt up local -> store -> compute (the real pools' verbs); its prefill seconds."""
+        hashes = job.request.block_hashes
+        job.slots = replica.blocks.match(hashes)
+        local = len(job.slots)
+        store = 0
+        if local < len(hashes):
+            self.counters["store_lookups"] += 1
+            for block_hash in hashes[local:]:
+                shard = self.shards[pick_store(block_hash, self.shard_refs).store_id]
+                pinned, _ = shard.pin(FINGERPRINT, [block_hash], job.index)
+                shard.release(job.index)
+                if not pinned:
+                    break
+                store += 1
+        computed = len(hashes) - local - store
+        computed_tokens = job.request.input_tokens - self.config.block_tokens * (local + store)
+        self.tiers["local"] += local
+        self.tiers["store"] += store
+        self.tiers["computed"] += computed
+        job.cached_blocks = local + store
+        cost = self.config.cost
+        return cost.prefill(computed_tokens) + store * cost.pull_s_per_block
+
+    def _cache_new_blocks(self, job: Job, replica: SimReplica) -> None:
+        """Register the prompt's blocks past the local hit in the replica's pool (as many as it can spare
+        now; they stay referenced until the request ends) and push the computed ones to their shard."""
+        hashes = job.request.block_hashes
+        for block_hash in hashes[job.cached_blocks:]:
+            shard = self.shards[pick_store(block_hash, self.shard_refs).store_id]
+            shard.store(block_hash, FINGERPRINT, HEADER, PAYLOAD, lease_s=0.0)
+        missing = hashes[len(job.slots):]
+        slots = replica.blocks.allocate(min(len(missing), replica.blocks.num_free)) or []
+        for block_hash, slot in zip(missing, slots):
+            replica.blocks.register(block_hash, slot)
+        job.slots += slots
+
+    # ---- figures ---------------------------------------------------------------------------
+
+    def summary(self, requests: Sequence[TraceRequest], end_s: float) -> dict:
+        total = sum(self.tiers.values())
+        ceiling = ceiling_hit_ratio(requests)
+        hit = (self.tiers["local"] + self.tiers["store"]) / total if total else 0.0
+        span = max((requests[-1].arrival_s - requests[0].arrival_s) / self.config.speedup, 1e-9)
+        busy = [r.busy_s for r in self.replicas]
+        ttft = sorted(self.ttft_s)
+        index_round_trips = (self.counters["held_prefix_calls"] + self.counters["store_lookups"]
+                             + self.counters["event_batches"])
+        return {
+            "requests": len(requests), "blocks": total,
+            "tier_blocks": dict(self.tiers),
+            "tier_share": {k: round(v / total, 4) for k, v in self.tiers.items()},
+            "hit_ratio": round(hit, 4), "ceiling": round(ceiling, 4),
+            "hit_over_ceiling": round(hit / ceiling, 4) if ceiling else 0.0,
+            "ttft_s": {f"p{q}": round(percentile_sorted(ttft, q), 4) for q in (50, 90, 99)},
+            "load_imbalance": round(max(busy) / (sum(busy) / len(busy)), 3) if sum(busy) else 0.0,
+            "utilization_mean": round(sum(busy) / len(busy) / end_s, 3) if end_s else 0.0,
+            "index": {**self.counters, "round_trips": index_round_trips,
+                      "round_trips_per_request": round(index_round_trips / len(requests), 2),
+                      "round_trips_per_s": round(index_round_trips / span, 1),
+                      "entries_written_per_s": round(self.counters["entries_written"] / span, 1)},
+            "router_decisions_per_s": round(len(requests) / span, 2),
+            "makespan_s": round(end_s, 1),
+        }
+
+
+def percentile_sorted(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
+
+
+def simulate(requests: Sequence[TraceRequest], config: FleetConfig) -> dict:
+    return FleetSim(config).run(requests)

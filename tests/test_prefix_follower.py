@@ -1,0 +1,114 @@
+"""The gateway's local copy of the decode registry (gateway.prefix_follower) answers as Redis does,
+through adds, evictions, a restart under a new epoch and a replica leaving (real redis-server)."""
+
+import random
+
+import pytest
+
+from gateway.prefix_follower import PrefixFollower
+from kvcluster.index import RedisIndex, worker_namespace
+from tests.cluster_fixtures import running_redis
+
+
+@pytest.fixture
+def index():
+    with running_redis() as server:
+        redis_index = RedisIndex(server.url, worker_namespace("t29f", "decode"))
+        yield redis_index
+        redis_index.close()
+
+
+def live(index: RedisIndex, ids: set[str]):
+    return [m for m in index.live_stores() if m.store_id in ids]
+
+
+def test_follower_agrees_with_redis_through_adds_removes_restarts_and_leaves(index):
+    rng = random.Random(3)
+    hashes = [rng.randbytes(16) for _ in range(40)]
+    epochs = {w: index.register(w, f"127.0.0.1:{i}", ttl_s=30) for i, w in enumerate(("a", "b", "c"))}
+    index.add_entries("a", epochs["a"], hashes[:30])
+    index.add_entries("b", epochs["b"], hashes[:10])
+    follower = PrefixFollower(index)
+    members = live(index, {"a", "b", "c"})
+    follower.sync(members)                                   # snapshots
+    prompts = [hashes, hashes[:12], hashes[5:]]
+
+    def agree(members):
+        for prompt in prompts:
+            assert follower.held_prefix(prompt, members) == index.held_prefix(prompt, members)
+
+    agree(members)
+    assert follower.held_prefix(hashes, members) == [30, 10, 0]
+    index.add_entries("c", epochs["c"], hashes[:20])         # events
+    index.remove_entries("a", epochs["a"], hashes[3:4])
+    index.add_entries("b", epochs["b"], hashes[10:35])
+    follower.sync(members)
+    agree(members)
+    assert follower.held_prefix(hashes, members) == [3, 35, 20]
+    epochs["b"] = index.register("b", "127.0.0.1:1", ttl_s=30)  # a restart: the old epoch's entries go
+    index.add_entries("b", epochs["b"], hashes[:2])
+    members = live(index, {"a", "b", "c"})
+    follower.sync(members)
+    agree(members)
+    assert follower.held_prefix(hashes, members) == [3, 2, 20]
+    index.deregister("c", epochs["c"])                      # c leaves
+    members = live(index, {"a", "b"})
+    follower.sync(members)
+    agree(members)
+    assert follower.prefix_index.held_prefix(hashes[:20], live(index, {"a"})) == [3]
+    assert follower.restarts == 1 and follower.events_applied > 0
+
+
+def test_a_follower_behind_the_trimmed_stream_starts_over(index):
+    epoch = index.register("a", "127.0.0.1:1", ttl_s=30)
+    follower = PrefixFollower(index)
+    follower.sync(live(index, {"a"}))
+    hashes = [bytes([i]) * 16 for i in range(8)]
+    index.add_entries("a", epoch, hashes)
+    index.redis.xtrim(index.key("events"), maxlen=0)        # what EVENTS_MAXLEN does to a slow follower
+    index.add_entries("a", epoch, hashes[:1])               # one event it can see, after a gap
+    follower.sync(live(index, {"a"}))
+    assert follower.restarts == 2
+    assert follower.held_prefix(hashes, live(index, {"a"})) == [8]
+
+
+def test_gateway_with_a_local_routing_index_credits_replicas_as_redis_does():
+    import asyncio
+
+    from gateway.config import GatewayConfig
+    from gateway.openai_api import ApiRequest
+    from gateway.server import Gateway
+    from kvcluster.blocks import prefix_hashes
+
+    fingerprint = bytes(range(16))
+    ids = [(7 * i) % 1000 + 5 for i in range(16 * 6)]  # 6 blocks
+    hashes = prefix_hashes(fingerprint, ids, 16)
+    request = ApiRequest(chat=False, model="m", prompt_ids=ids)
+
+    async def overlaps_by_replica(gateway: Gateway) -> dict[str, int]:
+        await gateway.refresh()
+        replicas = sorted(gateway.replicas.up(), key=lambda r: r.replica_id)
+        return dict(zip([r.replica_id for r in replicas], gateway.overlaps(request, replicas)))
+
+    async def scenario(redis_url: str) -> list[tuple[dict, dict]]:
+        index = RedisIndex(redis_url, worker_namespace("gw29", "decode"))
+        epochs = {w: index.register(w, f"127.0.0.1:{60000 + i}", ttl_s=30, layout="kvlayout-v1:L1:B16:H1:D2:float32",
+                                    fingerprint=fingerprint.hex()) for i, w in enumerate(("a", "b"))}
+        gateways = [Gateway(GatewayConfig(redis_url=redis_url, index_namespace="gw29", routing_index=where))
+                    for where in ("redis", "local")]
+        seen = []
+        index.add_entries("a", epochs["a"], hashes[:4])
+        seen.append(tuple([await overlaps_by_replica(g) for g in gateways]))
+        index.add_entries("b", epochs["b"], hashes)               # after the local copy's snapshot: an event
+        index.remove_entries("a", epochs["a"], hashes[1:2])
+        seen.append(tuple([await overlaps_by_replica(g) for g in gateways]))
+        assert gateways[0].follower is None and gateways[1].follower.events_applied > 0
+        for gateway in gateways:
+            await gateway.replicas.close()
+        index.close()
+        return seen
+
+    with running_redis() as server:
+        (first_redis, first_local), (then_redis, then_local) = asyncio.run(scenario(server.url))
+    assert first_redis == first_local == {"a": 4, "b": 0}
+    assert then_redis == then_local == {"a": 1, "b": 6}
