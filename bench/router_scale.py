@@ -104,7 +104,7 @@ def redis_decisions(redis_url: str, views: list[Replica], router: Router, system
                     prompt: list[bytes], rounds: int) -> dict:
     """The same decisions with RedisIndex.held_prefix: every replica registered, holding the system
     prompt; replica 0 also its conversation."""
-    index = RedisIndex(redis_url, worker_namespace("fleet", "decode"))
+    index = RedisIndex(redis_url, worker_namespace("fleet", "decode"), kv_events=True)
     members = []
     for view in views:
         epoch = index.register(view.replica_id, view.member.address, ttl_s=600)

@@ -46,7 +46,9 @@ from redis.retry import Retry
 from kvcluster.errors import Unavailable
 
 BATCH = 512  # entries per round trip when publishing or removing
-EVENTS_MAXLEN = 100_000  # KV events kept in {ns}:events (about; a follower further behind re-reads the entries sets)
+EVENTS_MAXLEN = 10_000  # KV events kept in {ns}:events (about; a follower further behind re-reads the entries sets).
+# An event carries up to BATCH hashes (16 KiB of hex): the cap bounds the stream at ~160 MiB worst case, ~1 MiB
+# for a decode worker's usual few-block events.
 
 _LOOKUP = """
 local ns, live, holders, previous = ARGV[1], {}, {}, false
@@ -210,12 +212,16 @@ class RedisIndex:
     """Client of the index. Readers use `lookup` and `live_stores`; a store uses the rest for its
     own entries only. Every Redis failure surfaces as kvcluster.errors.Unavailable."""
 
-    def __init__(self, url: str, namespace: str = "kvc", timeout_s: float = 1.0):
+    def __init__(self, url: str, namespace: str = "kvc", timeout_s: float = 1.0, kv_events: bool = False):
+        """`kv_events`: also append this client's entry writes to `{ns}:events`, for followers
+        (decode workers, whose registry the gateway may mirror: `--routing-index local`). Stores
+        and prefill workers leave it off: nobody follows their events."""
         # One fast retry covers a pooled connection broken by a Redis restart; more would stall
         # request paths that should fall back to recompute instead.
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
                                           socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
         self.ns = namespace
+        self.kv_events = kv_events
         self._lookup = self.redis.register_script(_LOOKUP)
         self._remove = self.redis.register_script(_REMOVE)
         self._live_stores = self.redis.register_script(_LIVE_STORES)
@@ -371,6 +377,8 @@ class RedisIndex:
         return removed
 
     def _event(self, client, store_id: str, epoch: int, op: str, hexes: Sequence[str]) -> None:
+        if not self.kv_events:
+            return
         client.xadd(self.key("events"), {"m": store_id, "e": epoch, "op": op, "h": "".join(hexes)},
                     maxlen=EVENTS_MAXLEN, approximate=True)
 

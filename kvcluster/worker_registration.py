@@ -69,7 +69,7 @@ def make_registration(kind: str, config, worker: EngineWorker, port: int) -> Ind
             log.warning("could not snapshot the local cache for the registry: %r", exc)
             return []
 
-    index = RedisIndex(config.redis_url, worker_namespace(config.index_namespace, kind))
+    index = RedisIndex(config.redis_url, worker_namespace(config.index_namespace, kind), kv_events=kind == "decode")
     heartbeat = config.registry_heartbeat_seconds
     publisher = IndexPublisher(index, member_id, address, heartbeat, 3 * heartbeat, held_hashes,
                                layout=engine.layout.canonical(), fingerprint=engine.fingerprint.hex(),

@@ -89,7 +89,7 @@ def test_prefix_index_answers_as_the_redis_index_does():
     hashes = [rng.randbytes(16) for _ in range(12)]
     local = PrefixIndex()
     with running_redis() as server:
-        redis_index = RedisIndex(server.url, worker_namespace("t29", "decode"))
+        redis_index = RedisIndex(server.url, worker_namespace("t29", "decode"), kv_events=True)
         members = []
         for m in range(6):
             epoch = redis_index.register(f"w{m}", f"127.0.0.1:{m}", ttl_s=30)

@@ -13,7 +13,7 @@ from tests.cluster_fixtures import running_redis
 @pytest.fixture
 def index():
     with running_redis() as server:
-        redis_index = RedisIndex(server.url, worker_namespace("t29f", "decode"))
+        redis_index = RedisIndex(server.url, worker_namespace("t29f", "decode"), kv_events=True)
         yield redis_index
         redis_index.close()
 
@@ -91,7 +91,7 @@ def test_gateway_with_a_local_routing_index_credits_replicas_as_redis_does():
         return dict(zip([r.replica_id for r in replicas], gateway.overlaps(request, replicas)))
 
     async def scenario(redis_url: str) -> list[tuple[dict, dict]]:
-        index = RedisIndex(redis_url, worker_namespace("gw29", "decode"))
+        index = RedisIndex(redis_url, worker_namespace("gw29", "decode"), kv_events=True)
         epochs = {w: index.register(w, f"127.0.0.1:{60000 + i}", ttl_s=30, layout="kvlayout-v1:L1:B16:H1:D2:float32",
                                     fingerprint=fingerprint.hex()) for i, w in enumerate(("a", "b"))}
         gateways = [Gateway(GatewayConfig(redis_url=redis_url, index_namespace="gw29", routing_index=where))
@@ -112,3 +112,24 @@ def test_gateway_with_a_local_routing_index_credits_replicas_as_redis_does():
         (first_redis, first_local), (then_redis, then_local) = asyncio.run(scenario(server.url))
     assert first_redis == first_local == {"a": 4, "b": 0}
     assert then_redis == then_local == {"a": 1, "b": 6}
+
+
+def test_only_an_index_that_publishes_kv_events_writes_the_stream(index):
+    """Stores and prefill workers (kv_events off, the default) never grow `{ns}:events`."""
+    quiet = RedisIndex(index_url(index), "t29q")
+    try:
+        epoch = quiet.register("s", "127.0.0.1:1", ttl_s=30)
+        quiet.add_entries("s", epoch, [bytes(16), bytes([1]) * 16])
+        quiet.remove_entries("s", epoch, [bytes(16)])
+        assert quiet.redis.exists(quiet.key("events")) == 0
+        epoch = index.register("w", "127.0.0.1:2", ttl_s=30)
+        index.add_entries("w", epoch, [bytes(16)])
+        index.remove_entries("w", epoch, [bytes(16)])
+        assert [op for _, _, _, op, _ in index.read_events("0-0")] == ["add", "remove"]
+    finally:
+        quiet.close()
+
+
+def index_url(index: RedisIndex) -> str:
+    kwargs = index.redis.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/0"
