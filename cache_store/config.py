@@ -40,7 +40,8 @@ class StoreConfig(SecuritySettings, ServiceConfig):
     cuda_memory_fraction: float = setting(0.5, "share of free GPU memory the pool takes when capacity_bytes is 0")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis index URL (redis:// or rediss://, "
                              "password allowed: redis://:PASS@host:port/0; behind Sentinels: "
-                             "redis+sentinel://HOST:PORT,HOST:PORT/SERVICE); empty = publish no index")
+                             "redis+sentinel://HOST:PORT,HOST:PORT/SERVICE; Redis Cluster: redis+cluster://HOST:PORT,HOST:PORT); "
+                             "empty = publish no index")
     index_namespace: str = setting("kvc", "prefix of every Redis key this cluster uses")
     store_id: str = setting("", "unique name of this store in the index; empty = <hostname>-<port>")
     advertise_address: str = setting("", "host:port clients dial to reach this store; empty = host:port "

@@ -79,6 +79,7 @@ class ReplicaSet:
         self.static = [StoreRef(f"static-{i}", target) for i, target in enumerate(static)]
         self.replicas: dict[str, Replica] = {}
         self._retired: list[Replica] = []  # gone from the registry; closed once no call of ours uses them
+        self._kept_through_empty_listing = False
 
     def read_registry(self) -> list[tuple[StoreRef, dict]]:
         """Blocking: every live replica, its load and numerics (static targets have none)."""
@@ -89,6 +90,17 @@ class ReplicaSet:
         return list(zip(members, fields))
 
     def apply(self, listing: list[tuple[StoreRef, dict]]) -> None:
+        """Make the rotation the registry's listing. An empty listing while replicas are in rotation
+        is taken as the registry having lost its memory (a Redis failover or restart that dropped the
+        heartbeats), not as every replica dying at once: the rotation stays until the registry lists
+        any replica again. A replica that is really gone fails its calls and is suspected as usual."""
+        if not listing and self.replicas:
+            if not self._kept_through_empty_listing:
+                log.warning("the registry lists no decode replica; keeping the %d in rotation until it lists any",
+                            len(self.replicas))
+            self._kept_through_empty_listing = True
+            return
+        self._kept_through_empty_listing = False
         seen = set()
         for member, load in listing:
             seen.add(member.store_id)

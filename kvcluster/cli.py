@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-replicas", type=int, default=1, help="decode workers (replica i on port 50051 + 10 i)")
     up.add_argument("--prefill-replicas", type=int, default=1, help="prefill workers (replica i on port 50052 + 10 i)")
     up.add_argument("--no-gateway", dest="gateway", action="store_false", help="do not start the HTTP gateway")
-    up.add_argument("--redis-mode", choices=("single", "sentinel"), default="single",
-                    help="without KVC_REDIS_URL: one private redis-server (single), or a private primary, replica "
-                         "and three Sentinels that the services follow through a failover (sentinel)")
+    up.add_argument("--redis-mode", choices=("single", "sentinel", "cluster"), default="single",
+                    help="without KVC_REDIS_URL: one private redis-server (single), a private primary, replica "
+                         "and three Sentinels that the services follow through a failover (sentinel), or a "
+                         "private 3-master Redis Cluster (cluster)")
     up.add_argument("--routing", choices=("cache_aware", "round_robin", "least_loaded"), default="cache_aware",
                     help="the gateway's routing policy")
     add_dtype_flag(up, "model and KV dtype of every service (the stores hold the same)")

@@ -28,7 +28,17 @@ the entries and registration of stores dead for longer than a grace period. `loo
 chained hashes it returns the longest prefix whose every block has a live holder, preferring the
 previous block's holder so runs stay long, plus each holder's address. Scripts use only Redis 2.6+
 commands (HGETALL, HMGET, GET, HGET, HDEL, SREM, PEXPIRE), so Redis 6.2 and 7 both work. The scripts read
-keys they are not passed, which a single Redis instance allows; Redis Cluster is not supported.
+keys they are not passed, which a single Redis instance allows.
+
+On Redis Cluster (`redis+cluster://HOST:PORT[,HOST:PORT...]`, redis-py's `RedisCluster`) a script may
+touch one hash slot only, so there the readers are pipelines instead (redis-py sends one batch per
+shard): `lookup` is two (the blocks' holders, then those holders' heartbeats and addresses),
+`held_prefix` one, `live_stores` two, with the same choice rules as the scripts. Block keys spread
+over the shards by their hash; a member's own keys (`alive`, `store`, `epoch`, `epochs`, `entries`)
+carry the member id as a hash tag (`{ns}:alive:{{store}}`), so they share one slot and its
+collection stays atomic. A conditional removal there reads the entries' epochs and then deletes the
+matching ones (two pipelines, not atomic): a race with a re-registration can drop a fresh entry,
+which costs a hit, never a wrong block (a store serves only what it holds, checksummed).
 
 Where Redis lives (`redis_client`): `redis://` / `rediss://` / `unix://` is one instance; a
 `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` URL asks those Sentinels for the
@@ -47,6 +57,8 @@ from typing import ParamSpec, TypeVar
 import redis
 import xxhash
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -135,6 +147,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
+# KEYS: heartbeat key, registration (one slot). Deletes the registration if the heartbeat is gone.
+_FORGET = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
 # KEYS: heartbeat key. ARGV: epoch. Deletes it only if it is still ours.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -179,7 +198,7 @@ def _unavailable_on_redis_error(method: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(*args, **kwargs)
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             raise Unavailable(f"Redis index: {exc}") from exc
     return wrapper
 
@@ -191,32 +210,43 @@ NUMERICS_FIELDS = ("numerics", "exactness_guaranteed")
 
 
 SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+# Keys owned by one member (the part after the kind is its id): hash-tagged on Redis Cluster.
+MEMBER_KEYS = frozenset(("alive", "store", "epoch", "epochs", "entries"))
 
 
-def redis_client(url: str, timeout_s: float = 1.0) -> redis.Redis:
-    """A client for `url`: one instance, or the current primary behind Sentinels (module docstring).
-    One fast retry covers a pooled connection broken by a restart or a failover; more would stall
-    request paths that should fall back to recompute instead."""
-    options = dict(decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                   retry=Retry(NoBackoff(), 1))
+def redis_client(url: str, timeout_s: float = 1.0) -> redis.Redis | RedisCluster:
+    """A client for `url`: one instance, the current primary behind Sentinels, or a Redis Cluster
+    (module docstring). One fast retry covers a pooled connection broken by a restart or a
+    failover; more would stall request paths that should fall back to recompute instead."""
+    options = dict(decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     scheme, sep, rest = url.partition("://")
-    if scheme != SENTINEL_SCHEME:
-        return redis.Redis.from_url(url, **options)
+    if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+        return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options)
     credentials, _, location = rest.rpartition("@")
     password = credentials.partition(":")[2] or None
     hosts, _, path = location.partition("/")
     service, _, db = path.partition("/")
+    if scheme == CLUSTER_SCHEME:
+        if not sep or not hosts or path:
+            raise ValueError(f"a Redis Cluster URL is {CLUSTER_SCHEME}://[:PASSWORD@]HOST:PORT[,HOST:PORT...], got {url!r}")
+        nodes = [ClusterNode(host, port) for host, port in _host_ports(hosts, url)]
+        return RedisCluster(startup_nodes=nodes, password=password, retry=Retry(NoBackoff(), 1), **options)
     if not sep or not hosts or not service:
         raise ValueError(f"a Sentinel URL is {SENTINEL_SCHEME}://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB], "
                          f"got {url!r}")
-    sentinels = []
+    sentinel = Sentinel(_host_ports(hosts, url), socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return sentinel.master_for(service, password=password, db=int(db or 0), retry=Retry(NoBackoff(), 1), **options)
+
+
+def _host_ports(hosts: str, url: str) -> list[tuple[str, int]]:
+    pairs = []
     for host_port in hosts.split(","):
         host, _, port = host_port.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"Sentinel address must be HOST:PORT, got {host_port!r} in {url!r}")
-        sentinels.append((host, int(port)))
-    sentinel = Sentinel(sentinels, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    return sentinel.master_for(service, password=password, db=int(db or 0), **options)
+            raise ValueError(f"address must be HOST:PORT, got {host_port!r} in {url!r}")
+        pairs.append((host, int(port)))
+    return pairs
 
 
 def worker_namespace(namespace: str, kind: str) -> str:
@@ -253,6 +283,7 @@ class RedisIndex:
         (decode workers, whose registry the gateway may mirror: `--routing-index local`). Stores
         and prefill workers leave it off: nobody follows their events."""
         self.redis = redis_client(url, timeout_s)
+        self.cluster = isinstance(self.redis, RedisCluster)
         self.ns = namespace
         self.kv_events = kv_events
         self._lookup = self.redis.register_script(_LOOKUP)
@@ -261,8 +292,11 @@ class RedisIndex:
         self._heartbeat = self.redis.register_script(_HEARTBEAT)
         self._release = self.redis.register_script(_RELEASE)
         self._held_prefix = self.redis.register_script(_HELD_PREFIX)
+        self._forget = self.redis.register_script(_FORGET)
 
     def key(self, *parts: object) -> str:
+        if self.cluster and parts[0] in MEMBER_KEYS:  # one slot per member: {id} is its hash tag
+            parts = (parts[0], f"{{{parts[1]}}}", *parts[2:])
         return ":".join((self.ns, *map(str, parts)))
 
     def close(self) -> None:
@@ -276,14 +310,17 @@ class RedisIndex:
         if not block_hashes:
             return []
         keys = [self.key("blk", h.hex()) for h in block_hashes]
-        holders, flat_addresses = self._lookup(keys=keys, args=[self.ns])
-        addresses = dict(zip(flat_addresses[::2], flat_addresses[1::2]))
+        if self.cluster:
+            holders, addresses = self._cluster_lookup(keys)
+        else:
+            holders, flat_addresses = self._lookup(keys=keys, args=[self.ns])
+            addresses = dict(zip(flat_addresses[::2], flat_addresses[1::2]))
         stores = {sid: StoreRef(sid, address) for sid, address in addresses.items()}
         return [stores[sid] for sid in holders]
 
     @_unavailable_on_redis_error
     def live_stores(self) -> list[StoreRef]:
-        flat = self._live_stores(args=[self.ns])
+        flat = self._cluster_live_stores() if self.cluster else self._live_stores(args=[self.ns])
         stores = [StoreRef(flat[i], flat[i + 2], int(flat[i + 1]), flat[i + 3], flat[i + 4])
                   for i in range(0, len(flat), 5)]
         return sorted(stores, key=lambda store: store.store_id)
@@ -294,8 +331,73 @@ class RedisIndex:
         if not block_hashes or not members:
             return [0] * len(members)
         keys = [self.key("blk", h.hex()) for h in block_hashes]
+        if self.cluster:
+            return self._cluster_held_prefix(keys, members)
         pairs = [x for m in members for x in (m.store_id, m.epoch)]
         return [int(n) for n in self._held_prefix(keys=keys, args=[self.ns, *pairs])]
+
+    # The scripts' rules as pipelines, for Redis Cluster (module docstring).
+
+    def _alive(self, store_ids: Sequence[str], *info_fields: str) -> list:
+        """Per id: its heartbeat's epoch (None = dead), then `info_fields` of its registration."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in store_ids:
+            pipe.get(self.key("alive", sid))
+            if info_fields:
+                pipe.hmget(self.key("store", sid), list(info_fields))
+        return pipe.execute()
+
+    def _cluster_lookup(self, keys: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        fields = pipe.execute()
+        sids = sorted({sid for block in fields for sid in block})
+        replies = self._alive(sids, "address")
+        live = {sid: replies[2 * i] for i, sid in enumerate(sids)}
+        addresses = {sid: replies[2 * i + 1][0] or "" for i, sid in enumerate(sids)}
+        holders, previous = [], None
+        for block in fields:
+            chosen = None
+            for sid, epoch in block.items():
+                if live[sid] == epoch:
+                    chosen = sid
+                    if sid == previous:
+                        break
+            if chosen is None:
+                break
+            holders.append(chosen)
+            previous = chosen
+        return holders, {sid: addresses[sid] for sid in set(holders)}
+
+    def _cluster_live_stores(self) -> list[str]:
+        sids = sorted(self.redis.smembers(self.key("stores")))
+        replies, flat = self._alive(sids, "address", "layout", "fingerprint"), []
+        for i, sid in enumerate(sids):
+            epoch, info = replies[2 * i], replies[2 * i + 1]
+            if epoch is not None:
+                flat += [sid, epoch, *(value or "" for value in info)]
+        return flat
+
+    def _cluster_held_prefix(self, keys: Sequence[str], members: Sequence[StoreRef]) -> list[int]:
+        ids = [m.store_id for m in members]
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in ids:
+            pipe.get(self.key("alive", sid))
+        for key in keys:
+            pipe.hmget(key, ids)
+        replies = pipe.execute()
+        alive, blocks = replies[:len(ids)], replies[len(ids):]
+        counts = []
+        for j, member in enumerate(members):
+            n, epoch = 0, str(member.epoch)
+            if alive[j] == epoch:
+                for held in blocks:
+                    if held[j] != epoch:
+                        break
+                    n += 1
+            counts.append(n)
+        return counts
 
     @_unavailable_on_redis_error
     def member_fields(self, member_ids: Sequence[str], fields: Sequence[str] = LOAD_FIELDS) -> list[dict[str, str]]:
@@ -311,7 +413,7 @@ class RedisIndex:
     def register(self, store_id: str, address: str, ttl_s: float, layout: str = "", fingerprint: str = "") -> int:
         """Take a new epoch, announce the store and what it holds, then drop every older epoch's entries."""
         epoch = int(self.redis.incr(self.key("epoch", store_id)))
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=not self.cluster)  # the heartbeat key last: readers need it
         pipe.hset(self.key("store", store_id), mapping={"address": address, "epoch": epoch, "layout": layout,
                                                         "fingerprint": fingerprint})
         pipe.sadd(self.key("stores"), store_id)
@@ -387,6 +489,13 @@ class RedisIndex:
         for epoch in self.redis.smembers(self.key("epochs", store_id)):
             if int(epoch) <= latest:  # a re-registration meanwhile took a newer epoch: keep that one
                 self._drop_epoch(store_id, int(epoch))
+        if self.cluster:  # alive and info share the member's slot; the stores set is elsewhere
+            if not self._forget(keys=[alive, info]):
+                return False
+            self.redis.srem(self.key("stores"), store_id)
+            if self.redis.exists(alive):  # it registered again meanwhile: keep it listed
+                self.redis.sadd(self.key("stores"), store_id)
+            return True
         with self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(alive)
@@ -405,9 +514,23 @@ class RedisIndex:
         for start in range(0, len(hexes), BATCH):
             batch = hexes[start:start + BATCH]
             keys = [self.key("blk", hex_hash) for hex_hash in batch]
-            removed += self._remove(keys=keys, args=[self.ns, store_id, epoch, *batch])
+            if self.cluster:
+                removed += self._cluster_remove(keys, store_id, epoch, batch)
+            else:
+                removed += self._remove(keys=keys, args=[self.ns, store_id, epoch, *batch])
             self._event(self.redis, store_id, epoch, "remove", batch)
         return removed
+
+    def _cluster_remove(self, keys: Sequence[str], store_id: str, epoch: int, hexes: Sequence[str]) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, store_id)
+        mine = [key for key, held in zip(keys, pipe.execute()) if held == str(epoch)]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in mine:
+            pipe.hdel(key, store_id)
+        pipe.srem(self.key("entries", store_id, epoch), *hexes)
+        return sum(pipe.execute()[:-1])
 
     def _event(self, client, store_id: str, epoch: int, op: str, hexes: Sequence[str]) -> None:
         if not self.kv_events:

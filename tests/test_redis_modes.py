@@ -1,21 +1,28 @@
-"""The index on a Redis Sentinel group (a real primary, replica and three Sentinels on loopback ports,
-kvcluster.redis_server.SentinelGroup): `redis+sentinel://` URLs, a primary killed under lookups (every
-answer right or Unavailable, never wrong; the index usable again once a replica is promoted), and
-`kvcluster up --redis-mode sentinel`'s cluster serving warm == cold through the gateway before and after
-its primary is killed under load, with no failed request."""
+"""The index beyond one Redis. On a Sentinel group (a real primary, replica and three Sentinels on
+loopback ports, kvcluster.redis_server.SentinelGroup): `redis+sentinel://` URLs, a primary killed under
+lookups (every answer right or Unavailable, never wrong; the index usable again once a replica is
+promoted), and `kvcluster up --redis-mode sentinel` serving warm == cold through the gateway before and
+after its primary is killed under load, with no failed request. On a real 3-master Redis Cluster
+(`--redis-mode cluster`): a prompt served from the cache store found through the cluster's index, and a
+shard killed under load with no failed request and the same tokens (tests/test_index.py runs every index
+rule on such a cluster too)."""
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 import redis
 
+from gateway.config import GatewayConfig
+from gateway.replicas import ReplicaSet
 from kvcluster.errors import Unavailable
-from kvcluster.index import RedisIndex, redis_client, worker_namespace
+from kvcluster.index import RedisIndex, StoreRef, redis_client, worker_namespace
 from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.redis_server import SentinelGroup
+from kvcluster.redis_server import ClusterGroup, SentinelGroup
 
 FAILOVER_DEADLINE_S = 60.0  # bound of the polls below (down-after 1 s + election); not a timing claim
 
@@ -25,6 +32,9 @@ FAILOVER_DEADLINE_S = 60.0  # bound of the polls below (down-after 1 s + electio
     ("redis+sentinel:///kvc", "SERVICE"),
     ("redis+sentinel://127.0.0.1/kvc", "HOST:PORT"),
     ("redis+sentinel://127.0.0.1:x/kvc", "HOST:PORT"),
+    ("redis+cluster://", "Cluster URL"),
+    ("redis+cluster://127.0.0.1:7000/0", "Cluster URL"),
+    ("redis+cluster://127.0.0.1", "HOST:PORT"),
 ])
 def test_a_malformed_sentinel_url_is_refused_naming_the_form(url, field):
     with pytest.raises(ValueError, match=field):
@@ -104,20 +114,56 @@ def test_the_index_survives_its_primary_dying_under_lookups():
             index.close()
 
 
+def chat_client(cluster: Cluster):
+    client = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="none", max_retries=0, timeout=120)
+
+    def ask(text: str) -> tuple[str, int]:
+        reply = client.chat.completions.create(model=cluster.served_model, max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": text}])
+        return reply.choices[0].message.content, reply.usage.prompt_tokens_details.cached_tokens
+    return ask
+
+
+QUESTION = "Name three rivers of Europe and one city on each. " + " ".join(
+    f"Context line {i}: the archive holds {i * 7} maps." for i in range(12))
+
+
+@pytest.mark.slow
+def test_kvcluster_up_on_a_redis_cluster_serves_from_the_store_and_survives_a_lost_shard():
+    with open("/dev/null", "w") as quiet, Cluster(ClusterPorts.any_free(), dtype="float32", gateway=True,
+                                                  redis_mode="cluster", log_stream=quiet) as cluster:
+        assert cluster.redis_url.startswith("redis+cluster://")
+        ask = chat_client(cluster)
+        cold, cold_cached = ask(QUESTION)
+        warm, warm_cached = ask(QUESTION)
+        assert warm == cold and cold_cached == 0 and warm_cached > 0
+        # Without the decode worker's own copy, the blocks come from the store, found through the
+        # cluster's index (lookups spread over its shards).
+        assert httpx.post(f"{cluster.gateway_url}/reset_prefix_cache", timeout=30).status_code == 200
+        stores = RedisIndex(cluster.redis_url)
+        try:
+            assert len(stores.live_stores()) == 1
+        finally:
+            stores.close()
+        from_store, store_cached = ask(QUESTION)
+        assert from_store == cold and store_cached > 0
+        group: ClusterGroup = cluster.redis
+        questions = [f"{QUESTION} Variant {i}." for i in range(4)] + [QUESTION]
+        with ThreadPoolExecutor(3) as pool:
+            pending = [pool.submit(ask, q) for q in questions]
+            group.servers[1].stop()                        # a shard dies under load: the index is gone
+            answers = [future.result() for future in pending]  # raises on any failed request
+        assert all(text for text, _ in answers) and answers[-1][0] == cold
+        assert ask(QUESTION)[0] == cold                     # and after it, computed or local: same tokens
+
+
 @pytest.mark.slow
 def test_kvcluster_up_on_sentinel_serves_warm_equal_cold_through_a_primary_failover():
-    question = "Name three rivers of Europe and one city on each. " + " ".join(
-        f"Context line {i}: the archive holds {i * 7} maps." for i in range(12))
+    question = QUESTION
     with open("/dev/null", "w") as quiet, Cluster(ClusterPorts.any_free(), dtype="float32", gateway=True,
                                                   redis_mode="sentinel", log_stream=quiet) as cluster:
         assert cluster.redis_url.startswith("redis+sentinel://")
-        client = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="none", max_retries=0, timeout=120)
-
-        def ask(text: str):
-            reply = client.chat.completions.create(model=cluster.served_model, max_tokens=8, temperature=0,
-                                                   messages=[{"role": "user", "content": text}])
-            return reply.choices[0].message.content, reply.usage.prompt_tokens_details.cached_tokens
-
+        ask = chat_client(cluster)
         cold, cold_cached = ask(question)
         warm, warm_cached = ask(question)
         assert warm == cold and cold_cached == 0 and warm_cached > 0
@@ -148,4 +194,18 @@ def test_kvcluster_up_on_sentinel_serves_warm_equal_cold_through_a_primary_failo
 
 def test_an_unknown_redis_mode_is_refused():
     with pytest.raises(ValueError, match="redis_mode"):
-        Cluster(ClusterPorts.any_free(), redis_mode="cluster")
+        Cluster(ClusterPorts.any_free(), redis_mode="shards")
+
+
+def test_an_empty_registry_listing_keeps_the_rotation_a_smaller_one_shrinks_it():
+    """A Redis failover that loses the heartbeats lists no replica for a moment: the gateway keeps
+    routing to the replicas it had (a user saw 503s before); a listing that names some drops the rest."""
+    replicas = ReplicaSet(GatewayConfig(redis_url=""))
+    a, b = StoreRef("a", "127.0.0.1:1", 1), StoreRef("b", "127.0.0.1:2", 1)
+    replicas.apply([(a, {}), (b, {})])
+    assert sorted(replicas.replicas) == ["a", "b"]
+    replicas.apply([])
+    assert sorted(r.replica_id for r in replicas.up()) == ["a", "b"]
+    replicas.apply([(b, {})])
+    assert sorted(replicas.replicas) == ["b"]
+    asyncio.run(replicas.close())
