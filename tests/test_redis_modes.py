@@ -200,12 +200,15 @@ def test_an_unknown_redis_mode_is_refused():
 def test_an_empty_registry_listing_keeps_the_rotation_a_smaller_one_shrinks_it():
     """A Redis failover that loses the heartbeats lists no replica for a moment: the gateway keeps
     routing to the replicas it had (a user saw 503s before); a listing that names some drops the rest."""
-    replicas = ReplicaSet(GatewayConfig(redis_url=""))
-    a, b = StoreRef("a", "127.0.0.1:1", 1), StoreRef("b", "127.0.0.1:2", 1)
-    replicas.apply([(a, {}), (b, {})])
-    assert sorted(replicas.replicas) == ["a", "b"]
-    replicas.apply([])
-    assert sorted(r.replica_id for r in replicas.up()) == ["a", "b"]
-    replicas.apply([(b, {})])
-    assert sorted(replicas.replicas) == ["b"]
-    asyncio.run(replicas.close())
+    async def scenario() -> None:  # the replicas' grpc.aio channels need a running loop
+        replicas = ReplicaSet(GatewayConfig(redis_url=""))
+        a, b = StoreRef("a", "127.0.0.1:1", 1), StoreRef("b", "127.0.0.1:2", 1)
+        replicas.apply([(a, {}), (b, {})])
+        assert sorted(replicas.replicas) == ["a", "b"]
+        replicas.apply([])
+        assert sorted(r.replica_id for r in replicas.up()) == ["a", "b"]
+        replicas.apply([(b, {})])
+        assert sorted(replicas.replicas) == ["b"]
+        await replicas.close()
+
+    asyncio.run(scenario())
