@@ -8,6 +8,7 @@ shard killed under load with no failed request and the same tokens (tests/test_i
 rule on such a cluster too)."""
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -128,15 +129,23 @@ QUESTION = "Name three rivers of Europe and one city on each. " + " ".join(
     f"Context line {i}: the archive holds {i * 7} maps." for i in range(12))
 
 
-@pytest.mark.slow
-def test_kvcluster_up_on_a_redis_cluster_serves_from_the_store_and_survives_a_lost_shard():
+@contextlib.contextmanager
+def warm_cluster(redis_mode: str, scheme: str):
+    """`kvcluster up --redis-mode <redis_mode>` with the gateway, QUESTION asked cold then warm (same
+    text, the warm one cached): yields the cluster, its `ask` and the cold answer."""
     with open("/dev/null", "w") as quiet, Cluster(ClusterPorts.any_free(), dtype="float32", gateway=True,
-                                                  redis_mode="cluster", log_stream=quiet) as cluster:
-        assert cluster.redis_url.startswith("redis+cluster://")
+                                                  redis_mode=redis_mode, log_stream=quiet) as cluster:
+        assert cluster.redis_url.startswith(f"{scheme}://")
         ask = chat_client(cluster)
         cold, cold_cached = ask(QUESTION)
         warm, warm_cached = ask(QUESTION)
         assert warm == cold and cold_cached == 0 and warm_cached > 0
+        yield cluster, ask, cold
+
+
+@pytest.mark.slow
+def test_kvcluster_up_on_a_redis_cluster_serves_from_the_store_and_survives_a_lost_shard():
+    with warm_cluster("cluster", "redis+cluster") as (cluster, ask, cold):
         # Without the decode worker's own copy, the blocks come from the store, found through the
         # cluster's index (lookups spread over its shards).
         assert httpx.post(f"{cluster.gateway_url}/reset_prefix_cache", timeout=30).status_code == 200
@@ -160,13 +169,7 @@ def test_kvcluster_up_on_a_redis_cluster_serves_from_the_store_and_survives_a_lo
 @pytest.mark.slow
 def test_kvcluster_up_on_sentinel_serves_warm_equal_cold_through_a_primary_failover():
     question = QUESTION
-    with open("/dev/null", "w") as quiet, Cluster(ClusterPorts.any_free(), dtype="float32", gateway=True,
-                                                  redis_mode="sentinel", log_stream=quiet) as cluster:
-        assert cluster.redis_url.startswith("redis+sentinel://")
-        ask = chat_client(cluster)
-        cold, cold_cached = ask(question)
-        warm, warm_cached = ask(question)
-        assert warm == cold and cold_cached == 0 and warm_cached > 0
+    with warm_cluster("sentinel", "redis+sentinel") as (cluster, ask, cold):
         group: SentinelGroup = cluster.redis
         old = group.primary()
         questions = [f"{question} Variant {i}." for i in range(6)]
