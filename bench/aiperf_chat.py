@@ -34,7 +34,7 @@ import httpx
 from bench.common import at_least, at_most, not_run, progress
 from bench.context import BenchContext
 from bench.plots import bar_plot
-from kvcluster.model.loader import read_tokenizer_data
+from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer
 
 NAME = "aiperf_chat"

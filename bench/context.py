@@ -13,7 +13,7 @@ from typing import TextIO
 from bench.common import RESULTS_DIR, write_result
 from kvcluster.launcher import Cluster, ClusterPorts
 from kvcluster.model.engine import Engine, EngineConfig, load_engine
-from kvcluster.model.gguf_loader import default_model_path
+from kvcluster.model.files import default_model_path
 
 MODES = ("full", "quick", "tiny")
 ENGINE_KV_BYTES = 512 << 20

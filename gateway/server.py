@@ -34,8 +34,8 @@ from gateway.router import Route, Router
 from gateway.tokenize import TokenizeEndpoints
 from kvcluster.blocks import prefix_hashes
 from kvcluster.errors import Unavailable
-from kvcluster.model.gguf_loader import default_model_path
-from kvcluster.model.loader import read_model_config, read_tokenizer_data
+from kvcluster.model.files import default_model_path
+from kvcluster.model.files import read_model_config, read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer
 from kvcluster.proto import decode_pb2
 from kvcluster.security import API_KEY_HEADER, _same_secret

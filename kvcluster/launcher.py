@@ -31,12 +31,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvcluster.dtypes import check_dtype
 from kvcluster.errors import Unavailable
+from kvcluster.model.files import default_model_path, read_model_config
 from kvcluster.redis_server import ClusterGroup, RedisServer, SentinelGroup, start_redis_server
 
 REDIS_MODES = ("single", "sentinel", "cluster")
@@ -163,8 +165,6 @@ class Cluster:
 
     def store_layout_args(self) -> list:
         """The store's KV layout flags for the workers' model (its config only; no weights are read)."""
-        from kvcluster.model.loader import read_model_config  # torch loads only when a cluster starts
-
         config = read_model_config(self.model or None)
         return ["--num-layers", config.num_layers, "--num-kv-heads", config.num_kv_heads, "--head-dim", config.head_dim]
 
@@ -279,10 +279,6 @@ class Cluster:
     @property
     def served_model(self) -> str:
         """The model id the gateway serves (its default: the model file's name without extension)."""
-        from pathlib import Path
-
-        from kvcluster.model.gguf_loader import default_model_path
-
         return Path(self.model or default_model_path()).stem
 
 

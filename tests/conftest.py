@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 from kvcluster.model.engine import Engine, EngineConfig, load_engine, random_engine
 from kvcluster.model.gguf_loader import default_model_path, load_gguf
-from kvcluster.model.llama import ModelConfig
+from kvcluster.model.config import ModelConfig
 from kvcluster.model.shipped import gemma3_path as shipped_gemma3_path
 from kvcluster.model.tokenizer import Tokenizer
 

@@ -5,6 +5,8 @@ cached prefix and load, POST /reset_prefix_cache, and mid-stream failover when a
 import json
 import re
 import signal
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -16,7 +18,7 @@ from kvcluster.blocks import prefix_hashes
 from kvcluster.client import Client
 from kvcluster.index import RedisIndex, worker_namespace
 from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.model.loader import read_tokenizer_data
+from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import ChatMessage, Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -452,3 +454,17 @@ def metric(cluster, name: str, labels: str) -> float:
     text = httpx.get(f"{cluster.gateway_url}/metrics", timeout=10).text
     match = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def test_the_gateway_builds_without_importing_torch():
+    """The gateway is an HTTP front: it reads the model's config and tokenizer (kvcluster.model.files) and
+    tokenizes, but never loads torch (half a gigabyte of memory and seconds of start-up per process)."""
+    code = ("import sys\n"
+            "from gateway.config import GatewayConfig\n"
+            "from gateway.server import Gateway\n"
+            "gateway = Gateway(GatewayConfig(redis_url=''))\n"
+            "assert gateway.tokenizer.encode('Hello there') and gateway.limits.max_tokens > 0\n"
+            "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

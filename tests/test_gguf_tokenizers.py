@@ -15,8 +15,8 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from kvcluster.errors import UnsupportedModel
-from kvcluster.model.gguf_loader import default_model_path
-from kvcluster.model.loader import read_tokenizer_data
+from kvcluster.model.files import default_model_path
+from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer
 
 TEXTS = [

@@ -15,7 +15,7 @@ from gateway.server import Gateway
 from kvcluster.blocks import prefix_hashes
 from kvcluster.client import Client
 from kvcluster.index import RedisIndex, worker_namespace
-from kvcluster.model.loader import read_tokenizer_data
+from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer
 from kvcluster.proto import decode_pb2
 from kvcluster.security import API_KEY_HEADER

@@ -1,5 +1,6 @@
-"""Gemma 3 (text): the llama forward with Gemma's differences, and its config, weights and chat
-template from a GGUF file or a Hugging Face directory (model_type `gemma3_text`).
+"""Gemma 3 (text): the llama forward with Gemma's differences, and its weights from a GGUF file or a
+Hugging Face directory (model_type `gemma3_text`; its config is read by kvcluster.model.config, its chat
+template by kvcluster.model.files).
 
 What differs from llama: the embedding is scaled by sqrt(hidden); every layer has four norms (before
 and after attention, before and after the MLP); q and k get a per-head RMSNorm; the MLP is GeGLU
@@ -14,49 +15,13 @@ layer only masks the keys before its window, so a prefix hit reads the very byte
 """
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from kvcluster.errors import UnsupportedModel
-from kvcluster.model.llama import LayerWeights, LlamaModel, ModelConfig, Step, rope_frequencies, rope_tables
-
-ARCHITECTURE = "gemma3"
-HF_MODEL_TYPE = "gemma3_text"
-SLIDING_PATTERN = 6          # layers i with (i + 1) % 6 != 0 are windowed (as llama.cpp and transformers)
-LOCAL_ROPE_THETA = 10000.0   # the windowed layers' rope base (llama.cpp hard-codes it too)
-END_OF_TURN = "<end_of_turn>"  # ends a chat turn: a stop token besides <eos>
-
-# Gemma 3's chat template (google/gemma-3-*-it), for files that carry none: a system message is
-# prepended to the first user turn, the assistant's role is called "model".
-CHAT_TEMPLATE = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
-    {{- message['content'] | trim }}
-    {{- '<end_of_turn>\\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{ '<start_of_turn>model\\n' }}
-{%- endif -%}
-"""
-
+from kvcluster.model.config import ModelConfig
+from kvcluster.model.llama import LayerWeights, LlamaModel, Step, rope_frequencies, rope_tables
 
 class Gemma3Model(LlamaModel):
     """The llama forward with Gemma 3's embedding scale, norms, GeGLU and per-layer rope bases."""
@@ -84,42 +49,7 @@ class Gemma3Model(LlamaModel):
         return x + self._rms_norm(w_down(F.gelu(gate, approximate="tanh") * up), lw.post_ffn_norm)
 
 
-def layer_windows(num_layers: int, window: int, kinds: list[str] | None = None) -> tuple[int, ...]:
-    """Per layer the window (0 = full attention): from transformers' `layer_types` when given, else
-    Gemma 3's pattern."""
-    if kinds is None:
-        kinds = ["full_attention" if (i + 1) % SLIDING_PATTERN == 0 else "sliding_attention" for i in range(num_layers)]
-    unknown = set(kinds) - {"full_attention", "sliding_attention"}
-    if unknown or len(kinds) != num_layers:
-        raise UnsupportedModel(f"gemma3: layer_types {sorted(unknown) or kinds} not understood")
-    return tuple(window if kind == "sliding_attention" else 0 for kind in kinds)
-
-
 # ---- GGUF -------------------------------------------------------------------------------------
-
-def gguf_config(field: Callable, path, vocab_size: int) -> ModelConfig:
-    """ModelConfig from a gemma3 GGUF's metadata (`field(key, default)` reads one key)."""
-    scaling = field("gemma3.rope.scaling.type", "none")
-    if scaling not in ("none", "linear") or (scaling == "linear" and float(field("gemma3.rope.scaling.factor", 1.0)) != 1.0):
-        raise UnsupportedModel(f"{path}: rope scaling {scaling!r} of gemma3 is not supported (Gemma 3 270M and 1B have none)")
-    hidden, heads, layers = int(field("gemma3.embedding_length")), int(field("gemma3.attention.head_count")), int(field("gemma3.block_count"))
-    head_dim = int(field("gemma3.attention.key_length", 256))
-    # llama.cpp's rule, since the file does not carry query_pre_attn_scalar: 27B (62 layers) scales
-    # queries by (hidden / heads) ** -0.5, every other size by head_dim ** -0.5.
-    query_scalar = hidden / heads if layers == 62 else head_dim
-    return ModelConfig(
-        num_layers=layers, hidden_size=hidden, num_heads=heads,
-        num_kv_heads=int(field("gemma3.attention.head_count_kv", heads)), head_dim=head_dim,
-        intermediate_size=int(field("gemma3.feed_forward_length")),
-        vocab_size=vocab_size,
-        rope_theta=float(field("gemma3.rope.freq_base", 1_000_000.0)),
-        rms_eps=float(field("gemma3.attention.layer_norm_rms_epsilon", 1e-6)),
-        context_length=int(field("gemma3.context_length", 32768)),
-        architecture=ARCHITECTURE,
-        layer_windows=layer_windows(layers, int(field("gemma3.attention.sliding_window"))),
-        local_rope_theta=LOCAL_ROPE_THETA, attention_scale=1.0 / math.sqrt(query_scalar),
-    )
-
 
 def gguf_layer(load: Callable, as_torch: Callable, i: int, config: ModelConfig) -> LayerWeights:
     """Layer i of a gemma3 GGUF (llama.cpp writes Gemma's Q/K rows unpermuted: NEOX-style rope)."""
@@ -143,36 +73,6 @@ def _qk_norm(q_norm: torch.Tensor, k_norm: torch.Tensor, config: ModelConfig) ->
 
 
 # ---- Hugging Face -----------------------------------------------------------------------------
-
-def hf_config(raw: dict) -> ModelConfig:
-    """ModelConfig from a `gemma3_text` config.json (transformers 4's rope_theta and
-    rope_local_base_freq, or 5's rope_parameters per layer kind)."""
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if raw.get(key) is not None:
-            raise UnsupportedModel(f"gemma3: {key} is not supported")
-    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
-    if act != "gelu_pytorch_tanh":
-        raise UnsupportedModel(f"gemma3: hidden_activation {act!r} is not supported (only gelu_pytorch_tanh)")
-    rope = raw.get("rope_parameters") or {}
-    full = rope.get("full_attention", {"rope_theta": raw.get("rope_theta", 1_000_000.0), **(raw.get("rope_scaling") or {})})
-    local = rope.get("sliding_attention", {"rope_theta": raw.get("rope_local_base_freq", LOCAL_ROPE_THETA)})
-    for kind, params in (("full_attention", full), ("sliding_attention", local)):
-        if params.get("rope_type", params.get("type", "default")) != "default":
-            raise UnsupportedModel(f"gemma3: rope scaling {params.get('rope_type', params.get('type'))!r} of the "
-                                   f"{kind} layers is not supported")
-    layers, heads = raw["num_hidden_layers"], raw["num_attention_heads"]
-    head_dim = raw.get("head_dim", 256)
-    return ModelConfig(
-        num_layers=layers, hidden_size=raw["hidden_size"], num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads, head_dim=head_dim,
-        intermediate_size=raw["intermediate_size"], vocab_size=raw["vocab_size"],
-        rope_theta=float(full["rope_theta"]), rms_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        context_length=raw.get("max_position_embeddings", 32768), architecture=ARCHITECTURE,
-        layer_windows=layer_windows(layers, raw["sliding_window"], raw.get("layer_types")),
-        local_rope_theta=float(local["rope_theta"]),
-        attention_scale=1.0 / math.sqrt(raw.get("query_pre_attn_scalar", head_dim)),
-    )
-
 
 def hf_layer(tensors, p: str, config: ModelConfig) -> LayerWeights:
     """Layer weights under prefix `p` (model.layers.i.) of a Hugging Face checkpoint (`tensors.take(name)`

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvcluster.kvpool import KVLayout
+from kvcluster.model.config import ModelConfig
 from kvcluster.model.attention import CausalAttention, KernelAttention, MaskedAttention, PaddedAttention
 from kvcluster.model.kernels import (few_rows_linear_op, invariant_linear_op, invariant_pack_op, kernel_isa,
                                      paged_attention_op, rms_norm_op)
@@ -25,32 +25,6 @@ log = logging.getLogger(__name__)
 
 # Part of every block's fingerprint: bump it when a change to the forward changes K/V bytes.
 NUMERICS_VERSION = 2
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of a llama-family model (llama, mistral, qwen2, qwen3 share this forward)."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rope_theta: float
-    rms_eps: float
-    context_length: int
-    architecture: str = "llama"                         # the family (a Hugging Face model_type)
-    rope_freq_factors: tuple[float, ...] | None = None  # [head_dim / 2] divisors of the rotary frequencies (Llama 3)
-    # Gemma 3 (kvcluster.model.gemma3): per layer 0 = full attention or the sliding window's length,
-    # the rope base of the windowed layers, and the attention scale when it is not head_dim ** -0.5.
-    layer_windows: tuple[int, ...] | None = None
-    local_rope_theta: float | None = None
-    attention_scale: float | None = None
-
-    def kv_layout(self, block_size: int, dtype: str) -> KVLayout:
-        return KVLayout(self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype)
 
 
 @dataclass

@@ -33,7 +33,7 @@ def resolve(model: str | Path | None) -> str | Path | None:
 
 
 def _default_path() -> Path:
-    from kvcluster.model.gguf_loader import default_model_path
+    from kvcluster.model.files import default_model_path
 
     return default_model_path()
 

@@ -19,8 +19,7 @@ import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers
 
 from kvcluster.errors import InvalidArgument, UnsupportedModel
-from kvcluster.model.gguf_loader import TokenizerData
-from kvcluster.model.hf_loader import HFTokenizerFiles
+from kvcluster.model.files import HFTokenizerFiles, TokenizerData
 
 CHAT_ROLES = ("system", "user", "assistant")
 GGUF_TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE; SentencePiece (BPE with byte fallback and scores)
