@@ -10,6 +10,15 @@
 - Each slot has a generation, bumped whenever the slot is handed out; a block records the
   generation it was written under, so a read can prove its slot still holds that block.
 - Full and nothing evictable -> ResourceExhausted at once; nothing ever waits for space.
+- Lower tiers (cache_store.spill: host memory, then a disk file; none by default): a full block
+  evicted from the device goes down one tier instead of being dropped, a tier's own LRU victim goes
+  down the next, and only what leaves the last tier is dropped. A block lives in exactly one tier;
+  while its bytes move between tiers it is "moving" (held, but not pinnable: a pull stops there). A
+  pin of a block in a lower tier promotes it into a device slot (verified against its checksum on
+  the way: a corrupt copy is dropped and the pull stops there) and pins it, so reads see only device
+  slots. Pinned and request-scoped blocks are never in the device LRU, so they never spill.
+- The index hears of a full block when it first lands on the device and of its removal only when
+  it leaves the last tier; lookups count blocks in every tier.
 
 One lock guards all of it: gRPC handlers run on a thread pool. Index changes are reported to an
 IndexSink while the lock is held, so the sink sees them in the order the pool made them.
@@ -17,16 +26,19 @@ IndexSink while the lock is held, so the sink sees them in the order the pool ma
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from cache_store.spill import SpillTier, SpilledBlock
 from kvcluster.block_io import batch_to_payloads
+from kvcluster.blocks import checksum
 from kvcluster.device import Device
 from kvcluster.errors import IntegrityError, InvalidArgument, ResourceExhausted
 from kvcluster.block_manager import BlockManager
@@ -34,7 +46,10 @@ from kvcluster.kvpool import KVLayout, KVPool
 from kvcluster.proto import common_pb2
 from kvcluster.wire import describe_key
 
+log = logging.getLogger(__name__)
+
 BlockKey = bytes | str  # chained hash of a full block, or request key of a tail block
+DEVICE = "device"
 
 
 class IndexSink(Protocol):
@@ -74,15 +89,56 @@ class StoredBlock:
     retired: bool = False                # unmapped while pinned; slot freed at the last release
 
 
+@dataclass(frozen=True)
+class Move:
+    """One block's bytes to copy from a slot of `source` (None: the device pool) to a reserved slot of
+    `target`, planned under the lock and copied outside it."""
+
+    block: SpilledBlock
+    source: SpillTier | None
+    source_slot: int
+    target: SpillTier
+    target_slot: int
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """A block taken out of `tier` to be copied into the reserved device `slot`; `moves` (the demotions
+    that freed that slot) may reuse the block's own slot in `tier`, the swap that keeps a promotion
+    from pushing another block out of the last tier."""
+
+    block: SpilledBlock
+    tier: SpillTier
+    slot: int
+    moves: list[Move]
+    owns_tier_slot: bool  # False: the demotions reuse the block's lower-tier slot, so read it first
+
+
 @dataclass
 class PoolCounters:
-    """Monotonic counters, read by cache_store.metrics."""
+    """Monotonic counters, read by cache_store.metrics. Per-tier ones are keyed by tier name
+    ("device", "host", "disk"); spills by (from tier, to tier)."""
 
     evictions: int = 0
     lease_expiries: int = 0
     lookups: int = 0
     hit_blocks: int = 0
     miss_blocks: int = 0
+    spills: dict[tuple[str, str], int] = field(default_factory=dict)
+    promotions: dict[str, int] = field(default_factory=dict)    # by the tier promoted from
+    drops: dict[str, int] = field(default_factory=dict)         # full blocks that left the store, by tier
+    tier_checksum_failures: dict[str, int] = field(default_factory=dict)
+
+    def bump(self, counter: dict, key) -> None:
+        counter[key] = counter.get(key, 0) + 1
+
+
+@dataclass(frozen=True)
+class TierStats:
+    name: str
+    blocks_used: int
+    blocks_capacity: int
+    bytes_capacity: int
 
 
 @dataclass(frozen=True)
@@ -94,6 +150,7 @@ class PoolStats:
     pinned_blocks: int
     request_blocks: int
     counters: PoolCounters
+    tiers: tuple[TierStats, ...] = ()  # the device first, then each lower tier
 
 
 class StorePool:
@@ -101,7 +158,7 @@ class StorePool:
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: "Device | str | torch.device" = "cpu",
                  index: IndexSink | None = None, clock: Callable[[], float] = time.monotonic,
-                 max_leased_fraction: float = 0.25):
+                 max_leased_fraction: float = 0.25, tiers: Sequence[SpillTier] = ()):
         self.layout = layout
         # Leased tail blocks cannot be evicted, only expire: one pusher may hold at most this many.
         self.max_leased_per_pusher = max(1, int(num_blocks * max_leased_fraction))
@@ -118,17 +175,19 @@ class StorePool:
         self._leases: list[tuple[float, int, StoredBlock]] = []     # heap of request-block deadlines
         self._pins: dict[Hashable, list[StoredBlock]] = {}
         self._seq = itertools.count()
+        self._tiers = list(tiers)                    # lower tiers, highest first
+        self._moving: dict[bytes, SpilledBlock] = {}  # full blocks whose bytes are being copied between tiers
         self.counters = PoolCounters()
 
     @classmethod
     def from_budget(cls, layout: KVLayout, capacity_bytes: int, device: str | torch.device = "cpu",
-                    index: IndexSink | None = None) -> "StorePool":
+                    index: IndexSink | None = None, tiers: Sequence[SpillTier] = ()) -> "StorePool":
         """As many blocks as fit in `capacity_bytes`."""
         num_blocks = capacity_bytes // layout.block_nbytes
         if num_blocks < 1:
             raise InvalidArgument("capacity_bytes", f"{capacity_bytes} holds no block of "
                                   f"{layout.block_nbytes} bytes")
-        return cls(layout, num_blocks, device, index)
+        return cls(layout, num_blocks, device, index, tiers=tiers)
 
     @property
     def device(self) -> torch.device:
@@ -157,7 +216,8 @@ class StorePool:
                 if held >= self.max_leased_per_pusher:
                     raise LeaseBudgetExceeded(f"{describe_key(key)}: this pusher already holds {held} leased "
                                               f"tail blocks, the most one pusher may (a quarter of the pool)")
-            slot = self._take_slot()
+            slot, moves = self._take_slot()
+        self._run_moves(moves)
         try:
             self._kv.import_block(slot, payload)
         except BaseException:
@@ -173,6 +233,10 @@ class StorePool:
 
     def _touch_existing(self, key: BlockKey, fingerprint: bytes, header: common_pb2.BlockRef) -> bool:
         entry = self._find(key)
+        if entry is None and isinstance(key, bytes):
+            entry, tier = self._find_spilled(key)
+            if entry is not None and tier is not None and entry.fingerprint == fingerprint:
+                tier.touch(key)
         if entry is None:
             return False
         if entry.fingerprint != fingerprint:
@@ -185,22 +249,87 @@ class StorePool:
             self._lru.move_to_end(entry.key)
         return True
 
-    def _take_slot(self) -> int:
+    def _take_slot(self) -> tuple[int, list[Move]]:
+        """A device slot for the caller, and the moves to run (outside the lock) before it is written:
+        the evicted block's way down the tiers."""
         slots = self._slots.allocate(1)
         if not slots and self._expire_leases():
             slots = self._slots.allocate(1)
+        moves: list[Move] = []
         if slots:
             slot = slots[0]
         elif self._lru:
             _, victim = self._lru.popitem(last=False)
-            self._unmap(victim)
             self.counters.evictions += 1
             slot = victim.slot
+            if self._tiers:
+                self._unmap(victim, dropped=False)
+                moves = self._plan_spill(SpilledBlock(victim.key, victim.fingerprint, victim.header), None, slot, 0)
+            else:
+                self._unmap(victim)
+                self.counters.bump(self.counters.drops, DEVICE)
         else:
             raise ResourceExhausted(f"store pool is full: all {self.num_blocks} blocks are pinned, "
                                     "leased or being written")
         self._generation[slot] += 1
-        return slot
+        return slot, moves
+
+    def _plan_spill(self, block: SpilledBlock, source: SpillTier | None, source_slot: int, depth: int) -> list[Move]:
+        """Under the lock: reserve a slot for `block` in tier `depth`, making room by sending that tier's
+        LRU victim one tier down (or dropping it from the last tier). Returns the moves, deepest first,
+        which is the order that reads every slot before it is overwritten."""
+        tier = self._tiers[depth]
+        target_slot = tier.free_slot()
+        moves: list[Move] = []
+        if target_slot is None:
+            victim = tier.pop_victim()
+            if victim is None:  # every slot is reserved by moves in flight: nowhere to go
+                self._drop(block, self._tier_name(source))
+                return []
+            target_slot = victim.slot
+            if depth + 1 < len(self._tiers):
+                self._moving[victim.key] = victim
+                moves = self._plan_spill(victim, tier, victim.slot, depth + 1)
+            else:
+                self._drop(victim, tier.name)
+        self._moving[block.key] = block
+        moves.append(Move(block, source, source_slot, tier, target_slot))
+        return moves
+
+    def _run_moves(self, moves: list[Move]) -> None:
+        """Copy planned moves' bytes (no lock held: every slot involved is reserved), then publish each
+        block in its new tier. A move that fails (a disk error) drops its block: a miss, never an error."""
+        if not moves:
+            return
+        failed: set[int] = set()
+        for i, move in enumerate(moves):
+            try:
+                if move.source is None:
+                    move.target.slots.save_from(move.target_slot, self._kv, move.source_slot)
+                else:
+                    move.target.slots.write(move.target_slot, move.source.slots.view(move.source_slot))
+            except OSError as exc:
+                log.warning("dropping a block: copying it to the %s tier failed: %s", move.target.name, exc)
+                failed.add(i)
+        with self._lock:
+            for i, move in enumerate(moves):
+                del self._moving[move.block.key]
+                if i in failed:
+                    move.target.release_slot(move.target_slot)
+                    self._drop(move.block, self._tier_name(move.source))
+                    continue
+                move.block.slot = move.target_slot
+                move.target.put(move.block)
+                self.counters.bump(self.counters.spills, (self._tier_name(move.source), move.target.name))
+
+    def _drop(self, block: SpilledBlock, tier_name: str) -> None:
+        """A full block leaves the store (from `tier_name`): the index hears of it now."""
+        self._index.blocks_removed([block.key])
+        self.counters.bump(self.counters.drops, tier_name)
+
+    @staticmethod
+    def _tier_name(tier: SpillTier | None) -> str:
+        return DEVICE if tier is None else tier.name
 
     def _publish(self, entry: StoredBlock, lease_s: float) -> None:
         if isinstance(entry.key, bytes):
@@ -217,11 +346,11 @@ class StorePool:
     # ---- reading -------------------------------------------------------------------------
 
     def lookup(self, fingerprint: bytes, block_hashes: Sequence[bytes]) -> int:
-        """How many of `block_hashes`, from the first, are held under `fingerprint`."""
+        """How many of `block_hashes`, from the first, are held (in any tier) under `fingerprint`."""
         with self._lock:
             held = 0
             for block_hash in block_hashes:
-                entry = self._by_hash.get(block_hash)
+                entry = self._by_hash.get(block_hash) or self._find_spilled(block_hash)[0]
                 if entry is None or entry.fingerprint != fingerprint:
                     break
                 held += 1
@@ -229,23 +358,100 @@ class StorePool:
             return held
 
     def pin(self, fingerprint: bytes, keys: Sequence[BlockKey], owner: Hashable) -> tuple[list[StoredBlock], str]:
-        """Pin the longest held prefix of `keys` for `owner`. Returns the pinned blocks and, when it
-        stopped early, why."""
+        """Pin the longest held prefix of `keys` for `owner`, promoting blocks held in a lower tier into
+        device slots. Returns the pinned blocks and, when it stopped early, why."""
+        pins: list[StoredBlock] = []
+        stop_reason = ""
+        while len(pins) < len(keys) and not stop_reason:
+            with self._lock:
+                stop_reason, promotion = self._pin_resident(fingerprint, keys, owner, pins)
+            if promotion is not None:
+                stop_reason = self._promote(promotion, len(pins), owner, pins)
         with self._lock:
-            pins: list[StoredBlock] = []
-            stop_reason = ""
-            for position, key in enumerate(keys):
-                entry = self._find(key)
-                if entry is None or entry.fingerprint != fingerprint:
-                    problem = "is not held" if entry is None else "was stored under another fingerprint"
-                    stop_reason = f"block {position} ({describe_key(key)}) {problem}"
-                    break
+            self._count_lookup(len(pins), len(keys))
+        return pins, stop_reason
+
+    def _pin_resident(self, fingerprint: bytes, keys: Sequence[BlockKey], owner: Hashable,
+                      pins: list[StoredBlock]) -> tuple[str, Promotion | None]:
+        """Under the lock: pin device blocks from keys[len(pins)] on, up to the first one that is not on
+        the device. Returns why it stopped, or the promotion that brings that block up."""
+        owned = self._pins.setdefault(owner, [])
+        for position in range(len(pins), len(keys)):
+            key = keys[position]
+            entry = self._find(key)
+            if entry is not None and entry.fingerprint == fingerprint:
                 entry.pins += 1
                 self._lru.pop(entry.key, None)
                 pins.append(entry)
-            self._pins.setdefault(owner, []).extend(pins)
-            self._count_lookup(len(pins), len(keys))
-            return pins, stop_reason
+                owned.append(entry)
+                continue
+            spilled, tier = self._find_spilled(key) if entry is None and isinstance(key, bytes) else (None, None)
+            if spilled is not None and spilled.fingerprint == fingerprint and tier is not None:
+                return self._plan_promotion(position, spilled, tier)
+            if spilled is not None and spilled.fingerprint == fingerprint:
+                return f"block {position} ({describe_key(key)}) is moving between tiers", None
+            found = entry or spilled
+            problem = "is not held" if found is None else "was stored under another fingerprint"
+            return f"block {position} ({describe_key(key)}) {problem}", None
+        return "", None
+
+    def _plan_promotion(self, position: int, block: SpilledBlock, tier: SpillTier) -> tuple[str, Promotion | None]:
+        tier.take(block.key)  # first, so the demotions that make room cannot pick it as a victim
+        tier.release_slot(block.slot)  # ... and may land in its slot, which is read before they run
+        try:
+            slot, moves = self._take_slot()
+        except ResourceExhausted:
+            tier.reclaim_slot(block.slot)
+            tier.put(block)
+            return (f"block {position} ({describe_key(block.key)}) is in the {tier.name} tier and no device "
+                    "slot is free to promote it into"), None
+        self._moving[block.key] = block
+        return "", Promotion(block, tier, slot, moves, tier.reclaim_slot(block.slot))
+
+    def _promote(self, promotion: Promotion, position: int, owner: Hashable, pins: list[StoredBlock]) -> str:
+        """Copy a block up into its reserved device slot (no lock held), verify it, publish it pinned.
+        Returns "" or why the pull stops here."""
+        block, tier = promotion.block, promotion.tier
+        payload, problem = None, "failed its checksum"
+        try:
+            try:
+                payload = tier.slots.view(block.slot)
+                if not promotion.owns_tier_slot:
+                    payload = bytes(payload)
+            except OSError as exc:
+                log.warning("dropping a block: reading it back from the %s tier failed: %s", tier.name, exc)
+                problem = f"could not be read back ({exc.strerror or exc})"
+            finally:
+                self._run_moves(promotion.moves)
+            if payload is not None and checksum(payload) == block.header.checksum:
+                self._kv.import_block(promotion.slot, payload)
+                problem = ""
+        except BaseException:
+            self._end_promotion(promotion, "failed")
+            raise
+        return self._end_promotion(promotion, problem, position, owner, pins)
+
+    def _end_promotion(self, promotion: Promotion, problem: str, position: int = 0, owner: Hashable = None,
+                       pins: list[StoredBlock] | None = None) -> str:
+        """Publish a promoted block pinned for `owner`, or drop it (`problem`); either way its lower-tier
+        slot is free again."""
+        block, tier, slot = promotion.block, promotion.tier, promotion.slot
+        with self._lock:
+            del self._moving[block.key]
+            if promotion.owns_tier_slot:
+                tier.release_slot(block.slot)
+            if problem:
+                self._slots.free([slot])
+                self._drop(block, tier.name)
+                if problem.startswith("failed its checksum"):
+                    self.counters.bump(self.counters.tier_checksum_failures, tier.name)
+                return f"block {position} ({describe_key(block.key)}) {problem} in the {tier.name} tier"
+            entry = StoredBlock(block.key, slot, self._generation[slot], block.fingerprint, block.header, pins=1)
+            self._by_hash[block.key] = entry
+            self._pins.setdefault(owner, []).append(entry)
+            pins.append(entry)
+            self.counters.bump(self.counters.promotions, tier.name)
+            return ""
 
     def read(self, blocks: Sequence[StoredBlock]) -> list[bytes]:
         """Pinned blocks' bytes. Needs no lock: a pinned slot is never handed out. One gather and one
@@ -309,27 +515,56 @@ class StorePool:
             return self._leased_by.get(pusher, 0)
 
     def held_hashes(self) -> list[bytes]:
+        """Every full block held, in any tier (what the index should list)."""
         with self._lock:
-            return list(self._by_hash)
+            return [*self._by_hash, *self._moving, *(key for tier in self._tiers for key in tier.blocks)]
+
+    def tier_of(self, block_hash: bytes) -> str | None:
+        """Which tier holds a full block ("device", "host", "disk"), "moving", or None."""
+        with self._lock:
+            if block_hash in self._by_hash:
+                return DEVICE
+            block, tier = self._find_spilled(block_hash)
+            return None if block is None else tier.name if tier is not None else "moving"
 
     def stats(self) -> PoolStats:
         with self._lock:
             used = self._slots.num_used
             pinned = len({id(entry) for pins in self._pins.values() for entry in pins})
-            return PoolStats(used, self.num_blocks, used * self.layout.block_nbytes,
-                             self.num_blocks * self.layout.block_nbytes, pinned,
-                             len(self._by_request), self.counters)
+            nbytes = self.layout.block_nbytes
+            tiers = (TierStats(DEVICE, used, self.num_blocks, self.num_blocks * nbytes),
+                     *(TierStats(tier.name, tier.num_used, tier.num_slots, tier.num_slots * nbytes)
+                       for tier in self._tiers))
+            return PoolStats(used, self.num_blocks, used * nbytes, self.num_blocks * nbytes, pinned,
+                             len(self._by_request), self.counters, tiers)
+
+    def close(self) -> None:
+        """Free the lower tiers' storage (the disk tier's file is removed)."""
+        with self._lock:
+            for tier in self._tiers:
+                tier.close()
 
     # ---- internals -----------------------------------------------------------------------
 
     def _find(self, key: BlockKey) -> StoredBlock | None:
+        """A block on the device (full or request-scoped)."""
         return self._by_hash.get(key) if isinstance(key, bytes) else self._by_request.get(key)
 
-    def _unmap(self, entry: StoredBlock) -> None:
+    def _find_spilled(self, key: bytes) -> tuple[SpilledBlock | None, SpillTier | None]:
+        """A full block in a lower tier and that tier, or one moving between tiers and None."""
+        for tier in self._tiers:
+            block = tier.get(key)
+            if block is not None:
+                return block, tier
+        return self._moving.get(key), None
+
+    def _unmap(self, entry: StoredBlock, dropped: bool = True) -> None:
+        """Take a block off the device; `dropped`: it leaves the store (not going down a tier)."""
         if isinstance(entry.key, bytes):
             del self._by_hash[entry.key]
             self._lru.pop(entry.key, None)
-            self._index.blocks_removed([entry.key])
+            if dropped:
+                self._index.blocks_removed([entry.key])
         else:
             del self._by_request[entry.key]
             if entry.pusher is not None:

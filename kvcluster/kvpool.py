@@ -109,6 +109,11 @@ class KVPool:
             return self._bytes[slot].numpy().tobytes()
         return batch_to_payloads(self.read([slot]))[0]
 
+    def copy_out(self, slot: int, host_row: torch.Tensor) -> None:
+        """Copy one block's bytes into `host_row` ([block_nbytes] uint8 on the host; page-locked on CUDA
+        makes it one direct copy). Returns when the copy is done."""
+        host_row.copy_(self._bytes[slot])
+
     def import_block(self, slot: int, payload: bytes | bytearray | memoryview) -> None:
         """Write one block's wire-format bytes into `slot`."""
         self.write([slot], batch_from_payloads([payload], self.layout.block_nbytes, self.ops))
