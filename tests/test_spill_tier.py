@@ -3,9 +3,11 @@
 Pool-level rules first (eviction order, promotion, the index, corruption, pins, leases, bounds), then
 a real store on a real gRPC port serving a working set four times its device pool."""
 
-import os
 import random
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -184,6 +186,16 @@ def test_tier_settings_are_checked_at_start(tmp_path):
         make_tiers(SMALL_LAYOUT, 0, NBYTES, str(tmp_path / "no-such-dir" / "spill.blocks"))
     defaults = StoreConfig()
     assert (defaults.host_tier_bytes, defaults.disk_tier_bytes) == (0, 0) and make_tiers(SMALL_LAYOUT, 0, 0) == []
+
+
+def test_a_store_process_with_an_unwritable_disk_tier_path_refuses_to_start(tmp_path):
+    path = tmp_path / "no-such-dir" / "spill.blocks"
+    result = subprocess.run([sys.executable, "-m", "cache_store", "--port", "0", "--metrics-port", "-1",
+                             "--redis-url", "", "--device", "cpu", "--capacity-bytes", str(1 << 20),
+                             "--disk-tier-bytes", str(1 << 20), "--disk-tier-path", str(path)],
+                            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2 and "READY" not in result.stdout
+    assert "disk_tier_path" in result.stderr and "cannot create" in result.stderr
 
 
 def test_concurrent_pulls_through_the_tiers_serve_only_exact_bytes_and_leak_nothing(pools):
