@@ -36,7 +36,7 @@ from typing import Protocol
 
 import torch
 
-from cache_store.spill import SpillTier, SpilledBlock
+from cache_store.spill import DEVICE, Move, SpillTier, SpilledBlock, TierChain
 from kvcluster.block_io import batch_to_payloads
 from kvcluster.blocks import checksum
 from kvcluster.device import Device
@@ -49,7 +49,6 @@ from kvcluster.wire import describe_key
 log = logging.getLogger(__name__)
 
 BlockKey = bytes | str  # chained hash of a full block, or request key of a tail block
-DEVICE = "device"
 
 
 class IndexSink(Protocol):
@@ -87,18 +86,6 @@ class StoredBlock:
     lease_deadline: float | None = None  # request-scoped blocks only
     pusher: Hashable = None              # request-scoped blocks only: whose lease budget it uses
     retired: bool = False                # unmapped while pinned; slot freed at the last release
-
-
-@dataclass(frozen=True)
-class Move:
-    """One block's bytes to copy from a slot of `source` (None: the device pool) to a reserved slot of
-    `target`, planned under the lock and copied outside it."""
-
-    block: SpilledBlock
-    source: SpillTier | None
-    source_slot: int
-    target: SpillTier
-    target_slot: int
 
 
 @dataclass(frozen=True)
@@ -175,9 +162,8 @@ class StorePool:
         self._leases: list[tuple[float, int, StoredBlock]] = []     # heap of request-block deadlines
         self._pins: dict[Hashable, list[StoredBlock]] = {}
         self._seq = itertools.count()
-        self._tiers = list(tiers)                    # lower tiers, highest first
-        self._moving: dict[bytes, SpilledBlock] = {}  # full blocks whose bytes are being copied between tiers
         self.counters = PoolCounters()
+        self._tiers = TierChain(tiers, self._drop, self.counters.spills)  # lower tiers, highest first
 
     @classmethod
     def from_budget(cls, layout: KVLayout, capacity_bytes: int, device: str | torch.device = "cpu",
@@ -264,7 +250,7 @@ class StorePool:
             slot = victim.slot
             if self._tiers:
                 self._unmap(victim, dropped=False)
-                moves = self._plan_spill(SpilledBlock(victim.key, victim.fingerprint, victim.header), None, slot, 0)
+                moves = self._tiers.plan_spill(SpilledBlock(victim.key, victim.fingerprint, victim.header), slot)
             else:
                 self._unmap(victim)
                 self.counters.bump(self.counters.drops, DEVICE)
@@ -274,62 +260,17 @@ class StorePool:
         self._generation[slot] += 1
         return slot, moves
 
-    def _plan_spill(self, block: SpilledBlock, source: SpillTier | None, source_slot: int, depth: int) -> list[Move]:
-        """Under the lock: reserve a slot for `block` in tier `depth`, making room by sending that tier's
-        LRU victim one tier down (or dropping it from the last tier). Returns the moves, deepest first,
-        which is the order that reads every slot before it is overwritten."""
-        tier = self._tiers[depth]
-        target_slot = tier.free_slot()
-        moves: list[Move] = []
-        if target_slot is None:
-            victim = tier.pop_victim()
-            if victim is None:  # every slot is reserved by moves in flight: nowhere to go
-                self._drop(block, self._tier_name(source))
-                return []
-            target_slot = victim.slot
-            if depth + 1 < len(self._tiers):
-                self._moving[victim.key] = victim
-                moves = self._plan_spill(victim, tier, victim.slot, depth + 1)
-            else:
-                self._drop(victim, tier.name)
-        self._moving[block.key] = block
-        moves.append(Move(block, source, source_slot, tier, target_slot))
-        return moves
-
     def _run_moves(self, moves: list[Move]) -> None:
-        """Copy planned moves' bytes (no lock held: every slot involved is reserved), then publish each
-        block in its new tier. A move that fails (a disk error) drops its block: a miss, never an error."""
-        if not moves:
-            return
-        failed: set[int] = set()
-        for i, move in enumerate(moves):
-            try:
-                if move.source is None:
-                    move.target.slots.save_from(move.target_slot, self._kv, move.source_slot)
-                else:
-                    move.target.slots.write(move.target_slot, move.source.slots.view(move.source_slot))
-            except OSError as exc:
-                log.warning("dropping a block: copying it to the %s tier failed: %s", move.target.name, exc)
-                failed.add(i)
-        with self._lock:
-            for i, move in enumerate(moves):
-                del self._moving[move.block.key]
-                if i in failed:
-                    move.target.release_slot(move.target_slot)
-                    self._drop(move.block, self._tier_name(move.source))
-                    continue
-                move.block.slot = move.target_slot
-                move.target.put(move.block)
-                self.counters.bump(self.counters.spills, (self._tier_name(move.source), move.target.name))
+        """Copy planned moves' bytes (no lock held: every slot involved is reserved), then land them."""
+        if moves:
+            failed = self._tiers.copy(moves, self._kv)
+            with self._lock:
+                self._tiers.land(moves, failed)
 
     def _drop(self, block: SpilledBlock, tier_name: str) -> None:
         """A full block leaves the store (from `tier_name`): the index hears of it now."""
         self._index.blocks_removed([block.key])
         self.counters.bump(self.counters.drops, tier_name)
-
-    @staticmethod
-    def _tier_name(tier: SpillTier | None) -> str:
-        return DEVICE if tier is None else tier.name
 
     def _publish(self, entry: StoredBlock, lease_s: float) -> None:
         if isinstance(entry.key, bytes):
@@ -405,7 +346,7 @@ class StorePool:
             tier.put(block)
             return (f"block {position} ({describe_key(block.key)}) is in the {tier.name} tier and no device "
                     "slot is free to promote it into"), None
-        self._moving[block.key] = block
+        self._tiers.moving[block.key] = block
         return "", Promotion(block, tier, slot, moves, tier.reclaim_slot(block.slot))
 
     def _promote(self, promotion: Promotion, position: int, owner: Hashable, pins: list[StoredBlock]) -> str:
@@ -437,7 +378,7 @@ class StorePool:
         slot is free again."""
         block, tier, slot = promotion.block, promotion.tier, promotion.slot
         with self._lock:
-            del self._moving[block.key]
+            del self._tiers.moving[block.key]
             if promotion.owns_tier_slot:
                 tier.release_slot(block.slot)
             if problem:
@@ -517,7 +458,7 @@ class StorePool:
     def held_hashes(self) -> list[bytes]:
         """Every full block held, in any tier (what the index should list)."""
         with self._lock:
-            return [*self._by_hash, *self._moving, *(key for tier in self._tiers for key in tier.blocks)]
+            return [*self._by_hash, *self._tiers.held_keys()]
 
     def tier_of(self, block_hash: bytes) -> str | None:
         """Which tier holds a full block ("device", "host", "disk"), "moving", or None."""
@@ -534,15 +475,14 @@ class StorePool:
             nbytes = self.layout.block_nbytes
             tiers = (TierStats(DEVICE, used, self.num_blocks, self.num_blocks * nbytes),
                      *(TierStats(tier.name, tier.num_used, tier.num_slots, tier.num_slots * nbytes)
-                       for tier in self._tiers))
+                       for tier in self._tiers.tiers))
             return PoolStats(used, self.num_blocks, used * nbytes, self.num_blocks * nbytes, pinned,
                              len(self._by_request), self.counters, tiers)
 
     def close(self) -> None:
         """Free the lower tiers' storage (the disk tier's file is removed)."""
         with self._lock:
-            for tier in self._tiers:
-                tier.close()
+            self._tiers.close()
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -552,11 +492,7 @@ class StorePool:
 
     def _find_spilled(self, key: bytes) -> tuple[SpilledBlock | None, SpillTier | None]:
         """A full block in a lower tier and that tier, or one moving between tiers and None."""
-        for tier in self._tiers:
-            block = tier.get(key)
-            if block is not None:
-                return block, tier
-        return self._moving.get(key), None
+        return self._tiers.find(key)
 
     def _unmap(self, entry: StoredBlock, dropped: bool = True) -> None:
         """Take a block off the device; `dropped`: it leaves the store (not going down a tier)."""

@@ -8,15 +8,19 @@ Two kinds of slot storage, both preallocated at start-up and bounded:
   os.pwrite at slot offsets. It never grows; it is removed when the tier is closed.
 
 `SpillTier` is one tier's bookkeeping: free slots and an LRU of the blocks it holds (an OrderedDict,
-oldest first; blocks in a lower tier are never pinned, so every one of them is evictable). It has no
-lock of its own: the StorePool's lock guards it, and the pool copies bytes between tiers outside that
-lock into slots it reserved (see cache_store.pool).
+oldest first; blocks in a lower tier are never pinned, so every one of them is evictable). `TierChain`
+is the tiers under one device pool and the way down through them: it plans where an evicted block
+and the victims it displaces go, copies their bytes, and lands them. Neither has a lock of its own:
+the StorePool's lock guards planning and landing, and copies run outside it on slots a plan reserved
+(see cache_store.pool).
 """
 
 import errno
+import logging
 import os
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +31,9 @@ from kvcluster.errors import InvalidArgument
 from kvcluster.kvpool import KVLayout, KVPool
 from kvcluster.proto import common_pb2
 
-HOST, DISK = "host", "disk"
+log = logging.getLogger(__name__)
+
+DEVICE, HOST, DISK = "device", "host", "disk"
 
 
 @dataclass(eq=False)
@@ -121,10 +127,10 @@ class DiskSlots:
         self.write(slot, pool.export_block(pool_slot))
 
     def close(self) -> None:
-        if self.fd < 0:
+        fd, self.fd = self.fd, -1  # first: a copy still running after a stop fails with EBADF (a drop)
+        if fd < 0:                 # rather than write to whatever file reuses the number
             return
-        os.close(self.fd)
-        self.fd = -1
+        os.close(fd)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -192,6 +198,106 @@ class SpillTier:
 
     def close(self) -> None:
         self.slots.close()
+
+
+@dataclass(frozen=True)
+class Move:
+    """One block's bytes to copy from a slot of `source` (None: the device pool) to a reserved slot of
+    `target`, planned under the pool's lock and copied outside it."""
+
+    block: SpilledBlock
+    source: SpillTier | None
+    source_slot: int
+    target: SpillTier
+    target_slot: int
+
+    @property
+    def source_name(self) -> str:
+        return DEVICE if self.source is None else self.source.name
+
+
+class TierChain:
+    """The lower tiers under one device pool, highest first, and the full blocks moving between them.
+
+    `plan_spill`, `find` and `land` run under the pool's lock; `copy` runs outside it and touches only
+    slots a plan reserved. A block that leaves the last tier goes to `drop(block, tier it left)`;
+    landed moves are counted in `spills[(from tier, to tier)]`."""
+
+    def __init__(self, tiers: Sequence[SpillTier], drop: Callable[[SpilledBlock, str], None],
+                 spills: dict[tuple[str, str], int]):
+        self.tiers = list(tiers)
+        self.moving: dict[bytes, SpilledBlock] = {}  # held, but neither in a tier's LRU nor pinnable
+        self._drop = drop
+        self._spills = spills
+
+    def __bool__(self) -> bool:
+        return bool(self.tiers)
+
+    def find(self, key: bytes) -> tuple[SpilledBlock | None, SpillTier | None]:
+        """A block in a lower tier and that tier, or one moving between tiers and None."""
+        for tier in self.tiers:
+            block = tier.get(key)
+            if block is not None:
+                return block, tier
+        return self.moving.get(key), None
+
+    def held_keys(self) -> list[bytes]:
+        return [*self.moving, *(key for tier in self.tiers for key in tier.blocks)]
+
+    def plan_spill(self, block: SpilledBlock, source_slot: int, source: SpillTier | None = None,
+                   depth: int = 0) -> list[Move]:
+        """Reserve a slot for `block` in tier `depth`, making room by sending that tier's LRU victim one
+        tier down (or dropping it from the last tier). Returns the moves deepest first: the order that
+        reads every slot before it is overwritten."""
+        tier = self.tiers[depth]
+        target_slot = tier.free_slot()
+        moves: list[Move] = []
+        if target_slot is None:
+            victim = tier.pop_victim()
+            if victim is None:  # every slot is reserved by moves in flight: nowhere to go
+                self._drop(block, DEVICE if source is None else source.name)
+                return []
+            target_slot = victim.slot
+            if depth + 1 < len(self.tiers):
+                self.moving[victim.key] = victim
+                moves = self.plan_spill(victim, victim.slot, tier, depth + 1)
+            else:
+                self._drop(victim, tier.name)
+        self.moving[block.key] = block
+        moves.append(Move(block, source, source_slot, tier, target_slot))
+        return moves
+
+    @staticmethod
+    def copy(moves: list[Move], pool: KVPool) -> set[int]:
+        """Copy planned moves' bytes (no lock held). Returns the indices of moves that failed."""
+        failed = set()
+        for i, move in enumerate(moves):
+            try:
+                if move.source is None:
+                    move.target.slots.save_from(move.target_slot, pool, move.source_slot)
+                else:
+                    move.target.slots.write(move.target_slot, move.source.slots.view(move.source_slot))
+            except OSError as exc:
+                log.warning("dropping a block: copying it to the %s tier failed: %s", move.target.name, exc)
+                failed.add(i)
+        return failed
+
+    def land(self, moves: list[Move], failed: set[int]) -> None:
+        """Publish copied blocks in their new tiers; a failed move (a disk error) drops its block."""
+        for i, move in enumerate(moves):
+            del self.moving[move.block.key]
+            if i in failed:
+                move.target.release_slot(move.target_slot)
+                self._drop(move.block, move.source_name)
+                continue
+            move.block.slot = move.target_slot
+            move.target.put(move.block)
+            key = (move.source_name, move.target.name)
+            self._spills[key] = self._spills.get(key, 0) + 1
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
 
 
 def make_tiers(layout: KVLayout, host_bytes: int, disk_bytes: int, disk_path: str = "",
