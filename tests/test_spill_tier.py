@@ -3,6 +3,7 @@
 Pool-level rules first (eviction order, promotion, the index, corruption, pins, leases, bounds), then
 a real store on a real gRPC port serving a working set four times its device pool."""
 
+import errno
 import random
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from cache_store.config import StoreConfig
 from cache_store.metrics import StoreCollector
 from cache_store.pool import StorePool
-from cache_store.spill import make_tiers
+from cache_store.spill import DiskSlots, SpillTier, make_tiers
 from kvcluster.errors import InvalidArgument, ResourceExhausted
 from tests.store_fixtures import (SMALL_LAYOUT, fingerprint_for, hashes_of, make_blocks, redis_index,  # noqa: F401
                                   redis_server, redis_url, store_config, store_factory, tail_block)
@@ -127,6 +128,40 @@ def test_a_corrupt_disk_slot_is_dropped_not_served(pools, tmp_path):
     assert pool.tier_of(a) is None and index.events[-1] == ("remove", a) and pool.lookup(FP, [a]) == 0
     assert read_back(pool, b) == payload_b and pool.stats().pinned_blocks == 0
     assert [(t.name, t.blocks_used) for t in pool.stats().tiers] == [("device", 1), ("disk", 0)]
+
+
+class FailingDisk(DiskSlots):
+    """A disk tier whose writes or reads fail with EIO once `failing` is set."""
+
+    failing = ""
+
+    def write(self, slot, payload):
+        if self.failing == "write":
+            raise OSError(errno.EIO, "injected write error")
+        super().write(slot, payload)
+
+    def view(self, slot):
+        if self.failing == "read":
+            raise OSError(errno.EIO, "injected read error")
+        return super().view(slot)
+
+
+def test_a_failing_disk_drops_blocks_and_never_fails_a_push_or_a_pull(tmp_path):
+    index, disk = RecordingIndex(), FailingDisk(4, NBYTES, str(tmp_path / "spill.blocks"))
+    pool, blocks = StorePool(SMALL_LAYOUT, 1, index=index, tiers=[SpillTier("disk", disk)]), make_blocks(SMALL_LAYOUT, 4)
+    try:
+        fill(pool, blocks[:2])                                  # block 0 on disk
+        disk.failing = "write"
+        assert fill(pool, blocks[2:3]) == [True]                # block 1 cannot go down: dropped
+        assert pool.tier_of(hashes_of(blocks)[1]) is None and index.events[-2] == ("remove", hashes_of(blocks)[1])
+        disk.failing = "read"
+        pinned, reason = pool.pin(FP, hashes_of(blocks)[:1], owner="puller")
+        assert pinned == [] and "could not be read back" in reason and pool.tier_of(hashes_of(blocks)[0]) is None
+        assert pool.counters.drops == {"device": 1, "disk": 1} and pool.counters.tier_checksum_failures == {}
+        disk.failing = ""
+        assert read_back(pool, hashes_of(blocks)[2]) == blocks[2][1] and pool.stats().pinned_blocks == 0
+    finally:
+        pool.close()
 
 
 def test_pinned_blocks_never_spill(pools):
