@@ -13,7 +13,8 @@
 - Lower tiers (cache_store.spill: host memory, then a disk file; none by default): a full block
   evicted from the device goes down one tier instead of being dropped, a tier's own LRU victim goes
   down the next, and only what leaves the last tier is dropped. A block lives in exactly one tier;
-  while its bytes move between tiers it is "moving" (held, but not pinnable: a pull stops there). A
+  while its bytes move between tiers it is "moving" (held; a pull that reaches it waits for it to land,
+  at most MOVE_WAIT_S: concurrent pulls of one hot prefix promote it once). A
   pin of a block in a lower tier promotes it into a device slot (verified against its checksum on
   the way: a corrupt copy is dropped and the pull stops there) and pins it, so reads see only device
   slots. Pinned and request-scoped blocks are never in the device LRU, so they never spill.
@@ -49,6 +50,7 @@ from kvcluster.wire import describe_key
 log = logging.getLogger(__name__)
 
 BlockKey = bytes | str  # chained hash of a full block, or request key of a tail block
+MOVE_WAIT_S = 2.0       # longest a pull waits for a block moving between tiers before it stops there
 
 
 class IndexSink(Protocol):
@@ -155,6 +157,7 @@ class StorePool:
         self._index = index or NoIndex()
         self._clock = clock
         self._lock = threading.Lock()
+        self._landed = threading.Condition(self._lock)  # notified whenever blocks stop moving between tiers
         self._generation = [0] * num_blocks
         self._by_hash: dict[bytes, StoredBlock] = {}
         self._by_request: dict[str, StoredBlock] = {}
@@ -266,6 +269,7 @@ class StorePool:
             failed = self._tiers.copy(moves, self._kv)
             with self._lock:
                 self._tiers.land(moves, failed)
+                self._landed.notify_all()
 
     def _drop(self, block: SpilledBlock, tier_name: str) -> None:
         """A full block leaves the store (from `tier_name`): the index hears of it now."""
@@ -316,21 +320,22 @@ class StorePool:
                       pins: list[StoredBlock]) -> tuple[str, Promotion | None]:
         """Under the lock: pin device blocks from keys[len(pins)] on, up to the first one that is not on
         the device. Returns why it stopped, or the promotion that brings that block up."""
-        owned = self._pins.setdefault(owner, [])
-        for position in range(len(pins), len(keys)):
-            key = keys[position]
+        while len(pins) < len(keys):
+            position, key = len(pins), keys[len(pins)]
             entry = self._find(key)
             if entry is not None and entry.fingerprint == fingerprint:
                 entry.pins += 1
                 self._lru.pop(entry.key, None)
                 pins.append(entry)
-                owned.append(entry)
+                self._pins.setdefault(owner, []).append(entry)  # not cached: a cancel may release meanwhile
                 continue
             spilled, tier = self._find_spilled(key) if entry is None and isinstance(key, bytes) else (None, None)
-            if spilled is not None and spilled.fingerprint == fingerprint and tier is not None:
-                return self._plan_promotion(position, spilled, tier)
             if spilled is not None and spilled.fingerprint == fingerprint:
-                return f"block {position} ({describe_key(key)}) is moving between tiers", None
+                if tier is not None:
+                    return self._plan_promotion(position, spilled, tier)
+                if self._landed.wait_for(lambda: key not in self._tiers.moving, MOVE_WAIT_S):
+                    continue  # it landed (on the device, in a tier, or dropped): look again
+                return f"block {position} ({describe_key(key)}) is still moving between tiers", None
             found = entry or spilled
             problem = "is not held" if found is None else "was stored under another fingerprint"
             return f"block {position} ({describe_key(key)}) {problem}", None
@@ -379,6 +384,7 @@ class StorePool:
         block, tier, slot = promotion.block, promotion.tier, promotion.slot
         with self._lock:
             del self._tiers.moving[block.key]
+            self._landed.notify_all()
             if promotion.owns_tier_slot:
                 tier.release_slot(block.slot)
             if problem:

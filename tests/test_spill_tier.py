@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,51 @@ def test_a_failing_disk_drops_blocks_and_never_fails_a_push_or_a_pull(tmp_path):
         disk.failing = ""
         assert read_back(pool, hashes_of(blocks)[2]) == blocks[2][1] and pool.stats().pinned_blocks == 0
     finally:
+        pool.close()
+
+
+class GatedDisk(DiskSlots):
+    """A disk tier whose reads wait for `proceed` once `gated` (signalling `reading` first)."""
+
+    gated = False
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.reading, self.proceed = threading.Event(), threading.Event()
+
+    def view(self, slot):
+        if self.gated:
+            self.reading.set()
+            self.proceed.wait(10)
+        return super().view(slot)
+
+
+def test_concurrent_pulls_of_a_moving_block_wait_for_one_promotion(tmp_path):
+    disk = GatedDisk(4, NBYTES, str(tmp_path / "spill.blocks"))
+    pool, blocks = StorePool(SMALL_LAYOUT, 2, tiers=[SpillTier("disk", disk)]), make_blocks(SMALL_LAYOUT, 3)
+    key, results = hashes_of(blocks)[0], {}
+
+    def pull(name: str) -> None:
+        pinned, reason = pool.pin(FP, [key], owner=name)
+        results[name] = (pool.read(pinned), reason)
+        pool.release(name)
+
+    try:
+        fill(pool, blocks)  # block 0 on disk
+        disk.gated = True
+        first = threading.Thread(target=pull, args=("first",))
+        first.start()
+        assert disk.reading.wait(10)          # the first pull is promoting block 0: it is moving
+        second = threading.Thread(target=pull, args=("second",))
+        second.start()
+        time.sleep(0.2)                       # let the second pull reach the moving block (ordering only)
+        disk.proceed.set()
+        first.join(10)
+        second.join(10)
+        assert results["first"] == results["second"] == ([blocks[0][1]], "")
+        assert pool.counters.promotions == {"disk": 1} and pool.stats().pinned_blocks == 0
+    finally:
+        disk.proceed.set()
         pool.close()
 
 
