@@ -13,11 +13,11 @@
 - Lower tiers (cache_store.spill: host memory, then a disk file; none by default): a full block
   evicted from the device goes down one tier instead of being dropped, a tier's own LRU victim goes
   down the next, and only what leaves the last tier is dropped. A block lives in exactly one tier;
-  while its bytes move between tiers it is "moving" (held; a pull that reaches it waits for it to land,
-  at most MOVE_WAIT_S: concurrent pulls of one hot prefix promote it once). A
-  pin of a block in a lower tier promotes it into a device slot (verified against its checksum on
-  the way: a corrupt copy is dropped and the pull stops there) and pins it, so reads see only device
-  slots. Pinned and request-scoped blocks are never in the device LRU, so they never spill.
+  while its bytes move between tiers it is "moving": held, and a pull that reaches it waits for it
+  to land (at most MOVE_WAIT_S), so concurrent pulls of one hot prefix promote it once. A pin of a
+  block in a lower tier promotes it into a device slot (verified against its checksum on the way: a
+  corrupt copy is dropped and the pull stops there) and pins it, so reads see only device slots.
+  Pinned and request-scoped blocks are never in the device LRU, so they never spill.
 - The index hears of a full block when it first lands on the device and of its removal only when
   it leaves the last tier; lookups count blocks in every tier.
 
