@@ -9,6 +9,9 @@ one set of stores per layout; workers use only the stores of theirs). Fingerprin
 default any, since the fingerprint is hashed into every block hash, so blocks of two models can
 share a pool but never a key, and a pull must name the fingerprint each block was stored under.
 `--fingerprint HEX` restricts the store to one model: pushes under any other are rejected.
+
+Lower tiers (docs/spill.md): `--host-tier-bytes` and `--disk-tier-bytes` (0 = off, the default)
+give blocks evicted from the pool a host-memory tier and then a disk file before they are dropped.
 """
 
 import socket
@@ -38,6 +41,12 @@ class StoreConfig(SecuritySettings, ServiceConfig):
     device: str = setting("auto", "where the pool lives: auto (cuda if available), cpu, cuda or cuda:N")
     capacity_bytes: int = setting(0, "pool size in bytes; 0 = 1 GiB on CPU, cuda_memory_fraction of free memory on CUDA")
     cuda_memory_fraction: float = setting(0.5, "share of free GPU memory the pool takes when capacity_bytes is 0")
+    host_tier_bytes: int = setting(0, "host-memory tier for blocks evicted from the pool, in bytes (page-locked "
+                                   "when the pool is on CUDA); 0 = none")
+    disk_tier_bytes: int = setting(0, "disk tier for blocks evicted from the host tier (or from the pool without "
+                                   "one), in bytes, preallocated in one file; 0 = none")
+    disk_tier_path: str = setting("", "file of the disk tier (created, overwritten, removed on shutdown); "
+                                  "empty = a new file in the system temp directory")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis index URL (redis:// or rediss://, "
                              "password allowed: redis://:PASS@host:port/0; behind Sentinels: "
                              "redis+sentinel://HOST:PORT,HOST:PORT/SERVICE; Redis Cluster: redis+cluster://HOST:PORT,HOST:PORT); "
@@ -78,6 +87,9 @@ class StoreConfig(SecuritySettings, ServiceConfig):
             raise InvalidArgument("heartbeat_seconds/lease_seconds", "must be > 0")
         if not 0 < self.cuda_memory_fraction <= 1:
             raise InvalidArgument("cuda_memory_fraction", f"must be in (0, 1], got {self.cuda_memory_fraction}")
+        for name in ("host_tier_bytes", "disk_tier_bytes"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(name, f"must be >= 0, got {getattr(self, name)}")
         if len(self.fingerprint_bytes) not in (0, FINGERPRINT_BYTES):
             raise InvalidArgument("fingerprint", f"must be {FINGERPRINT_BYTES} bytes ({2 * FINGERPRINT_BYTES} hex digits)")
 

@@ -3,7 +3,8 @@
 The pool (PoolStats / PoolCounters), the servicer (ServiceCounters) and the index publisher
 count in plain fields where the work happens; this collector turns them into metrics on each
 scrape, so the hot paths never touch prometheus_client. The registry is passed in (tests use
-their own). Labels are only `direction` ("push" | "pull").
+their own). Labels are only `direction` ("push" | "pull") and, for the spill tiers (docs/spill.md),
+`tier` ("device" | "host" | "disk"; only the tiers the store has) and `from_tier`/`to_tier`.
 """
 
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cache_store.pool import StorePool
+from cache_store.pool import PoolStats, StorePool
 from kvcluster.index_publisher import IndexPublisher
 from cache_store.service import ServiceCounters
 from kvcluster.stream_watchdog import StreamWatchdog
@@ -61,6 +62,7 @@ class StoreCollector(Collector):
         for name, help_text, attribute in SERVICE_COUNTERS:
             yield CounterMetricFamily(name, help_text, value=service[attribute])
         yield from self._transfer(service)
+        yield from self._tiers(stats)
         yield GaugeMetricFamily("kvcluster_store_index_epoch",
                                 "Epoch of this store in the Redis index; 0 = not registered",
                                 value=self.publisher.epoch)
@@ -79,6 +81,38 @@ class StoreCollector(Collector):
             spent.add_metric([direction], service[f"{direction}_seconds"])
         yield moved
         yield spent
+
+
+    @staticmethod
+    def _tiers(stats: PoolStats) -> Iterator:
+        held = GaugeMetricFamily("kvcluster_store_tier_blocks_used", "KV blocks held per tier (including blocks "
+                                 "being written)", labels=["tier"])
+        capacity = GaugeMetricFamily("kvcluster_store_tier_blocks_capacity", "KV blocks each tier can hold",
+                                     labels=["tier"])
+        capacity_bytes = GaugeMetricFamily("kvcluster_store_tier_bytes_capacity", "Bytes preallocated per tier",
+                                           labels=["tier"])
+        for tier in stats.tiers:
+            held.add_metric([tier.name], tier.blocks_used)
+            capacity.add_metric([tier.name], tier.blocks_capacity)
+            capacity_bytes.add_metric([tier.name], tier.bytes_capacity)
+        yield from (held, capacity, capacity_bytes)
+        counters, names = stats.counters, [tier.name for tier in stats.tiers]
+        spills = CounterMetricFamily("kvcluster_store_tier_spills", "Blocks moved down a tier (evicted from the "
+                                     "upper one, kept in the lower one)", labels=["from_tier", "to_tier"])
+        for upper, lower in zip(names, names[1:]):
+            spills.add_metric([upper, lower], counters.spills.get((upper, lower), 0))
+        yield spills
+        for name, help_text, counter, tiers in (
+                ("kvcluster_store_tier_promotions", "Blocks copied back into the device pool for a pull, by the "
+                 "tier they came from", counters.promotions, names[1:]),
+                ("kvcluster_store_tier_drops", "Full blocks that left the store (evicted from the last tier, "
+                 "corrupt or unreadable), by the tier they left", counters.drops, names),
+                ("kvcluster_store_tier_checksum_failures", "Blocks read back from a lower tier whose bytes did not "
+                 "match their checksum (dropped, not served)", counters.tier_checksum_failures, names[1:])):
+            family = CounterMetricFamily(name, help_text, labels=["tier"])
+            for tier in tiers:
+                family.add_metric([tier], counter.get(tier, 0))
+            yield family
 
 
 def register_metrics(registry: CollectorRegistry, pool: StorePool, counters: ServiceCounters,

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from cache_store.config import StoreConfig
 from cache_store.metrics import register_metrics, serve_metrics
 from cache_store.pool import StorePool
+from cache_store.spill import make_tiers
 from kvcluster.index_publisher import IndexPublisher
 from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity
 from kvcluster import rpc
@@ -57,8 +58,10 @@ class StoreServer:
         if self.config.metrics_port >= 0:
             self._metrics_http, self.metrics_port = serve_metrics(self.registry, self.config.host,
                                                                   self.config.metrics_port)
-        log.info("cache store %s serving on %s (pool %d blocks on %s, metrics port %s)", self.store_id,
-                 self.address, self.pool.num_blocks, self.pool.device, self.metrics_port)
+        tiers = ", ".join(f"{tier.name} tier {tier.blocks_capacity} blocks" for tier in self.pool.stats().tiers[1:])
+        log.info("cache store %s serving on %s (pool %d blocks on %s%s, metrics port %s)", self.store_id,
+                 self.address, self.pool.num_blocks, self.pool.device, f"; {tiers}" if tiers else "",
+                 self.metrics_port)
         return self
 
     def flush_index(self, timeout_s: float = 5.0) -> bool:
@@ -71,6 +74,7 @@ class StoreServer:
         self.servicer.watchdog.close()
         self.pool.release_all()
         self.publisher.stop(deregister=deregister)
+        self.pool.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -85,7 +89,14 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
     device = config.torch_device()
     layout = config.layout(device)
     log.info("cache store holds KV layout %s (dtype %s)", layout.canonical(), resolve_dtype(config.dtype, device)[1])
-    pool = StorePool.from_budget(layout, config.pool_capacity_bytes(device), device)
+    tiers = make_tiers(layout, config.host_tier_bytes, config.disk_tier_bytes, config.disk_tier_path,
+                       pinned=device.type == "cuda")
+    try:
+        pool = StorePool.from_budget(layout, config.pool_capacity_bytes(device), device, tiers=tiers)
+    except BaseException:
+        for tier in tiers:
+            tier.close()
+        raise
     identity, counters = StoreIdentity(), ServiceCounters()
     watchdog = StreamWatchdog(config.stream_idle_seconds, config.stream_max_seconds)
     servicer = CacheStoreServicer(pool, config, identity, counters, watchdog)
