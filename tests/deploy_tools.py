@@ -63,6 +63,10 @@ KVCLUSTER_METRICS: dict[str, dict[str, str]] = {
         "kvcluster_store_hit_blocks_total": "counter",
         "kvcluster_store_miss_blocks_total": "counter",
         "kvcluster_store_evictions_total": "counter",
+        "kvcluster_store_tier_blocks_used": "gauge",       # per tier (label tier): device, host, disk
+        "kvcluster_store_tier_blocks_capacity": "gauge",
+        "kvcluster_store_tier_bytes_capacity": "gauge",
+        "kvcluster_store_tier_drops_total": "counter",
         "kvcluster_store_checksum_failures_total": "counter",
         "kvcluster_store_blocks_stored_total": "counter",
         "kvcluster_store_index_errors_total": "counter",
