@@ -8,7 +8,7 @@ a `fallback` reason ("redis_unavailable", "store_unavailable", "short_pull", "ch
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -55,8 +55,12 @@ class KVCacheClient:
     """Index + store clients for one (fingerprint, layout). Thread-safe."""
 
     def __init__(self, index: RedisIndex | None, layout: KVLayout, fingerprint: Fingerprint, timeout_s: float = 10.0,
-                 faults: Faults = NO_FAULTS, security: SecuritySettings = SecuritySettings()):
+                 faults: Faults = NO_FAULTS, security: SecuritySettings = SecuritySettings(),
+                 metadata: Sequence[tuple[str, str]] = ()):
+        """`metadata`: more call metadata for every store call, after the security settings' own
+        (a store's replicator marks its pushes so that the receiver counts them)."""
         self.index = index
+        self.metadata = tuple(metadata)
         self.faults = faults
         self.security = security
         self.layout = layout
@@ -79,7 +83,7 @@ class KVCacheClient:
             if client is None:
                 client = self._stores[address] = StoreClient(address, self.layout, self.timeout_s,
                                                              self.security.channel_credentials(),
-                                                             self.security.outgoing_metadata())
+                                                             self.security.outgoing_metadata() + self.metadata)
             return client
 
     # ---- reading --------------------------------------------------------------------------
@@ -219,8 +223,10 @@ class KVCacheClient:
         self._live = (time.monotonic(), usable)
         return usable
 
-    def push(self, blocks: Sequence[tuple[bytes | str, Sequence[int], bytes]], lease_seconds: int = 0) -> Pushed:
-        """Push (hash or request key, token ids, payload) blocks, each to its rendezvous-chosen store."""
+    def push(self, blocks: Sequence[tuple[bytes | str, Sequence[int], bytes]], lease_seconds: int = 0,
+             place: Callable[[bytes, Sequence[StoreRef]], StoreRef] = pick_store) -> Pushed:
+        """Push (hash or request key, token ids, payload) blocks, each to the store `place` chooses
+        among the live ones (by default its rendezvous choice; a replica goes to the next one)."""
         start = time.perf_counter()
         result = Pushed([make_ref(payload, tokens, key if isinstance(key, bytes) else None,
                                   None if isinstance(key, bytes) else key) for key, tokens, payload in blocks])
@@ -235,7 +241,7 @@ class KVCacheClient:
         by_store: dict[StoreRef, list[int]] = {}
         refs = result.refs
         for i, (key, _, _) in enumerate(blocks):
-            by_store.setdefault(pick_store(key if isinstance(key, bytes) else key.encode(), stores), []).append(i)
+            by_store.setdefault(place(key if isinstance(key, bytes) else key.encode(), stores), []).append(i)
         for target, members in by_store.items():
             try:
                 if self.faults.roll(self.faults.push_fail):
