@@ -5,6 +5,7 @@ a `fallback` reason ("redis_unavailable", "store_unavailable", "short_pull", "ch
 "token_mismatch", "push_failed") and the caller recomputes what it did not get.
 """
 
+import itertools
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ from kvcluster.wire import block_key
 
 log = logging.getLogger(__name__)
 LIVE_STORES_TTL_S = 2.0  # how long a live-store list is reused for placing pushes
+REROUTED = frozenset({"store_unavailable", "short_pull"})  # pull failures another holder may make good
 
 
 @dataclass
@@ -108,21 +110,53 @@ class KVCacheClient:
                                               token_ids=token_blocks[i])
                           for i, (h, s) in enumerate(zip(hashes, holders))], timeout_s)
 
-    def pull(self, refs: Sequence[common_pb2.BlockRef], timeout_s: float | None = None) -> Fetched:
+    def pull(self, refs: Sequence[common_pb2.BlockRef], timeout_s: float | None = None, reroute: bool = True) -> Fetched:
         """Pull `refs` in order from their holders, stopping at the first block not delivered intact.
-        Each ref's token_ids are the tokens the caller expects; the block's header must match them."""
+        Each ref's token_ids are the tokens the caller expects; the block's header must match them.
+        When a holder fails or runs short, the rest is pulled once more from other live holders
+        (a hot block has two: cache_store.replicator); what neither delivers is left to recompute."""
         result = Fetched()
         start = time.perf_counter()
         holders = [StoreRef(r.store_id, r.store_address) for r in refs]
         for run in group_runs(holders):
             wanted = refs[run.start:run.end]
             reason = self._pull_run(run.store.address, wanted, result, timeout_s)
-            if reason is not None:
-                result.fallback = reason
-                break
-            result.holders.extend(holders[run.start:run.end])
+            if reason is None:
+                result.holders.extend(holders[run.start:run.end])
+                continue
+            result.fallback = reason
+            result.holders.extend(holders[run.start:len(result.payloads)])  # delivered before it failed
+            rest = refs[len(result.payloads):]
+            if reroute and reason in REROUTED and (moved := self._elsewhere(rest, run.store.store_id)):
+                log.info("pulling %d blocks from other holders after %s from %s", len(moved), reason, run.store.address)
+                spent = time.perf_counter() - start
+                more = self.pull(moved, None if timeout_s is None else max(0.001, timeout_s - spent), reroute=False)
+                result.payloads += more.payloads
+                result.holders += more.holders
+                result.bytes_pulled += more.bytes_pulled
+                result.fallback = more.fallback or (reason if len(moved) < len(rest) else None)
+            break
         result.pull_s = time.perf_counter() - start
         return result
+
+    def _elsewhere(self, refs: Sequence[common_pb2.BlockRef], failed_store: str) -> list[common_pb2.BlockRef]:
+        """`refs` (their leading full blocks) pointed at live holders other than `failed_store`, keeping
+        runs on one store where it can; empty when the index cannot say (one extra round trip)."""
+        hashes = list(itertools.takewhile(bool, (ref.block_hash for ref in refs)))
+        try:
+            held = self.index.live_holders(hashes) if self.index is not None and hashes else []
+            stores = {store.store_id: store for store in self.live_stores()}
+        except Unavailable:
+            return []
+        moved, previous = [], None
+        for ref, holder_ids in zip(refs, held):
+            usable = sorted((holder_ids - {failed_store}) & stores.keys())
+            if not usable:
+                break
+            previous = previous if previous in usable else usable[0]
+            moved.append(common_pb2.BlockRef(block_hash=ref.block_hash, store_id=previous,
+                                             store_address=stores[previous].address, token_ids=ref.token_ids))
+        return moved
 
     def _pull_run(self, address: str, wanted: Sequence[common_pb2.BlockRef], result: Fetched,
                   timeout_s: float | None) -> str | None:
