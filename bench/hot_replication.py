@@ -131,7 +131,8 @@ def run_mode(mode: str, sizes: Sizes, rng: random.Random, log) -> dict:
             cache.close()
             index.close()
             stores.stop()
-    return {"hit_ratio_warm": mean(r for r, _ in warm), "hit_ratio_before": mean(r for r, _ in before), "hit_ratio_after_kill": mean(r for r, _ in after),
+    return {"hit_ratio_warm": mean(r for r, _ in warm), "hit_ratio_before": mean(r for r, _ in before),
+            "hit_ratio_after_kill": mean(r for r, _ in after),
             "hit_ratio_after_kill_min": round(min(r for r, _ in after), 3),
             "request_p50_ms_before": round(percentile([s for _, s in before], 50) * MS, 2),
             "request_p50_ms_after_kill": round(percentile([s for _, s in after], 50) * MS, 2),
@@ -174,8 +175,9 @@ def run(ctx: BenchContext) -> dict:
             for mode in (list(MODES) if rnd % 2 else list(MODES)[::-1]):
                 row = run_mode(mode, sizes, rng, log)
                 rows[mode].append(row)
-                progress(NAME, f"round {rnd + 1}/{rounds} {mode:<11}: hit ratio {row['hit_ratio_before']:.2f} before, "
-                         f"{row['hit_ratio_after_kill']:.2f} after the kill (min {row['hit_ratio_after_kill_min']:.2f}); "
+                progress(NAME, f"round {rnd + 1}/{rounds} {mode:<11}: hit ratio {row['hit_ratio_before']:.2f} "
+                         f"before, {row['hit_ratio_after_kill']:.2f} after the kill "
+                         f"(min {row['hit_ratio_after_kill_min']:.2f}); "
                          f"request p50 {row['request_p50_ms_before']:.1f} ms steady, "
                          f"{row['request_p50_ms_after_kill']:.1f} ms after; copies {row['replication_blocks']}")
     finally:

@@ -110,7 +110,8 @@ class KVCacheClient:
                                               token_ids=token_blocks[i])
                           for i, (h, s) in enumerate(zip(hashes, holders))], timeout_s)
 
-    def pull(self, refs: Sequence[common_pb2.BlockRef], timeout_s: float | None = None, reroute: bool = True) -> Fetched:
+    def pull(self, refs: Sequence[common_pb2.BlockRef], timeout_s: float | None = None,
+             reroute: bool = True) -> Fetched:
         """Pull `refs` in order from their holders, stopping at the first block not delivered intact.
         Each ref's token_ids are the tokens the caller expects; the block's header must match them.
         When a holder fails or runs short, the rest is pulled once more from other live holders
