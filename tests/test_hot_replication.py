@@ -6,7 +6,7 @@ answer token-identical to the engine without any cache. Real redis-server, real 
 
 import io
 import signal
-import time
+import threading
 
 import pytest
 
@@ -154,6 +154,7 @@ def test_a_pull_falls_back_to_the_other_holder_and_else_to_recompute(store_facto
 
 PREFIX = list(range(2000, 2000 + 96))  # the hot prefix: 6 full blocks of 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+LOAD_REQUESTS = 12  # sent by two clients around the kill
 
 
 def prompt(i: int) -> list[int]:
@@ -196,31 +197,49 @@ def cold_reference(prompts: list[list[int]]) -> list[list[int]]:
 
 
 def test_killing_one_of_two_stores_keeps_the_hot_prefix_served_from_the_store_tier(tiny_cluster):
+    """The prefix made hot (each store's blocks pulled THRESHOLD times, so each copies its own to the
+    other), then one store SIGKILLed while two clients keep sending prompts that share it."""
     cluster, index = tiny_cluster, RedisIndex(tiny_cluster["redis_url"])
     hashes = prefix_hashes(cluster["engine"].fingerprint, PREFIX, 16)
-    prompts = [prompt(i) for i in range(10)]
+    prompts = [prompt(i) for i in range(6 + LOAD_REQUESTS)]
     expected = cold_reference(prompts)
-    with Client(cluster["target"]) as client:
-        def ask(i: int) -> tuple[list[int], float]:
-            answer = client.generate(token_ids=prompts[i], max_tokens=GREEDY.max_tokens, temperature=0.0,
-                                     ignore_eos=True)
-            return answer.token_ids, answer.usage.store_tokens / len(PREFIX)
+    answers: dict[int, tuple[list[int], float]] = {}
 
-        assert ask(0) == (expected[0], 0.0)  # cold: computed, then pushed, spread over both stores
+    def ask(client: Client, i: int) -> tuple[list[int], float]:
+        answer = client.generate(token_ids=prompts[i], max_tokens=GREEDY.max_tokens, temperature=0.0, ignore_eos=True)
+        answers[i] = answer.token_ids, answer.usage.store_tokens / len(PREFIX)
+        return answers[i]
+
+    with Client(cluster["target"]) as client:
+        assert ask(client, 0) == (expected[0], 0.0)  # cold: computed, then pushed, spread over both stores
         assert wait_until(lambda: len(index.lookup(hashes)) == len(hashes))
         assert len({holders.pop() for holders in index.live_holders(hashes)}) == 2
-        warm = [ask(i) for i in range(1, 1 + THRESHOLD)]  # each store's blocks pulled THRESHOLD times
-        assert [ids for ids, _ in warm] == expected[1:1 + THRESHOLD]
+        for i in range(1, 1 + THRESHOLD):
+            assert ask(client, i) == (expected[i], 1.0)
         assert wait_until(lambda: all(len(held) == 2 for held in index.live_holders(hashes)))
-        before = ask(4)
-        assert before == (expected[4], 1.0)
+        before = ask(client, 4)[1]
 
+        under_way = threading.Event()
+
+        def load(first: int) -> None:
+            with Client(cluster["target"]) as own:
+                for i in range(first, len(prompts), 2):
+                    ask(own, i)
+                    under_way.set()
+
+        clients = [threading.Thread(target=load, args=(first,)) for first in (6, 7)]
+        for thread in clients:
+            thread.start()
+        assert under_way.wait(60)
         cluster["stores"].kill("cache_store-1", signal.SIGKILL)
-        # Until its heartbeat expires the index may still name the dead store: a pull from it fails
-        # and the rest comes from the other holder.
-        assert ask(5) == (expected[5], 1.0)
+        for thread in clients:
+            thread.join(120)
+        # Inside the dead store's heartbeat window the index may still name it: the pull falls back
+        # to the other holder. Once the index has dropped it, the survivor serves the whole prefix.
         assert wait_until(lambda: [s.store_id for s in index.live_stores()] == ["cache_store"])
-        after = [ask(i) for i in range(6, 10)]
-    assert [ids for ids, _ in after] == expected[6:10]
-    assert min(ratio for _, ratio in after) >= before[1]
+        ask(client, 5)
     index.close()
+    assert {i: ids for i, (ids, _) in answers.items()} == dict(enumerate(expected))
+    hit_ratios = {i: ratio for i, (_, ratio) in answers.items()}
+    assert before == 1.0 and hit_ratios.pop(0) == 0.0  # only the cold request computed the prefix
+    assert min(hit_ratios.values()) >= before, hit_ratios
