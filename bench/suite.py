@@ -4,6 +4,7 @@ Every kvcluster benchmark in one run, each a ratio against a baseline measured s
   index_latency      Redis index lookup p50/p99 for 16/64/256 hashes (PING as the floor)
   kv_transfer        bench/transfer.py: store pull vs raw TCP loopback, same bytes; store RSS
   spill_tier         store hit ratio with host + disk spill tiers vs the pool alone; pull MB/s per tier
+  hot_replication    hot prefix's store hit ratio after one of 2 stores is SIGKILLed: replication on vs off
   engine             in-process prefill and decode tok/s
   determinism        the cost of batch-invariant numerics (the default): throughput vs the fast ones, fp32 and bf16
   decode_throughput  our engine vs transformers `generate`, batch 1-16
@@ -28,8 +29,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import (aiperf_chat, decode_throughput, determinism, dtype_speed, engine, fleet, index_latency,
-                   kv_transfer, overhead, routing, shared_prefix, spill_tier, structured_output, ttft)
+from bench import (aiperf_chat, decode_throughput, determinism, dtype_speed, engine, fleet, hot_replication,
+                   index_latency, kv_transfer, overhead, routing, shared_prefix, spill_tier, structured_output, ttft)
 from bench.common import RESULTS_DIR, progress
 from bench.context import BenchContext
 from kvcluster.dtypes import DTYPE_CHOICES
@@ -40,6 +41,7 @@ MEASURES: dict[str, Callable[[BenchContext], dict]] = {
     "index_latency": index_latency.run,
     "kv_transfer": kv_transfer.run,
     "spill_tier": spill_tier.run,
+    "hot_replication": hot_replication.run,
     "engine": engine.run,
     "determinism": determinism.run,
     "decode_throughput": decode_throughput.run,

@@ -75,12 +75,17 @@ class StoreConfig(SecuritySettings, ServiceConfig):
                                          "(its handler thread and pins freed)")
     stream_max_seconds: float = setting(300.0, "the longest a push or pull stream may run before it is cancelled")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight calls may finish before being cancelled")
+    replicate_after_pulls: int = setting(3, "pulls of a full block after which this store copies it to the next "
+                                         "live store in the block's rendezvous order, so a hot prefix survives "
+                                         "losing one store (docs/hot_replication.md); 0 = off")
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "max_workers"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
         check_dtype(self.dtype)
+        if self.replicate_after_pulls < 0:
+            raise InvalidArgument("replicate_after_pulls", f"must be >= 0 (0 = off), got {self.replicate_after_pulls}")
         if self.stream_idle_seconds <= 0 or self.stream_max_seconds <= 0:
             raise InvalidArgument("stream_idle_seconds/stream_max_seconds", "must be > 0")
         if self.heartbeat_seconds <= 0 or self.lease_seconds <= 0:

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cache_store.pool import PoolStats, StorePool
+from cache_store.replicator import ReplicationCounters
 from kvcluster.index_publisher import IndexPublisher
 from cache_store.service import ServiceCounters
 from kvcluster.stream_watchdog import StreamWatchdog
@@ -40,14 +41,22 @@ SERVICE_COUNTERS = (
     ("kvcluster_store_blocks_duplicate", "Pushed blocks already held (acknowledged, not copied)", "blocks_duplicate"),
     ("kvcluster_store_blocks_rejected", "Pushed blocks rejected (checksum, size, header)", "blocks_rejected"),
 )
+REPLICATION_COUNTERS = (
+    ("kvcluster_store_replication_sent_blocks", "Hot blocks this store copied to another store", "sent_blocks"),
+    ("kvcluster_store_replication_received_blocks", "Hot blocks another store copied here (stored)",
+     "received_blocks"),
+    ("kvcluster_store_replication_failed_blocks", "Hot blocks not copied (push failed or refused, index "
+     "unavailable, queue full, checksum); retried at their next re-check", "failed_blocks"),
+)
 
 
 class StoreCollector(Collector):
     """Reads one store's stats on each scrape."""
 
     def __init__(self, pool: StorePool, counters: ServiceCounters, publisher: IndexPublisher,
-                 watchdog: StreamWatchdog):
+                 watchdog: StreamWatchdog, replication: ReplicationCounters):
         self.pool = pool
+        self.replication = replication
         self.counters = counters
         self.publisher = publisher
         self.watchdog = watchdog
@@ -63,6 +72,9 @@ class StoreCollector(Collector):
             yield CounterMetricFamily(name, help_text, value=service[attribute])
         yield from self._transfer(service)
         yield from self._tiers(stats)
+        replication = self.replication.snapshot()
+        for name, help_text, attribute in REPLICATION_COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=replication[attribute])
         yield GaugeMetricFamily("kvcluster_store_index_epoch",
                                 "Epoch of this store in the Redis index; 0 = not registered",
                                 value=self.publisher.epoch)
@@ -116,8 +128,8 @@ class StoreCollector(Collector):
 
 
 def register_metrics(registry: CollectorRegistry, pool: StorePool, counters: ServiceCounters,
-                     publisher: IndexPublisher, watchdog: StreamWatchdog) -> None:
-    registry.register(StoreCollector(pool, counters, publisher, watchdog))
+                     publisher: IndexPublisher, watchdog: StreamWatchdog, replication: ReplicationCounters) -> None:
+    registry.register(StoreCollector(pool, counters, publisher, watchdog, replication))
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):

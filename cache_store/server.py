@@ -15,6 +15,7 @@ from cache_store.config import StoreConfig
 from cache_store.metrics import register_metrics, serve_metrics
 from cache_store.pool import StorePool
 from cache_store.spill import make_tiers
+from cache_store.replicator import HotReplicator
 from kvcluster.index_publisher import IndexPublisher
 from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity
 from kvcluster import rpc
@@ -72,6 +73,7 @@ class StoreServer:
         """Graceful stop. `deregister=False` leaves the index entries behind, as a crash would."""
         self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
         self.servicer.watchdog.close()
+        self.servicer.replicator.close()
         self.pool.release_all()
         self.publisher.stop(deregister=deregister)
         self.pool.close()
@@ -99,14 +101,15 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
         raise
     identity, counters = StoreIdentity(), ServiceCounters()
     watchdog = StreamWatchdog(config.stream_idle_seconds, config.stream_max_seconds)
-    servicer = CacheStoreServicer(pool, config, identity, counters, watchdog)
+    index = RedisIndex(config.redis_url, config.index_namespace) if config.redis_url else None
+    replicator = HotReplicator(pool, index, lambda: identity.store_id, config.replicate_after_pulls, config)
+    servicer = CacheStoreServicer(pool, config, identity, counters, watchdog, replicator)
     service = rpc.Service(servicer, cache_pb2_grpc.add_CacheStoreServicer_to_server,
                           rpc.service_name(cache_pb2, "CacheStore"))
     rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers,
                                          credentials=config.server_credentials(),
                                          guards=token_guards(config.internal_token))
     identity.store_id, identity.address = config.identity(port)
-    index = RedisIndex(config.redis_url, config.index_namespace) if config.redis_url else None
     publisher = IndexPublisher(index, identity.store_id, identity.address, config.heartbeat_seconds,
                                config.ttl_seconds, pool.held_hashes, on_tick=pool.expire_leases,
                                layout=layout.canonical(), fingerprint=config.fingerprint_bytes.hex(),
@@ -114,5 +117,5 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
     identity.epoch = lambda: publisher.epoch
     pool.set_index(publisher)
     registry = registry if registry is not None else CollectorRegistry()
-    register_metrics(registry, pool, counters, publisher, watchdog)
+    register_metrics(registry, pool, counters, publisher, watchdog, replicator.counters)
     return StoreServer(config, rpc_server, servicer, publisher, registry, port), port

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 
 from cache_store.config import FINGERPRINT_BYTES, StoreConfig
 from cache_store.pool import LeaseBudgetExceeded, StoredBlock, StorePool
+from cache_store.replicator import HotReplicator
 from kvcluster.blocks import HASH_BYTES, checksum
 from kvcluster.errors import IntegrityError, InvalidArgument
 from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
@@ -71,8 +72,9 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
     """Handlers only validate and translate; the pool does the work, the interceptor the errors."""
 
     def __init__(self, pool: StorePool, config: StoreConfig, identity: StoreIdentity,
-                 counters: ServiceCounters, watchdog: StreamWatchdog):
+                 counters: ServiceCounters, watchdog: StreamWatchdog, replicator: HotReplicator):
         self.pool = pool
+        self.replicator = replicator  # counts pulls per block, copies hot ones to a second store
         self.config = config
         self.identity = identity
         self.counters = counters
@@ -102,6 +104,7 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         self.counters.add(push_bytes=received, push_seconds=time.perf_counter() - started,
                           blocks_stored=response.num_stored, blocks_duplicate=response.num_duplicate,
                           blocks_rejected=response.num_rejected)
+        self.replicator.received(context, response.num_stored)
         return response
 
     def _check_open(self, opening: cache_pb2.PushOpen) -> tuple[bytes, float]:
@@ -170,6 +173,7 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         if not context.add_callback(lambda: self.pool.release(owner)):  # it runs on cancel, too
             return  # the call already ended: pin nothing
         pinned, stop_reason = self.pool.pin(fingerprint, keys, owner)
+        self.replicator.pulled(fingerprint, pinned)
         sent, sent_bytes, finished = 0, 0, False
         try:
             with self.watchdog.watch(context, "PullBlocks") as progressed:

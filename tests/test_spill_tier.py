@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from cache_store.config import StoreConfig
 from cache_store.metrics import StoreCollector
+from cache_store.replicator import ReplicationCounters
 from cache_store.pool import StorePool
 from cache_store.spill import DiskSlots, SpillTier, make_tiers
 from kvcluster.errors import InvalidArgument, ResourceExhausted
@@ -314,7 +315,7 @@ def test_tier_metrics(pools):
     pool = pools(1, 1, 1)
     fill(pool, make_blocks(SMALL_LAYOUT, 4))
     registry = CollectorRegistry()
-    registry.register(StoreCollector(pool, _NoCounters(), _NoPublisher(), _NoWatchdog()))
+    registry.register(StoreCollector(pool, _NoCounters(), _NoPublisher(), _NoWatchdog(), ReplicationCounters()))
     value = registry.get_sample_value
     assert [value("kvcluster_store_tier_blocks_used", {"tier": t}) for t in ("device", "host", "disk")] == [1, 1, 1]
     assert value("kvcluster_store_tier_blocks_capacity", {"tier": "disk"}) == 1
