@@ -18,7 +18,7 @@ MODEL ?=
 # waiting starve the others (3-10x slowdowns seen), so they sleep instead unless told otherwise.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install proto run test bench bench-quick demo clean gpu-check deploy-check
+.PHONY: install proto run test test-fast bench bench-quick demo clean gpu-check deploy-check
 
 KERNELS := build/kernels/.built
 
@@ -50,6 +50,11 @@ run: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The suite without the tests marked slow (multi-process clusters, the bench suite, fuzzing): a quick
+# check while working. `make test` (what CI runs) still runs everything.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The bench extras are installed once; the stamps make them a no-op after. accelerate goes into
 # .venv; NVIDIA's aiperf load generator (bench/aiperf_chat.py) gets a virtualenv of its own, so its

@@ -6,7 +6,7 @@ carry (or reuse) the memory of another.
 
 Run: `python -m bench.models [--quick]` (not part of `make bench`: it loads four engines). Ratio: each
 model's batch-8 over batch-1 decode tok/s in float32 (continuous batching; target >= 4, as bench/engine.py).
-docs/models.md and the README's models table quote bench/results/models.json.
+docs/models.md and docs/performance.md quote bench/results/models.json.
 """
 
 import argparse

@@ -16,7 +16,7 @@ Every kvcluster benchmark in one run, each a ratio against a baseline measured s
   aiperf_chat        NVIDIA aiperf, multi-turn chat via the gateway: shared system prompt vs --cache-bust
   fleet              Mooncake traces simulated over 4-256 replicas through our router and tiers; routing at 256 x 10k
 Each writes DIR/<name>.json (machine, commit, figures, "ratios") and DIR/<name>.png; the run
-writes DIR/suite.json (every ratio, durations) and DIR/summary.md (the README table). Measures
+writes DIR/suite.json (every ratio, durations) and DIR/summary.md (a ratio table). Measures
 that need no cluster run first, so the in-process ones never share the 2 cores with it.
 `make bench` is the full run (< 20 min on the 2-core CPU), `make bench-quick` the `--quick` one.
 """

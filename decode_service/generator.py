@@ -224,7 +224,7 @@ class Generator:
         has nothing to run, or once PUSH_YIELD_S has passed since the first (so a busy worker still
         shares its blocks): a request that arrives right after another finished no longer waits
         behind its predecessor's copies (TTFT warm right after cold, 1,024 tokens: ~70-120 ms with
-        one push at once, see the README's design notes)."""
+        one push at once, see docs/design.md)."""
         deadline = time.monotonic() + PUSH_YIELD_S
         group = PUSH_GROUP_BLOCKS if export.batch is None else len(export.hashes)
         try:

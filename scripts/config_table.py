@@ -1,4 +1,4 @@
-"""Print the README's configuration table from the services' config dataclasses (one source of truth)."""
+"""Print the configuration table of docs/configuration.md from the services' config dataclasses (one source of truth)."""
 
 import dataclasses
 

@@ -50,12 +50,14 @@ def check_ratio(name: str, entry: dict) -> None:
         assert isinstance(entry["met"], bool) and isinstance(entry["value"], (int, float)), f"{name}: {entry}"
 
 
+@pytest.mark.slow  # runs the whole suite (--tiny): minutes
 def test_tiny_suite_exits_cleanly(tiny_run):
     _, run = tiny_run
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "| measure | ratio | value | target | met |" in run.stdout  # the summary table is printed
 
 
+@pytest.mark.slow  # runs the whole suite (--tiny): minutes
 @pytest.mark.parametrize("name", list(MEASURES))
 def test_measure_writes_json_and_png(tiny_run, name):
     results, _ = tiny_run
@@ -69,6 +71,7 @@ def test_measure_writes_json_and_png(tiny_run, name):
     check_png(results / f"{name}.png")
 
 
+@pytest.mark.slow  # runs the whole suite (--tiny): minutes
 def test_suite_summary_lists_every_ratio(tiny_run):
     results, _ = tiny_run
     summary = json.loads((results / "suite.json").read_text())

@@ -204,6 +204,7 @@ def test_decode_does_not_trust_a_prefill_answer_computed_under_another_fingerpri
 
 # ---- the whole cluster in bfloat16 -----------------------------------------------------------
 
+@pytest.mark.slow  # a multi-process cluster
 def test_bfloat16_cluster_serves_a_repeated_prompt_from_the_cache_exactly(bf16_engine, tmp_path):
     with open(tmp_path / "cluster.log", "w") as log_stream, \
             Cluster(ClusterPorts.any_free(), dtype="bfloat16", log_stream=log_stream) as cluster:

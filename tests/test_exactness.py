@@ -88,6 +88,9 @@ def through_cluster(target: str, prompts: list[list[int]], rng: random.Random):
     return results
 
 
+# 48 prompts x 2 dtypes in process and through two multi-process clusters: minutes.
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def case(request):
     dtype = request.param

@@ -243,6 +243,7 @@ def test_gemma3_270m_chat_template_and_stop_tokens(gemma3_engine):
     assert tokenizer.decode([2, 105, *tokenizer.encode("model")]) == "model"  # specials skipped
 
 
+@pytest.mark.slow  # a multi-process cluster
 def test_gemma3_270m_through_a_cluster_cold_and_warm(gemma3_path, gemma3_engine, real_prompts, expected_real):
     """`kvcluster up --model <file>`: the cold request computes and caches the long prompt's blocks, the
     warm one takes them from the cache; both give transformers' tokens. The gateway renders the chat

@@ -326,6 +326,7 @@ def test_chat_template_renders_as_transformers_does(checkpoints):
 
 # ---- end to end ----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a multi-process cluster
 def test_cluster_serves_a_checkpoint_directory_warm_equals_cold(checkpoints):
     path = checkpoints["qwen3-qk-norm"]
     messages = [("system", PROMPT), ("user", "And the next token?")]

@@ -26,6 +26,9 @@ DOCUMENT = " ".join(f"Clause {i}: the carrier is liable for loss up to {i * 3} u
                     for i in range(1, 12))
 
 
+# A multi-process cluster, loaded, then scraped by a real Prometheus.
+pytestmark = pytest.mark.slow
+
 def metrics_port(cluster: Cluster, job: str) -> int:
     """The port Prometheus scrapes `job` on: the gateway serves /metrics on its HTTP port."""
     child = cluster.children[JOBS[job]]

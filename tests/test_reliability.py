@@ -16,6 +16,7 @@ from kvcluster.client import Client
 from kvcluster.launcher import Cluster, ClusterPorts
 from kvcluster.model.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
+from tests.store_fixtures import wait_until
 
 SYSTEM = ("You are the help desk of a container terminal. Answer in one sentence. Terminal hours are 6am to 10pm, "
           "gate fees are 40 dollars, reefer plugs cost 25 dollars a day and free storage lasts five days.")
@@ -23,6 +24,8 @@ QUESTIONS = [f"Question {i}: what should I know about {topic}?" for i, topic in 
     ["gate hours", "reefer plugs", "storage fees", "late pickups", "customs holds", "weekend access",
      "hazardous cargo", "empty returns"])]
 MAX_TOKENS = 5
+# Starts a multi-process cluster with the real model and loads it with hundreds of requests: minutes.
+pytestmark = pytest.mark.slow
 
 
 def messages(i: int) -> list[tuple[str, str]]:
@@ -94,6 +97,11 @@ def assert_nothing_held(cluster: Cluster) -> None:
     raise AssertionError(f"held worker blocks {held}, store pins {pins}")
 
 
+def in_flight(cluster: Cluster) -> float:
+    return (metric(cluster, "decode_service", "kvcluster_requests_running")
+            + metric(cluster, "decode_service", "kvcluster_requests_waiting"))
+
+
 def warm_until_cached(target: str, timeout_s: float = 30.0) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -145,7 +153,12 @@ def test_killing_the_store_under_load_fails_no_request(cluster, expected):
     target = cluster.decode_target
     assert warm_until_cached(target) > 0
     before = fallbacks(cluster)
-    outputs, failures = run_concurrently(target, 32, during=lambda: (time.sleep(1.0), cluster.kill("cache_store")))
+
+    def kill_the_store_under_load() -> None:  # once decode has requests in its batch or queue
+        assert wait_until(lambda: in_flight(cluster) > 0, timeout_s=60, interval_s=0.02), "no request in flight"
+        cluster.kill("cache_store")
+
+    outputs, failures = run_concurrently(target, 32, during=kill_the_store_under_load)
     assert not failures, failures[:3]
     assert all(outputs[i] == expected[i % len(QUESTIONS)] for i in range(32))
     assert ask(target, 1).token_ids == expected[1]  # with the store gone for sure
@@ -166,25 +179,38 @@ def test_redis_down_then_back_fails_no_request(cluster, expected):
 
 
 def test_sigterm_during_load_ends_streams_cleanly_and_exits_zero(cluster):
+    """Streams far longer than decode's grace period (5 s) are all running when SIGTERM comes: the
+    service must end them with a status, not hang or crash, and exit 0."""
     target = cluster.decode_target
-    codes = []
+    count, max_tokens = 8, 4000  # 32,000 tokens: far more than decode makes in its 5 s of grace
+    started = threading.Semaphore(0)
+    ended: dict[int, tuple[str, int]] = {}  # stream -> (status, tokens received)
 
     def long_request(i: int) -> None:
+        received, code = 0, "ok"
         try:
             with Client(target) as client:
-                client.generate(messages=messages(i), max_tokens=200, temperature=0.0, ignore_eos=True)
-            codes.append("ok")
+                for response in client.stream(messages=messages(i), max_tokens=max_tokens, temperature=0.0,
+                                              ignore_eos=True):
+                    if not received and response.token_ids:
+                        started.release()  # this stream has its first tokens
+                    received += len(response.token_ids)
         except grpc.RpcError as err:
-            codes.append(err.code().name)
+            code = err.code().name
+        ended[i] = (code, received)
 
-    threads = [threading.Thread(target=long_request, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=long_request, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
-    time.sleep(3.0)
+    for _ in range(count):  # every stream is producing tokens before the signal
+        assert started.acquire(timeout=300), "a stream got no token"
     assert cluster.kill("decode_service", signal.SIGTERM, timeout_s=60) == 0
     for t in threads:
         t.join(60)
-    assert len(codes) == 8
-    assert set(codes) <= {"ok", "CANCELLED", "UNAVAILABLE"}, codes
+    assert len(ended) == count and not any(t.is_alive() for t in threads)
+    codes = [code for code, _ in ended.values()]
+    assert set(codes) <= {"ok", "CANCELLED", "UNAVAILABLE"}, ended
+    assert codes.count("ok") < count, "every stream finished: the shutdown ended none"
+    assert all(0 < n < max_tokens for code, n in ended.values() if code != "ok"), ended
     cluster.restart("decode_service")
     assert ask(cluster.decode_target, 2).usage.completion_tokens == MAX_TOKENS

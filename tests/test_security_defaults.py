@@ -64,6 +64,7 @@ def store_of(cluster: Cluster, metadata=()) -> StoreClient:
     return StoreClient(f"127.0.0.1:{cluster.children['cache_store'].grpc_port}", SMOLLM2_LAYOUT, metadata=metadata)
 
 
+@pytest.mark.slow  # a multi-process cluster
 def test_the_store_of_kvcluster_up_refuses_callers_without_the_token(up_cluster):
     blocks = make_blocks(SMOLLM2_LAYOUT, 1, seed=13)
     fingerprint = make_fingerprint(b"outsider", SMOLLM2_LAYOUT.canonical())
@@ -85,6 +86,7 @@ def test_the_store_of_kvcluster_up_refuses_callers_without_the_token(up_cluster)
         insider.close()
 
 
+@pytest.mark.slow  # a multi-process cluster
 @pytest.mark.parametrize("wrong", ["", "x", "token-prefix", "token+1"])
 def test_near_miss_tokens_are_refused(up_cluster, wrong):
     token = up_cluster.internal_token
@@ -98,6 +100,7 @@ def test_near_miss_tokens_are_refused(up_cluster, wrong):
         store.close()
 
 
+@pytest.mark.slow  # a multi-process cluster
 def test_prefill_of_kvcluster_up_refuses_callers_without_the_token(up_cluster):
     channel = make_channel(f"127.0.0.1:{up_cluster.children['prefill_service'].grpc_port}")
     try:
@@ -109,6 +112,7 @@ def test_prefill_of_kvcluster_up_refuses_callers_without_the_token(up_cluster):
         channel.close()
 
 
+@pytest.mark.slow  # a multi-process cluster
 def test_generate_needs_no_token_and_its_blocks_are_keyed_by_the_cluster_secret(up_cluster, smollm_engine):
     with Client(up_cluster.decode_target) as client:
         result = client.generate(messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0.0)
@@ -188,6 +192,7 @@ def generate(cluster, cache_salt: str, max_tokens: int = MAX_TOKENS) -> tuple[li
     return responses, [t for r in responses for t in r.token_ids]
 
 
+@pytest.mark.slow  # a multi-process cluster
 def test_a_salt_shares_the_cache_only_with_the_same_salt(salted_cluster, smollm_engine):
     # Unsalted blocks are cached before tenant b asks: b must not find them (nor a's).
     runs = {name: generate(salted_cluster, salt) for name, salt in
@@ -203,11 +208,13 @@ def test_a_salt_shares_the_cache_only_with_the_same_salt(salted_cluster, smollm_
     assert fingerprint not in seen and fingerprint.hex().encode() not in seen
 
 
+@pytest.mark.slow  # a multi-process cluster
 def test_a_salt_of_the_longest_length_is_served(salted_cluster):
     responses, ids = generate(salted_cluster, "s" * MAX_CACHE_SALT_CHARS, max_tokens=1)
     assert len(ids) == 1 and responses[-1].usage.cached_tokens == 0
 
 
+@pytest.mark.slow  # a multi-process cluster
 def test_a_salt_over_the_limit_is_invalid_argument_naming_it(salted_cluster):
     with pytest.raises(grpc.RpcError) as err:
         generate(salted_cluster, "s" * (MAX_CACHE_SALT_CHARS + 1))

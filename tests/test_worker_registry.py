@@ -2,7 +2,6 @@
 local pool's stored/removed events, and the choices built on them: the gateway's router and
 decode's choice of prefill replica. Real Redis; no model."""
 
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -15,6 +14,7 @@ from kvcluster.index import RedisIndex, StoreRef, worker_namespace
 from kvcluster.index_publisher import IndexPublisher
 from kvcluster.block_manager import BlockManager
 from tests.cluster_fixtures import running_redis
+from tests.store_fixtures import wait_until
 
 FINGERPRINT = bytes(range(16))
 
@@ -62,8 +62,8 @@ def test_registry_counts_each_workers_leading_blocks_and_drops_the_dead(redis_ur
     assert [m.store_id for m in members] == ["a", "b"]
     assert index.held_prefix(hashes, members) == [3, 1]
     assert index.member_fields(["a", "b"]) == [{"running": "3", "waiting": "1", "free_blocks": "7"}, {}]
-    time.sleep(0.5)  # b's heartbeat lapses: it leaves the listing and its entries stop counting
-    assert [m.store_id for m in index.live_stores()] == ["a"]
+    # b's heartbeat lapses (its TTL is 0.3 s): it leaves the listing and its entries stop counting
+    assert wait_until(lambda: [m.store_id for m in index.live_stores()] == ["a"], timeout_s=10, interval_s=0.02)
     assert index.held_prefix(hashes, members) == [3, 0]
     index.close()
 
