@@ -88,7 +88,7 @@ def test_gateway_with_a_local_routing_index_credits_replicas_as_redis_does():
     async def overlaps_by_replica(gateway: Gateway) -> dict[str, int]:
         await gateway.refresh()
         replicas = sorted(gateway.replicas.up(), key=lambda r: r.replica_id)
-        return dict(zip([r.replica_id for r in replicas], gateway.overlaps(request, replicas)))
+        return dict(zip([r.replica_id for r in replicas], gateway.overlaps(request, replicas)[1]))
 
     async def scenario(redis_url: str) -> list[tuple[dict, dict]]:
         index = RedisIndex(redis_url, worker_namespace("gw29", "decode"), kv_events=True)
