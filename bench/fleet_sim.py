@@ -14,8 +14,9 @@ prefill - arrival.
 Tiers of a request's prompt blocks, in lookup order: local (the chosen replica's pool, `match`),
 store (the next blocks whose shard holds them: `pin` + `release`, which touches the store's LRU),
 computed. A request's TTFT adds the cost model's `request_path_s` (the gateway and gRPC path,
-measured on this machine for the CPU model, 0 for the derived H100 one). New blocks are registered locally (as many as the pool can spare while its running
-requests hold theirs) and pushed to their shard. Not modelled: the prefill service's own pool,
+measured on this machine for the CPU model, 0 for the derived H100 one). New blocks are registered
+locally (as many as the pool can spare while its running requests hold theirs) and pushed to their
+shard. Not modelled: the prefill service's own pool,
 waiting for an in-flight prefix, store spill tiers (the store has none), network contention.
 """
 
@@ -200,7 +201,8 @@ class FleetSim:
         self.counters = {"event_batches": 0, "entries_written": 0, "held_prefix_calls": 0, "store_lookups": 0}
         self.replicas = []
         for i in range(config.replicas):
-            member = StoreRef(f"decode-{i}", f"sim:{i}", 1, KVLayout(1, config.block_tokens, 1, 1, "float32").canonical())
+            layout = KVLayout(1, config.block_tokens, 1, 1, "float32").canonical()  # the router reads its block size
+            member = StoreRef(f"decode-{i}", f"sim:{i}", 1, layout)
             blocks = BlockManager(config.replica_blocks)
             blocks.listener = CountingSink(self.counters, self.index.sink(member.store_id))
             self.replicas.append(SimReplica(i, Replica(member, None, None), blocks))

@@ -133,3 +133,55 @@ def test_only_an_index_that_publishes_kv_events_writes_the_stream(index):
 def index_url(index: RedisIndex) -> str:
     kwargs = index.redis.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/0"
+
+
+@pytest.mark.slow
+def test_a_live_cluster_routing_on_the_local_index_sends_a_repeat_to_the_replica_holding_it():
+    """`--routing-index local` end to end (two decode replicas, the gateway following the KV events):
+    a repeated prompt goes to a replica holding it, finds it in its local pool and answers as cold."""
+    import time
+
+    import httpx
+    import openai
+
+    from kvcluster.blocks import prefix_hashes
+    from tests.cluster_fixtures import gateway_cluster
+
+    documents = [[100 + (37 * i + 5_003 * d) % 40_000 for i in range(16 * 8)] for d in range(3)]  # 8 blocks each
+    with gateway_cluster(("--routing-index", "local", "--refresh-seconds", "0.2")) as cluster:
+        client = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        index = RedisIndex(cluster.redis_url, worker_namespace("kvc", "decode"))
+
+        def ask(ids: list[int]) -> tuple[str, str, int]:
+            reply = client.completions.create(model=cluster.served_model, prompt=ids, max_tokens=4, temperature=0)
+            return reply.choices[0].text, reply.usage.kvcluster["replica"], reply.usage.kvcluster["local_cache_tokens"]
+
+        def cache_hits() -> float:
+            text = httpx.get(f"{cluster.gateway_url}/metrics", timeout=10).text
+            found = [line for line in text.splitlines()
+                     if line.startswith('kvcluster_gateway_routing_decisions_total{reason="cache_hit"}')]
+            return float(found[0].split()[-1]) if found else 0.0
+
+        try:
+            cold = [ask(ids) for ids in documents]
+            assert all(local == 0 for _, _, local in cold)
+            fingerprint, block_size = next(bytes.fromhex(m.fingerprint) for m in index.live_stores()), 16
+            for ids, (_, replica, _) in zip(documents, cold):
+                hashes = prefix_hashes(fingerprint, ids, block_size)
+                for _ in range(100):  # the replica's publisher writes its blocks to the index shortly after
+                    held = dict(zip([m.store_id for m in index.live_stores()],
+                                    index.held_prefix(hashes, index.live_stores())))
+                    if held.get(replica) == len(hashes):
+                        break
+                    time.sleep(0.1)
+                assert held[replica] == len(hashes)
+            time.sleep(2.0)  # several of the gateway's 0.2 s refreshes: its local copy has the events
+            hits = cache_hits()
+            for ids, (text, replica, _) in zip(documents, cold):
+                for _ in range(2):
+                    warm_text, warm_replica, local = ask(ids)
+                    assert warm_text == text
+                    assert warm_replica == replica and local == len(ids) - 1
+            assert cache_hits() == hits + 2 * len(documents)
+        finally:
+            index.close()
