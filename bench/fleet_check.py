@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS_DIR / "tmp").mkdir(exist_ok=True)
     requests = trace_slice(args.conversations)
     cpu = cpu_profile()
-    cost = dataclasses.replace(cpu, pull_s_per_block=cpu.pull_s_per_block * BLOCK_TOKENS / 512)
+    # pulls per 16-token block; the request path is this run's own calibration, not a committed one
+    cost = dataclasses.replace(cpu, pull_s_per_block=cpu.pull_s_per_block * BLOCK_TOKENS / 512, request_path_s=0.0)
     progress(NAME, f"{len(requests)} requests; running the cluster")
     calibration, measured = real_run(requests)
     if calibration["ttft_p50_s"] is None:
