@@ -185,3 +185,57 @@ def test_a_live_cluster_routing_on_the_local_index_sends_a_repeat_to_the_replica
             assert cache_hits() == hits + 2 * len(documents)
         finally:
             index.close()
+
+
+def test_gateway_queues_a_routed_prompts_uncached_tokens_on_its_replica_until_the_first_token():
+    """What cache_aware weighs as load: a request adds its uncached prompt tokens to the chosen
+    replica's queued_prefill_tokens when routed and takes them off at its first response."""
+    import asyncio
+
+    from gateway.config import GatewayConfig
+    from gateway.openai_api import ApiRequest
+    from gateway.server import Gateway
+    from kvcluster.blocks import prefix_hashes
+    from kvcluster.proto import decode_pb2
+
+    fingerprint = bytes(range(16))
+    ids = [(11 * i) % 1000 + 5 for i in range(16 * 5 + 3)]  # 5 full blocks and 3 tokens
+    request = ApiRequest(chat=False, model="m", prompt_ids=ids)
+
+    class Call:
+        def __init__(self, replica, seen: list):
+            self.replica, self.seen = replica, seen
+
+        async def _responses(self):
+            self.seen.append(self.replica.queued_prefill_tokens)      # prefill pending
+            yield decode_pb2.GenerateResponse(token_ids=[7])
+            self.seen.append(self.replica.queued_prefill_tokens)      # after the first token
+            yield decode_pb2.GenerateResponse(token_ids=[8], finish_reason=decode_pb2.FINISH_REASON_LENGTH)
+
+        def __aiter__(self):
+            return self._responses()
+
+        def cancel(self):
+            pass
+
+    async def scenario(redis_url: str) -> tuple[str, int, list, dict, int]:
+        index = RedisIndex(redis_url, worker_namespace("gw29q", "decode"), kv_events=True)
+        epochs = {w: index.register(w, f"127.0.0.1:{61000 + i}", ttl_s=30, layout="kvlayout-v1:L1:B16:H1:D2:float32",
+                                    fingerprint=fingerprint.hex()) for i, w in enumerate(("a", "b"))}
+        index.add_entries("b", epochs["b"], prefix_hashes(fingerprint, ids, 16)[:3])  # b holds 48 tokens
+        gateway = Gateway(GatewayConfig(redis_url=redis_url, index_namespace="gw29q"))
+        await gateway.refresh()
+        seen: list = []
+        for replica in gateway.replicas.up():
+            replica.stub = type("Stub", (), {"Generate": lambda _, *a, r=replica, **k: Call(r, seen)})()
+        route = await gateway.route(request, set())
+        pieces = [piece async for piece in gateway.generate(request)]
+        after = {r.replica_id: r.queued_prefill_tokens for r in gateway.replicas.up()}
+        await gateway.replicas.close()
+        index.close()
+        return route.replica.replica_id, route.queued_tokens, seen, after, len(pieces)
+
+    with running_redis() as server:
+        chosen, queued, seen, after, pieces = asyncio.run(scenario(server.url))
+    assert chosen == "b" and queued == len(ids) - 48
+    assert seen == [len(ids) - 48, 0] and after == {"a": 0, "b": 0} and pieces == 2
