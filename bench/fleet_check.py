@@ -10,11 +10,18 @@ the same requests over 2 replicas with the CPU cost model (bench/fleet.py's, pul
 block), the default pool's 728 slots and the store's 1,456 (1 GiB / 737,280 B). Compared: prefix
 hit ratio (tokens found local or in the store ÷ prompt tokens) and TTFT p50. Targets: within 0.05
 and 30%. Writes bench/results/fleet_check.json.
+
+The cost model's request path (`CostModel.request_path_s`: HTTP, the gateway's tokenizing and index
+lookup, gRPC, the replica's scheduling, the first token's way back) is calibrated on the same
+cluster before the trace, apart from it: the median TTFT of a tiny prompt whose blocks the replica
+already holds (`CALIBRATION_PROMPT`, sent one at a time, every send after the first fully cached but
+its last token) less what the cost model gives for that one token's forward.
 """
 
 import argparse
 import dataclasses
 import random
+import statistics
 import threading
 import time
 from collections import Counter
@@ -33,6 +40,8 @@ SPAN_S = 120.0
 MAX_TOKENS = 4
 REPLICA_SLOTS = (512 << 20) // 737_280
 STORE_SLOTS = (1 << 30) // 737_280
+CALIBRATION_PROMPT = list(range(1000, 1000 + 2 * BLOCK_TOKENS + 1))  # 2 full blocks and 1 token
+CALIBRATION_SENDS = 8
 
 
 def trace_slice(conversations: int) -> list[TraceRequest]:
@@ -55,10 +64,10 @@ def prompt_ids(request: TraceRequest) -> list[int]:
     return ids
 
 
-def send(client: openai.OpenAI, model: str, request: TraceRequest, start: float, out: list) -> None:
-    time.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+def first_token(client: openai.OpenAI, model: str, ids: list[int], max_tokens: int) -> dict:
+    """One streamed completion: its TTFT and where its prompt tokens came from."""
     sent, first, usage = time.perf_counter(), None, None
-    for chunk in client.completions.create(model=model, prompt=prompt_ids(request), max_tokens=MAX_TOKENS,
+    for chunk in client.completions.create(model=model, prompt=ids, max_tokens=max_tokens,
                                            temperature=0, stream=True, stream_options={"include_usage": True},
                                            extra_body={"ignore_eos": True}):
         if chunk.choices and first is None:
@@ -66,15 +75,31 @@ def send(client: openai.OpenAI, model: str, request: TraceRequest, start: float,
         if chunk.usage is not None:
             usage = chunk.usage
     sources = usage.kvcluster
-    out.append({"ttft_s": first, "prompt_tokens": usage.prompt_tokens, "local": sources["local_cache_tokens"],
-                "store": sources["store_tokens"], "replica": sources["replica"]})
+    return {"ttft_s": first, "prompt_tokens": usage.prompt_tokens, "local": sources["local_cache_tokens"],
+            "store": sources["store_tokens"], "replica": sources["replica"]}
 
 
-def real_run(requests: list[TraceRequest]) -> list[dict]:
+def send(client: openai.OpenAI, model: str, request: TraceRequest, start: float, out: list) -> None:
+    time.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+    out.append(first_token(client, model, prompt_ids(request), MAX_TOKENS))
+
+
+def calibrate_path(client: openai.OpenAI, model: str) -> dict:
+    """TTFTs of `CALIBRATION_PROMPT` sent one at a time (the first computes it, the rest find all
+    but its last token cached)."""
+    sends = [first_token(client, model, CALIBRATION_PROMPT, 1) for _ in range(CALIBRATION_SENDS)]
+    cached = [s for s in sends[1:] if s["local"] == len(CALIBRATION_PROMPT) - 1]
+    return {"prompt_tokens": len(CALIBRATION_PROMPT), "sends": len(sends), "fully_cached_sends": len(cached),
+            "ttft_p50_s": round(statistics.median(s["ttft_s"] for s in cached), 4) if cached else None,
+            "ttft_s": [round(s["ttft_s"], 4) for s in sends]}
+
+
+def real_run(requests: list[TraceRequest]) -> tuple[dict, list[dict]]:
     log = open(RESULTS_DIR / "tmp" / "fleet-check-cluster.log", "a")
     with Cluster(ClusterPorts.any_free(), log_stream=log, dtype="float32", decode_replicas=2, gateway=True,
                  gateway_args=("--routing", "cache_aware")) as cluster:
         client = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0, timeout=600)
+        calibration = calibrate_path(client, cluster.served_model)
         out: list[dict] = []
         start = time.perf_counter()
         threads = [threading.Thread(target=send, args=(client, cluster.served_model, r, start, out)) for r in requests]
@@ -83,7 +108,7 @@ def real_run(requests: list[TraceRequest]) -> list[dict]:
         for thread in threads:
             thread.join()
     log.close()
-    return out
+    return calibration, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,17 +118,29 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS_DIR / "tmp").mkdir(exist_ok=True)
     requests = trace_slice(args.conversations)
     cpu = cpu_profile()
-    cost = dataclasses.replace(cpu, pull_s_per_block=cpu.pull_s_per_block * BLOCK_TOKENS / 512)
-    simulated = simulate(requests, FleetConfig("cache_aware", 2, REPLICA_SLOTS, 1, STORE_SLOTS, cost,
-                                               overlap_weight=1.0, block_tokens=BLOCK_TOKENS))
-    progress(NAME, f"{len(requests)} requests; simulated hit ratio {simulated['hit_ratio']:.3f}, "
-             f"TTFT p50 {simulated['ttft_s']['p50']:.3f} s; running the cluster")
-    measured = real_run(requests)
+    # pulls per 16-token block; the request path is this run's own calibration, not a committed one
+    cost = dataclasses.replace(cpu, pull_s_per_block=cpu.pull_s_per_block * BLOCK_TOKENS / 512, request_path_s=0.0)
+    progress(NAME, f"{len(requests)} requests; running the cluster")
+    calibration, measured = real_run(requests)
+    if calibration["ttft_p50_s"] is None:
+        raise SystemExit(f"calibration: no send of the tiny prompt found it cached: {calibration}")
+    one_token = cost.prefill(1)
+    path_s = max(calibration["ttft_p50_s"] - one_token, 0.0)
+    calibration.update(model_one_token_forward_s=round(one_token, 4), request_path_s=round(path_s, 4))
+    config = FleetConfig("cache_aware", 2, REPLICA_SLOTS, 1, STORE_SLOTS, cost, block_tokens=BLOCK_TOKENS)
+    without_path = simulate(requests, config)
+    simulated = simulate(requests, dataclasses.replace(config, cost=dataclasses.replace(cost, request_path_s=path_s)))
+    progress(NAME, f"request path {path_s * 1e3:.1f} ms (cached tiny prompt TTFT p50 "
+             f"{calibration['ttft_p50_s'] * 1e3:.1f} ms - {one_token * 1e3:.1f} ms forward); simulated hit ratio "
+             f"{simulated['hit_ratio']:.3f}, TTFT p50 {simulated['ttft_s']['p50']:.3f} s "
+             f"({without_path['ttft_s']['p50']:.3f} s without the path)")
     prompt = sum(m["prompt_tokens"] for m in measured)
     hit = sum(m["local"] + m["store"] for m in measured) / prompt
     ttft_p50 = percentile([m["ttft_s"] for m in measured], 50)
     result = {"requests": len(requests), "conversations": args.conversations, "span_s": SPAN_S,
-              "simulated": simulated, "measured": {
+              "path_calibration": calibration, "simulated": simulated,
+              "simulated_without_request_path": {k: without_path[k] for k in ("hit_ratio", "ttft_s")},
+              "measured": {
                   "hit_ratio": round(hit, 4), "ttft_p50_s": round(ttft_p50, 4),
                   "local_share": round(sum(m["local"] for m in measured) / prompt, 4),
                   "store_share": round(sum(m["store"] for m in measured) / prompt, 4),

@@ -13,8 +13,10 @@ prefill - arrival.
 
 Tiers of a request's prompt blocks, in lookup order: local (the chosen replica's pool, `match`),
 store (the next blocks whose shard holds them: `pin` + `release`, which touches the store's LRU),
-computed. New blocks are registered locally (as many as the pool can spare while its running
-requests hold theirs) and pushed to their shard. Not modelled: the prefill service's own pool,
+computed. A request's TTFT adds the cost model's `request_path_s` (the gateway and gRPC path,
+measured on this machine for the CPU model, 0 for the derived H100 one). New blocks are registered
+locally (as many as the pool can spare while its running requests hold theirs) and pushed to their
+shard. Not modelled: the prefill service's own pool,
 waiting for an in-flight prefix, store spill tiers (the store has none), network contention.
 """
 
@@ -79,10 +81,28 @@ def ceiling_hit_ratio(requests: Sequence[TraceRequest]) -> float:
     return hits / total if total else 0.0
 
 
+def ttft_floor(requests: Sequence[TraceRequest], cost: "CostModel", block_tokens: int = TRACE_BLOCK_TOKENS) -> dict:
+    """TTFT percentiles with the ceiling's hits all local (no pull), no queueing and no decode step in
+    the way: only the prefill of the blocks no earlier request produced. No router can beat it."""
+    seen, ttft = set(), []
+    for request in requests:
+        hits = 0
+        for block_hash in request.block_hashes:
+            if block_hash not in seen:
+                break
+            hits += 1
+        seen.update(request.block_hashes)
+        ttft.append(cost.prefill(request.input_tokens - block_tokens * hits) + cost.request_path_s)
+    ttft.sort()
+    return {f"p{q}": round(percentile_sorted(ttft, q), 4) for q in (50, 90, 99)}
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Seconds per prefill token, per decode step by batch size (linear between the points given),
-    per 512-token block pulled from the store."""
+    per 512-token block pulled from the store, and of the request path outside the replica's model
+    (`request_path_s`: client -> gateway -> routing -> gRPC -> scheduling and the first token's way
+    back; a latency added to each TTFT, not replica time)."""
 
     name: str
     source: str
@@ -90,6 +110,7 @@ class CostModel:
     decode_step_s: dict[int, float]
     pull_s_per_block: float
     max_batch: int
+    request_path_s: float = 0.0
 
     def prefill(self, tokens: int) -> float:
         """A forward over `tokens` new tokens: one decode step (every weight is read, even for the one
@@ -114,6 +135,7 @@ class Job:
     slots: list[int] = field(default_factory=list)  # pool slots it references until it ends
     remaining: int = 0           # tokens left to decode
     cached_blocks: int = 0       # leading prompt blocks found local or in the store
+    queued_tokens: int = 0       # what the gateway added to its replica's queued_prefill_tokens
 
 
 @dataclass
@@ -165,8 +187,7 @@ class FleetConfig:
     store_blocks_per_shard: int
     cost: CostModel
     speedup: float = 1.0
-    # The gateway's default is 1.0 per held block of 16 tokens; a trace block is 32 of them.
-    overlap_weight: float = TRACE_BLOCK_TOKENS / 16
+    overlap_weight: float = 1.0  # the gateway's default: a held prompt token weighs as a queued prefill token
     block_tokens: int = TRACE_BLOCK_TOKENS  # tokens per block (a scaled-down replay uses the cluster's 16)
 
 
@@ -180,7 +201,8 @@ class FleetSim:
         self.counters = {"event_batches": 0, "entries_written": 0, "held_prefix_calls": 0, "store_lookups": 0}
         self.replicas = []
         for i in range(config.replicas):
-            member = StoreRef(f"decode-{i}", f"sim:{i}", 1)
+            layout = KVLayout(1, config.block_tokens, 1, 1, "float32").canonical()  # the router reads its block size
+            member = StoreRef(f"decode-{i}", f"sim:{i}", 1, layout)
             blocks = BlockManager(config.replica_blocks)
             blocks.listener = CountingSink(self.counters, self.index.sink(member.store_id))
             self.replicas.append(SimReplica(i, Replica(member, None, None), blocks))
@@ -222,10 +244,12 @@ class FleetSim:
         if self.config.policy == "cache_aware":
             overlaps = self.index.held_prefix(request.block_hashes, [v.member for v in views])
             self.counters["held_prefix_calls"] += 1
-        route = self.router.pick(views, overlaps)
+        route = self.router.pick(views, overlaps, request.input_tokens)
         route.replica.open_calls += 1
-        replica = self.replicas[self._position[id(route.replica)]]
-        replica.prefill_queue.append(Job(index, request, replica.position))
+        job = Job(index, request, self._position[id(route.replica)], queued_tokens=route.queued_tokens)
+        route.replica.queued_prefill_tokens += job.queued_tokens
+        replica = self.replicas[job.replica]
+        replica.prefill_queue.append(job)
         if replica.phase == "idle":
             self._start_next(now, replica)
         elif replica.phase == "decode":  # the prefill goes in after the decode step in progress
@@ -254,7 +278,8 @@ class FleetSim:
         replica.busy_s += now - replica.phase_start
         if replica.phase == "prefill":
             job = replica.current
-            self.ttft_s.append(now - job.request.arrival_s / self.config.speedup)
+            self.ttft_s.append(now - job.request.arrival_s / self.config.speedup + self.config.cost.request_path_s)
+            replica.view.queued_prefill_tokens -= job.queued_tokens
             self._cache_new_blocks(job, replica)
             job.remaining = job.request.output_tokens - 1
             if job.remaining > 0:

@@ -24,11 +24,13 @@ from gateway.replicas import Replica
 from gateway.router import Router
 from kvcluster.blocks import prefix_hashes
 from kvcluster.index import RedisIndex, StoreRef, worker_namespace
+from kvcluster.kvpool import KVLayout
 from kvcluster.prefix_index import PrefixIndex
 
 SYSTEM_BLOCKS = 64
 CONVERSATION_BLOCKS = 255
 BLOCK_TOKENS = 16
+LAYOUT = KVLayout(30, BLOCK_TOKENS, 3, 64, "float32").canonical()  # SmolLM2's: the router reads the block size
 
 
 def rss_bytes() -> int:
@@ -76,7 +78,7 @@ def measure(replicas: int = 256, blocks_per_replica: int = 10_000, rounds: int =
             redis_url: str | None = None, seed: int = 0) -> dict:
     rng = random.Random(seed)
     system, own = fleet_blocks(replicas, blocks_per_replica, rng)
-    views = [Replica(StoreRef(f"decode-{i}", f"10.0.{i // 250}.{i % 250}:50051", 1), None, None)
+    views = [Replica(StoreRef(f"decode-{i}", f"10.0.{i // 250}.{i % 250}:50051", 1, LAYOUT), None, None)
              for i in range(replicas)]
     prompt = system + own[0][:CONVERSATION_BLOCKS]
     router = Router("cache_aware", overlap_weight=1.0)
@@ -109,7 +111,7 @@ def redis_decisions(redis_url: str, views: list[Replica], router: Router, system
     for view in views:
         epoch = index.register(view.replica_id, view.member.address, ttl_s=600)
         index.add_entries(view.replica_id, epoch, system)
-        members.append(StoreRef(view.replica_id, view.member.address, epoch))
+        members.append(StoreRef(view.replica_id, view.member.address, epoch, LAYOUT))
     index.add_entries(members[0].store_id, members[0].epoch, first_own[:CONVERSATION_BLOCKS])
     registered = [Replica(m, None, None) for m in members]
     timing = time_decisions(index.held_prefix, registered, router, prompt, rounds)

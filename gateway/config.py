@@ -31,8 +31,10 @@ class GatewayConfig(SecuritySettings, ServiceConfig):
     routing: str = setting("cache_aware", "cache_aware: the replica holding the longest prompt prefix, weighed "
                            "against load; round_robin: each replica in turn; least_loaded: the replica with the fewest open "
                            "requests, whatever it holds")
-    overlap_weight: float = setting(1.0, "score = overlap_weight x leading prompt blocks held - load (sequences "
-                                    "running + waiting): how many queued sequences one cached block is worth")
+    overlap_weight: float = setting(1.0, "cache_aware's cost of a replica = its queued prefill tokens (uncached "
+                                    "prompt tokens of this gateway's requests on it before their first token) - "
+                                    "overlap_weight x prompt tokens it holds: how many queued prefill tokens one "
+                                    "cached prompt token is worth")
     routing_index: str = setting("redis", "where cache_aware reads what each replica holds: redis (one held_prefix "
                                  "round trip per request) or local (a copy kept from the index's KV events each "
                                  "refresh, no round trip; up to refresh_seconds stale)")

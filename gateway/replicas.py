@@ -32,6 +32,7 @@ class Replica:
     channel: grpc.aio.Channel
     published: dict = field(default_factory=dict)  # running, waiting, free_blocks, numerics at its last heartbeat
     open_calls: int = 0                # Generate calls of this gateway to it now
+    queued_prefill_tokens: int = 0     # uncached prompt tokens of those calls not past their first token
     suspect_until: float = 0.0         # monotonic; out of rotation before it
 
     @property

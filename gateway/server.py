@@ -103,16 +103,17 @@ class Gateway:
         pinned = next((r for r in replicas if r.replica_id == prefer), None)
         if pinned is not None:  # another choice of the same request: not a routing decision of its own
             return Route(pinned, "cache_hit", 0)
-        overlaps = [0] * len(replicas)
+        overlaps, prompt_tokens = [0] * len(replicas), 0
         if self.config.routing == "cache_aware" and self.replicas.index is not None:
-            overlaps = await asyncio.to_thread(self.overlaps, request, replicas)
-        route = self.router.pick(replicas, overlaps)
+            prompt_tokens, overlaps = await asyncio.to_thread(self.overlaps, request, replicas)
+        route = self.router.pick(replicas, overlaps, prompt_tokens)
         self.metrics.routing.labels(route.reason).inc()
         self.metrics.routed_blocks.inc(route.overlap_blocks)
         return route
 
-    def overlaps(self, request: ApiRequest, replicas: list[Replica]) -> list[int]:
-        """Blocking: leading prompt blocks each replica holds (0 for all when Redis cannot say)."""
+    def overlaps(self, request: ApiRequest, replicas: list[Replica]) -> tuple[int, list[int]]:
+        """Blocking: the prompt's length in tokens, and the leading prompt blocks each replica holds (0 for
+        all when Redis cannot say)."""
         token_ids = (self.tokenizer.encode_chat(request.messages) if request.chat
                      else request.prompt_ids or self.tokenizer.encode_prompt(request.prompt))
         counts = {}
@@ -124,7 +125,7 @@ class Gateway:
             except Unavailable:
                 held = [0] * len(group)
             counts.update(zip((r.replica_id for r in group), held))
-        return [counts.get(r.replica_id, 0) for r in replicas]
+        return len(token_ids), [counts.get(r.replica_id, 0) for r in replicas]
 
     # ---- generation with failover ----------------------------------------------------------
 
@@ -137,10 +138,14 @@ class Gateway:
             route = await self.route(request, exclude, prefer)
             replica = route.replica
             replica.open_calls += 1
+            queued = route.queued_tokens  # on the replica's queue until the first response comes back
+            replica.queued_prefill_tokens += queued
             call = replica.stub.Generate(request.to_grpc(sent, index), timeout=self.config.request_timeout_seconds,
                                          metadata=self.metadata)
             try:
                 async for response in call:
+                    replica.queued_prefill_tokens -= queued
+                    queued = 0
                     sent.extend(response.token_ids)
                     yield Piece(response, replica.replica_id)
                     if response.finish_reason != decode_pb2.FINISH_REASON_UNSPECIFIED:
@@ -152,6 +157,7 @@ class Gateway:
                 code, error = exc.code(), api_error_from_grpc(exc)
             finally:
                 replica.open_calls -= 1
+                replica.queued_prefill_tokens -= queued
                 call.cancel()  # no-op when it ended; frees the replica's work when our client went away
             last = attempt == self.config.max_failovers
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not sent and not last:

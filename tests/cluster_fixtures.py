@@ -1,4 +1,5 @@
-"""Real pieces for service tests: a private redis-server, cache stores and workers on port 0."""
+"""Real pieces for service tests: a private redis-server, cache stores and workers on port 0, and a
+whole cluster with the gateway."""
 
 import contextlib
 from collections.abc import Iterator
@@ -7,6 +8,7 @@ import grpc
 
 from cache_store.config import StoreConfig
 from cache_store.server import StoreServer, create_server as create_store
+from kvcluster.launcher import Cluster, ClusterPorts
 from kvcluster.redis_server import RedisServer, start_redis_server
 from kvcluster.rpc import make_channel
 
@@ -35,3 +37,14 @@ def start_store(redis_url: str, blocks: int = 256, store_id: str = "", port: int
 
 def channel_to(port: int) -> grpc.Channel:
     return make_channel(f"127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def gateway_cluster(gateway_args: tuple = (), kv_capacity_bytes: int = 192 << 20) -> Iterator[Cluster]:
+    """Redis, store, prefill, two decode replicas (small pools, 0.5 s heartbeats) and the gateway,
+    every one its own process, logs discarded."""
+    with open("/dev/null", "w") as quiet, Cluster(
+            ClusterPorts.any_free(), dtype="float32", decode_replicas=2, gateway=True, log_stream=quiet,
+            gateway_args=gateway_args, extra_env={"KVC_KV_CAPACITY_BYTES": str(kv_capacity_bytes),
+                                                  "KVC_REGISTRY_HEARTBEAT_SECONDS": "0.5"}) as running:
+        yield running

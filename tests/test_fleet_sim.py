@@ -1,6 +1,7 @@
 """The fleet simulator (bench/fleet_sim.py) on a slice of the Mooncake conversation trace, and the
 in-process prefix index it routes with (kvcluster/prefix_index.py) against the Redis one."""
 
+import dataclasses
 import random
 
 import pytest
@@ -38,6 +39,19 @@ def test_cache_aware_finds_more_of_the_prompt_locally_than_round_robin(results):
     aware, rr = results["cache_aware"], results["round_robin"]
     assert aware["tier_share"]["local"] > 1.5 * rr["tier_share"]["local"]
     assert aware["hit_ratio"] >= rr["hit_ratio"]
+
+
+def test_cache_aware_weighs_the_held_prefix_against_queued_prefill_and_does_not_herd(trace_slice):
+    """16 replicas of 64 blocks: the default weight (a held token = a queued prefill token) keeps the
+    replicas' busy time even and TTFT no worse than round robin; a held token worth 1000 queued ones
+    (as the old score, a block worth a queued request, did) herds turns onto the replica holding them."""
+    def run(policy: str, weight: float = 1.0) -> dict:
+        return simulate(trace_slice, dataclasses.replace(config(policy), replicas=16, replica_blocks=64,
+                                                          overlap_weight=weight))
+    aware, rr, herding = run("cache_aware"), run("round_robin"), run("cache_aware", 1000.0)
+    assert aware["ttft_s"]["p50"] <= rr["ttft_s"]["p50"] < herding["ttft_s"]["p50"]
+    assert aware["load_imbalance"] < 1.4 < herding["load_imbalance"]
+    assert aware["tier_share"]["local"] > rr["tier_share"]["local"]
 
 
 def test_no_policy_beats_the_infinite_cache_and_every_block_is_in_one_tier(trace_slice, results):

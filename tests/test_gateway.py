@@ -17,9 +17,9 @@ import pytest
 from kvcluster.blocks import prefix_hashes
 from kvcluster.client import Client
 from kvcluster.index import RedisIndex, worker_namespace
-from kvcluster.launcher import Cluster, ClusterPorts
 from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import ChatMessage, Tokenizer
+from tests.cluster_fixtures import gateway_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,7 @@ LONG_DOCUMENT = " ".join(f"Note {i}: shelf {i % 9} holds {i * 3} boxes of part {
 
 @pytest.fixture(scope="module")
 def cluster():
-    with open("/dev/null", "w") as quiet, Cluster(
-            ClusterPorts.any_free(), dtype="float32", decode_replicas=2, gateway=True, log_stream=quiet,
-            gateway_args=("--api-keys", f"other-key,{API_KEY}"),
-            extra_env={"KVC_KV_CAPACITY_BYTES": str(192 << 20), "KVC_REGISTRY_HEARTBEAT_SECONDS": "0.5"}) as running:
+    with gateway_cluster(("--api-keys", f"other-key,{API_KEY}")) as running:
         yield running
 
 

@@ -88,7 +88,7 @@ def test_gateway_with_a_local_routing_index_credits_replicas_as_redis_does():
     async def overlaps_by_replica(gateway: Gateway) -> dict[str, int]:
         await gateway.refresh()
         replicas = sorted(gateway.replicas.up(), key=lambda r: r.replica_id)
-        return dict(zip([r.replica_id for r in replicas], gateway.overlaps(request, replicas)))
+        return dict(zip([r.replica_id for r in replicas], gateway.overlaps(request, replicas)[1]))
 
     async def scenario(redis_url: str) -> list[tuple[dict, dict]]:
         index = RedisIndex(redis_url, worker_namespace("gw29", "decode"), kv_events=True)
@@ -133,3 +133,109 @@ def test_only_an_index_that_publishes_kv_events_writes_the_stream(index):
 def index_url(index: RedisIndex) -> str:
     kwargs = index.redis.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/0"
+
+
+@pytest.mark.slow
+def test_a_live_cluster_routing_on_the_local_index_sends_a_repeat_to_the_replica_holding_it():
+    """`--routing-index local` end to end (two decode replicas, the gateway following the KV events):
+    a repeated prompt goes to a replica holding it, finds it in its local pool and answers as cold."""
+    import time
+
+    import httpx
+    import openai
+
+    from kvcluster.blocks import prefix_hashes
+    from tests.cluster_fixtures import gateway_cluster
+
+    documents = [[100 + (37 * i + 5_003 * d) % 40_000 for i in range(16 * 8)] for d in range(3)]  # 8 blocks each
+    with gateway_cluster(("--routing-index", "local", "--refresh-seconds", "0.2")) as cluster:
+        client = openai.OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        index = RedisIndex(cluster.redis_url, worker_namespace("kvc", "decode"))
+
+        def ask(ids: list[int]) -> tuple[str, str, int]:
+            reply = client.completions.create(model=cluster.served_model, prompt=ids, max_tokens=4, temperature=0)
+            return reply.choices[0].text, reply.usage.kvcluster["replica"], reply.usage.kvcluster["local_cache_tokens"]
+
+        def cache_hits() -> float:
+            text = httpx.get(f"{cluster.gateway_url}/metrics", timeout=10).text
+            found = [line for line in text.splitlines()
+                     if line.startswith('kvcluster_gateway_routing_decisions_total{reason="cache_hit"}')]
+            return float(found[0].split()[-1]) if found else 0.0
+
+        try:
+            cold = [ask(ids) for ids in documents]
+            assert all(local == 0 for _, _, local in cold)
+            fingerprint, block_size = next(bytes.fromhex(m.fingerprint) for m in index.live_stores()), 16
+            for ids, (_, replica, _) in zip(documents, cold):
+                hashes = prefix_hashes(fingerprint, ids, block_size)
+                for _ in range(100):  # the replica's publisher writes its blocks to the index shortly after
+                    held = dict(zip([m.store_id for m in index.live_stores()],
+                                    index.held_prefix(hashes, index.live_stores())))
+                    if held.get(replica) == len(hashes):
+                        break
+                    time.sleep(0.1)
+                assert held[replica] == len(hashes)
+            time.sleep(2.0)  # several of the gateway's 0.2 s refreshes: its local copy has the events
+            hits = cache_hits()
+            for ids, (text, replica, _) in zip(documents, cold):
+                for _ in range(2):
+                    warm_text, warm_replica, local = ask(ids)
+                    assert warm_text == text
+                    assert warm_replica == replica and local == len(ids) - 1
+            assert cache_hits() == hits + 2 * len(documents)
+        finally:
+            index.close()
+
+
+def test_gateway_queues_a_routed_prompts_uncached_tokens_on_its_replica_until_the_first_token():
+    """What cache_aware weighs as load: a request adds its uncached prompt tokens to the chosen
+    replica's queued_prefill_tokens when routed and takes them off at its first response."""
+    import asyncio
+
+    from gateway.config import GatewayConfig
+    from gateway.openai_api import ApiRequest
+    from gateway.server import Gateway
+    from kvcluster.blocks import prefix_hashes
+    from kvcluster.proto import decode_pb2
+
+    fingerprint = bytes(range(16))
+    ids = [(11 * i) % 1000 + 5 for i in range(16 * 5 + 3)]  # 5 full blocks and 3 tokens
+    request = ApiRequest(chat=False, model="m", prompt_ids=ids)
+
+    class Call:
+        def __init__(self, replica, seen: list):
+            self.replica, self.seen = replica, seen
+
+        async def _responses(self):
+            self.seen.append(self.replica.queued_prefill_tokens)      # prefill pending
+            yield decode_pb2.GenerateResponse(token_ids=[7])
+            self.seen.append(self.replica.queued_prefill_tokens)      # after the first token
+            yield decode_pb2.GenerateResponse(token_ids=[8], finish_reason=decode_pb2.FINISH_REASON_LENGTH)
+
+        def __aiter__(self):
+            return self._responses()
+
+        def cancel(self):
+            pass
+
+    async def scenario(redis_url: str) -> tuple[str, int, list, dict, int]:
+        index = RedisIndex(redis_url, worker_namespace("gw29q", "decode"), kv_events=True)
+        epochs = {w: index.register(w, f"127.0.0.1:{61000 + i}", ttl_s=30, layout="kvlayout-v1:L1:B16:H1:D2:float32",
+                                    fingerprint=fingerprint.hex()) for i, w in enumerate(("a", "b"))}
+        index.add_entries("b", epochs["b"], prefix_hashes(fingerprint, ids, 16)[:3])  # b holds 48 tokens
+        gateway = Gateway(GatewayConfig(redis_url=redis_url, index_namespace="gw29q"))
+        await gateway.refresh()
+        seen: list = []
+        for replica in gateway.replicas.up():
+            replica.stub = type("Stub", (), {"Generate": lambda _, *a, r=replica, **k: Call(r, seen)})()
+        route = await gateway.route(request, set())
+        pieces = [piece async for piece in gateway.generate(request)]
+        after = {r.replica_id: r.queued_prefill_tokens for r in gateway.replicas.up()}
+        await gateway.replicas.close()
+        index.close()
+        return route.replica.replica_id, route.queued_tokens, seen, after, len(pieces)
+
+    with running_redis() as server:
+        chosen, queued, seen, after, pieces = asyncio.run(scenario(server.url))
+    assert chosen == "b" and queued == len(ids) - 48
+    assert seen == [len(ids) - 48, 0] and after == {"a": 0, "b": 0} and pieces == 2

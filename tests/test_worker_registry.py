@@ -96,18 +96,29 @@ class FakeReplica:
     replica_id: str
     load: int = 0
     published_load: int = 0
+    queued_prefill_tokens: int = 0
+    block_size: int = 16
 
 
-def test_router_weighs_cached_prefix_against_load():
+def test_router_weighs_cached_prefix_against_queued_prefill():
     router = Router("cache_aware", overlap_weight=1.0)
-    a, b = FakeReplica("a", load=2), FakeReplica("b", load=0)
-    assert router.pick([a, b], [5, 0]).replica is a and router.pick([a, b], [5, 0]).reason == "cache_hit"
-    assert router.pick([a, b], [1, 0]).replica is b   # one cached block is not worth two queued requests
+    a, b = FakeReplica("a", load=2, queued_prefill_tokens=64), FakeReplica("b", load=0)
+    route = router.pick([a, b], [5, 0], prompt_tokens=100)
+    assert route.replica is a and route.reason == "cache_hit" and route.queued_tokens == 100 - 5 * 16
+    route = router.pick([a, b], [3, 0], prompt_tokens=100)  # 48 cached tokens are not worth 64 queued ones
+    assert route.replica is b and route.queued_tokens == 100
+    assert router.pick([a, b], [4, 0], prompt_tokens=100).replica is b  # 64 = 64: fewer open requests wins
     route = router.pick([a, b], [0, 0])
     assert route.replica is b and route.reason == "least_loaded"
-    a.load = 0
+    a.queued_prefill_tokens = a.load = 0
     a.published_load = 4  # busy with other clients' work: ties go to the other one
     assert router.pick([a, b], [0, 0]).replica is b
+    herding = Router("cache_aware", overlap_weight=2.0)  # a cached token worth two queued ones
+    a.queued_prefill_tokens = 64
+    assert herding.pick([a, b], [3, 0], prompt_tokens=100).replica is a
+    least = Router("least_loaded")
+    a.queued_prefill_tokens, a.load, b.load = 0, 1, 2
+    assert least.pick([a, b], [0, 0]).replica is a
     rr = Router("round_robin", overlap_weight=1.0)
     assert [rr.pick([a, b], [9, 0]).replica.replica_id for _ in range(4)] == ["a", "b", "a", "b"]
 
