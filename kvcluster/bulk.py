@@ -9,7 +9,7 @@ PullSummary as usual. The protocol and its guarantees are in docs/pull_path.md.
 """
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from kvcluster.proto import cache_pb2, common_pb2
 
@@ -26,16 +26,17 @@ def store_host(target: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
-def receive_blocks(host: str, offer: cache_pb2.BulkOffer, block_nbytes: int,
-                   timeout_s: float | None) -> Iterator[tuple[common_pb2.BlockRef, bytearray]]:
-    """Each offered block as it arrives, unverified. Stops early, without error, where the store
-    closed the connection between two blocks (it stopped the pull; the summary says why); raises
-    BulkBroken where it closed inside a block or before the first byte of a nonempty offer."""
+def receive_blocks(host: str, offer: cache_pb2.BulkOffer, block_nbytes: int, timeout_s: float | None,
+                   into: Callable[[int], memoryview] | None = None) -> Iterator[tuple[common_pb2.BlockRef, bytearray | memoryview]]:
+    """Each offered block as it arrives, unverified, received straight into `into(position)` (a
+    new buffer per block by default). Stops early, without error, where the store closed the
+    connection between two blocks (it stopped the pull; the summary says why); raises BulkBroken
+    where it closed inside a block or before the first byte of a nonempty offer."""
     with socket.create_connection((host, offer.port), timeout=timeout_s) as connection:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection.sendall(offer.ticket)
         for position, header in enumerate(offer.headers):
-            payload = bytearray(block_nbytes)
+            payload = bytearray(block_nbytes) if into is None else into(position)
             received = _receive_into(connection, memoryview(payload))
             if received == 0 and position > 0:
                 return

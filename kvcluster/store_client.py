@@ -13,7 +13,7 @@ blocks not yet delivered are pulled again over the gRPC stream.
 import itertools
 import logging
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -27,7 +27,7 @@ from kvcluster.rpc import make_channel
 from kvcluster.wire import (MAX_CHUNK_BYTES, block_chunks, block_key, describe_key, key_ref, layout_to_proto,
                             reassemble_blocks)
 
-Block = tuple[common_pb2.BlockRef, bytes]  # header and payload (bytearray when it came by the bulk path)
+Block = tuple[common_pb2.BlockRef, bytes]  # header and payload (a bytearray when it came by the bulk path)
 log = logging.getLogger(__name__)
 
 
@@ -131,13 +131,16 @@ class StoreClient:
         return PullResult(blocks, summary.num_blocks_sent, summary.stop_reason)
 
     def iter_blocks(self, fingerprint: bytes, keys: Sequence[bytes | str], summary: cache_pb2.PullSummary,
-                    max_chunk_bytes: int = 0, timeout_s: float | None = None) -> Iterator[Block]:
+                    max_chunk_bytes: int = 0, timeout_s: float | None = None,
+                    into: Callable[[int], memoryview] | None = None) -> Iterator[Block]:
         """Verified blocks as they arrive; `summary` is filled in at the end. By the bulk path where
-        it is on; if it fails, the blocks not yet delivered come over the gRPC stream."""
+        it is on; if it fails, the blocks not yet delivered come over the gRPC stream. With `into`,
+        block i's bytes land in `into(i)` (received straight into it on the bulk path, copied there
+        from the stream's message otherwise) and the yielded payload is that view."""
         delivered = 0
         if self.bulk:
             try:
-                for block in self._bulk_pull(fingerprint, keys, summary, max_chunk_bytes, timeout_s):
+                for block in self._bulk_pull(fingerprint, keys, summary, max_chunk_bytes, timeout_s, into):
                     yield block
                     delivered += 1
                 return
@@ -147,23 +150,26 @@ class StoreClient:
         rest = cache_pb2.PullSummary()
         stream = self.pull_stream(fingerprint, keys[delivered:], max_chunk_bytes, timeout_s)
         try:
-            yield from iter_pull(stream, self.layout.block_nbytes, rest)
+            for position, (header, payload) in enumerate(iter_pull(stream, self.layout.block_nbytes, rest), delivered):
+                yield header, _placed(payload, into, position)
         finally:
             stream.cancel()  # no-op after a complete stream; frees the store's pins after an error
         summary.num_blocks_sent, summary.stop_reason = delivered + rest.num_blocks_sent, rest.stop_reason
 
     def _bulk_pull(self, fingerprint: bytes, keys: Sequence[bytes | str], summary: cache_pb2.PullSummary,
-                   max_chunk_bytes: int, timeout_s: float | None) -> Iterator[Block]:
+                   max_chunk_bytes: int, timeout_s: float | None,
+                   into: Callable[[int], memoryview] | None) -> Iterator[Block]:
         stream = self.pull_stream(fingerprint, keys, max_chunk_bytes, timeout_s, bulk=True)
         try:
             first = next(stream, None)
             if first is None or first.WhichOneof("item") != "bulk":  # no bulk path there: a plain stream
-                yield from iter_pull(itertools.chain([first] if first else [], stream), self.layout.block_nbytes,
-                                     summary)
+                responses = itertools.chain([first] if first else [], stream)
+                for position, (header, payload) in enumerate(iter_pull(responses, self.layout.block_nbytes, summary)):
+                    yield header, _placed(payload, into, position)
                 return
             received = 0
             for header, payload in receive_blocks(store_host(self.target), first.bulk, self.layout.block_nbytes,
-                                                  self._timeout(timeout_s)):
+                                                  self._timeout(timeout_s), into):
                 yield verified(header, payload)
                 received += 1
             ending = next(stream, None)
@@ -180,3 +186,11 @@ class StoreClient:
 
     def stats(self) -> cache_pb2.StatsResponse:
         return self.stub.Stats(cache_pb2.StatsRequest(), timeout=self.timeout_s)
+
+
+def _placed(payload: bytes, into: Callable[[int], memoryview] | None, position: int) -> bytes | memoryview:
+    if into is None:
+        return payload
+    destination = into(position)
+    destination[:] = payload
+    return destination
