@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from kvcluster.proto import cache_pb2, common_pb2
 
 TICKET_BYTES = 16  # 128 random bits
+# A bulk port a firewall drops must cost a pull seconds, not its whole timeout, before the fallback.
+CONNECT_SECONDS = 2.0
 
 
 class BulkBroken(ConnectionError):
@@ -32,7 +34,8 @@ def receive_blocks(host: str, offer: cache_pb2.BulkOffer, block_nbytes: int, tim
     new buffer per block by default). Stops early, without error, where the store closed the
     connection between two blocks (it stopped the pull; the summary says why); raises BulkBroken
     where it closed inside a block or before the first byte of a nonempty offer."""
-    with socket.create_connection((host, offer.port), timeout=timeout_s) as connection:
+    with socket.create_connection((host, offer.port), timeout=min(CONNECT_SECONDS, timeout_s or CONNECT_SECONDS)) as connection:
+        connection.settimeout(timeout_s)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection.sendall(offer.ticket)
         for position, header in enumerate(offer.headers):
