@@ -27,7 +27,7 @@ from kvcluster.rpc import make_channel
 from kvcluster.wire import (MAX_CHUNK_BYTES, block_chunks, block_key, describe_key, key_ref, layout_to_proto,
                             reassemble_blocks)
 
-Block = tuple[common_pb2.BlockRef, bytes]  # header and payload (a bytearray when it came by the bulk path)
+Block = tuple[common_pb2.BlockRef, bytes]  # header and payload (a memoryview when it came by the bulk path)
 log = logging.getLogger(__name__)
 
 
