@@ -6,9 +6,12 @@ and stored, acknowledged as a duplicate, or rejected with its reason; a broken s
 block, chunk without header, oversize chunk) fails the call. A block becomes visible only once
 fully received and verified, so nothing half-written is ever served.
 
-Pull: pins the longest held prefix of the requested blocks, streams them (each re-verified
-against its checksum first), and ends with a PullSummary saying how many were sent and why it
-stopped early. Pins are released when the stream ends, fails, or the client cancels.
+Pull: pins the longest held prefix of the requested blocks, sends them (each re-verified
+against its checksum first, on the very bytes sent), and ends with a PullSummary saying how many
+were sent and why it stopped early. The bytes go as pre-encoded chunks on the gRPC stream, or,
+when the client asks and the store has a bulk listener, raw over a ticketed TCP connection
+(cache_store.bulk, docs/pull_path.md). Pins are released when the pull ends, fails, or the
+client cancels, whichever way the bytes went.
 """
 
 import itertools
