@@ -31,7 +31,9 @@ def run(ctx: BenchContext) -> dict:
     pull, rss = figures["pull"], figures["rss"]
     progress(NAME, f"raw TCP {pull['raw_tcp_mb_s']:.0f} MB/s, bare gRPC {pull['bare_grpc_mb_s']:.0f} MB/s, "
              f"store pull {pull['store_pull_mb_s']:.0f} MB/s ({pull['store_pull_path']}), gRPC stream "
-             f"{pull['store_grpc_stream_mb_s']:.0f} MB/s; RSS x{rss['rss_end_vs_start']:.3f}")
+             f"{pull['store_grpc_stream_mb_s']:.0f} MB/s; CPU per pull (both ends) raw TCP "
+             f"{pull['raw_tcp_cpu_ms_per_pull']:.0f} ms, store {pull['store_pull_cpu_ms_per_pull']:.0f} ms, gRPC stream "
+             f"{pull['store_grpc_stream_cpu_ms_per_pull']:.0f} ms; RSS x{rss['rss_end_vs_start']:.3f}")
     payload = {"layout": transfer.LAYOUT.canonical(), "blocks": transfer.NUM_BLOCKS, "rounds": rounds, **figures,
                "ratios": {"pull_over_raw_tcp": at_least(pull["store_vs_raw_tcp"], PULL_OVER_TCP_TARGET, digits=3),
                           "store_rss_end_over_start": at_most(rss["rss_end_vs_start"], RSS_GROWTH_TARGET, digits=4)},

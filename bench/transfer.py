@@ -112,6 +112,12 @@ def timed_mb_s(total_bytes: int, run) -> float:
     return total_bytes / (time.perf_counter() - start) / 1e6
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU time of a process, all its threads."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def tcp_receive(port: int, buffer: memoryview) -> None:
     with socket.create_connection((HOST, port)) as connection:
         received = 0
@@ -139,9 +145,12 @@ def store_pull(client: StoreClient, hashes: list[bytes], destination: memoryview
         raise RuntimeError(f"pull stopped early: {summary.stop_reason}")
 
 
-def measure_pulls(client: StoreClient, hashes: list[bytes], rounds: int) -> dict:
+def measure_pulls(client: StoreClient, hashes: list[bytes], rounds: int, store_pid: int) -> dict:
     """Raw TCP, a bare gRPC streamer, and the store's two pull paths (bulk: the default; gRPC
-    stream: a client with bulk off), interleaved rounds, medians. store_pull is the default path."""
+    stream: a client with bulk off), interleaved rounds, medians. store_pull is the default path.
+    Beside MB/s, the CPU time both ends spent per pull (summed over the rounds, so the 10 ms tick
+    of the counters averages out): on a busy machine wall time says as much about the neighbours
+    as about the path, CPU time much less."""
     total = NUM_BLOCKS * LAYOUT.block_nbytes
     tcp_process, tcp_port = spawn(["-m", "bench.transfer", "--serve-tcp", str(total)])
     grpc_process, grpc_port = spawn(["-m", "bench.transfer", "--serve-bare-grpc"])
@@ -152,14 +161,20 @@ def measure_pulls(client: StoreClient, hashes: list[bytes], rounds: int) -> dict
             "bare_grpc": lambda: bare_grpc_receive(cache_pb2_grpc.CacheStoreStub(channel), buffer),
             "store_pull": lambda: store_pull(client, hashes, buffer),
             "store_grpc_stream": lambda: store_pull(stream_client, hashes, buffer)}
+    senders = {"raw_tcp": psutil.Process(tcp_process.pid), "bare_grpc": psutil.Process(grpc_process.pid),
+               "store_pull": psutil.Process(store_pid), "store_grpc_stream": psutil.Process(store_pid)}
+    receiver = psutil.Process()
     try:
         for run in runs.values():  # warm-up: connections, HTTP/2 windows, allocator
             for _ in range(3):
                 run()
         samples = {name: [] for name in runs}
+        cpu_s = {name: 0.0 for name in runs}
         for _ in range(rounds):
             for name, run in runs.items():
+                before = cpu_seconds(receiver) + cpu_seconds(senders[name])
                 samples[name].append(timed_mb_s(total, run))
+                cpu_s[name] += cpu_seconds(receiver) + cpu_seconds(senders[name]) - before
     finally:
         channel.close()
         stream_client.close()
@@ -172,6 +187,9 @@ def measure_pulls(client: StoreClient, hashes: list[bytes], rounds: int) -> dict
     result["bare_grpc_vs_raw_tcp"] = round(result["bare_grpc_mb_s"] / result["raw_tcp_mb_s"], 3)
     result["store_vs_bare_grpc"] = round(result["store_pull_mb_s"] / result["bare_grpc_mb_s"], 3)
     result["store_grpc_stream_vs_raw_tcp"] = round(result["store_grpc_stream_mb_s"] / result["raw_tcp_mb_s"], 3)
+    result.update({f"{name}_cpu_ms_per_pull": round(seconds / rounds * 1e3, 1) for name, seconds in cpu_s.items()})
+    result["raw_tcp_cpu_over_store_cpu"] = round(cpu_s["raw_tcp"] / max(cpu_s["store_pull"], 1e-9), 3)
+    result["raw_tcp_cpu_over_store_grpc_stream_cpu"] = round(cpu_s["raw_tcp"] / max(cpu_s["store_grpc_stream"], 1e-9), 3)
     result["store_pull_path"] = "bulk" if offers_bulk(client, hashes) else "grpc_stream"
     return result
 
@@ -233,7 +251,7 @@ def run(rounds: int, cycles: int, device: str) -> dict:
             hashes = [header.block_hash for header, _ in blocks]
             if client.push_blocks(FINGERPRINT, blocks).num_stored != NUM_BLOCKS:
                 raise RuntimeError("the store did not take the 64 blocks")
-            results = {"pull": measure_pulls(client, hashes, rounds),
+            results = {"pull": measure_pulls(client, hashes, rounds, store.pid),
                        "lookup": measure_lookups(redis.url, hashes, 1000),
                        "rss": measure_rss(client, store.pid, rss_start, cycles),
                        "store_device": client.stats().device}
@@ -262,7 +280,9 @@ def main() -> None:
           f"raw TCP {pull['raw_tcp_mb_s']:.0f} MB/s, bare gRPC {pull['bare_grpc_mb_s']:.0f} MB/s; "
           f"store/raw TCP = {pull['store_vs_raw_tcp']:.2f} (target >= 0.6), "
           f"store gRPC stream {pull['store_grpc_stream_mb_s']:.0f} MB/s = {pull['store_grpc_stream_vs_raw_tcp']:.2f} "
-          f"x raw TCP, store/bare gRPC = {pull['store_vs_bare_grpc']:.2f}")
+          f"x raw TCP, store/bare gRPC = {pull['store_vs_bare_grpc']:.2f}; CPU per pull (both ends): raw TCP "
+          f"{pull['raw_tcp_cpu_ms_per_pull']:.0f} ms, store {pull['store_pull_cpu_ms_per_pull']:.0f} ms, gRPC stream "
+          f"{pull['store_grpc_stream_cpu_ms_per_pull']:.0f} ms")
     print(f"Redis lookup of 64 hashes: p50 {lookup['p50_ms']:.3f} ms, p99 {lookup['p99_ms']:.3f} ms (target < 2 ms)")
     print(f"store RSS: start {rss['rss_start_bytes'] / 2**20:.1f} MiB (pool {rss['pool_bytes'] / 2**20:.1f} MiB "
           f"included), after {rss['cycles']} cycles {rss['rss_end_bytes'] / 2**20:.1f} MiB "
