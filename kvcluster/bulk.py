@@ -33,17 +33,20 @@ def store_host(target: str) -> str:
 def receive_blocks(host: str, offer: cache_pb2.BulkOffer, block_nbytes: int, timeout_s: float | None,
                    into: Callable[[int], memoryview] | None = None) -> Iterator[tuple[common_pb2.BlockRef, memoryview]]:
     """Each offered block as it arrives, unverified, received straight into `into(position)` (by
-    default a new uninitialised buffer per block). Stops early, without error, where the store closed the
-    connection between two blocks (it stopped the pull; the summary says why); raises BulkBroken
-    where it closed inside a block or before the first byte of a nonempty offer."""
+    default a new uninitialised buffer per block). Stops early, without error, where the store
+    closed the connection between two blocks (it stopped the pull; the summary says why); raises
+    BulkBroken where it closed inside a block or before the first byte of a nonempty offer."""
     if into is None:  # not zero-filled (recv_into is the only write); block-sized, so malloc reuses freed ones
         into = lambda position: memoryview(np.empty(block_nbytes, dtype=np.uint8))  # noqa: E731
-    with socket.create_connection((host, offer.port), timeout=min(CONNECT_SECONDS, timeout_s or CONNECT_SECONDS)) as connection:
+    connect_s = min(CONNECT_SECONDS, timeout_s or CONNECT_SECONDS)
+    with socket.create_connection((host, offer.port), timeout=connect_s) as connection:
         connection.settimeout(timeout_s)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection.sendall(offer.ticket)
         for position, header in enumerate(offer.headers):
             payload = into(position)
+            if len(payload) != block_nbytes:
+                raise ValueError(f"into({position}) gave {len(payload)} bytes for a block of {block_nbytes}")
             received = _receive_into(connection, payload)
             if received == 0 and position > 0:
                 return
