@@ -44,6 +44,7 @@ class BulkListener:
         self._server = socket.create_server((host, port), family=_family(host), backlog=64)
         self.port = self._server.getsockname()[1]
         self._tickets: dict[bytes, Ticket] = {}
+        self._connections: set[socket.socket] = set()  # claimed, not yet finished
         self._lock = threading.Lock()
         self._handshakes = futures.ThreadPoolExecutor(HANDSHAKE_WORKERS, thread_name_prefix="bulk-handshake")
         self.refused = 0  # connections closed for an unknown, used or expired ticket (a metric)
@@ -71,12 +72,23 @@ class BulkListener:
         ticket.claimed.wait()  # claimed in the meantime: the claimer sets it right after the pop
         return ticket.connection
 
+    def hang_up(self, connection: socket.socket) -> None:
+        """End a claimed connection now: a send blocked on it fails at once (its call was cancelled,
+        or the store is stopping). Idempotent."""
+        _shut(connection)
+
+    def finished(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+        connection.close()
+
     def close(self) -> None:
-        try:
-            self._server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept (close alone does not)
-        except OSError:
-            pass
+        _shut(self._server)  # wakes the blocked accept (close alone does not)
         self._server.close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            _shut(connection)
         self._thread.join(timeout=5)
         self._handshakes.shutdown(wait=False, cancel_futures=True)
         with self._lock:
@@ -110,8 +122,17 @@ class BulkListener:
             connection.close()
             return
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._connections.add(connection)
         ticket.connection = connection
         ticket.claimed.set()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed or never connected
+        pass
 
 
 def _receive_exactly(connection: socket.socket, size: int) -> bytes:

@@ -185,7 +185,8 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
                     ticket = self.bulk.open_ticket()
                     yield cache_pb2.PullBlocksResponse(bulk=cache_pb2.BulkOffer(
                         ticket=ticket.secret, port=self.bulk.port, headers=[block.header for block in pinned]))
-                    transport = _BulkTransport(self.bulk.wait(ticket, context.is_active), self.config)
+                    transport = _BulkTransport(self.bulk, self.bulk.wait(ticket, context.is_active), context,
+                                               self.config.stream_idle_seconds)
                 else:
                     transport = _StreamTransport(max_chunk_bytes)
                 with transport:
@@ -270,19 +271,22 @@ class _StreamTransport:
 
 class _BulkTransport:
     """Blocks as raw bytes on a claimed bulk connection, straight from the pool (no copy in Python).
-    A stalled reader fails the send after stream_idle_seconds, as a stalled stream is cancelled."""
+    A stalled reader fails the send after `idle_s`, as a stalled stream is cancelled; a cancelled
+    call (client gone, deadline, watchdog) hangs the connection up, so a blocked send fails at once."""
 
-    def __init__(self, connection: socket.socket | None, config: StoreConfig):
-        self.connection = connection
+    def __init__(self, listener: BulkListener, connection: socket.socket | None, context, idle_s: float):
+        self.listener, self.connection = listener, connection
         if connection is not None:
-            connection.settimeout(config.stream_idle_seconds)
+            connection.settimeout(idle_s)
+            if not context.add_callback(lambda: listener.hang_up(connection)):
+                listener.hang_up(connection)  # the call already ended
 
     def __enter__(self) -> "_BulkTransport":
         return self
 
     def __exit__(self, *exc) -> None:
         if self.connection is not None:
-            self.connection.close()
+            self.listener.finished(self.connection)
 
     def send(self, header: common_pb2.BlockRef, payload: memoryview) -> Iterator[bytes]:
         if self.connection is None:

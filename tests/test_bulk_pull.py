@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -35,6 +36,16 @@ def offer_of(client: StoreClient, keys, fingerprint=FP):
     first = next(stream)
     assert first.WhichOneof("item") == "bulk"
     return stream, first.bulk
+
+
+def small_window_connection(port: int) -> socket.socket:
+    """A connection to the bulk port with a 64 KiB receive buffer, so a reader that stops reading
+    leaves the store's send blocked (loopback buffers here grow to 32 MiB otherwise)."""
+    connection = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    connection.settimeout(10)
+    connection.connect(("127.0.0.1", port))
+    return connection
 
 
 def refused(port: int, ticket: bytes) -> bool:
@@ -156,10 +167,11 @@ def test_a_client_killed_mid_bulk_transfer_leaks_no_pins(store_factory):
         "import sys, socket\n"
         "from kvcluster.store_client import StoreClient\n"
         "from tests.store_fixtures import BIG_LAYOUT, fingerprint_for, hashes_of, make_blocks\n"
+        "from tests.test_bulk_pull import small_window_connection\n"
         "client = StoreClient(sys.argv[1], BIG_LAYOUT)\n"
         "stream = client.pull_stream(fingerprint_for(BIG_LAYOUT), hashes_of(make_blocks(BIG_LAYOUT, 32)), bulk=True)\n"
         "offer = next(stream).bulk\n"
-        "connection = socket.create_connection(('127.0.0.1', offer.port))\n"
+        "connection = small_window_connection(offer.port)\n"
         "connection.sendall(offer.ticket)\n"
         "connection.recv(65536)\n"
         "print('reading', flush=True)\n"
@@ -168,7 +180,9 @@ def test_a_client_killed_mid_bulk_transfer_leaks_no_pins(store_factory):
                               stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
     try:
         assert puller.stdout.readline().strip() == "reading"
+        time.sleep(0.5)
         assert store.pool.stats().pinned_blocks == 32  # mid-transfer: the handler is blocked in sendall
+        assert store.servicer.counters.snapshot()["pull_seconds"] == 0
         os.kill(puller.pid, signal.SIGKILL)
         puller.wait(10)
     finally:
@@ -211,3 +225,21 @@ def test_a_tls_store_never_offers_the_plain_bulk_socket(store_factory, tmp_path)
 def test_bulk_ticket_seconds_must_be_positive():
     with pytest.raises(InvalidArgument, match="bulk_ticket_seconds"):
         store_config("", SMALL_LAYOUT, bulk_ticket_seconds=0)
+
+
+def test_a_cancelled_pull_ends_its_blocked_bulk_send_at_once(store_factory):
+    store, client = bulk_store(store_factory, blocks=40)  # stream_idle_seconds stays 30 s
+    blocks = make_blocks(BIG_LAYOUT, 32)
+    client.push_blocks(FP, blocks)
+    stream, offer = offer_of(client, hashes_of(blocks))
+    with small_window_connection(offer.port) as connection:
+        connection.sendall(offer.ticket)
+        connection.recv(65536)  # then stop reading: the store's send blocks on a full socket
+        time.sleep(0.5)
+        assert store.servicer.counters.snapshot()["pull_seconds"] == 0  # still in the handler
+        assert store.pool.stats().pinned_blocks == 32
+        stream.cancel()
+        # the handler finished (it counts the pull on the way out) long before the 30 s send timeout
+        assert wait_until(lambda: store.servicer.counters.snapshot()["pull_seconds"] > 0, timeout_s=5)
+        assert store.pool.stats().pinned_blocks == 0
+    assert store.servicer.bulk._connections == set()
