@@ -17,6 +17,8 @@ import logging
 import secrets
 import socket
 import threading
+import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -57,14 +59,13 @@ class BulkListener:
             self._tickets[ticket.secret] = ticket
         return ticket
 
-    def wait(self, ticket: Ticket, still_wanted) -> socket.socket | None:
+    def wait(self, ticket: Ticket, still_wanted: Callable[[], bool]) -> socket.socket | None:
         """The connection that claimed `ticket`, or None once it expired unused or `still_wanted()`
         turned false (the call was cancelled). An expired ticket can no longer be claimed."""
-        waited = 0.0
-        while waited < self.ticket_s and still_wanted():
+        deadline = time.monotonic() + self.ticket_s
+        while time.monotonic() < deadline and still_wanted():
             if ticket.claimed.wait(0.05):
                 return ticket.connection
-            waited += 0.05
         with self._lock:
             withdrawn = self._tickets.pop(ticket.secret, None) is not None
         if withdrawn:
@@ -116,8 +117,8 @@ class BulkListener:
             secret = b""
         with self._lock:
             ticket = self._tickets.pop(secret, None)
+            self.refused += ticket is None
         if ticket is None:
-            self.refused += 1
             log.warning("bulk connection refused: unknown, used or expired ticket")
             connection.close()
             return
