@@ -51,6 +51,8 @@ class ServiceCounters:
     blocks_stored: int = 0
     blocks_duplicate: int = 0
     blocks_rejected: int = 0
+    bulk_pulls: int = 0           # pulls whose bytes went over a claimed bulk connection
+    bulk_tickets_unused: int = 0  # bulk offers whose ticket expired, or whose call ended, unclaimed
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -185,8 +187,9 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
                     ticket = self.bulk.open_ticket()
                     yield cache_pb2.PullBlocksResponse(bulk=cache_pb2.BulkOffer(
                         ticket=ticket.secret, port=self.bulk.port, headers=[block.header for block in pinned]))
-                    transport = _BulkTransport(self.bulk, self.bulk.wait(ticket, context.is_active), context,
-                                               self.config.stream_idle_seconds)
+                    connection = self.bulk.wait(ticket, context.is_active)
+                    self.counters.add(**{"bulk_pulls" if connection else "bulk_tickets_unused": 1})
+                    transport = _BulkTransport(self.bulk, connection, context, self.config.stream_idle_seconds)
                 else:
                     transport = _StreamTransport(max_chunk_bytes)
                 with transport:

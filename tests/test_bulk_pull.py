@@ -73,6 +73,8 @@ def test_blocks_are_byte_identical_over_the_bulk_path_the_grpc_stream_and_a_stor
         assert wait_until(lambda: store.pool.stats().pinned_blocks == 0)
     # the tail block was consumed by its complete pull (over the bulk path too); the full ones stay
     assert with_bulk.pool.stats().request_blocks == 0
+    assert with_bulk.servicer.counters.snapshot()["bulk_pulls"] == 1
+    assert without_bulk.servicer.counters.snapshot()["bulk_pulls"] == 0
     stream_only = StoreClient(client.target, BIG_LAYOUT, bulk=False)
     try:
         result = stream_only.pull_blocks(FP, keys[:6])
@@ -151,6 +153,7 @@ def test_wrong_reused_and_expired_tickets_are_refused_and_the_pins_released(stor
     assert store.pool.stats().pinned_blocks == 0
     assert refused(offer.port, offer.ticket)
     assert listener.refused == 3
+    assert store.servicer.counters.snapshot()["bulk_tickets_unused"] == 1
 
     # a short, garbled handshake is refused too
     with socket.create_connection(("127.0.0.1", offer.port), timeout=10) as connection:
