@@ -74,6 +74,11 @@ class StoreConfig(SecuritySettings, ServiceConfig):
     stream_idle_seconds: float = setting(30.0, "a push or pull stream that moves no block for this long is cancelled "
                                          "(its handler thread and pins freed)")
     stream_max_seconds: float = setting(300.0, "the longest a push or pull stream may run before it is cancelled")
+    bulk_port: int = setting(0, "port of the bulk pull listener (a pull's raw bytes over plain TCP, headers and checksums "
+                             "over gRPC; docs/pull_path.md); 0 picks a free one, -1 disables the bulk path. "
+                             "Always off when the store serves TLS")
+    bulk_ticket_seconds: float = setting(5.0, "how long a bulk pull's ticket may wait for its connection before the "
+                                         "pull ends and its pins are released")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight calls may finish before being cancelled")
     replicate_after_pulls: int = setting(3, "pulls of a full block after which this store copies it to the next "
                                          "live store in the block's rendezvous order, so a hot prefix survives "
@@ -88,6 +93,8 @@ class StoreConfig(SecuritySettings, ServiceConfig):
             raise InvalidArgument("replicate_after_pulls", f"must be >= 0 (0 = off), got {self.replicate_after_pulls}")
         if self.stream_idle_seconds <= 0 or self.stream_max_seconds <= 0:
             raise InvalidArgument("stream_idle_seconds/stream_max_seconds", "must be > 0")
+        if self.bulk_ticket_seconds <= 0:
+            raise InvalidArgument("bulk_ticket_seconds", f"must be > 0, got {self.bulk_ticket_seconds}")
         if self.heartbeat_seconds <= 0 or self.lease_seconds <= 0:
             raise InvalidArgument("heartbeat_seconds/lease_seconds", "must be > 0")
         if not 0 < self.cuda_memory_fraction <= 1:

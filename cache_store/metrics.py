@@ -40,6 +40,9 @@ SERVICE_COUNTERS = (
     ("kvcluster_store_blocks_stored", "Pushed blocks stored", "blocks_stored"),
     ("kvcluster_store_blocks_duplicate", "Pushed blocks already held (acknowledged, not copied)", "blocks_duplicate"),
     ("kvcluster_store_blocks_rejected", "Pushed blocks rejected (checksum, size, header)", "blocks_rejected"),
+    ("kvcluster_store_bulk_pulls", "Pulls whose bytes went over the bulk TCP path", "bulk_pulls"),
+    ("kvcluster_store_bulk_tickets_unused", "Bulk pull offers whose ticket expired or whose call ended unclaimed "
+     "(the client fell back to the gRPC stream)", "bulk_tickets_unused"),
 )
 REPLICATION_COUNTERS = (
     ("kvcluster_store_replication_sent_blocks", "Hot blocks this store copied to another store", "sent_blocks"),

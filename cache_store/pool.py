@@ -414,6 +414,17 @@ class StorePool:
                 raise RuntimeError(f"slot {block.slot} was handed out again while pinned")
         return payloads
 
+    def read_views(self, blocks: Sequence[StoredBlock]) -> list[memoryview]:
+        """As `read`, but where the pool is host memory each block is a read-only view of its slot (no
+        copy; valid while the block stays pinned). Senders that hand bytes to a socket or a message
+        use this; a device pool copies to host as `read` does."""
+        if not self._kv.ops.host_memory:
+            return [memoryview(payload) for payload in self.read(blocks)]
+        for block in blocks:
+            if self._generation[block.slot] != block.generation:  # a broken invariant, not a miss
+                raise RuntimeError(f"slot {block.slot} was handed out again while pinned")
+        return [self._kv.block_view(block.slot) for block in blocks]
+
     def release(self, owner: Hashable, consumed: bool = False) -> None:
         """Drop `owner`'s pins (idempotent). `consumed`: the pull completed, so its request-scoped
         blocks are freed."""

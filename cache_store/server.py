@@ -17,12 +17,13 @@ from cache_store.pool import StorePool
 from cache_store.spill import make_tiers
 from cache_store.replicator import HotReplicator
 from kvcluster.index_publisher import IndexPublisher
-from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity
+from cache_store.bulk import BulkListener
+from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity, add_to_server
 from kvcluster import rpc
 from kvcluster.dtypes import resolve_dtype
 from kvcluster.security import token_guards
 from kvcluster.index import RedisIndex
-from kvcluster.proto import cache_pb2, cache_pb2_grpc
+from kvcluster.proto import cache_pb2
 from kvcluster.stream_watchdog import StreamWatchdog
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class StoreServer:
         self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
         self.servicer.watchdog.close()
         self.servicer.replicator.close()
+        if self.servicer.bulk is not None:
+            self.servicer.bulk.close()
         self.pool.release_all()
         self.publisher.stop(deregister=deregister)
         self.pool.close()
@@ -84,6 +87,17 @@ class StoreServer:
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         return self.rpc_server.wait_for_termination(timeout_s)
+
+
+def bulk_listener(config: StoreConfig) -> BulkListener | None:
+    """The bulk data path's listener, unless it is disabled (bulk_port -1) or the store serves TLS:
+    the bulk socket is plain TCP, so a TLS store streams every pull over gRPC."""
+    if config.bulk_port < 0:
+        return None
+    if config.server_credentials() is not None:
+        log.info("bulk pull path off: this store serves TLS, pulls stream over gRPC")
+        return None
+    return BulkListener(config.host, config.bulk_port, config.bulk_ticket_seconds)
 
 
 def create_server(config: StoreConfig, registry: CollectorRegistry | None = None) -> tuple[StoreServer, int]:
@@ -103,9 +117,8 @@ def create_server(config: StoreConfig, registry: CollectorRegistry | None = None
     watchdog = StreamWatchdog(config.stream_idle_seconds, config.stream_max_seconds)
     index = RedisIndex(config.redis_url, config.index_namespace) if config.redis_url else None
     replicator = HotReplicator(pool, index, lambda: identity.store_id, config.replicate_after_pulls, config)
-    servicer = CacheStoreServicer(pool, config, identity, counters, watchdog, replicator)
-    service = rpc.Service(servicer, cache_pb2_grpc.add_CacheStoreServicer_to_server,
-                          rpc.service_name(cache_pb2, "CacheStore"))
+    servicer = CacheStoreServicer(pool, config, identity, counters, watchdog, replicator, bulk_listener(config))
+    service = rpc.Service(servicer, add_to_server, rpc.service_name(cache_pb2, "CacheStore"))
     rpc_server, port = rpc.create_server([service], config.port, config.host, config.max_workers,
                                          credentials=config.server_credentials(),
                                          guards=token_guards(config.internal_token))

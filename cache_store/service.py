@@ -6,17 +6,24 @@ and stored, acknowledged as a duplicate, or rejected with its reason; a broken s
 block, chunk without header, oversize chunk) fails the call. A block becomes visible only once
 fully received and verified, so nothing half-written is ever served.
 
-Pull: pins the longest held prefix of the requested blocks, streams them (each re-verified
-against its checksum first), and ends with a PullSummary saying how many were sent and why it
-stopped early. Pins are released when the stream ends, fails, or the client cancels.
+Pull: pins the longest held prefix of the requested blocks, sends them (each re-verified
+against its checksum first, on the very bytes sent), and ends with a PullSummary saying how many
+were sent and why it stopped early. The bytes go as pre-encoded chunks on the gRPC stream, or,
+when the client asks and the store has a bulk listener, raw over a ticketed TCP connection
+(cache_store.bulk, docs/pull_path.md). Pins are released when the pull ends, fails, or the
+client cancels, whichever way the bytes went.
 """
 
 import itertools
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
+import grpc
+
+from cache_store.bulk import BulkListener
 from cache_store.config import FINGERPRINT_BYTES, StoreConfig
 from cache_store.pool import LeaseBudgetExceeded, StoredBlock, StorePool
 from cache_store.replicator import HotReplicator
@@ -24,8 +31,8 @@ from kvcluster.blocks import HASH_BYTES, checksum
 from kvcluster.errors import IntegrityError, InvalidArgument
 from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
 from kvcluster.stream_watchdog import StreamWatchdog
-from kvcluster.wire import (block_chunks, block_key, check_chunk_limit, describe_key, key_ref,
-                            layout_from_proto, layout_to_proto, reassemble_blocks)
+from kvcluster.wire import (block_key, check_chunk_limit, describe_key, encoded_block_chunks, key_ref,
+                            layout_from_proto, layout_to_proto, pass_encoded, reassemble_blocks)
 
 MAX_BLOCKS_PER_CALL = 4096     # block references one Pull or Lookup may name
 MAX_REQUEST_KEY_CHARS = 256
@@ -45,6 +52,8 @@ class ServiceCounters:
     blocks_stored: int = 0
     blocks_duplicate: int = 0
     blocks_rejected: int = 0
+    bulk_pulls: int = 0           # pulls whose bytes went over a claimed bulk connection
+    bulk_tickets_unused: int = 0  # bulk offers whose ticket expired, or whose call ended, unclaimed
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -72,7 +81,8 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
     """Handlers only validate and translate; the pool does the work, the interceptor the errors."""
 
     def __init__(self, pool: StorePool, config: StoreConfig, identity: StoreIdentity,
-                 counters: ServiceCounters, watchdog: StreamWatchdog, replicator: HotReplicator):
+                 counters: ServiceCounters, watchdog: StreamWatchdog, replicator: HotReplicator,
+                 bulk: BulkListener | None = None):
         self.pool = pool
         self.replicator = replicator  # counts pulls per block, copies hot ones to a second store
         self.config = config
@@ -80,6 +90,7 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         self.counters = counters
         self.watchdog = watchdog  # a stalled or endless stream cannot hold a handler thread and its pins
         self._owners = itertools.count()
+        self.bulk = bulk  # None: pulls always stream over gRPC
 
     # ---- PushBlocks ------------------------------------------------------------------------
 
@@ -164,7 +175,7 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
 
     # ---- PullBlocks ------------------------------------------------------------------------
 
-    def PullBlocks(self, request, context) -> Iterator[cache_pb2.PullBlocksResponse]:
+    def PullBlocks(self, request, context) -> Iterator[cache_pb2.PullBlocksResponse | bytes]:
         started = time.perf_counter()
         fingerprint = _check_fingerprint(request.fingerprint, "fingerprint")
         max_chunk_bytes = check_chunk_limit(request.max_chunk_bytes)
@@ -177,13 +188,28 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         sent, sent_bytes, finished = 0, 0, False
         try:
             with self.watchdog.watch(context, "PullBlocks") as progressed:
-                for block, payload in self._verified(pinned):
-                    if payload is None:
-                        stop_reason = f"block {sent} ({describe_key(block.key)}) failed its checksum in the store"
-                        break
-                    yield from block_chunks(block.header, payload, max_chunk_bytes, cache_pb2.PullBlocksResponse)
-                    sent, sent_bytes = sent + 1, sent_bytes + len(payload)
-                    progressed()
+                if request.bulk and self.bulk is not None and pinned:
+                    ticket = self.bulk.open_ticket()
+                    yield cache_pb2.PullBlocksResponse(bulk=cache_pb2.BulkOffer(
+                        ticket=ticket.secret, port=self.bulk.port, headers=[block.header for block in pinned]))
+                    connection = self.bulk.wait(ticket, context.is_active)
+                    self.counters.add(**{"bulk_pulls" if connection else "bulk_tickets_unused": 1})
+                    transport = _BulkTransport(self.bulk, connection, context, self.config.stream_idle_seconds)
+                else:
+                    transport = _StreamTransport(max_chunk_bytes)
+                with transport:
+                    for block, payload in self._verified(pinned):
+                        if payload is None:
+                            stop_reason = f"block {sent} ({describe_key(block.key)}) failed its checksum in the store"
+                            break
+                        if not context.is_active():
+                            break
+                        problem = yield from transport.send(block.header, payload)
+                        if problem:
+                            stop_reason = f"block {sent} ({describe_key(block.key)}) not sent: {problem}"
+                            break
+                        sent, sent_bytes = sent + 1, sent_bytes + len(payload)
+                        progressed()
             # Finish before the summary goes out, so a client holding the summary sees the pins
             # gone and the transfer counted. Request-scoped blocks are freed only by a pull that
             # delivered all it pinned.
@@ -199,12 +225,14 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
         self.counters.add(pull_bytes=sent_bytes, pull_seconds=time.perf_counter() - started)
         return True
 
-    def _verified(self, pinned: list[StoredBlock]) -> Iterator[tuple[StoredBlock, bytes | None]]:
+    def _verified(self, pinned: list[StoredBlock]) -> Iterator[tuple[StoredBlock, memoryview | None]]:
         """Each pinned block with its bytes (None if they fail the checksum), read READ_BATCH at a
-        time: one gather and one device-to-host copy per batch, host memory bounded by the batch."""
+        time: a host pool's blocks are views of their slots (no copy); a device pool's take one
+        gather and one device-to-host copy per batch, host memory bounded by the batch. This is
+        the store's one checksum of a pull: the bytes verified are the bytes sent."""
         for start in range(0, len(pinned), READ_BATCH):
             batch = pinned[start:start + READ_BATCH]
-            for block, payload in zip(batch, self.pool.read(batch)):
+            for block, payload in zip(batch, self.pool.read_views(batch)):
                 if checksum(payload) == block.header.checksum:
                     yield block, payload
                     continue
@@ -230,6 +258,75 @@ class CacheStoreServicer(cache_pb2_grpc.CacheStoreServicer):
             bytes_capacity=stats.bytes_capacity, pinned_blocks=stats.pinned_blocks,
             request_blocks=stats.request_blocks, evictions=stats.counters.evictions,
             fingerprint=self.config.fingerprint_bytes, layout=layout_to_proto(self.pool.layout))
+
+
+class _StreamTransport:
+    """Blocks as pre-encoded PullBlocksResponse chunks on the gRPC stream (one copy each, out of the pool)."""
+
+    def __init__(self, max_chunk_bytes: int):
+        self.max_chunk_bytes = max_chunk_bytes
+
+    def __enter__(self) -> "_StreamTransport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def send(self, header: common_pb2.BlockRef, payload: memoryview) -> Iterator[bytes]:
+        yield from encoded_block_chunks(header, payload, self.max_chunk_bytes, cache_pb2.PullBlocksResponse)
+        return ""
+
+
+class _BulkTransport:
+    """Blocks as raw bytes on a claimed bulk connection, straight from the pool (no copy in Python).
+    A stalled reader fails the send after `idle_s`, as a stalled stream is cancelled; a cancelled
+    call (client gone, deadline, watchdog) hangs the connection up, so a blocked send fails at once."""
+
+    def __init__(self, listener: BulkListener, connection: socket.socket | None, context, idle_s: float):
+        self.listener, self.connection = listener, connection
+        if connection is not None:
+            connection.settimeout(idle_s)
+            if not context.add_callback(lambda: listener.hang_up(connection)):
+                listener.hang_up(connection)  # the call already ended
+
+    def __enter__(self) -> "_BulkTransport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.connection is not None:
+            self.listener.finished(self.connection)
+
+    def send(self, header: common_pb2.BlockRef, payload: memoryview) -> Iterator[bytes]:
+        if self.connection is None:
+            return "the bulk ticket expired unused"
+        try:
+            self.connection.sendall(payload)
+        except OSError as exc:
+            return f"the bulk connection failed ({exc.__class__.__name__})"
+        return ""
+        yield  # a generator, like _StreamTransport.send
+
+
+def add_to_server(servicer: CacheStoreServicer, server) -> None:
+    """cache_pb2_grpc's registration of the CacheStore service, except that PullBlocks' serializer
+    sends the pre-encoded chunks (bytes) its handler yields as they are."""
+    recorded = _RecordedHandlers()
+    cache_pb2_grpc.add_CacheStoreServicer_to_server(servicer, recorded)
+    pull = recorded.handlers["PullBlocks"]
+    recorded.handlers["PullBlocks"] = grpc.unary_stream_rpc_method_handler(
+        pull.unary_stream, request_deserializer=pull.request_deserializer, response_serializer=pass_encoded)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(recorded.name, recorded.handlers),))
+    server.add_registered_method_handlers(recorded.name, recorded.handlers)
+
+
+class _RecordedHandlers:
+    """Stands in for a server to read the method handlers a generated `add_*_to_server` builds."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
+        self.name, self.handlers = name, dict(handlers)
 
 
 def _chunk_of(message: cache_pb2.PushBlocksRequest) -> common_pb2.BlockChunk:

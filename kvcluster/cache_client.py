@@ -166,11 +166,10 @@ class KVCacheClient:
         keys = [block_key(r) for r in wanted]
         if self.faults.pull_delay_ms:
             time.sleep(self.faults.pull_delay_ms / 1000.0)
-        stream = self.store(address).pull_stream(self.fingerprint, keys, timeout_s=timeout_s)
+        blocks = self._pulled_blocks(self.store(address), keys, timeout_s)
         received = 0
         try:  # blocks delivered before a failure stay usable: the prefix they form is intact
-            for (header, payload), ref in zip(iter_pull(self._inject(stream), self.layout.block_nbytes,
-                                                        cache_pb2.PullSummary()), wanted):
+            for (header, payload), ref in zip(blocks, wanted):
                 if list(header.token_ids) != list(ref.token_ids):
                     return "token_mismatch"
                 result.payloads.append(payload)
@@ -183,8 +182,21 @@ class KVCacheClient:
             log.warning("pull from %s failed: %s", address, exc.code() if isinstance(exc, grpc.RpcError) else exc)
             return "store_unavailable"
         finally:
-            stream.cancel()  # no-op after a complete stream; releases the store's pins otherwise
+            blocks.close()  # ends the pull: releases the store's pins if it stopped early
         return None if received == len(wanted) else "short_pull"
+
+    def _pulled_blocks(self, store: StoreClient, keys: Sequence[bytes | str],
+                       timeout_s: float | None) -> Iterator[tuple[common_pb2.BlockRef, bytes]]:
+        """The verified blocks of one pull: by the store client's own paths (bulk, else the gRPC
+        stream), or, with injected faults, over the gRPC stream where the faults act on its chunks."""
+        if not self.faults.active:
+            yield from store.iter_blocks(self.fingerprint, keys, cache_pb2.PullSummary(), timeout_s=timeout_s)
+            return
+        stream = store.pull_stream(self.fingerprint, keys, timeout_s=timeout_s)
+        try:
+            yield from iter_pull(self._inject(stream), self.layout.block_nbytes, cache_pb2.PullSummary())
+        finally:
+            stream.cancel()
 
     def _inject(self, responses: Iterable[cache_pb2.PullBlocksResponse]) -> Iterator[cache_pb2.PullBlocksResponse]:
         """The pull stream as it arrives, with any injected faults applied."""

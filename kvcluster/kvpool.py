@@ -117,6 +117,12 @@ class KVPool:
         makes it one direct copy). Returns when the copy is done."""
         host_row.copy_(self._bytes[slot])
 
+    def block_view(self, slot: int) -> memoryview:
+        """One block's bytes in place, for a host-memory pool only: valid while the slot cannot change."""
+        if not self.ops.host_memory:
+            raise ValueError("a device pool's blocks have no host view: use export_block or read")
+        return memoryview(self._bytes[slot].numpy()).toreadonly()
+
     def import_block(self, slot: int, payload: bytes | bytearray | memoryview) -> None:
         """Write one block's wire-format bytes into `slot`."""
         self.write([slot], batch_from_payloads([payload], self.layout.block_nbytes, self.ops))

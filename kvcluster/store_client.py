@@ -2,15 +2,24 @@
 
 Used by the prefill and decode services, the tests and the benchmarks. Pulled blocks are
 checked against their checksum before they are returned (the store verified them on push, this
-verifies the trip); re-checking token ids is the caller's job, since only it knows the tokens.
+verifies the trip), once, whichever path they came by; re-checking token ids is the caller's job,
+since only it knows the tokens.
+
+Pulls take the store's bulk data path (kvcluster.bulk) where the store offers it and the channel
+is not TLS; whatever goes wrong on it (refused ticket, broken connection, corrupt bytes), the
+blocks not yet delivered are pulled again over the gRPC stream.
 """
 
-from collections.abc import Iterable, Iterator, Sequence
+import itertools
+import logging
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
 from kvcluster.blocks import checksum
+from kvcluster.bulk import receive_blocks, store_host
 from kvcluster.errors import IntegrityError
 from kvcluster.kvpool import KVLayout
 from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
@@ -18,7 +27,8 @@ from kvcluster.rpc import make_channel
 from kvcluster.wire import (MAX_CHUNK_BYTES, block_chunks, block_key, describe_key, key_ref, layout_to_proto,
                             reassemble_blocks)
 
-Block = tuple[common_pb2.BlockRef, bytes]  # header and payload
+Block = tuple[common_pb2.BlockRef, bytes]  # header and payload (a memoryview when it came by the bulk path)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,9 +75,14 @@ def iter_pull(responses: Iterable[cache_pb2.PullBlocksResponse], max_block_bytes
             yield response.chunk
 
     for header, payload in reassemble_blocks(chunks(), max_block_bytes):
-        if checksum(payload) != header.checksum:
-            raise IntegrityError(f"{describe_key(block_key(header))}: checksum mismatch after pull")
-        yield header, payload
+        yield verified(header, payload)
+
+
+def verified(header: common_pb2.BlockRef, payload: bytes | bytearray) -> Block:
+    """The consumer's one check of a pulled block: its bytes against its header's checksum."""
+    if checksum(payload) != header.checksum:
+        raise IntegrityError(f"{describe_key(block_key(header))}: checksum mismatch after pull")
+    return header, payload
 
 
 def read_pull(responses: Iterable[cache_pb2.PullBlocksResponse], max_block_bytes: int) -> PullResult:
@@ -81,10 +96,12 @@ class StoreClient:
     """A channel and stub to one store; cheap to keep per store address."""
 
     def __init__(self, target: str, layout: KVLayout, timeout_s: float | None = 30.0,
-                 credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = ()):
+                 credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 bulk: bool = True):
         self.target = target
         self.layout = layout
         self.timeout_s = timeout_s
+        self.bulk = bulk and credentials is None  # the bulk socket is plain TCP: never beside a TLS channel
         self.channel = make_channel(target, credentials=credentials, metadata=metadata)
         self.stub = cache_pb2_grpc.CacheStoreStub(self.channel)
 
@@ -97,12 +114,15 @@ class StoreClient:
         return self.stub.PushBlocks(requests, timeout=self.timeout_s)
 
     def pull_stream(self, fingerprint: bytes, keys: Sequence[bytes | str], max_chunk_bytes: int = 0,
-                    timeout_s: float | None = None) -> grpc.Call:
-        """The raw response stream (cancel it with `.cancel()`); `timeout_s` caps the client's timeout."""
+                    timeout_s: float | None = None, bulk: bool = False) -> grpc.Call:
+        """The raw response stream (cancel it with `.cancel()`); `timeout_s` caps the client's timeout.
+        `bulk` asks for the bulk data path (a BulkOffer first, where the store has one)."""
         request = cache_pb2.PullBlocksRequest(fingerprint=fingerprint, blocks=[key_ref(k) for k in keys],
-                                              max_chunk_bytes=max_chunk_bytes)
-        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s or timeout_s)
-        return self.stub.PullBlocks(request, timeout=timeout)
+                                              max_chunk_bytes=max_chunk_bytes, bulk=bulk)
+        return self.stub.PullBlocks(request, timeout=self._timeout(timeout_s))
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s or timeout_s)
 
     def pull_blocks(self, fingerprint: bytes, keys: Sequence[bytes | str], max_chunk_bytes: int = 0) -> PullResult:
         """The whole pull as a list (simple; see iter_blocks for the faster streaming form)."""
@@ -111,13 +131,54 @@ class StoreClient:
         return PullResult(blocks, summary.num_blocks_sent, summary.stop_reason)
 
     def iter_blocks(self, fingerprint: bytes, keys: Sequence[bytes | str], summary: cache_pb2.PullSummary,
-                    max_chunk_bytes: int = 0) -> Iterator[Block]:
-        """Verified blocks as they arrive; `summary` is filled in at the end of the stream."""
-        stream = self.pull_stream(fingerprint, keys, max_chunk_bytes)
+                    max_chunk_bytes: int = 0, timeout_s: float | None = None,
+                    into: Callable[[int], memoryview] | None = None) -> Iterator[Block]:
+        """Verified blocks as they arrive; `summary` is filled in at the end. By the bulk path where
+        it is on; if it fails, the blocks not yet delivered come over the gRPC stream. With `into`,
+        block i's bytes land in `into(i)` (received straight into it on the bulk path, copied there
+        from the stream's message otherwise) and the yielded payload is that view."""
+        delivered = 0
+        if self.bulk:
+            try:
+                for block in self._bulk_pull(fingerprint, keys, summary, max_chunk_bytes, timeout_s, into):
+                    yield block
+                    delivered += 1
+                return
+            except (OSError, IntegrityError) as exc:  # the bulk path's own failures; an RPC error is final
+                log.warning("bulk pull from %s failed after %d of %d blocks (%s); pulling the rest over the "
+                            "gRPC stream", self.target, delivered, len(keys), exc)
+        rest = cache_pb2.PullSummary()
+        stream = self.pull_stream(fingerprint, keys[delivered:], max_chunk_bytes, timeout_s)
         try:
-            yield from iter_pull(stream, self.layout.block_nbytes, summary)
+            for position, (header, payload) in enumerate(iter_pull(stream, self.layout.block_nbytes, rest), delivered):
+                yield header, _placed(payload, into, position)
         finally:
             stream.cancel()  # no-op after a complete stream; frees the store's pins after an error
+        summary.num_blocks_sent, summary.stop_reason = delivered + rest.num_blocks_sent, rest.stop_reason
+
+    def _bulk_pull(self, fingerprint: bytes, keys: Sequence[bytes | str], summary: cache_pb2.PullSummary,
+                   max_chunk_bytes: int, timeout_s: float | None,
+                   into: Callable[[int], memoryview] | None) -> Iterator[Block]:
+        stream = self.pull_stream(fingerprint, keys, max_chunk_bytes, timeout_s, bulk=True)
+        try:
+            first = next(stream, None)
+            if first is None or first.WhichOneof("item") != "bulk":  # no bulk path there: a plain stream
+                responses = itertools.chain([first] if first else [], stream)
+                for position, (header, payload) in enumerate(iter_pull(responses, self.layout.block_nbytes, summary)):
+                    yield header, _placed(payload, into, position)
+                return
+            received = 0
+            for header, payload in receive_blocks(store_host(self.target), first.bulk, self.layout.block_nbytes,
+                                                  self._timeout(timeout_s), into):
+                yield verified(header, payload)
+                received += 1
+            ending = next(stream, None)
+            if ending is None or ending.WhichOneof("item") != "summary" or ending.summary.num_blocks_sent != received:
+                raise IntegrityError(f"bulk pull: {received} blocks received, the store's summary says "
+                                     f"{ending.summary.num_blocks_sent if ending else 'nothing'}")
+            summary.CopyFrom(ending.summary)
+        finally:
+            stream.cancel()  # frees the store's pins if the bulk transfer failed
 
     def lookup(self, fingerprint: bytes, block_hashes: Sequence[bytes]) -> int:
         request = cache_pb2.LookupRequest(fingerprint=fingerprint, block_hashes=block_hashes)
@@ -125,3 +186,11 @@ class StoreClient:
 
     def stats(self) -> cache_pb2.StatsResponse:
         return self.stub.Stats(cache_pb2.StatsRequest(), timeout=self.timeout_s)
+
+
+def _placed(payload: bytes, into: Callable[[int], memoryview] | None, position: int) -> bytes | memoryview:
+    if into is None:
+        return payload
+    destination = into(position)
+    destination[:] = payload
+    return destination

@@ -81,6 +81,46 @@ def block_chunks(header: common_pb2.BlockRef, payload: bytes | memoryview,
         yield message
 
 
+def encoded_block_chunks(header: common_pb2.BlockRef, payload: bytes | memoryview,
+                         max_chunk_bytes: int = MAX_CHUNK_BYTES, envelope: type[Message] | None = None) -> Iterator[bytes]:
+    """`block_chunks` already serialized: the same messages as wire bytes, each built with one copy
+    of its slice of `payload` (which may be a view of a pool) and no protobuf message around the
+    data. Protobuf parsers accept fields in any order, so the data field is appended after the
+    serialized header and `last` (a server registers PullBlocks with `pass_encoded`)."""
+    max_chunk_bytes = check_chunk_limit(max_chunk_bytes)
+    view = memoryview(payload).cast("B")
+    size = len(view)
+    outer = _tag(envelope.DESCRIPTOR.fields_by_name["chunk"].number) if envelope is not None else b""
+    for start in range(0, max(size, 1), max_chunk_bytes):
+        end = min(start + max_chunk_bytes, size)
+        head = common_pb2.BlockChunk(header=header if start == 0 else None, last=end == size).SerializeToString()
+        data_field = _DATA_TAG + _varint(end - start)
+        inner_size = len(head) + len(data_field) + end - start
+        prefix = outer + _varint(inner_size) if envelope is not None else b""
+        yield b"".join((prefix, head, data_field, view[start:end]))
+
+
+def pass_encoded(message: Message | bytes) -> bytes:
+    """A response serializer that sends pre-encoded messages (bytes) as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _tag(field_number: int) -> bytes:
+    return _varint(field_number << 3 | 2)  # wire type 2: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_DATA_TAG = _tag(common_pb2.BlockChunk.DESCRIPTOR.fields_by_name["data"].number)
+
+
 class _PartialBlock:
     """The chunks received so far of the block being reassembled."""
 

@@ -245,3 +245,18 @@ def test_the_pool_lives_on_the_gpu_and_round_trips_bitwise():
     assert pool.device.type == "cuda"
     fill(pool, blocks)
     assert all(read_back(pool, header.block_hash) == payload for header, payload in blocks)
+
+
+def test_read_views_give_the_same_bytes_as_read_and_host_pools_are_not_copied(pool_device):
+    pool, blocks = StorePool(SMALL_LAYOUT, 4, pool_device), make_blocks(SMALL_LAYOUT, 3)
+    fill(pool, blocks)
+    pinned, _ = pool.pin(FP, hashes_of(blocks), "reader")
+    try:
+        views = pool.read_views(pinned)
+        assert [bytes(view) for view in views] == pool.read(pinned) == [payload for _, payload in blocks]
+        assert all(view.readonly for view in views)  # a sender can never write into the pool through one
+        if pool_device == "cpu":  # a view of the slot itself: the pool's next write shows through it
+            pool._kv.kv.view(torch.uint8).view(4, -1)[pinned[0].slot, 0] ^= 0xFF
+            assert views[0][0] == blocks[0][1][0] ^ 0xFF
+    finally:
+        pool.release("reader")

@@ -452,7 +452,7 @@ PROMETHEUS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata
 ANYONE = None
 # (kind, name) -> {port: who may connect}; every other port of the pod is closed.
 K8S_INGRESS = {
-    ("StatefulSet", "cache-store"): {50053: [KVCLUSTER_PEER], 9103: [PROMETHEUS_PEER]},
+    ("StatefulSet", "cache-store"): {50053: [KVCLUSTER_PEER], 50054: [KVCLUSTER_PEER], 9103: [PROMETHEUS_PEER]},
     ("Deployment", "prefill"): {50052: [KVCLUSTER_PEER], 9102: [PROMETHEUS_PEER]},
     ("Deployment", "decode"): {50051: ANYONE, 9101: [PROMETHEUS_PEER]},
     ("Deployment", "redis"): {6379: [KVCLUSTER_PEER]},

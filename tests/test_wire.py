@@ -7,8 +7,8 @@ import pytest
 from kvcluster.errors import IntegrityError, InvalidArgument
 from kvcluster.kvpool import KVLayout
 from kvcluster.proto import cache_pb2, common_pb2
-from kvcluster.wire import (MAX_CHUNK_BYTES, block_chunks, block_key, check_chunk_limit, layout_from_proto,
-                            layout_to_proto, reassemble_blocks)
+from kvcluster.wire import (MAX_CHUNK_BYTES, block_chunks, block_key, check_chunk_limit, encoded_block_chunks,
+                            layout_from_proto, layout_to_proto, pass_encoded, reassemble_blocks)
 
 HEADER = common_pb2.BlockRef(block_hash=b"h" * 16, checksum=7, num_tokens=16, token_ids=list(range(16)))
 
@@ -103,3 +103,28 @@ def test_block_key_is_the_hash_or_the_request_key():
 def test_layout_round_trips_through_proto():
     layout = KVLayout(30, 16, 3, 64, "float16")
     assert layout_from_proto(layout_to_proto(layout)) == layout
+
+
+@pytest.mark.parametrize("size,limit", [(0, MAX_CHUNK_BYTES), (1000, MAX_CHUNK_BYTES), (737_280, MAX_CHUNK_BYTES),
+                                        (737_280, 100_000), (3 * MAX_CHUNK_BYTES + 5, MAX_CHUNK_BYTES), (300, 128)])
+@pytest.mark.parametrize("envelope", [None, cache_pb2.PullBlocksResponse, cache_pb2.PushBlocksRequest])
+def test_pre_encoded_chunks_parse_as_the_same_messages(size, limit, envelope):
+    payload = os.urandom(size)
+    kind = envelope or common_pb2.BlockChunk
+    expected = list(block_chunks(HEADER, payload, limit, envelope))
+    encoded = list(encoded_block_chunks(HEADER, memoryview(payload), limit, envelope))
+    assert all(isinstance(message, bytes) for message in encoded)
+    assert [kind.FromString(message) for message in encoded] == expected
+    chunks = [cache_pb2.PullBlocksResponse.FromString(m).chunk for m in encoded] if envelope is cache_pb2.PullBlocksResponse else []
+    if chunks:
+        assert [(h, bytes(p)) for h, p in reassemble_blocks(chunks, size)] == [(HEADER, payload)]
+
+
+def test_pre_encoded_chunks_read_a_pool_view_and_pass_through_the_serializer():
+    pool = bytearray(os.urandom(4096))
+    view = memoryview(pool)[1024:2048].toreadonly()  # a slot of a pool, not a bytes object
+    (message,) = encoded_block_chunks(HEADER, view, envelope=cache_pb2.PullBlocksResponse)
+    assert pass_encoded(message) is message
+    assert cache_pb2.PullBlocksResponse.FromString(message).chunk.data == bytes(pool[1024:2048])
+    summary = cache_pb2.PullBlocksResponse(summary=cache_pb2.PullSummary(num_blocks_sent=1))
+    assert pass_encoded(summary) == summary.SerializeToString()
