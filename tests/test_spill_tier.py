@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from cache_store.config import StoreConfig
 from cache_store.metrics import StoreCollector
 from cache_store.replicator import ReplicationCounters
+from cache_store.service import ServiceCounters
 from cache_store.pool import StorePool
 from cache_store.spill import DiskSlots, SpillTier, make_tiers
 from kvcluster.errors import InvalidArgument, ResourceExhausted
@@ -315,7 +316,7 @@ def test_tier_metrics(pools):
     pool = pools(1, 1, 1)
     fill(pool, make_blocks(SMALL_LAYOUT, 4))
     registry = CollectorRegistry()
-    registry.register(StoreCollector(pool, _NoCounters(), _NoPublisher(), _NoWatchdog(), ReplicationCounters()))
+    registry.register(StoreCollector(pool, ServiceCounters(), _NoPublisher(), _NoWatchdog(), ReplicationCounters()))
     value = registry.get_sample_value
     assert [value("kvcluster_store_tier_blocks_used", {"tier": t}) for t in ("device", "host", "disk")] == [1, 1, 1]
     assert value("kvcluster_store_tier_blocks_capacity", {"tier": "disk"}) == 1
@@ -324,12 +325,6 @@ def test_tier_metrics(pools):
     assert value("kvcluster_store_tier_drops_total", {"tier": "disk"}) == 1
     assert value("kvcluster_store_tier_promotions_total", {"tier": "disk"}) == 0
     assert value("kvcluster_store_tier_checksum_failures_total", {"tier": "host"}) == 0
-
-
-class _NoCounters:
-    def snapshot(self):
-        return {name: 0 for name in ("checksum_failures", "blocks_stored", "blocks_duplicate", "blocks_rejected",
-                                     "push_bytes", "push_seconds", "pull_bytes", "pull_seconds")}
 
 
 class _NoPublisher:
