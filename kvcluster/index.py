@@ -39,6 +39,11 @@ carry the member id as a hash tag (`{ns}:alive:{{store}}`), so they share one sl
 collection stays atomic. A conditional removal there reads the entries' epochs and then deletes the
 matching ones (two pipelines, not atomic): a race with a re-registration can drop a fresh entry,
 which costs a hit, never a wrong block (a store serves only what it holds, checksummed).
+When a master dies, a request for its slots meets a refused or broken connection: redis-py's
+`RedisCluster` then re-reads the slot map from another node and retries once (`Retry(NoBackoff(), 1)`,
+which replaces `cluster_error_retry_attempts`), so until the replica is promoted such a call fails fast
+as Unavailable (its callers fall back to recompute; calls that touch only other shards still work) and the first call
+after the promotion finds the new master (docs/redis_modes.md).
 
 Where Redis lives (`redis_client`): `redis://` / `rediss://` / `unix://` is one instance; a
 `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` URL asks those Sentinels for the

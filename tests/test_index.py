@@ -21,8 +21,8 @@ BINARIES = {"path": shutil.which("redis-server"),
 @pytest.fixture(scope="module", params=[name for name, path in BINARIES.items() if path and Path(path).exists()]
                 + ["cluster"])
 def server(request):
-    """One redis-server of each version, and a 3-master Redis Cluster (the index's pipelined readers)."""
-    with (ClusterGroup() if request.param == "cluster" else RedisServer(binary=BINARIES[request.param])) as running:
+    """One redis-server of each version, and a 3-master Redis Cluster without replicas (the index's pipelined readers)."""
+    with (ClusterGroup(replicas=0) if request.param == "cluster" else RedisServer(binary=BINARIES[request.param])) as running:
         yield running
 
 
