@@ -93,6 +93,21 @@ def test_a_leftover_entry_of_an_older_epoch_is_ignored_by_readers(index):
     assert index.lookup(HASHES[:1]) == []
 
 
+def test_on_a_cluster_a_stale_slot_map_is_reread_and_the_lookup_still_right(index, request):
+    """The readers route per shard by the client's slot map; a slot moved (MOVED) falls back to
+    redis-py's redirections. Here every slot wrongly points at one master."""
+    if request.node.callspec.params["server"] != "cluster":
+        pytest.skip("per-shard routing exists on Redis Cluster only")
+    epoch = index.register("s1", "127.0.0.1:1111", TTL_S)
+    index.add_entries("s1", epoch, HASHES)
+    manager = index.redis.nodes_manager
+    wrong = manager.slots_cache[0][0]
+    for slot in manager.slots_cache:
+        manager.slots_cache[slot] = [wrong]
+    assert index.lookup(HASHES) == [StoreRef("s1", "127.0.0.1:1111")] * len(HASHES)
+    assert len({manager.slots_cache[slot][0].name for slot in manager.slots_cache}) == 3  # the map was re-read
+
+
 def test_lookup_prefers_the_previous_blocks_holder(index):
     a, b = index.register("a", "a:1", TTL_S), index.register("b", "b:1", TTL_S)
     index.add_entries("b", b, HASHES[:3])
