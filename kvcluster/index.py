@@ -30,10 +30,11 @@ previous block's holder so runs stay long, plus each holder's address. Scripts u
 commands (HGETALL, HMGET, GET, HGET, HDEL, SREM, PEXPIRE), so Redis 6.2 and 7 both work. The scripts read
 keys they are not passed, which a single Redis instance allows.
 
-On Redis Cluster (`redis+cluster://HOST:PORT[,HOST:PORT...]`, redis-py's `RedisCluster`) a script may
-touch one hash slot only, so there the readers are pipelines instead (redis-py sends one batch per
-shard): `lookup` is two (the blocks' holders, then those holders' heartbeats and addresses),
-`held_prefix` one, `live_stores` two, with the same choice rules as the scripts. Block keys spread
+On Redis Cluster (`redis+cluster://HOST:PORT[,HOST:PORT...]`, redis-py's `RedisCluster`) a script
+runs on one node, so there the readers are batched reads instead, one round trip per shard each
+(`_shard_reads`: a `_SHARD_READ` script on Redis 7+, a pipeline before): `lookup` is two (the blocks'
+holders, then those holders' heartbeats and addresses), `held_prefix` one, `live_stores` two, with
+the same choice rules as the scripts. Block keys spread
 over the shards by their hash; a member's own keys (`alive`, `store`, `epoch`, `epochs`, `entries`)
 carry the member id as a hash tag (`{ns}:alive:{{store}}`), so they share one slot and its
 collection stays atomic. A conditional removal there reads the entries' epochs and then deletes the
@@ -163,6 +164,14 @@ return 1
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# Redis Cluster, Redis 7+: one read command on keys of several slots of the node it runs on (undeclared
+# keys, which `allow-cross-slot-keys` permits). ARGV: n, command, key 1..n, the command's other args.
+_SHARD_READ = """#!lua flags=no-writes,allow-cross-slot-keys
+local n, replies = tonumber(ARGV[1]), {}
+for i = 1, n do replies[i] = redis.call(ARGV[2], ARGV[2 + i], unpack(ARGV, 3 + n)) end
+return replies
 """
 
 
@@ -298,6 +307,7 @@ class RedisIndex:
         self._release = self.redis.register_script(_RELEASE)
         self._held_prefix = self.redis.register_script(_HELD_PREFIX)
         self._forget = self.redis.register_script(_FORGET)
+        self._shard_read, self._shard_scripts = self.redis.register_script(_SHARD_READ), self.cluster
 
     def key(self, *parts: object) -> str:
         if self.cluster and parts[0] in MEMBER_KEYS:  # one slot per member: {id} is its hash tag
@@ -332,7 +342,8 @@ class RedisIndex:
 
     @_unavailable_on_redis_error
     def held_prefix(self, block_hashes: Sequence[bytes], members: Sequence[StoreRef]) -> list[int]:
-        """For each member, how many leading `block_hashes` its current epoch holds (one round trip)."""
+        """For each member, how many leading `block_hashes` its current epoch holds (one round trip; on Redis
+        Cluster one per shard)."""
         if not block_hashes or not members:
             return [0] * len(members)
         keys = [self.key("blk", h.hex()) for h in block_hashes]
@@ -353,30 +364,48 @@ class RedisIndex:
         return self._shard_reads(reads)
 
     def _shard_reads(self, reads: Sequence[tuple]) -> list:
-        """Replies to `reads` ((method, key, *args), in order): one plain pipeline per shard, routed by
-        the slot map redis-py holds. redis-py's own cluster pipeline routes each command through its
-        policy machinery, ~50 us of Python per command: 12x one Redis's script for 1024 hashes
-        (bench/index_latency.py). On any error (a slot moved, a dead master) the slot map is read again
-        and redis-py's pipeline runs the reads with its redirections and retry."""
+        """Replies to `reads` ((method, key, *args), in order), one round trip per shard and command,
+        routed by the slot map redis-py holds: a `_SHARD_READ` script call (Redis 7+), else a plain
+        pipeline. redis-py's own cluster pipeline routes each command through its policy machinery,
+        ~50 us of Python per command: 8x one Redis's script for 1024 hashes (bench/index_latency.py).
+        On any error (a slot moved, a dead master) the slot map is read again and redis-py's pipeline
+        runs the reads with its redirections and retry."""
         try:
-            by_node: dict[str, tuple] = {}
-            for i, (_, key, *_args) in enumerate(reads):
-                node = self.redis.get_node_from_key(key)
-                by_node.setdefault(node.name, (node, []))[1].append(i)
-            replies: list = [None] * len(reads)
-            for node, positions in by_node.values():
-                pipe = self.redis.get_redis_connection(node).pipeline(transaction=False)
-                for i in positions:
-                    method, *args = reads[i]
-                    getattr(pipe, method)(*args)
-                for i, reply in zip(positions, pipe.execute()):
-                    replies[i] = reply
-            return replies
+            return self._reads_by_shard(reads)
         except (redis.RedisError, RedisClusterException):
             self.redis.nodes_manager.initialize()
         pipe = self.redis.pipeline(transaction=False)
         for method, *args in reads:
             getattr(pipe, method)(*args)
+        return pipe.execute()
+
+    def _reads_by_shard(self, reads: Sequence[tuple]) -> list:
+        groups: dict[tuple, tuple] = {}
+        for i, (method, key, *args) in enumerate(reads):
+            node = self.redis.get_node_from_key(key)
+            extra = tuple(a for arg in args for a in (arg if isinstance(arg, list) else [arg]))
+            groups.setdefault((node.name, method, extra), (node, []))[1].append(i)
+        replies: list = [None] * len(reads)
+        for (_, method, extra), (node, positions) in groups.items():
+            keys = [reads[i][1] for i in positions]
+            for i, reply in zip(positions, self._read_on(node, method, keys, extra)):
+                replies[i] = reply
+        return replies
+
+    def _read_on(self, node, method: str, keys: list[str], extra: tuple) -> list:
+        client = self.redis.get_redis_connection(node)
+        if self._shard_scripts:
+            try:
+                replies = self._shard_read(args=[len(keys), method, *keys, *extra], client=client)
+            except redis.ResponseError as exc:
+                if "compiling" not in str(exc):
+                    raise
+                self._shard_scripts = False  # Redis < 7 knows no script flags: pipelines from now on
+            else:
+                return [dict(zip(r[::2], r[1::2])) for r in replies] if method == "hgetall" else replies
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            getattr(pipe, method)(key, *extra)
         return pipe.execute()
 
     def _cluster_lookup(self, keys: Sequence[str]) -> tuple[list[str], dict[str, str]]:

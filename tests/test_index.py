@@ -108,6 +108,19 @@ def test_on_a_cluster_a_stale_slot_map_is_reread_and_the_lookup_still_right(inde
     assert len({manager.slots_cache[slot][0].name for slot in manager.slots_cache}) == 3  # the map was re-read
 
 
+def test_on_a_cluster_without_cross_slot_scripts_the_readers_use_pipelines(index, request):
+    """Redis < 7 cannot compile the per-shard read script (no script flags): a compile error switches
+    the index to one plain pipeline per shard, same answers."""
+    if request.node.callspec.params["server"] != "cluster":
+        pytest.skip("per-shard reads exist on Redis Cluster only")
+    epoch = index.register("s1", "127.0.0.1:1111", TTL_S)
+    index.add_entries("s1", epoch, HASHES)
+    index._shard_read = index.redis.register_script("return (")  # what Redis 6.2 says of a shebang line
+    assert index.lookup(HASHES) == [StoreRef("s1", "127.0.0.1:1111")] * len(HASHES)
+    assert index._shard_scripts is False
+    assert index.held_prefix(HASHES, [StoreRef("s1", "127.0.0.1:1111", epoch)]) == [len(HASHES)]
+
+
 def test_lookup_prefers_the_previous_blocks_holder(index):
     a, b = index.register("a", "a:1", TTL_S), index.register("b", "b:1", TTL_S)
     index.add_entries("b", b, HASHES[:3])
