@@ -32,7 +32,7 @@ keys they are not passed, which a single Redis instance allows.
 
 On Redis Cluster (`redis+cluster://HOST:PORT[,HOST:PORT...]`, redis-py's `RedisCluster`) a script
 runs on one node, so there the readers are batched reads instead, one round trip per shard each
-(`_shard_reads`: a `_SHARD_READ` script on Redis 7+, a pipeline before): `lookup` is two (the blocks'
+(`_shard_reads`: a `_SHARD_READ` script on Redis 7+, every shard asked at once; a pipeline before): `lookup` is two (the blocks'
 holders, then those holders' heartbeats and addresses), `held_prefix` one, `live_stores` two, with
 the same choice rules as the scripts. Block keys spread
 over the shards by their hash; a member's own keys (`alive`, `store`, `epoch`, `epochs`, `entries`)
@@ -365,8 +365,8 @@ class RedisIndex:
 
     def _shard_reads(self, reads: Sequence[tuple]) -> list:
         """Replies to `reads` ((method, key, *args), in order), one round trip per shard and command,
-        routed by the slot map redis-py holds: a `_SHARD_READ` script call (Redis 7+), else a plain
-        pipeline. redis-py's own cluster pipeline routes each command through its policy machinery,
+        routed by the slot map redis-py holds: a `_SHARD_READ` script call (Redis 7+; the shards asked
+        at once), else a plain pipeline. redis-py's own cluster pipeline routes each command through its policy machinery,
         ~50 us of Python per command: 8x one Redis's script for 1024 hashes (bench/index_latency.py).
         On any error (a slot moved, a dead master) the slot map is read again and redis-py's pipeline
         runs the reads with its redirections and retry."""
@@ -385,25 +385,54 @@ class RedisIndex:
             node = self.redis.get_node_from_key(key)
             extra = tuple(a for arg in args for a in (arg if isinstance(arg, list) else [arg]))
             groups.setdefault((node.name, method, extra), (node, []))[1].append(i)
-        replies: list = [None] * len(reads)
-        for (_, method, extra), (node, positions) in groups.items():
-            keys = [reads[i][1] for i in positions]
-            for i, reply in zip(positions, self._read_on(node, method, keys, extra)):
-                replies[i] = reply
-        return replies
-
-    def _read_on(self, node, method: str, keys: list[str], extra: tuple) -> list:
-        client = self.redis.get_redis_connection(node)
+        calls = [(node, method, [reads[i][1] for i in positions], extra)
+                 for (_, method, extra), (node, positions) in groups.items()]
+        answers = None
         if self._shard_scripts:
             try:
-                replies = self._shard_read(args=[len(keys), method, *keys, *extra], client=client)
+                answers = self._scripts_on_shards(calls)
             except redis.ResponseError as exc:
                 if "compiling" not in str(exc):
                     raise
                 self._shard_scripts = False  # Redis < 7 knows no script flags: pipelines from now on
-            else:
-                return [dict(zip(r[::2], r[1::2])) for r in replies] if method == "hgetall" else replies
-        pipe = client.pipeline(transaction=False)
+        scripted = answers is not None  # a script's HGETALL replies are flat lists, a pipeline's dicts
+        if not scripted:
+            answers = [self._pipeline_on(node, method, keys, extra) for node, method, keys, extra in calls]
+        replies: list = [None] * len(reads)
+        for ((_, method, _extra), (_node, positions)), answer in zip(groups.items(), answers):
+            if method == "hgetall" and scripted:
+                answer = [dict(zip(r[::2], r[1::2])) for r in answer]
+            for i, reply in zip(positions, answer):
+                replies[i] = reply
+        return replies
+
+    def _scripts_on_shards(self, calls: list[tuple]) -> list:
+        """One `_SHARD_READ` call per (node, method, keys, extra), every one sent before any reply is
+        read, so the shards work at once: the round trips overlap."""
+        held = []
+        try:
+            for node, method, keys, extra in calls:
+                pool = self.redis.get_redis_connection(node).connection_pool
+                held.append((pool, pool.get_connection()))
+                held[-1][1].send_command("EVALSHA", self._shard_read.sha, 0, len(keys), method, *keys, *extra)
+            answers = []
+            for (_, connection), (node, method, keys, extra) in zip(held, calls):
+                try:
+                    answers.append(connection.read_response())
+                except redis.exceptions.NoScriptError:  # first use on this node: load it, call again
+                    answers.append(self._shard_read(args=[len(keys), method, *keys, *extra],
+                                                    client=self.redis.get_redis_connection(node)))
+            return answers
+        except BaseException:
+            for _, connection in held:  # replies may be left unread on them
+                connection.disconnect()
+            raise
+        finally:
+            for pool, connection in held:
+                pool.release(connection)
+
+    def _pipeline_on(self, node, method: str, keys: list[str], extra: tuple) -> list:
+        pipe = self.redis.get_redis_connection(node).pipeline(transaction=False)
         for key in keys:
             getattr(pipe, method)(key, *extra)
         return pipe.execute()
