@@ -366,10 +366,10 @@ class RedisIndex:
     def _shard_reads(self, reads: Sequence[tuple]) -> list:
         """Replies to `reads` ((method, key, *args), in order), one round trip per shard and command,
         routed by the slot map redis-py holds: a `_SHARD_READ` script call (Redis 7+; the shards asked
-        at once), else a plain pipeline. redis-py's own cluster pipeline routes each command through its policy machinery,
-        ~50 us of Python per command: 8x one Redis's script for 1024 hashes (bench/index_latency.py).
-        On any error (a slot moved, a dead master) the slot map is read again and redis-py's pipeline
-        runs the reads with its redirections and retry."""
+        at once), else a plain pipeline. redis-py's own cluster pipeline routes each command through
+        its policy machinery, ~50 us of Python per command: 8x one Redis's script for 1024 hashes
+        (bench/index_latency.py). On any error (a slot moved, a dead master) the slot map is read
+        again and redis-py's pipeline runs the reads with its redirections and retry."""
         try:
             return self._reads_by_shard(reads)
         except (redis.RedisError, RedisClusterException):
