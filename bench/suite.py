@@ -1,7 +1,7 @@
 """`python -m bench.suite [--quick | --tiny] [--model FILE] [--only NAME,...] [--results-dir DIR]`
 
 Every kvcluster benchmark in one run, each a ratio against a baseline measured side by side:
-  index_latency      Redis index lookup p50/p99 for 16/64/256 hashes (PING as the floor)
+  index_latency      Redis index lookup p50/p99 for 16-1024 hashes: one Redis, Sentinel, Redis Cluster
   kv_transfer        bench/transfer.py: store pull vs raw TCP loopback, same bytes; store RSS
   spill_tier         store hit ratio with host + disk spill tiers vs the pool alone; pull MB/s per tier
   hot_replication    hot prefix's store hit ratio after one of 2 stores is SIGKILLed: replication on vs off

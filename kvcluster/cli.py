@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-mode", choices=("single", "sentinel", "cluster"), default="single",
                     help="without KVC_REDIS_URL: one private redis-server (single), a private primary, replica "
                          "and three Sentinels that the services follow through a failover (sentinel), or a "
-                         "private 3-master Redis Cluster (cluster)")
+                         "private Redis Cluster of 3 masters with a replica each (cluster)")
     up.add_argument("--routing", choices=("cache_aware", "round_robin", "least_loaded"), default="cache_aware",
                     help="the gateway's routing policy")
     add_dtype_flag(up, "model and KV dtype of every service (the stores hold the same)")

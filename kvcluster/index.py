@@ -30,15 +30,21 @@ previous block's holder so runs stay long, plus each holder's address. Scripts u
 commands (HGETALL, HMGET, GET, HGET, HDEL, SREM, PEXPIRE), so Redis 6.2 and 7 both work. The scripts read
 keys they are not passed, which a single Redis instance allows.
 
-On Redis Cluster (`redis+cluster://HOST:PORT[,HOST:PORT...]`, redis-py's `RedisCluster`) a script may
-touch one hash slot only, so there the readers are pipelines instead (redis-py sends one batch per
-shard): `lookup` is two (the blocks' holders, then those holders' heartbeats and addresses),
-`held_prefix` one, `live_stores` two, with the same choice rules as the scripts. Block keys spread
+On Redis Cluster (`redis+cluster://HOST:PORT[,HOST:PORT...]`, redis-py's `RedisCluster`) a script
+runs on one node, so there the readers are batched reads instead, one round trip per shard each
+(`_shard_reads`: a `_SHARD_READ` script on Redis 7+, every shard asked at once; a pipeline before): `lookup` is two (the blocks'
+holders, then those holders' heartbeats and addresses), `held_prefix` one, `live_stores` two, with
+the same choice rules as the scripts. Block keys spread
 over the shards by their hash; a member's own keys (`alive`, `store`, `epoch`, `epochs`, `entries`)
 carry the member id as a hash tag (`{ns}:alive:{{store}}`), so they share one slot and its
 collection stays atomic. A conditional removal there reads the entries' epochs and then deletes the
 matching ones (two pipelines, not atomic): a race with a re-registration can drop a fresh entry,
 which costs a hit, never a wrong block (a store serves only what it holds, checksummed).
+When a master dies, a request for its slots meets a refused or broken connection: redis-py's
+`RedisCluster` then re-reads the slot map from another node and retries once (`Retry(NoBackoff(), 1)`,
+which replaces `cluster_error_retry_attempts`), so until the replica is promoted such a call fails fast
+as Unavailable (its callers fall back to recompute; calls that touch only other shards still work) and the first call
+after the promotion finds the new master (docs/redis_modes.md).
 
 Where Redis lives (`redis_client`): `redis://` / `rediss://` / `unix://` is one instance; a
 `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` URL asks those Sentinels for the
@@ -158,6 +164,14 @@ return 1
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# Redis Cluster, Redis 7+: one read command on keys of several slots of the node it runs on (undeclared
+# keys, which `allow-cross-slot-keys` permits). ARGV: n, command, key 1..n, the command's other args.
+_SHARD_READ = """#!lua flags=no-writes,allow-cross-slot-keys
+local n, replies = tonumber(ARGV[1]), {}
+for i = 1, n do replies[i] = redis.call(ARGV[2], ARGV[2 + i], unpack(ARGV, 3 + n)) end
+return replies
 """
 
 
@@ -302,6 +316,7 @@ class RedisIndex:
         self._release = self.redis.register_script(_RELEASE)
         self._held_prefix = self.redis.register_script(_HELD_PREFIX)
         self._forget = self.redis.register_script(_FORGET)
+        self._shard_read, self._shard_scripts = self.redis.register_script(_SHARD_READ), self.cluster
 
     def key(self, *parts: object) -> str:
         if self.cluster and parts[0] in MEMBER_KEYS:  # one slot per member: {id} is its hash tag
@@ -350,7 +365,8 @@ class RedisIndex:
 
     @_unavailable_on_redis_error
     def held_prefix(self, block_hashes: Sequence[bytes], members: Sequence[StoreRef]) -> list[int]:
-        """For each member, how many leading `block_hashes` its current epoch holds (one round trip)."""
+        """For each member, how many leading `block_hashes` its current epoch holds (one round trip; on Redis
+        Cluster one per shard)."""
         if not block_hashes or not members:
             return [0] * len(members)
         keys = [self.key("blk", h.hex()) for h in block_hashes]
@@ -363,18 +379,89 @@ class RedisIndex:
 
     def _alive(self, store_ids: Sequence[str], *info_fields: str) -> list:
         """Per id: its heartbeat's epoch (None = dead), then `info_fields` of its registration."""
-        pipe = self.redis.pipeline(transaction=False)
+        reads = []
         for sid in store_ids:
-            pipe.get(self.key("alive", sid))
+            reads.append(("get", self.key("alive", sid)))
             if info_fields:
-                pipe.hmget(self.key("store", sid), list(info_fields))
+                reads.append(("hmget", self.key("store", sid), list(info_fields)))
+        return self._shard_reads(reads)
+
+    def _shard_reads(self, reads: Sequence[tuple]) -> list:
+        """Replies to `reads` ((method, key, *args), in order), one round trip per shard and command,
+        routed by the slot map redis-py holds: a `_SHARD_READ` script call (Redis 7+; the shards asked
+        at once), else a plain pipeline. redis-py's own cluster pipeline routes each command through
+        its policy machinery, ~50 us of Python per command: 8x one Redis's script for 1024 hashes
+        (bench/index_latency.py). On any error (a slot moved, a dead master) the slot map is read
+        again and redis-py's pipeline runs the reads with its redirections and retry."""
+        try:
+            return self._reads_by_shard(reads)
+        except (redis.RedisError, RedisClusterException):
+            self.redis.nodes_manager.initialize()
+        pipe = self.redis.pipeline(transaction=False)
+        for method, *args in reads:
+            getattr(pipe, method)(*args)
+        return pipe.execute()
+
+    def _reads_by_shard(self, reads: Sequence[tuple]) -> list:
+        groups: dict[tuple, tuple] = {}
+        for i, (method, key, *args) in enumerate(reads):
+            node = self.redis.get_node_from_key(key)
+            extra = tuple(a for arg in args for a in (arg if isinstance(arg, list) else [arg]))
+            groups.setdefault((node.name, method, extra), (node, []))[1].append(i)
+        calls = [(node, method, [reads[i][1] for i in positions], extra)
+                 for (_, method, extra), (node, positions) in groups.items()]
+        answers = None
+        if self._shard_scripts:
+            try:
+                answers = self._scripts_on_shards(calls)
+            except redis.ResponseError as exc:
+                if "compiling" not in str(exc):
+                    raise
+                self._shard_scripts = False  # Redis < 7 knows no script flags: pipelines from now on
+        scripted = answers is not None  # a script's HGETALL replies are flat lists, a pipeline's dicts
+        if not scripted:
+            answers = [self._pipeline_on(node, method, keys, extra) for node, method, keys, extra in calls]
+        replies: list = [None] * len(reads)
+        for ((_, method, _extra), (_node, positions)), answer in zip(groups.items(), answers):
+            if method == "hgetall" and scripted:
+                answer = [dict(zip(r[::2], r[1::2])) for r in answer]
+            for i, reply in zip(positions, answer):
+                replies[i] = reply
+        return replies
+
+    def _scripts_on_shards(self, calls: list[tuple]) -> list:
+        """One `_SHARD_READ` call per (node, method, keys, extra), every one sent before any reply is
+        read, so the shards work at once: the round trips overlap."""
+        held = []
+        try:
+            for node, method, keys, extra in calls:
+                pool = self.redis.get_redis_connection(node).connection_pool
+                held.append((pool, pool.get_connection()))
+                held[-1][1].send_command("EVALSHA", self._shard_read.sha, 0, len(keys), method, *keys, *extra)
+            answers = []
+            for (_, connection), (node, method, keys, extra) in zip(held, calls):
+                try:
+                    answers.append(connection.read_response())
+                except redis.exceptions.NoScriptError:  # first use on this node: load it, call again
+                    answers.append(self._shard_read(args=[len(keys), method, *keys, *extra],
+                                                    client=self.redis.get_redis_connection(node)))
+            return answers
+        except BaseException:
+            for _, connection in held:  # replies may be left unread on them
+                connection.disconnect()
+            raise
+        finally:
+            for pool, connection in held:
+                pool.release(connection)
+
+    def _pipeline_on(self, node, method: str, keys: list[str], extra: tuple) -> list:
+        pipe = self.redis.get_redis_connection(node).pipeline(transaction=False)
+        for key in keys:
+            getattr(pipe, method)(key, *extra)
         return pipe.execute()
 
     def _cluster_lookup(self, keys: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        pipe = self.redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.hgetall(key)
-        fields = pipe.execute()
+        fields = self._shard_reads([("hgetall", key) for key in keys])
         sids = sorted({sid for block in fields for sid in block})
         replies = self._alive(sids, "address")
         live = {sid: replies[2 * i] for i, sid in enumerate(sids)}
@@ -404,12 +491,8 @@ class RedisIndex:
 
     def _cluster_held_prefix(self, keys: Sequence[str], members: Sequence[StoreRef]) -> list[int]:
         ids = [m.store_id for m in members]
-        pipe = self.redis.pipeline(transaction=False)
-        for sid in ids:
-            pipe.get(self.key("alive", sid))
-        for key in keys:
-            pipe.hmget(key, ids)
-        replies = pipe.execute()
+        replies = self._shard_reads([("get", self.key("alive", sid)) for sid in ids]
+                                    + [("hmget", key, ids) for key in keys])
         alive, blocks = replies[:len(ids)], replies[len(ids):]
         counts = []
         for j, member in enumerate(members):

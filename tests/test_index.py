@@ -21,8 +21,8 @@ BINARIES = {"path": shutil.which("redis-server"),
 @pytest.fixture(scope="module", params=[name for name, path in BINARIES.items() if path and Path(path).exists()]
                 + ["cluster"])
 def server(request):
-    """One redis-server of each version, and a 3-master Redis Cluster (the index's pipelined readers)."""
-    with (ClusterGroup() if request.param == "cluster" else RedisServer(binary=BINARIES[request.param])) as running:
+    """One redis-server of each version, and a 3-master Redis Cluster without replicas (the index's pipelined readers)."""
+    with (ClusterGroup(replicas=0) if request.param == "cluster" else RedisServer(binary=BINARIES[request.param])) as running:
         yield running
 
 
@@ -91,6 +91,34 @@ def test_a_leftover_entry_of_an_older_epoch_is_ignored_by_readers(index):
     epoch = index.register("s1", "a:1", TTL_S)
     index.add_entries("s1", epoch + 1, HASHES[:1])  # an epoch that is not the live one
     assert index.lookup(HASHES[:1]) == []
+
+
+def test_on_a_cluster_a_stale_slot_map_is_reread_and_the_lookup_still_right(index, request):
+    """The readers route per shard by the client's slot map; a slot moved (MOVED) falls back to
+    redis-py's redirections. Here every slot wrongly points at one master."""
+    if request.node.callspec.params["server"] != "cluster":
+        pytest.skip("per-shard routing exists on Redis Cluster only")
+    epoch = index.register("s1", "127.0.0.1:1111", TTL_S)
+    index.add_entries("s1", epoch, HASHES)
+    manager = index.redis.nodes_manager
+    wrong = manager.slots_cache[0][0]
+    for slot in manager.slots_cache:
+        manager.slots_cache[slot] = [wrong]
+    assert index.lookup(HASHES) == [StoreRef("s1", "127.0.0.1:1111")] * len(HASHES)
+    assert len({manager.slots_cache[slot][0].name for slot in manager.slots_cache}) == 3  # the map was re-read
+
+
+def test_on_a_cluster_without_cross_slot_scripts_the_readers_use_pipelines(index, request):
+    """Redis < 7 cannot compile the per-shard read script (no script flags): a compile error switches
+    the index to one plain pipeline per shard, same answers."""
+    if request.node.callspec.params["server"] != "cluster":
+        pytest.skip("per-shard reads exist on Redis Cluster only")
+    epoch = index.register("s1", "127.0.0.1:1111", TTL_S)
+    index.add_entries("s1", epoch, HASHES)
+    index._shard_read = index.redis.register_script("return (")  # what Redis 6.2 says of a shebang line
+    assert index.lookup(HASHES) == [StoreRef("s1", "127.0.0.1:1111")] * len(HASHES)
+    assert index._shard_scripts is False
+    assert index.held_prefix(HASHES, [StoreRef("s1", "127.0.0.1:1111", epoch)]) == [len(HASHES)]
 
 
 def test_lookup_prefers_the_previous_blocks_holder(index):

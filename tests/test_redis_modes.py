@@ -2,10 +2,10 @@
 loopback ports, kvcluster.redis_server.SentinelGroup): `redis+sentinel://` URLs, a primary killed under
 lookups (every answer right or Unavailable, never wrong; the index usable again once a replica is
 promoted), and `kvcluster up --redis-mode sentinel` serving warm == cold through the gateway before and
-after its primary is killed under load, with no failed request. On a real 3-master Redis Cluster
-(`--redis-mode cluster`): a prompt served from the cache store found through the cluster's index, and a
-shard killed under load with no failed request and the same tokens (tests/test_index.py runs every index
-rule on such a cluster too)."""
+after its primary is killed under load, with no failed request. On a real Redis Cluster of 3 masters with a
+replica each (`--redis-mode cluster`): a prompt served from the cache store found through the cluster's
+index, a master killed -9 under load with no failed request and the same tokens, its replica promoted and
+the index usable again (tests/test_index.py runs every index rule on a 3-master cluster too)."""
 
 import asyncio
 import contextlib
@@ -143,12 +143,17 @@ def warm_cluster(redis_mode: str, scheme: str):
         yield cluster, ask, cold
 
 
+def reset_prefix_cache(cluster: Cluster) -> None:
+    """Drop the decode worker's own prefix cache: a cached prompt must now come from the store."""
+    assert httpx.post(f"{cluster.gateway_url}/reset_prefix_cache", timeout=30).status_code == 200
+
+
 @pytest.mark.slow
-def test_kvcluster_up_on_a_redis_cluster_serves_from_the_store_and_survives_a_lost_shard():
+def test_kvcluster_up_on_a_redis_cluster_serves_from_the_store_through_a_master_failover():
     with warm_cluster("cluster", "redis+cluster") as (cluster, ask, cold):
         # Without the decode worker's own copy, the blocks come from the store, found through the
         # cluster's index (lookups spread over its shards).
-        assert httpx.post(f"{cluster.gateway_url}/reset_prefix_cache", timeout=30).status_code == 200
+        reset_prefix_cache(cluster)
         stores = RedisIndex(cluster.redis_url)
         try:
             assert len(stores.live_stores()) == 1
@@ -157,13 +162,32 @@ def test_kvcluster_up_on_a_redis_cluster_serves_from_the_store_and_survives_a_lo
         from_store, store_cached = ask(QUESTION)
         assert from_store == cold and store_cached > 0
         group: ClusterGroup = cluster.redis
+        victim = 1                                         # a master; its replica is the server after the masters
+        replica = next(i for i, master in group.replica_of.items() if master == victim)
+        assert group.servers[victim].port in group.master_ports()
         questions = [f"{QUESTION} Variant {i}." for i in range(4)] + [QUESTION]
         with ThreadPoolExecutor(3) as pool:
             pending = [pool.submit(ask, q) for q in questions]
-            group.servers[1].stop()                        # a shard dies under load: the index is gone
+            group.servers[victim].kill()                   # kill -9 a master under load
             answers = [future.result() for future in pending]  # raises on any failed request
         assert all(text for text, _ in answers) and answers[-1][0] == cold
-        assert ask(QUESTION)[0] == cold                     # and after it, computed or local: same tokens
+        # Its replica is promoted: a master serving the dead one's slots, the dead one flagged failed.
+        wait_until(lambda: group.servers[replica].port in group.master_ports())
+        dead = next(n for n in group.nodes() if n["port"] == group.servers[victim].port)
+        assert "fail" in dead["flags"] and dead["slots"] == 0
+        assert len(group.master_ports()) == group.masters
+        # The index works again: a new prompt is indexed and, the decode worker's copy dropped, served
+        # warm from the store with the same tokens (its blocks spread over every shard, the promoted one too).
+        fresh = "After the failover: " + QUESTION
+
+        def warm_from_store():
+            first = ask(fresh)
+            reset_prefix_cache(cluster)
+            second = ask(fresh)
+            return second[1] > 0 and second[0] == first[0]
+        wait_until(warm_from_store)
+        # Exact throughout: what was answered during the failover is what is answered now.
+        assert [ask(q)[0] for q in questions] == [text for text, _ in answers]
 
 
 @pytest.mark.slow
