@@ -392,11 +392,13 @@ class RedisIndex:
         at once), else a plain pipeline. redis-py's own cluster pipeline routes each command through
         its policy machinery, ~50 us of Python per command: 8x one Redis's script for 1024 hashes
         (bench/index_latency.py). On any error (a slot moved, a dead master) the slot map is read
-        again and redis-py's pipeline runs the reads with its redirections and retry."""
-        try:
-            return self._reads_by_shard(reads)
-        except (redis.RedisError, RedisClusterException):
-            self.redis.nodes_manager.initialize()
+        again and redis-py's pipeline runs the reads with its redirections and retry. On one instance
+        (or behind Sentinels) it is that one pipeline."""
+        if self.cluster:
+            try:
+                return self._reads_by_shard(reads)
+            except (redis.RedisError, RedisClusterException):
+                self.redis.nodes_manager.initialize()
         pipe = self.redis.pipeline(transaction=False)
         for method, *args in reads:
             getattr(pipe, method)(*args)
