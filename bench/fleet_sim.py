@@ -201,11 +201,12 @@ class FleetSim:
         self.counters = {"event_batches": 0, "entries_written": 0, "held_prefix_calls": 0, "store_lookups": 0}
         self.replicas = []
         for i in range(config.replicas):
-            layout = KVLayout(1, config.block_tokens, 1, 1, "float32").canonical()  # the router reads its block size
+            layout = KVLayout(1, config.block_tokens, 1, 1, "float32").canonical()
             member = StoreRef(f"decode-{i}", f"sim:{i}", 1, layout)
             blocks = BlockManager(config.replica_blocks)
             blocks.listener = CountingSink(self.counters, self.index.sink(member.store_id))
-            self.replicas.append(SimReplica(i, Replica(member, None, None), blocks))
+            registered = {"block_size": str(config.block_tokens)}  # as a worker registers it: the router reads it
+            self.replicas.append(SimReplica(i, Replica(member, None, None, published=registered), blocks))
         self._position = {id(r.view): r.position for r in self.replicas}
         self.shard_refs = [StoreRef(f"store-{s}", f"sim:s{s}", 1) for s in range(config.store_shards)]
         self.shards = {ref.store_id: StorePool(TINY_LAYOUT, config.store_blocks_per_shard,

@@ -30,7 +30,8 @@ from kvcluster.prefix_index import PrefixIndex
 SYSTEM_BLOCKS = 64
 CONVERSATION_BLOCKS = 255
 BLOCK_TOKENS = 16
-LAYOUT = KVLayout(30, BLOCK_TOKENS, 3, 64, "float32").canonical()  # SmolLM2's: the router reads the block size
+LAYOUT = KVLayout(30, BLOCK_TOKENS, 3, 64, "float32").canonical()  # SmolLM2's
+REGISTERED = {"block_size": str(BLOCK_TOKENS)}  # as a worker registers it: the router reads it
 
 
 def rss_bytes() -> int:
@@ -78,8 +79,8 @@ def measure(replicas: int = 256, blocks_per_replica: int = 10_000, rounds: int =
             redis_url: str | None = None, seed: int = 0) -> dict:
     rng = random.Random(seed)
     system, own = fleet_blocks(replicas, blocks_per_replica, rng)
-    views = [Replica(StoreRef(f"decode-{i}", f"10.0.{i // 250}.{i % 250}:50051", 1, LAYOUT), None, None)
-             for i in range(replicas)]
+    views = [Replica(StoreRef(f"decode-{i}", f"10.0.{i // 250}.{i % 250}:50051", 1, LAYOUT), None, None,
+                     published=REGISTERED) for i in range(replicas)]
     prompt = system + own[0][:CONVERSATION_BLOCKS]
     router = Router("cache_aware", overlap_weight=1.0)
 
@@ -113,7 +114,7 @@ def redis_decisions(redis_url: str, views: list[Replica], router: Router, system
         index.add_entries(view.replica_id, epoch, system)
         members.append(StoreRef(view.replica_id, view.member.address, epoch, LAYOUT))
     index.add_entries(members[0].store_id, members[0].epoch, first_own[:CONVERSATION_BLOCKS])
-    registered = [Replica(m, None, None) for m in members]
+    registered = [Replica(m, None, None, published=REGISTERED) for m in members]
     timing = time_decisions(index.held_prefix, registered, router, prompt, rounds)
     index.close()
     return timing

@@ -17,7 +17,7 @@ from cache_store.pool import PoolStats, StorePool
 from cache_store.replicator import ReplicationCounters
 from kvcluster.index_publisher import IndexPublisher
 from cache_store.service import ServiceCounters
-from kvcluster.stream_watchdog import StreamWatchdog
+from cache_store.stream_watchdog import StreamWatchdog
 
 GAUGES = (  # (name, help, PoolStats field)
     ("kvcluster_store_blocks_used", "KV blocks held (including blocks being written)", "blocks_used"),

@@ -24,7 +24,7 @@ from kvcluster.dtypes import resolve_dtype
 from kvcluster.security import token_guards
 from kvcluster.index import RedisIndex
 from kvcluster.proto import cache_pb2
-from kvcluster.stream_watchdog import StreamWatchdog
+from cache_store.stream_watchdog import StreamWatchdog
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from gateway import protocol
+from kvcluster.client import FINISH_NAMES
 from kvcluster.model.sampling_params import DEFAULT_MAX_TOKENS
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import common_pb2, decode_pb2
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FINISH = {decode_pb2.FINISH_REASON_STOP: "stop", decode_pb2.FINISH_REASON_LENGTH: "length",
-          decode_pb2.FINISH_REASON_CANCELLED: "stop"}
+FINISH = {**FINISH_NAMES, decode_pb2.FINISH_REASON_CANCELLED: "stop"}  # OpenAI has no "cancelled"
 SEED_BITS = 63
 TokenText = Callable[[int], str]
 

@@ -8,19 +8,17 @@ registers again under a new epoch (a restart).
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
 from gateway.config import GatewayConfig
-from kvcluster.index import LOAD_FIELDS, NUMERICS_FIELDS, RedisIndex, StoreRef, worker_namespace
+from kvcluster.index import LAYOUT_FIELDS, LOAD_FIELDS, NUMERICS_FIELDS, RedisIndex, StoreRef, worker_namespace
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
 from kvcluster.rpc import channel_options
 
 log = logging.getLogger(__name__)
-BLOCK_SIZE_RE = re.compile(r":B(\d+):")
 
 
 @dataclass
@@ -30,7 +28,7 @@ class Replica:
     member: StoreRef                   # id, address, epoch, layout, fingerprint (hex) as registered
     stub: decode_pb2_grpc.DecodeServiceStub
     channel: grpc.aio.Channel
-    published: dict = field(default_factory=dict)  # running, waiting, free_blocks, numerics at its last heartbeat
+    published: dict = field(default_factory=dict)  # load, numerics and block size at its last heartbeat
     open_calls: int = 0                # Generate calls of this gateway to it now
     queued_prefill_tokens: int = 0     # uncached prompt tokens of those calls not past their first token
     suspect_until: float = 0.0         # monotonic; out of rotation before it
@@ -64,8 +62,8 @@ class Replica:
 
     @property
     def block_size(self) -> int:
-        match = BLOCK_SIZE_RE.search(self.member.layout)
-        return int(match.group(1)) if match else 0
+        """Tokens per KV block as it registered them (0 for a static target: it publishes nothing)."""
+        return int(self.published.get("block_size", 0))
 
 
 class ReplicaSet:
@@ -87,7 +85,7 @@ class ReplicaSet:
         if self.index is None:
             return [(member, {}) for member in self.static]
         members = self.index.live_stores()
-        fields = self.index.member_fields([m.store_id for m in members], LOAD_FIELDS + NUMERICS_FIELDS)
+        fields = self.index.member_fields([m.store_id for m in members], LOAD_FIELDS + NUMERICS_FIELDS + LAYOUT_FIELDS)
         return list(zip(members, fields))
 
     def apply(self, listing: list[tuple[StoreRef, dict]]) -> None:

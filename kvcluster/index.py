@@ -221,6 +221,9 @@ WORKER_KINDS = ("decode", "prefill")
 LOAD_FIELDS = ("running", "waiting", "free_blocks", "queued_tokens", "host_id")
 # A worker's numerics mode and whether exactness holds on it (kvcluster.numerics), for /health.
 NUMERICS_FIELDS = ("numerics", "exactness_guaranteed")
+# A worker's KV block size in tokens, a field of its own (the gateway hashes prompts with it; never parsed
+# out of the layout text).
+LAYOUT_FIELDS = ("block_size",)
 
 
 SENTINEL_SCHEME = "redis+sentinel"

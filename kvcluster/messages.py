@@ -5,11 +5,7 @@ from kvcluster.model.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams, 
 from kvcluster.model.sequence import FinishReason
 from kvcluster.proto import common_pb2, decode_pb2
 
-FINISH_REASONS = {
-    FinishReason.STOP: decode_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: decode_pb2.FINISH_REASON_LENGTH,
-    FinishReason.CANCELLED: decode_pb2.FINISH_REASON_CANCELLED,
-}
+FINISH_REASONS = {reason: decode_pb2.FinishReason.Value(f"FINISH_REASON_{reason.name}") for reason in FinishReason}
 
 
 def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:

@@ -58,7 +58,7 @@ def make_registration(kind: str, config, worker: EngineWorker, port: int) -> Ind
     member_id = config.worker_id or f"{kind}-{socket.gethostname()}-{port}"
     address = config.advertise_address or f"{host}:{port}"
     publishes_blocks = kind == "decode" and engine.prefix_caching
-    numerics = numerics_status(engine).registry_fields()
+    published = numerics_status(engine).registry_fields() | {"block_size": str(engine.layout.block_size)}
 
     def held_hashes() -> list[bytes]:
         if not publishes_blocks:
@@ -73,7 +73,7 @@ def make_registration(kind: str, config, worker: EngineWorker, port: int) -> Ind
     heartbeat = config.registry_heartbeat_seconds
     publisher = IndexPublisher(index, member_id, address, heartbeat, 3 * heartbeat, held_hashes,
                                layout=engine.layout.canonical(), fingerprint=engine.fingerprint.hex(),
-                               load=lambda: worker_load(worker) | numerics)
+                               load=lambda: worker_load(worker) | published)
     if publishes_blocks:
         engine.blocks.listener = publisher
     return publisher

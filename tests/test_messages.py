@@ -37,3 +37,15 @@ def test_an_empty_or_false_structured_output_is_refused(structured):
 def test_negative_max_tokens_reaches_validation():
     params = sampling_from_proto(common_pb2.SamplingParams(max_tokens=-4))
     assert params.max_tokens == -4
+
+
+def test_one_finish_reason_map_the_engines_reasons_and_the_protos_names_agree():
+    """The engine's reasons pair with the proto enum by name, and the client's names are the engine's values:
+    a reason added on one side only fails here (and at import, for the engine side)."""
+    from kvcluster.client import FINISH_NAMES
+    from kvcluster.messages import FINISH_REASONS
+    from kvcluster.model.sequence import FinishReason
+
+    assert set(FINISH_REASONS) == set(FinishReason)
+    assert [FINISH_NAMES[proto] for proto in FINISH_REASONS.values()] == [reason.value for reason in FINISH_REASONS]
+    assert sorted(FINISH_NAMES) == sorted(FINISH_REASONS.values())

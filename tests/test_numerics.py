@@ -154,6 +154,9 @@ def test_registry_and_gateway_health_report_each_workers_numerics(tokenizer):
                 publisher.start()
                 assert publisher.flush()
             gateway = Gateway(GatewayConfig(redis_url=redis.url, index_namespace="num"))
+            # the block size the gateway hashes prompts with is a registered field, not parsed layout text
+            listing = gateway.replicas.read_registry()
+            assert {fields["block_size"] for _, fields in listing} == {str(engines["exact"].layout.block_size)}
             before, after = asyncio.run(health_before_and_after(gateway, publishers["fast"].stop))
         finally:
             for publisher in publishers.values():

@@ -163,5 +163,7 @@ def test_decode_picks_the_least_loaded_registered_prefill_replica(redis_url):
 
 def test_replica_block_size_and_fingerprint_come_from_its_registration():
     member = StoreRef("d", "127.0.0.1:1", 1, "kvlayout-v1:L30:B16:H3:D64:float32", FINGERPRINT.hex())
-    replica = Replica(member, stub=None, channel=None, published={"running": "2", "waiting": "1"})
+    replica = Replica(member, stub=None, channel=None, published={"running": "2", "waiting": "1", "block_size": "16"})
     assert replica.block_size == 16 and replica.fingerprint == FINGERPRINT and replica.published_load == 3
+    # the block size is a registered field of its own, never read out of the layout's text
+    assert Replica(member, stub=None, channel=None, published={}).block_size == 0
