@@ -94,6 +94,8 @@ def test_gateway_with_a_local_routing_index_credits_replicas_as_redis_does():
         index = RedisIndex(redis_url, worker_namespace("gw29", "decode"), kv_events=True)
         epochs = {w: index.register(w, f"127.0.0.1:{60000 + i}", ttl_s=30, layout="kvlayout-v1:L1:B16:H1:D2:float32",
                                     fingerprint=fingerprint.hex()) for i, w in enumerate(("a", "b"))}
+        for w in epochs:  # as a decode worker registers: its block size is a field of its own
+            index.publish_load(w, {"block_size": 16})
         gateways = [Gateway(GatewayConfig(redis_url=redis_url, index_namespace="gw29", routing_index=where))
                     for where in ("redis", "local")]
         seen = []
@@ -222,6 +224,8 @@ def test_gateway_queues_a_routed_prompts_uncached_tokens_on_its_replica_until_th
         index = RedisIndex(redis_url, worker_namespace("gw29q", "decode"), kv_events=True)
         epochs = {w: index.register(w, f"127.0.0.1:{61000 + i}", ttl_s=30, layout="kvlayout-v1:L1:B16:H1:D2:float32",
                                     fingerprint=fingerprint.hex()) for i, w in enumerate(("a", "b"))}
+        for w in epochs:  # as a decode worker registers: its block size is a field of its own
+            index.publish_load(w, {"block_size": 16})
         index.add_entries("b", epochs["b"], prefix_hashes(fingerprint, ids, 16)[:3])  # b holds 48 tokens
         gateway = Gateway(GatewayConfig(redis_url=redis_url, index_namespace="gw29q"))
         await gateway.refresh()
