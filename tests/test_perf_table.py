@@ -33,7 +33,8 @@ def test_a_changed_figure_fails_the_check_until_the_table_is_regenerated(tmp_pat
     (results / "ttft.json").write_text(json.dumps(ttft))
     stale = perf_table("--check", *paths)
     assert stale.returncode == 1 and "out of date" in stale.stderr
-    assert "59.44×" in stale.stdout and "12.5×" in stale.stdout  # the diff shows the old and the new figure
+    recorded = next(line for line in readme.read_text().splitlines() if line.startswith("| ttft | TTFT cold ÷ warm"))
+    assert f"-{recorded}" in stale.stdout and "12.5×" in stale.stdout  # the diff shows the old row and the new figure
     assert readme.read_text() == (REPO / "README.md").read_text()  # --check writes nothing
 
     assert perf_table(*paths).returncode == 0
