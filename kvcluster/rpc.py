@@ -66,9 +66,16 @@ def service_name(pb2_module, service: str) -> str:
     return pb2_module.DESCRIPTOR.services_by_name[service].full_name
 
 
+# A peer that refused connections (a store or worker restarting on its address) is tried again within
+# 2 s: gRPC's default backoff grows to 120 s, and a channel in backoff fails every call at once
+# (UNAVAILABLE), so a restarted store stayed unreachable from a worker for minutes.
+RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 200, "grpc.min_reconnect_backoff_ms": 200,
+                        "grpc.max_reconnect_backoff_ms": 2000}
+
+
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_BACKOFF_MS.items()]
 
 
 def make_channel(target: str, max_message_bytes: int = MAX_MESSAGE_BYTES,
