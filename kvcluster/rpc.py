@@ -68,8 +68,9 @@ def service_name(pb2_module, service: str) -> str:
 
 # A peer that refused connections (a store or worker restarting on its address) is tried again within
 # 2 s: gRPC's default backoff grows to 120 s, and a channel in backoff fails every call at once
-# (UNAVAILABLE), so a restarted store stayed unreachable from a worker for minutes.
-RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 200, "grpc.min_reconnect_backoff_ms": 200,
+# (UNAVAILABLE), so a restarted store stayed unreachable from a worker for minutes. The connect timeout
+# (grpc.min_reconnect_backoff_ms, 20 s) stays: a slow handshake is not a refusal.
+RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 200,
                         "grpc.max_reconnect_backoff_ms": 2000}
 
 
