@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TextIO
 
 from bench.common import RESULTS_DIR, write_result
-from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.model.engine import Engine, EngineConfig, load_engine
+from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.engine.engine import Engine, EngineConfig, load_engine
 from kvcluster.model.files import default_model_path
 
 MODES = ("full", "quick", "tiny")

@@ -26,8 +26,8 @@ from bench.common import at_least, not_run, progress
 from bench.context import BenchContext, gpu_note
 from bench.engine import random_prompt, running_batch
 from bench.plots import line_plot
-from kvcluster.model.engine import Engine
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.engine.engine import Engine
+from kvcluster.engine.sampling import SamplingParams
 
 NAME = "decode_throughput"
 OURS_OVER_HF_TARGETS = {1: 1.2, 8: 1.5, 16: 1.2}  # batch -> ours / transformers

@@ -20,7 +20,7 @@ from bench.common import at_least, progress, write_result
 from bench.context import BenchContext
 from bench.engine import decode_tok_s, prefill_tok_s, random_prompt
 from bench.plots import bar_plot
-from kvcluster.model.engine import Engine, EngineConfig, load_engine
+from kvcluster.engine.engine import Engine, EngineConfig, load_engine
 from kvcluster.model.llama import PrefillSeq
 
 NAME = "determinism"

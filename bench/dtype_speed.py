@@ -14,7 +14,7 @@ from bench.common import at_least, progress
 from bench.context import BenchContext, gpu_note
 from bench.engine import prefill_tok_s, random_prompt, running_batch
 from bench.plots import bar_plot
-from kvcluster.model.engine import Engine, EngineConfig, load_engine
+from kvcluster.engine.engine import Engine, EngineConfig, load_engine
 
 NAME = "dtype_speed"
 DTYPES = ("float32", "bfloat16")

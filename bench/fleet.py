@@ -27,11 +27,11 @@ from bench.context import BenchContext
 from bench.fleet_sim import (POLICIES, TRACE_BLOCK_TOKENS, TRACES_DIR, CostModel, FleetConfig, load_trace, simulate,
                              ttft_floor)
 from bench.plots import line_plot
-from kvcluster.redis_server import RedisServer
+from kvcluster.cli.redis_server import RedisServer
 
 NAME = "fleet"
 SMOLLM2_FP32_TOKEN_BYTES = 46_080
-DEFAULT_POOL_BYTES = 512 << 20           # kvcluster.worker_config's kv_capacity_bytes default
+DEFAULT_POOL_BYTES = 512 << 20           # kvcluster.worker.config's kv_capacity_bytes default
 DEFAULT_POOL_BLOCKS = DEFAULT_POOL_BYTES // (TRACE_BLOCK_TOKENS * SMOLLM2_FP32_TOKEN_BYTES)  # 22
 DEFAULT_POOL_SLOTS = DEFAULT_POOL_BYTES // (16 * SMOLLM2_FP32_TOKEN_BYTES)                  # 728
 STORE_BLOCKS_PER_SHARD = 8192

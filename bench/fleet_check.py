@@ -31,7 +31,7 @@ import openai
 from bench.common import RESULTS_DIR, at_most, percentile, progress, write_result
 from bench.fleet import cpu_profile
 from bench.fleet_sim import TRACES_DIR, FleetConfig, TraceRequest, load_trace, simulate
-from kvcluster.launcher import Cluster, ClusterPorts
+from kvcluster.cli.launcher import Cluster, ClusterPorts
 
 NAME = "fleet_check"
 BLOCK_TOKENS = 16

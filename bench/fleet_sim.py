@@ -3,7 +3,7 @@
 Discrete-event: requests arrive at the trace's timestamps (divided by `speedup`) and are routed by
 the gateway's `Router` (cache_aware, round_robin, least_loaded) over N decode replicas, each a real
 `BlockManager` (the local prefix cache, `replica_blocks` slots of one trace block each), with S real
-`StorePool` shards (tier 2; a block's shard is `kvcluster.index.pick_store`, rendezvous hashing as
+`StorePool` shards (tier 2; a block's shard is `kvcluster.kv.index.pick_store`, rendezvous hashing as
 the workers place it). cache_aware's overlaps come from a `PrefixIndex` fed by the replicas' own
 KV events (their BlockManager listener), the in-process answer to `RedisIndex.held_prefix`. Only
 time is modelled (`CostModel`): a replica prefills one request at a time (the prefix it holds
@@ -32,10 +32,10 @@ from pathlib import Path
 from cache_store.pool import StorePool
 from gateway.replicas import Replica
 from gateway.router import Router
-from kvcluster.block_manager import BlockManager
-from kvcluster.index import StoreRef, pick_store
-from kvcluster.kvpool import KVLayout
-from kvcluster.prefix_index import PrefixIndex
+from kvcluster.kv.block_manager import BlockManager
+from kvcluster.kv.index import StoreRef, pick_store
+from kvcluster.kv.pool import KVLayout
+from kvcluster.kv.prefix_index import PrefixIndex
 from kvcluster.proto import common_pb2
 
 TRACES_DIR = Path(os.environ.get("KVC_TRACES_DIR", "/work/shared/traces"))  # Mooncake FAST25-release traces

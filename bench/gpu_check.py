@@ -26,10 +26,10 @@ from bench.common import RESULTS_DIR, progress, write_result
 from bench.engine import decode_tok_s
 from bench.workload import random_tokens
 from kvcluster.client import Client
-from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.model.engine import EngineConfig, load_engine
-from kvcluster.model.sampling import SamplingParams
-from kvcluster.numerics import numerics_status
+from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.worker.numerics import numerics_status
 
 NAME = "gpu"
 PROMPT_LENGTHS = (200, 600, 1000)

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from bench.common import at_least, at_most, percentile, progress
 from bench.context import BenchContext
 from bench.plots import bar_plot
-from kvcluster.blocks import make_fingerprint, prefix_hashes
-from kvcluster.cache_client import KVCacheClient
-from kvcluster.index import RedisIndex
-from kvcluster.kvpool import KVLayout
-from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.redis_server import start_redis_server
-from kvcluster.security import SecuritySettings
+from kvcluster.kv.blocks import make_fingerprint, prefix_hashes
+from kvcluster.rpc.cache_client import KVCacheClient
+from kvcluster.kv.index import RedisIndex
+from kvcluster.kv.pool import KVLayout
+from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.cli.redis_server import start_redis_server
+from kvcluster.rpc.security import SecuritySettings
 
 NAME = "hot_replication"
 LAYOUT = KVLayout(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64)  # SmolLM2-135M, float32
@@ -171,7 +171,7 @@ def run(ctx: BenchContext) -> dict:
     rng = random.Random()
     log = open(ctx.scratch_dir / f"{NAME}.log", "a") if ctx.mode != "tiny" else io.StringIO()
     rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
-    client_log = logging.getLogger("kvcluster.cache_client")
+    client_log = logging.getLogger("kvcluster.rpc.cache_client")
     level = client_log.level
     client_log.setLevel(logging.ERROR)  # pulls from the killed store fail by design: no warning per pull
     try:

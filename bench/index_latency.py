@@ -1,13 +1,13 @@
 """Redis index lookup latency: p50/p99 of one `RedisIndex.lookup` for 16, 64, 128 and 1024 chained
 hashes, on one Redis, on a Sentinel group and on a Redis Cluster, side by side in one run.
 
-Each deployment is private (kvcluster.redis_server: a redis-server; a primary, replica and three
+Each deployment is private (kvcluster.cli.redis_server: a redis-server; a primary, replica and three
 Sentinels; 3 masters with a replica each) and holds the entries of one live store for every hash, so
 each lookup walks its whole prefix (the worst case: every block a hit). Lookups rotate over the
 deployments and sizes, so load on the machine hits them alike. Interleaved, a PING on the same client
 measures the bare round trip, the floor any lookup pays. On one Redis (or the primary behind
 Sentinels) a lookup is one Lua script call: one round trip. On Redis Cluster it is two pipelines, each
-one batch per shard (kvcluster.index), so its cost over one Redis should stay a small constant factor
+one batch per shard (kvcluster.kv.index), so its cost over one Redis should stay a small constant factor
 for any N: `cluster_over_single` records it per N. Target: p99 < 2 ms for 64 hashes on one Redis.
 
 `lookup_latencies({name: redis_url}, sizes, repeats)` is the reusable part.
@@ -19,9 +19,9 @@ import time
 from bench.common import at_most, below, percentile, progress
 from bench.context import BenchContext
 from bench.plots import line_plot
-from kvcluster.blocks import make_fingerprint, prefix_hashes
-from kvcluster.index import RedisIndex
-from kvcluster.redis_server import ClusterGroup, SentinelGroup, start_redis_server
+from kvcluster.kv.blocks import make_fingerprint, prefix_hashes
+from kvcluster.kv.index import RedisIndex
+from kvcluster.cli.redis_server import ClusterGroup, SentinelGroup, start_redis_server
 
 NAME = "index_latency"
 HASH_COUNTS = (16, 64, 128, 1024)
@@ -110,7 +110,7 @@ def run(ctx: BenchContext) -> dict:
         progress(NAME, f"cluster / single, {n:>5} hashes: p50 x{row['p50']}  p99 x{row['p99']}")
     largest = str(max(HASH_COUNTS))
     payload = {"hash_counts": list(HASH_COUNTS), "repeats": repeats, "latency": single, "modes": modes,
-               "cluster": "3 masters + 1 replica each (kvcluster.redis_server.ClusterGroup)",
+               "cluster": "3 masters + 1 replica each (kvcluster.cli.redis_server.ClusterGroup)",
                "cluster_over_single": cluster_over_single,
                "lookup_64_p50_over_ping_p50": round(single["64"]["p50_ms"] / single["ping"]["p50_ms"], 2),
                "ratios": {"lookup_64_p99_ms": below(single[str(TARGET_HASHES)]["p99_ms"], P99_TARGET_MS),

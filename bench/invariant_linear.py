@@ -97,11 +97,11 @@ def kernel_table(dtype: torch.dtype, reps: int, shapes: list[str], cold: bool = 
 def model_level(dtype_name: str, reps: int) -> dict:
     """Decode-step and 512-token prefill seconds of the SmolLM2 model, fast and batch-invariant numerics."""
     from bench.engine import random_prompt
-    from kvcluster.dtypes import DTYPES
-    from kvcluster.model.engine import Engine, EngineConfig
+    from kvcluster.kv.dtypes import DTYPES
+    from kvcluster.engine.engine import Engine, EngineConfig
     from kvcluster.model.llama import LlamaModel, PrefillSeq
     from kvcluster.model.loader import load_model
-    from kvcluster.model.sampling import SamplingParams
+    from kvcluster.engine.sampling import SamplingParams
     from kvcluster.model.tokenizer import Tokenizer
 
     loaded = load_model(None)

@@ -20,7 +20,7 @@ from bench.common import at_least, progress
 from bench.context import BenchContext, gpu_note
 from bench.engine import decode_tok_s
 from bench.plots import bar_plot
-from kvcluster.model.engine import EngineConfig, load_engine
+from kvcluster.engine.engine import EngineConfig, load_engine
 
 NAME = "models"
 MODELS = ("smollm2", "gemma3")

@@ -21,8 +21,8 @@ from bench.context import BenchContext
 from bench.plots import bar_plot
 from bench.workload import random_tokens, timed_generate
 from kvcluster.client import Client
-from kvcluster.model.engine import Engine
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.engine.engine import Engine
+from kvcluster.engine.sampling import SamplingParams
 
 NAME = "overhead"
 CLUSTER_OVER_ENGINE_TARGET = 1.15

@@ -22,10 +22,10 @@ import time
 
 from gateway.replicas import Replica
 from gateway.router import Router
-from kvcluster.blocks import prefix_hashes
-from kvcluster.index import RedisIndex, StoreRef, worker_namespace
-from kvcluster.kvpool import KVLayout
-from kvcluster.prefix_index import PrefixIndex
+from kvcluster.kv.blocks import prefix_hashes
+from kvcluster.kv.index import RedisIndex, StoreRef, worker_namespace
+from kvcluster.kv.pool import KVLayout
+from kvcluster.kv.prefix_index import PrefixIndex
 
 SYSTEM_BLOCKS = 64
 CONVERSATION_BLOCKS = 255

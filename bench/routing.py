@@ -27,7 +27,7 @@ import openai
 from bench.common import at_least, percentile, progress
 from bench.context import BenchContext
 from bench.plots import bar_plot
-from kvcluster.launcher import Cluster, ClusterPorts
+from kvcluster.cli.launcher import Cluster, ClusterPorts
 from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import ChatMessage, Tokenizer
 

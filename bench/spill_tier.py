@@ -31,8 +31,8 @@ from bench.context import BenchContext, gpu_note
 from bench.plots import bar_plot
 from cache_store.pool import StorePool
 from cache_store.spill import make_tiers
-from kvcluster.blocks import checksum, make_fingerprint, prefix_hashes
-from kvcluster.kvpool import KVLayout
+from kvcluster.kv.blocks import checksum, make_fingerprint, prefix_hashes
+from kvcluster.kv.pool import KVLayout
 from kvcluster.proto import common_pb2
 
 NAME = "spill_tier"

@@ -21,9 +21,9 @@ from bench.common import at_least, median_seconds, progress, write_result
 from bench.context import BenchContext, gpu_note
 from bench.engine import running_batch
 from bench.plots import bar_plot
-from kvcluster.model.engine import Engine, EngineConfig, load_engine
-from kvcluster.model.logits_processors import pick
-from kvcluster.model.sampling_params import SamplingParams, StructuredOutput
+from kvcluster.engine.engine import Engine, EngineConfig, load_engine
+from kvcluster.engine.logits_processors import pick
+from kvcluster.engine.sampling_params import SamplingParams, StructuredOutput
 from kvcluster.model.tokenizer import ChatMessage
 
 NAME = "structured_output"

@@ -33,7 +33,7 @@ from bench import (aiperf_chat, decode_throughput, determinism, dtype_speed, eng
                    index_latency, kv_transfer, overhead, routing, shared_prefix, spill_tier, structured_output, ttft)
 from bench.common import RESULTS_DIR, progress
 from bench.context import BenchContext
-from kvcluster.dtypes import DTYPE_CHOICES
+from kvcluster.kv.dtypes import DTYPE_CHOICES
 
 BUSY_LOAD_PER_CORE = 0.5
 OMP_WAIT_POLICY = "PASSIVE"

@@ -9,7 +9,7 @@ import sys
 
 from cache_store.config import StoreConfig
 from cache_store.server import create_server
-from kvcluster.service_main import run_service
+from kvcluster.rpc.service_main import run_service
 
 
 M_ARENA_MAX = -8  # glibc mallopt parameter

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 
-from kvcluster.bulk import TICKET_BYTES
+from kvcluster.rpc.bulk import TICKET_BYTES
 
 log = logging.getLogger(__name__)
 HANDSHAKE_WORKERS = 4

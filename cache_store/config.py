@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from kvcluster.config import ServiceConfig, setting
-from kvcluster.device import default_device, device_of
-from kvcluster.security import SecuritySettings
+from kvcluster.kv.device import default_device, device_of
+from kvcluster.rpc.security import SecuritySettings
 from kvcluster.errors import InvalidArgument
-from kvcluster.dtypes import check_dtype, resolve_dtype
-from kvcluster.kvpool import LAYOUT_VERSION, KVLayout
+from kvcluster.kv.dtypes import check_dtype, resolve_dtype
+from kvcluster.kv.pool import LAYOUT_VERSION, KVLayout
 
 GIB = 1 << 30
-FINGERPRINT_BYTES = 16  # an xxh3-128 digest (kvcluster.blocks.make_fingerprint)
+FINGERPRINT_BYTES = 16  # an xxh3-128 digest (kvcluster.kv.blocks.make_fingerprint)
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
@@ -67,7 +67,7 @@ class StoreConfig(SecuritySettings, ServiceConfig):
     num_kv_heads: int = setting(3, "KV layout accepted: KV heads")
     head_dim: int = setting(64, "KV layout accepted: head dimension")
     dtype: str = setting("auto", "KV layout accepted: element type, one of auto, float32, bfloat16, float16; "
-                         "auto resolves as a worker's on this store's device (kvcluster.dtypes)")
+                         "auto resolves as a worker's on this store's device (kvcluster.kv.dtypes)")
     layout_version: int = setting(LAYOUT_VERSION, "KV layout accepted: byte layout version")
     fingerprint: str = setting("", "hex model fingerprint to accept exclusively; empty = any")
     max_workers: int = setting(16, "gRPC handler threads (concurrent calls)")

@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from cache_store.pool import PoolStats, StorePool
 from cache_store.replicator import ReplicationCounters
-from kvcluster.index_publisher import IndexPublisher
+from kvcluster.kv.index_publisher import IndexPublisher
 from cache_store.service import ServiceCounters
 from cache_store.stream_watchdog import StreamWatchdog
 

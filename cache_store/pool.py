@@ -38,14 +38,14 @@ from typing import Protocol
 import torch
 
 from cache_store.spill import DEVICE, Move, SpillTier, SpilledBlock, TierChain
-from kvcluster.block_io import batch_to_payloads
-from kvcluster.blocks import checksum
-from kvcluster.device import Device
+from kvcluster.kv.block_io import batch_to_payloads
+from kvcluster.kv.blocks import checksum
+from kvcluster.kv.device import Device
 from kvcluster.errors import IntegrityError, InvalidArgument, ResourceExhausted
-from kvcluster.block_manager import BlockManager
-from kvcluster.kvpool import KVLayout, KVPool
+from kvcluster.kv.block_manager import BlockManager
+from kvcluster.kv.pool import KVLayout, KVPool
 from kvcluster.proto import common_pb2
-from kvcluster.wire import describe_key
+from kvcluster.kv.wire import describe_key
 
 log = logging.getLogger(__name__)
 

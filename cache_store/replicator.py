@@ -29,11 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 from cache_store.pool import StoredBlock, StorePool
-from kvcluster.blocks import checksum
-from kvcluster.cache_client import KVCacheClient
+from kvcluster.kv.blocks import checksum
+from kvcluster.rpc.cache_client import KVCacheClient
 from kvcluster.errors import Unavailable
-from kvcluster.index import RedisIndex, StoreRef, rendezvous_order
-from kvcluster.security import SecuritySettings
+from kvcluster.kv.index import RedisIndex, StoreRef, rendezvous_order
+from kvcluster.rpc.security import SecuritySettings
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from cache_store.metrics import register_metrics, serve_metrics
 from cache_store.pool import StorePool
 from cache_store.spill import make_tiers
 from cache_store.replicator import HotReplicator
-from kvcluster.index_publisher import IndexPublisher
+from kvcluster.kv.index_publisher import IndexPublisher
 from cache_store.bulk import BulkListener
 from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity, add_to_server
-from kvcluster import rpc
-from kvcluster.dtypes import resolve_dtype
-from kvcluster.security import token_guards
-from kvcluster.index import RedisIndex
+from kvcluster.rpc import plumbing as rpc
+from kvcluster.kv.dtypes import resolve_dtype
+from kvcluster.rpc.security import token_guards
+from kvcluster.kv.index import RedisIndex
 from kvcluster.proto import cache_pb2
 from cache_store.stream_watchdog import StreamWatchdog
 

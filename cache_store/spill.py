@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kvcluster.errors import InvalidArgument
-from kvcluster.kvpool import KVLayout, KVPool
+from kvcluster.kv.pool import KVLayout, KVPool
 from kvcluster.proto import common_pb2
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ import sys
 
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server
-from kvcluster.service_main import run_service
+from kvcluster.rpc.service_main import run_service
 
 if __name__ == "__main__":
     sys.exit(run_service("python -m decode_service", DecodeConfig, create_server,

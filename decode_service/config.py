@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from kvcluster.config import setting
 from kvcluster.errors import InvalidArgument
-from kvcluster.worker_config import WorkerConfig
+from kvcluster.worker.config import WorkerConfig
 
 
 DISAGGREGATION_MODES = ("auto", "always", "never")

@@ -2,8 +2,8 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kvcluster.model.engine import Engine
-from kvcluster.serving_metrics import FallbackMetrics
+from kvcluster.engine.engine import Engine
+from kvcluster.worker.metrics import FallbackMetrics
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)

@@ -1,6 +1,6 @@
 """Which prefill replica a decode worker calls.
 
-The prefill replicas registered in Redis (kvcluster.worker_registration, namespace `{ns}:prefill`)
+The prefill replicas registered in Redis (kvcluster.worker.registration, namespace `{ns}:prefill`)
 whose block fingerprint equals this worker's, least loaded first: load = this worker's open Prefill
 calls to it + its published running and waiting sequences; ties go round robin. Prefill is one
 short call and prefix reuse happens in the shared store, not in a prefill worker's own pool,
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvcluster import rpc
+from kvcluster.rpc import plumbing as rpc
 from kvcluster.errors import Unavailable
-from kvcluster.index import RedisIndex, StoreRef, worker_namespace
+from kvcluster.kv.index import RedisIndex, StoreRef, worker_namespace
 from kvcluster.proto import prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ReplicaState:
     address: str
-    host_id: str        # "" = unknown (kvcluster.worker_registration.host_id)
+    host_id: str        # "" = unknown (kvcluster.worker.registration.host_id)
     queued_tokens: int  # prompt tokens it has yet to compute
 
 

@@ -1,7 +1,7 @@
 """Getting a prompt's KV into the decode worker: its own pool first, then the cache store or the
 prefill service, else computing it here.
 
-Two tiers (see kvcluster.model.engine): the blocks this worker's pool already holds are never
+Two tiers (see kvcluster.engine.engine): the blocks this worker's pool already holds are never
 fetched again; only the rest is looked up in the store. Conditional disaggregation (as Dynamo
 does), decided per request from measured state (`LocalPrefillPolicy.decide`): decode pulls what
 the store has and computes the rest itself (in chunks, inside its decode steps) when that part is
@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 import grpc
 
 from decode_service.prefill_pool import ReplicaState
-from kvcluster.block_io import BlockBatch
-from kvcluster.blocks import BlockHash
-from kvcluster.cache_client import Fetched, KVCacheClient
-from kvcluster.messages import sampling_to_proto
-from kvcluster.model.engine import Engine, PrefixSource, ewma
-from kvcluster.model.sampling import SamplingParams
-from kvcluster.prefix_fetch import PrefixFetcher, time_left
+from kvcluster.kv.block_io import BlockBatch
+from kvcluster.kv.blocks import BlockHash
+from kvcluster.rpc.cache_client import Fetched, KVCacheClient
+from kvcluster.rpc.messages import sampling_to_proto
+from kvcluster.engine.engine import Engine, PrefixSource, ewma
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.worker.prefix_fetch import PrefixFetcher, time_left
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
-from kvcluster.worker_registration import host_id
+from kvcluster.worker.registration import host_id
 
 log = logging.getLogger(__name__)
 

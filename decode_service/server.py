@@ -13,18 +13,18 @@ from decode_service.metrics import DecodeMetrics
 from decode_service.prefill_pool import PrefillPool
 from decode_service.prompt_kv import PromptKVSource
 from decode_service.verifier import Verifier
-from kvcluster import rpc
-from kvcluster.security import token_guards
+from kvcluster.rpc import plumbing as rpc
+from kvcluster.rpc.security import token_guards
 from kvcluster.errors import InvalidArgument, ResourceExhausted, Unavailable
-from kvcluster.index_publisher import IndexPublisher
-from kvcluster.model.engine import Engine, load_engine
+from kvcluster.kv.index_publisher import IndexPublisher
+from kvcluster.engine.engine import Engine, load_engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
-from kvcluster.cache_client import make_cache_client
-from kvcluster.numerics import numerics_status
-from kvcluster.serving_metrics import register_numerics_info, register_pool_gauges
-from kvcluster.worker_registration import make_registration
-from kvcluster.worker_server import WorkerServer
-from kvcluster.worker import EngineWorker
+from kvcluster.rpc.cache_client import make_cache_client
+from kvcluster.worker.numerics import numerics_status
+from kvcluster.worker.metrics import register_numerics_info, register_pool_gauges
+from kvcluster.worker.registration import make_registration
+from kvcluster.worker.server import WorkerServer
+from kvcluster.worker.engine_worker import EngineWorker
 
 log = logging.getLogger(__name__)
 RESET_TIMEOUT_S = 30.0  # the longest a reset waits for the engine thread, then for the registry

@@ -9,7 +9,7 @@ prompt blocks are compared byte for byte with the cached blocks that served it, 
 block where they first differ. Under batch-invariant numerics (the default) both must be
 identical: any difference is a bug (a corrupt block, a wrong hash, a hand-off error) and is
 counted in `kvcluster_verify_mismatch_total` and logged. With the fast numerics (`--fast-numerics`,
-or a device and dtype without batch-invariant kernels: kvcluster.numerics) only the tokens are
+or a device and dtype without batch-invariant kernels: kvcluster.worker.numerics) only the tokens are
 compared (a correct block may differ in its last bits), and a token that differs may be a near-tie
 rounded differently rather than a cache fault: the log says so. Verification runs one at a time in the
 background and is skipped (counted) when one is already waiting: it never delays serving more
@@ -24,12 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from decode_service.metrics import DecodeMetrics
-from kvcluster.blocks import BlockHash
+from kvcluster.kv.blocks import BlockHash
 from kvcluster.errors import ResourceExhausted
-from kvcluster.model.engine import Engine
-from kvcluster.model.sampling import SamplingParams
-from kvcluster.model.sequence import Sequence as EngineSeq
-from kvcluster.worker import EngineWorker
+from kvcluster.engine.engine import Engine
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.engine.sequence import Sequence as EngineSeq
+from kvcluster.worker.engine_worker import EngineWorker
 
 log = logging.getLogger(__name__)
 

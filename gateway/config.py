@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from kvcluster.config import ServiceConfig, setting
 from kvcluster.errors import InvalidArgument
-from kvcluster.security import SecuritySettings
+from kvcluster.rpc.security import SecuritySettings
 
 ROUTING_POLICIES = ("cache_aware", "round_robin", "least_loaded")
 ROUTING_INDEXES = ("redis", "local")

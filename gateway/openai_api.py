@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from gateway import protocol
 from kvcluster.client import FINISH_NAMES
-from kvcluster.model.sampling_params import DEFAULT_MAX_TOKENS
+from kvcluster.engine.sampling_params import DEFAULT_MAX_TOKENS
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import common_pb2, decode_pb2
 

@@ -14,8 +14,8 @@ index itself trails the pools by the publisher's queue).
 import threading
 from collections.abc import Sequence
 
-from kvcluster.index import RedisIndex, StoreRef
-from kvcluster.prefix_index import PrefixIndex
+from kvcluster.kv.index import RedisIndex, StoreRef
+from kvcluster.kv.prefix_index import PrefixIndex
 
 READ_COUNT = 2000
 

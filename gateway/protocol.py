@@ -1,7 +1,7 @@
 """The HTTP API's request bodies as pydantic models (as vLLM's protocol module).
 
 Types are checked strictly (a string is never a number, 1 is never `true`); the bounds are the
-engine's own (kvcluster.model.sampling_params), so HTTP and gRPC callers meet one set of limits. A
+engine's own (kvcluster.engine.sampling_params), so HTTP and gRPC callers meet one set of limits. A
 limit that depends on the served model (its context length, its vocabulary) comes in the
 validation context. Nothing is silently ignored:
 - a field no OpenAI-compatible server knows is refused (400 naming it);
@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
                       field_validator)
 
-from kvcluster.model.sampling_params import (MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_PENALTY,
+from kvcluster.engine.sampling_params import (MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_PENALTY,
                                              MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
                                              MAX_STOP_TOKEN_IDS,
                                              MIN_REPETITION_PENALTY)

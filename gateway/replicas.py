@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.config import GatewayConfig
-from kvcluster.index import LAYOUT_FIELDS, LOAD_FIELDS, NUMERICS_FIELDS, RedisIndex, StoreRef, worker_namespace
+from kvcluster.kv.index import LAYOUT_FIELDS, LOAD_FIELDS, NUMERICS_FIELDS, RedisIndex, StoreRef, worker_namespace
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
-from kvcluster.rpc import channel_options
+from kvcluster.rpc.plumbing import channel_options
 
 log = logging.getLogger(__name__)
 

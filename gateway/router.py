@@ -14,7 +14,7 @@ on a shorter queue instead of herding the conversation's turns onto one replica.
 weighs a saved token as a queued one (a held token costs nothing, a missing one about a token of
 prefill); below 1 spreads more, above 1 herds more.
 The overlap comes from the registry (`RedisIndex.held_prefix`) for the prompt's chained block
-hashes, computed exactly as the workers compute them (kvcluster.blocks.prefix_hashes with the
+hashes, computed exactly as the workers compute them (kvcluster.kv.blocks.prefix_hashes with the
 fingerprint and block size each replica registered, and the request's cache_salt).
 round_robin: each replica in turn, whatever it holds (the baseline of bench/routing.py).
 least_loaded: the fewest open requests (the gateway asks the index nothing), ties as above.

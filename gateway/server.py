@@ -32,13 +32,13 @@ from gateway.replicas import Replica, ReplicaSet
 from gateway.prefix_follower import PrefixFollower
 from gateway.router import Route, Router
 from gateway.tokenize import TokenizeEndpoints
-from kvcluster.blocks import prefix_hashes
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.errors import Unavailable
 from kvcluster.model.files import default_model_path
 from kvcluster.model.files import read_model_config, read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer
 from kvcluster.proto import decode_pb2
-from kvcluster.security import API_KEY_HEADER, _same_secret
+from kvcluster.rpc.security import API_KEY_HEADER, _same_secret
 
 log = logging.getLogger(__name__)
 

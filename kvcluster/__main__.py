@@ -1,7 +1,7 @@
-"""`python -m kvcluster`: see kvcluster.cli."""
+"""`python -m kvcluster`: see kvcluster.cli.main."""
 
 import sys
 
-from kvcluster.cli import main
+from kvcluster.cli.main import main
 
 sys.exit(main())

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
-from kvcluster.rpc import channel_options, make_channel
-from kvcluster.security import API_KEY_HEADER
+from kvcluster.rpc.plumbing import channel_options, make_channel
+from kvcluster.rpc.security import API_KEY_HEADER
 
 # The one finish-reason map, read off the proto enum: FINISH_REASON_STOP -> "stop", ... (the engine's
-# kvcluster.model.sequence.FinishReason carries the same names; kvcluster.messages pairs them by name).
+# kvcluster.engine.sequence.FinishReason carries the same names; kvcluster.rpc.messages pairs them by name).
 FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower()
                 for name, value in decode_pb2.FinishReason.items() if value != decode_pb2.FINISH_REASON_UNSPECIFIED}
 Message = tuple[str, str] | decode_pb2.ChatMessage

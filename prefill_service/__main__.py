@@ -2,7 +2,7 @@
 
 import sys
 
-from kvcluster.service_main import run_service
+from kvcluster.rpc.service_main import run_service
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server
 

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from kvcluster.config import setting
-from kvcluster.worker_config import WorkerConfig
+from kvcluster.worker.config import WorkerConfig
 
 
 @dataclass(frozen=True)

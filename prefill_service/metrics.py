@@ -2,9 +2,9 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kvcluster.model.engine import Engine
-from kvcluster.model.sequence import TokenSources
-from kvcluster.serving_metrics import FallbackMetrics
+from kvcluster.engine.engine import Engine
+from kvcluster.engine.sequence import TokenSources
+from kvcluster.worker.metrics import FallbackMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)

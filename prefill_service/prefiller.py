@@ -1,7 +1,7 @@
 """The prefill itself: reuse every cached block, compute only the rest, ship new blocks to the stores.
 
 Flow of one request (handler thread unless noted):
-1. the shared prefix fetcher (kvcluster.prefix_fetch, as decode uses it): chained hashes of the
+1. the shared prefix fetcher (kvcluster.worker.prefix_fetch, as decode uses it): chained hashes of the
    prompt's full blocks (once), how many this worker's own pool holds (the local tier), one Redis
    lookup of them all (their holders become decode's references), a pull of the cached blocks
    past the local ones;
@@ -26,16 +26,16 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from kvcluster.blocks import BlockHash, check_cache_salt
-from kvcluster.cache_client import Fetched, KVCacheClient, Pushed
+from kvcluster.kv.blocks import BlockHash, check_cache_salt
+from kvcluster.rpc.cache_client import Fetched, KVCacheClient, Pushed
 from kvcluster.errors import InvalidArgument, RequestFailed
-from kvcluster.index import StoreRef
-from kvcluster.model.engine import Engine, Export, PrefixSource
-from kvcluster.model.sampling import SamplingParams
-from kvcluster.model.sequence import FinishReason, Sequence as EngineSeq
-from kvcluster.prefix_fetch import PrefixFetcher, PrefixLookup
+from kvcluster.kv.index import StoreRef
+from kvcluster.engine.engine import Engine, Export, PrefixSource
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.engine.sequence import FinishReason, Sequence as EngineSeq
+from kvcluster.worker.prefix_fetch import PrefixFetcher, PrefixLookup
 from kvcluster.proto import common_pb2
-from kvcluster.worker import EngineWorker
+from kvcluster.worker.engine_worker import EngineWorker
 from prefill_service.metrics import PrefillMetrics
 
 

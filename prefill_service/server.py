@@ -4,17 +4,17 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 
-from kvcluster import rpc
-from kvcluster.security import token_guards
-from kvcluster.cache_client import make_cache_client
-from kvcluster.messages import sampling_from_proto
-from kvcluster.model.engine import Engine, load_engine
+from kvcluster.rpc import plumbing as rpc
+from kvcluster.rpc.security import token_guards
+from kvcluster.rpc.cache_client import make_cache_client
+from kvcluster.rpc.messages import sampling_from_proto
+from kvcluster.engine.engine import Engine, load_engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
-from kvcluster.numerics import numerics_status
-from kvcluster.serving_metrics import register_numerics_info, register_pool_gauges
-from kvcluster.worker_registration import make_registration
-from kvcluster.worker_server import WorkerServer
-from kvcluster.worker import EngineWorker
+from kvcluster.worker.numerics import numerics_status
+from kvcluster.worker.metrics import register_numerics_info, register_pool_gauges
+from kvcluster.worker.registration import make_registration
+from kvcluster.worker.server import WorkerServer
+from kvcluster.worker.engine_worker import EngineWorker
 from prefill_service.config import PrefillConfig
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefiller import PrefillOutcome, Prefiller

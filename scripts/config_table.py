@@ -6,7 +6,7 @@ from cache_store.config import StoreConfig
 from decode_service.config import DecodeConfig
 from gateway.config import GatewayConfig
 from kvcluster.config import env_name, flag_name
-from kvcluster.security import SecuritySettings
+from kvcluster.rpc.security import SecuritySettings
 from prefill_service.config import PrefillConfig
 
 SHARED = {f.name for f in dataclasses.fields(SecuritySettings)}

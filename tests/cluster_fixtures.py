@@ -8,9 +8,9 @@ import grpc
 
 from cache_store.config import StoreConfig
 from cache_store.server import StoreServer, create_server as create_store
-from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.redis_server import RedisServer, start_redis_server
-from kvcluster.rpc import make_channel
+from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.cli.redis_server import RedisServer, start_redis_server
+from kvcluster.rpc.plumbing import make_channel
 
 SMOLLM_BLOCK_BYTES = 737_280
 

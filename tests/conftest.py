@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvcluster.model.engine import Engine, EngineConfig, load_engine, random_engine
+from kvcluster.engine.engine import Engine, EngineConfig, load_engine, random_engine
 from kvcluster.model.files import default_model_path
 from kvcluster.model.gguf_loader import load_gguf
 from kvcluster.model.config import ModelConfig

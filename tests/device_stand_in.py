@@ -1,6 +1,6 @@
 """An accelerator stand-in on CPU, for tests: the CUDA transfer sequence with its asynchrony.
 
-kvcluster.device.CudaDevice stages through host buffers, queues copies on side streams and orders
+kvcluster.kv.device.CudaDevice stages through host buffers, queues copies on side streams and orders
 their consumers with events. This stand-in takes the same path (it is not host memory) on CPU
 tensors, and its copies are asynchronous in the way that matters: `upload` and `download` return a
 buffer full of 0xFF and queue the copy, which lands only when an event recorded after it is waited
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from kvcluster.device import Device
+from kvcluster.kv.device import Device
 
 
 class StandInEvent:

@@ -26,15 +26,15 @@ import torch
 from decode_service.config import DecodeConfig
 from cache_store.server import StoreServer
 from decode_service.server import DecodeServer, create_server as create_decode
-from kvcluster.blocks import prefix_hashes
-from kvcluster.model.engine import Engine, EngineConfig
+from kvcluster.kv.blocks import prefix_hashes
+from kvcluster.engine.engine import Engine, EngineConfig
 from kvcluster.model.gguf_loader import load_gguf
 from kvcluster.model.llama import LlamaModel
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage, Tokenizer
 from kvcluster.proto import cache_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
-from kvcluster.rpc import make_channel
-from kvcluster.security import INTERNAL_TOKEN_HEADER
+from kvcluster.rpc.plumbing import make_channel
+from kvcluster.rpc.security import INTERNAL_TOKEN_HEADER
 from prefill_service.config import PrefillConfig
 from prefill_service.server import PrefillServer, create_server as create_prefill
 from tests.cluster_fixtures import running_redis, start_store

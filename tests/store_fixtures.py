@@ -14,13 +14,13 @@ import pytest
 
 from cache_store.config import StoreConfig
 from cache_store.server import StoreServer, create_server
-from kvcluster.blocks import Fingerprint, make_fingerprint, prefix_hashes
-from kvcluster.index import RedisIndex
-from kvcluster.kvpool import KVLayout
-from kvcluster.redis_server import RedisServer
+from kvcluster.kv.blocks import Fingerprint, make_fingerprint, prefix_hashes
+from kvcluster.kv.index import RedisIndex
+from kvcluster.kv.pool import KVLayout
+from kvcluster.cli.redis_server import RedisServer
 from kvcluster.proto import cache_pb2, cache_pb2_grpc
-from kvcluster.rpc import make_channel
-from kvcluster.store_client import Block, StoreClient, key_ref, make_ref
+from kvcluster.rpc.plumbing import make_channel
+from kvcluster.rpc.store_client import Block, StoreClient, key_ref, make_ref
 
 SMALL_LAYOUT = KVLayout(num_layers=2, block_size=4, num_kv_heads=1, head_dim=8)     # 512-byte blocks
 BIG_LAYOUT = KVLayout(num_layers=16, block_size=16, num_kv_heads=4, head_dim=64)    # 512 KiB blocks

@@ -1,7 +1,7 @@
 """Chained block hashes and fingerprints."""
 
-from kvcluster.blocks import HASH_BYTES, checksum, make_fingerprint, prefix_hashes
-from kvcluster.kvpool import KVLayout
+from kvcluster.kv.blocks import HASH_BYTES, checksum, make_fingerprint, prefix_hashes
+from kvcluster.kv.pool import KVLayout
 
 LAYOUT = KVLayout(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64)
 FP = make_fingerprint(b"model-a", LAYOUT.canonical())

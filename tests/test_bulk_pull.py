@@ -12,11 +12,11 @@ import time
 import pytest
 
 from cache_store import service
-from kvcluster.bulk import TICKET_BYTES, receive_blocks
+from kvcluster.rpc.bulk import TICKET_BYTES, receive_blocks
 from kvcluster.errors import IntegrityError, InvalidArgument
 from kvcluster.proto import cache_pb2
-from kvcluster.security import SecuritySettings
-from kvcluster.store_client import StoreClient, verified
+from kvcluster.rpc.security import SecuritySettings
+from kvcluster.rpc.store_client import StoreClient, verified
 from tests.store_fixtures import (BIG_LAYOUT, SMALL_LAYOUT, fingerprint_for, hashes_of, make_blocks, store_config,
                                   store_factory, tail_block, wait_until)
 from tests.tls_certs import make_certs
@@ -168,7 +168,7 @@ def test_a_client_killed_mid_bulk_transfer_leaks_no_pins(store_factory):
     client.push_blocks(FP, blocks)
     script = (
         "import sys, socket\n"
-        "from kvcluster.store_client import StoreClient\n"
+        "from kvcluster.rpc.store_client import StoreClient\n"
         "from tests.store_fixtures import BIG_LAYOUT, fingerprint_for, hashes_of, make_blocks\n"
         "from tests.test_bulk_pull import small_window_connection\n"
         "client = StoreClient(sys.argv[1], BIG_LAYOUT)\n"

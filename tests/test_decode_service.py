@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
-from kvcluster.model.engine import EngineConfig, load_engine
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
 from prefill_service.config import PrefillConfig

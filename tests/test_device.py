@@ -1,4 +1,4 @@
-"""The device abstraction (kvcluster.device): the KV pools, the block transfers and the store's pool
+"""The device abstraction (kvcluster.kv.device): the KV pools, the block transfers and the store's pool
 run the accelerator's sequence (staging buffers, side-stream copies, events) on CPU through a
 stand-in whose copies land only when waited for (tests/device_stand_in.py says what it cannot
 stand in for); the real CUDA device is checked where one exists (`make gpu-check`)."""
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cache_store.pool import StorePool
-from kvcluster.block_io import batch_from_payloads, batch_to_payloads
-from kvcluster.device import CudaDevice, Device, default_device, device_of
-from kvcluster.kvpool import KVLayout, KVPool
+from kvcluster.kv.block_io import batch_from_payloads, batch_to_payloads
+from kvcluster.kv.device import CudaDevice, Device, default_device, device_of
+from kvcluster.kv.pool import KVLayout, KVPool
 from kvcluster.proto import common_pb2
 from tests.device_stand_in import StandInAccelerator
 

@@ -3,7 +3,7 @@ replica (conditional disaggregation), decided from measured state."""
 
 from decode_service.prefill_pool import ReplicaState
 from decode_service.prompt_kv import LocalPrefillPolicy
-from kvcluster.worker_registration import host_id
+from kvcluster.worker.registration import host_id
 from tests.conftest import make_tiny_engine
 
 ELSEWHERE = "another-host-id"

@@ -3,8 +3,8 @@
 import pytest
 
 from kvcluster.errors import InvalidArgument
-from kvcluster.model.sampling import SamplingParams
-from kvcluster.model.sequence import FinishReason
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.engine.sequence import FinishReason
 from kvcluster.model.tokenizer import ChatMessage
 
 PROMPTS = [

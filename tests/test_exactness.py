@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from kvcluster.client import Client
-from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.model.engine import EngineConfig, load_engine
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
 
 NUM_PROMPTS = 48

@@ -8,13 +8,13 @@ from prometheus_client import CollectorRegistry
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
 from kvcluster.errors import InvalidArgument
-from kvcluster.faults import NO_FAULTS, Faults
-from kvcluster.model.engine import EngineConfig, load_engine
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.rpc.faults import NO_FAULTS, Faults
+from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill
-from kvcluster.store_client import StoreClient
+from kvcluster.rpc.store_client import StoreClient
 from tests.cluster_fixtures import channel_to, running_redis, start_store
 from tests.store_fixtures import make_blocks
 

@@ -1,5 +1,5 @@
 """The fleet simulator (bench/fleet_sim.py) on a slice of the Mooncake conversation trace, and the
-in-process prefix index it routes with (kvcluster/prefix_index.py) against the Redis one."""
+in-process prefix index it routes with (kvcluster/kv/prefix_index.py) against the Redis one."""
 
 import dataclasses
 import random
@@ -8,9 +8,9 @@ import pytest
 
 from bench.fleet_sim import (POLICIES, TRACES_DIR, CostModel, FleetConfig, ceiling_hit_ratio, load_trace,
                              simulate)
-from kvcluster.block_manager import BlockManager
-from kvcluster.index import RedisIndex, StoreRef, worker_namespace
-from kvcluster.prefix_index import PrefixIndex
+from kvcluster.kv.block_manager import BlockManager
+from kvcluster.kv.index import RedisIndex, StoreRef, worker_namespace
+from kvcluster.kv.prefix_index import PrefixIndex
 from tests.cluster_fixtures import running_redis
 
 TRACE = TRACES_DIR / "mooncake_conversation_trace.jsonl"

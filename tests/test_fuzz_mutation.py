@@ -14,7 +14,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from kvcluster.blocks import checksum
+from kvcluster.kv.blocks import checksum
 from kvcluster.proto import cache_pb2, common_pb2, decode_pb2, prefill_pb2
 from tests.fuzz_cluster import (CALL_TIMEOUT_S, WITH_TOKEN, Offences, SteadyStream, cluster, finish_stream,
                                 finish_unary, problem_with, steady, verdict)

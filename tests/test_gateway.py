@@ -14,9 +14,9 @@ import jsonschema
 import openai
 import pytest
 
-from kvcluster.blocks import prefix_hashes
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.client import Client
-from kvcluster.index import RedisIndex, worker_namespace
+from kvcluster.kv.index import RedisIndex, worker_namespace
 from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import ChatMessage, Tokenizer
 from tests.cluster_fixtures import gateway_cluster

@@ -9,10 +9,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
 from kvcluster.client import Client
-from kvcluster.model.engine import EngineConfig, load_engine
+from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from kvcluster.rpc import make_channel
-from kvcluster.security import API_KEY_HEADER, INTERNAL_TOKEN_HEADER
+from kvcluster.rpc.plumbing import make_channel
+from kvcluster.rpc.security import API_KEY_HEADER, INTERNAL_TOKEN_HEADER
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill
 from tests.cluster_fixtures import SMOLLM_BLOCK_BYTES, running_redis

@@ -12,17 +12,17 @@ from prometheus_client import CollectorRegistry
 from cache_store.pool import LeaseBudgetExceeded, StorePool
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
-from kvcluster.block_io import batch_to_payloads
-from kvcluster.blocks import prefix_hashes
+from kvcluster.kv.block_io import batch_to_payloads
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.client import Client
 from kvcluster.errors import InvalidArgument, RequestFailed
-from kvcluster.index import RedisIndex
-from kvcluster.model.engine import EngineConfig, load_engine
+from kvcluster.kv.index import RedisIndex
+from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.model.llama import PrefillSeq
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.proto import cache_pb2, common_pb2, prefill_pb2, prefill_pb2_grpc
-from kvcluster.store_client import StoreClient, make_ref
-from kvcluster.worker import EngineWorker
+from kvcluster.rpc.store_client import StoreClient, make_ref
+from kvcluster.worker.engine_worker import EngineWorker
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill
 from tests.cluster_fixtures import SMOLLM_BLOCK_BYTES, channel_to, running_redis, start_store

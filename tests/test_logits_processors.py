@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kvcluster.errors import InvalidArgument
-from kvcluster.model.logits_processors import pick, shape_logits
-from kvcluster.model.sampling_params import SamplingParams
+from kvcluster.engine.logits_processors import pick, shape_logits
+from kvcluster.engine.sampling_params import SamplingParams
 
 VOCAB = 50
 EOS = 2

@@ -3,9 +3,9 @@
 import pytest
 
 from kvcluster.errors import InvalidArgument
-from kvcluster.messages import sampling_from_proto, sampling_to_proto
-from kvcluster.model.sampling import DEFAULT_MAX_TOKENS, SamplingParams
-from kvcluster.model.sampling_params import StructuredOutput
+from kvcluster.rpc.messages import sampling_from_proto, sampling_to_proto
+from kvcluster.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from kvcluster.engine.sampling_params import StructuredOutput
 from kvcluster.proto import common_pb2
 
 
@@ -43,8 +43,8 @@ def test_one_finish_reason_map_the_engines_reasons_and_the_protos_names_agree():
     """The engine's reasons pair with the proto enum by name, and the client's names are the engine's values:
     a reason added on one side only fails here (and at import, for the engine side)."""
     from kvcluster.client import FINISH_NAMES
-    from kvcluster.messages import FINISH_REASONS
-    from kvcluster.model.sequence import FinishReason
+    from kvcluster.rpc.messages import FINISH_REASONS
+    from kvcluster.engine.sequence import FinishReason
 
     assert set(FINISH_REASONS) == set(FinishReason)
     assert [FINISH_NAMES[proto] for proto in FINISH_REASONS.values()] == [reason.value for reason in FINISH_REASONS]

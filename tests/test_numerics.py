@@ -18,12 +18,12 @@ import torch
 from decode_service.config import DecodeConfig
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
-from kvcluster.model.engine import Engine, EngineConfig, random_engine
+from kvcluster.engine.engine import Engine, EngineConfig, random_engine
 from kvcluster.model.kernels import invariant_linear_op
-from kvcluster.numerics import OPTED_OUT, log_numerics, missing_kernels, numerics_status
-from kvcluster.worker import EngineWorker
-from kvcluster.worker_config import WorkerConfig
-from kvcluster.worker_registration import make_registration
+from kvcluster.worker.numerics import OPTED_OUT, log_numerics, missing_kernels, numerics_status
+from kvcluster.worker.engine_worker import EngineWorker
+from kvcluster.worker.config import WorkerConfig
+from kvcluster.worker.registration import make_registration
 from prefill_service.config import PrefillConfig
 from tests.cluster_fixtures import running_redis
 from tests.conftest import TINY_CONFIG
@@ -40,7 +40,7 @@ def tiny(tokenizer, config: EngineConfig, dtype: str = "float32", device: str = 
 
 
 def numerics_lines(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
-    return [r for r in records if r.name == "kvcluster.numerics"]
+    return [r for r in records if r.name == "kvcluster.worker.numerics"]
 
 
 @needs_kernels
@@ -68,7 +68,7 @@ def test_float16_on_cpu_runs_fast_and_the_worker_warns_once(tokenizer, caplog):
     assert "no batch-invariant kernels for float16" in status.reason
     assert status.registry_fields() == {"numerics": "fast", "exactness_guaranteed": "false"}
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="kvcluster.numerics"):
+    with caplog.at_level(logging.INFO, logger="kvcluster.worker.numerics"):
         log_numerics("decode", status)
     [line] = numerics_lines(caplog.records)
     assert line.levelno == logging.WARNING
@@ -85,14 +85,14 @@ def test_cuda_says_why_its_triton_kernels_are_off(monkeypatch):
 
 def test_the_start_up_line_says_whether_exactness_holds(tokenizer, caplog):
     fast = numerics_status(tiny(tokenizer, EngineConfig(deterministic=False)))
-    with caplog.at_level(logging.INFO, logger="kvcluster.numerics"):
+    with caplog.at_level(logging.INFO, logger="kvcluster.worker.numerics"):
         log_numerics("prefill", fast)
     [line] = numerics_lines(caplog.records)
     assert line.levelno == logging.WARNING and "NOT guaranteed" in line.getMessage()
     assert "by request (--fast-numerics" in line.getMessage()
     if invariant_linear_op() is not None:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="kvcluster.numerics"):
+        with caplog.at_level(logging.INFO, logger="kvcluster.worker.numerics"):
             log_numerics("prefill", numerics_status(tiny(tokenizer, EngineConfig())))
         [line] = numerics_lines(caplog.records)
         assert line.levelno == logging.INFO and "batch-invariant on cpu float32, exactness guaranteed" in line.getMessage()
@@ -103,8 +103,8 @@ def test_without_compiled_kernels_the_worker_says_why():
     code = "\n".join([
         "import logging, sys",
         "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(levelname)s %(name)s %(message)s')",
-        "from kvcluster.model.engine import EngineConfig, random_engine",
-        "from kvcluster.numerics import log_numerics, numerics_status",
+        "from kvcluster.engine.engine import EngineConfig, random_engine",
+        "from kvcluster.worker.numerics import log_numerics, numerics_status",
         "from tests.conftest import TINY_CONFIG",
         f"engine = random_engine(TINY_CONFIG, None, engine_config=EngineConfig(kv_capacity_bytes={TINY_KV_BYTES}))",
         "log_numerics('decode', numerics_status(engine))",
@@ -112,7 +112,7 @@ def test_without_compiled_kernels_the_worker_says_why():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env={**os.environ, "KVC_KERNELS": "0"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    [line] = [line for line in done.stdout.splitlines() if line.startswith("WARNING kvcluster.numerics")]
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("WARNING kvcluster.worker.numerics")]
     assert "fast on cpu float32, exactness is NOT guaranteed" in line
     assert "the compiled CPU kernels are unavailable" in line
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kvcluster.model.kernels import few_rows_linear_op, paged_attention_op, rms_norm_op
 from kvcluster.model.llama import DecodeSeq, PrefillSeq
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.engine.sampling import SamplingParams
 from tests.conftest import TINY_CONFIG, make_tiny_engine
 
 needs_op = pytest.mark.skipif(paged_attention_op() is None, reason="compiled kernels unavailable on this machine")
@@ -139,7 +139,7 @@ def test_rope_with_folded_sign_equals_rotate_half(tiny_engine):
 
 @pytest.mark.parametrize("path", ["batch-invariant", "fast", "torch"])
 def test_bf16_cached_equals_uncached_greedy(tokenizer, path):
-    from kvcluster.model.engine import EngineConfig, random_engine
+    from kvcluster.engine.engine import EngineConfig, random_engine
 
     config = EngineConfig(kv_capacity_bytes=8 << 20, deterministic=path == "batch-invariant")
     eng = random_engine(TINY_CONFIG, tokenizer, seed=1234, engine_config=config, dtype="bfloat16")

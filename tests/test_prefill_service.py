@@ -8,11 +8,11 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from kvcluster.blocks import prefix_hashes
-from kvcluster.model.engine import EngineConfig, load_engine
+from kvcluster.kv.blocks import prefix_hashes
+from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.model.llama import PrefillSeq
 from kvcluster.proto import common_pb2, prefill_pb2, prefill_pb2_grpc
-from kvcluster.store_client import StoreClient
+from kvcluster.rpc.store_client import StoreClient
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server
 from tests.cluster_fixtures import channel_to, running_redis, start_store

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from gateway.prefix_follower import PrefixFollower
-from kvcluster.index import RedisIndex, worker_namespace
+from kvcluster.kv.index import RedisIndex, worker_namespace
 from tests.cluster_fixtures import running_redis
 
 
@@ -78,7 +78,7 @@ def test_gateway_with_a_local_routing_index_credits_replicas_as_redis_does():
     from gateway.config import GatewayConfig
     from gateway.openai_api import ApiRequest
     from gateway.server import Gateway
-    from kvcluster.blocks import prefix_hashes
+    from kvcluster.kv.blocks import prefix_hashes
 
     fingerprint = bytes(range(16))
     ids = [(7 * i) % 1000 + 5 for i in range(16 * 6)]  # 6 blocks
@@ -146,7 +146,7 @@ def test_a_live_cluster_routing_on_the_local_index_sends_a_repeat_to_the_replica
     import httpx
     import openai
 
-    from kvcluster.blocks import prefix_hashes
+    from kvcluster.kv.blocks import prefix_hashes
     from tests.cluster_fixtures import gateway_cluster
 
     documents = [[100 + (37 * i + 5_003 * d) % 40_000 for i in range(16 * 8)] for d in range(3)]  # 8 blocks each
@@ -197,7 +197,7 @@ def test_gateway_queues_a_routed_prompts_uncached_tokens_on_its_replica_until_th
     from gateway.config import GatewayConfig
     from gateway.openai_api import ApiRequest
     from gateway.server import Gateway
-    from kvcluster.blocks import prefix_hashes
+    from kvcluster.kv.blocks import prefix_hashes
     from kvcluster.proto import decode_pb2
 
     fingerprint = bytes(range(16))

@@ -1,5 +1,5 @@
 """The index beyond one Redis. On a Sentinel group (a real primary, replica and three Sentinels on
-loopback ports, kvcluster.redis_server.SentinelGroup): `redis+sentinel://` URLs, a primary killed under
+loopback ports, kvcluster.cli.redis_server.SentinelGroup): `redis+sentinel://` URLs, a primary killed under
 lookups (every answer right or Unavailable, never wrong; the index usable again once a replica is
 promoted), and `kvcluster up --redis-mode sentinel` serving warm == cold through the gateway before and
 after its primary is killed under load, with no failed request. On a real Redis Cluster of 3 masters with a
@@ -21,9 +21,9 @@ import redis
 from gateway.config import GatewayConfig
 from gateway.replicas import ReplicaSet
 from kvcluster.errors import Unavailable
-from kvcluster.index import RedisIndex, StoreRef, redis_client, worker_namespace
-from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.redis_server import ClusterGroup, SentinelGroup
+from kvcluster.kv.index import RedisIndex, StoreRef, redis_client, worker_namespace
+from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.cli.redis_server import ClusterGroup, SentinelGroup
 
 FAILOVER_DEADLINE_S = 60.0  # bound of the polls below (down-after 1 s + election); not a timing claim
 

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from kvcluster.client import Client
-from kvcluster.launcher import Cluster, ClusterPorts
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
 from tests.store_fixtures import wait_until
 

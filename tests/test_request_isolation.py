@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from kvcluster.errors import ResourceExhausted
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.proto import common_pb2, decode_pb2, prefill_pb2
 from tests.fuzz_cluster import CALL_TIMEOUT_S, WITH_TOKEN, fuzz_cluster
 

@@ -12,13 +12,13 @@ from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
-from kvcluster.blocks import prefix_hashes
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.client import Client
-from kvcluster.index import RedisIndex, worker_namespace
+from kvcluster.kv.index import RedisIndex, worker_namespace
 from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer
 from kvcluster.proto import decode_pb2
-from kvcluster.security import API_KEY_HEADER
+from kvcluster.rpc.security import API_KEY_HEADER
 from tests.cluster_fixtures import running_redis
 from tests.conftest import make_tiny_engine
 from tests.store_fixtures import wait_until

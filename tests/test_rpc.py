@@ -1,10 +1,11 @@
-"""kvcluster.rpc: typed exceptions become status codes in unary and streaming handlers; reflection."""
+"""kvcluster.rpc.plumbing: typed exceptions become status codes in unary and streaming handlers; reflection."""
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kvcluster import errors, rpc
+from kvcluster import errors
+from kvcluster.rpc import plumbing as rpc
 from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
 
 RAISES = {

@@ -2,7 +2,7 @@
 
 import torch
 
-from kvcluster.model.sampling import SamplingParams, sample
+from kvcluster.engine.sampling import SamplingParams, sample
 
 
 def logits(seed: int = 0, vocab: int = 1000) -> torch.Tensor:

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from kvcluster.model.sampling import SamplingParams
-from kvcluster.model.scheduler import PACK_TOKENS
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.engine.scheduler import PACK_TOKENS
 from tests.conftest import make_tiny_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -9,16 +9,16 @@ import pytest
 
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
-from kvcluster.blocks import (MAX_CACHE_SALT_CHARS, ROOT_HASH, chain_root, fingerprint_key, make_fingerprint,
+from kvcluster.kv.blocks import (MAX_CACHE_SALT_CHARS, ROOT_HASH, chain_root, fingerprint_key, make_fingerprint,
                               prefix_hashes)
 from kvcluster.client import Client
-from kvcluster.launcher import INTERNAL_TOKEN_ENV, Cluster, ClusterPorts
-from kvcluster.model.engine import Engine, EngineConfig
+from kvcluster.cli.launcher import INTERNAL_TOKEN_ENV, Cluster, ClusterPorts
+from kvcluster.engine.engine import Engine, EngineConfig
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import cache_pb2, common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from kvcluster.rpc import make_channel
-from kvcluster.security import INTERNAL_TOKEN_HEADER, internal_metadata
-from kvcluster.store_client import StoreClient
+from kvcluster.rpc.plumbing import make_channel
+from kvcluster.rpc.security import INTERNAL_TOKEN_HEADER, internal_metadata
+from kvcluster.rpc.store_client import StoreClient
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill
 from tests.cluster_fixtures import running_redis, start_store

@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 
 from kvcluster.errors import InvalidArgument
-from kvcluster.model.sampling_params import MAX_SCHEMA_CHARS, SamplingParams, StructuredOutput
-from kvcluster.model.sequence import FinishReason
+from kvcluster.engine.sampling_params import MAX_SCHEMA_CHARS, SamplingParams, StructuredOutput
+from kvcluster.engine.sequence import FinishReason
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
           "properties": {"name": {"type": "string", "maxLength": 10},

@@ -17,9 +17,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvcluster.model.engine import Engine, EngineConfig
+from kvcluster.engine.engine import Engine, EngineConfig
 from kvcluster.model.llama import LlamaModel, LlamaWeights
-from kvcluster.model.sampling import SamplingParams
+from kvcluster.engine.sampling import SamplingParams
 from tests.conftest import TINY_CONFIG
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_interpreter")]

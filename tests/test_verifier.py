@@ -9,11 +9,11 @@ from prometheus_client import CollectorRegistry
 
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server
-from kvcluster import cli
-from kvcluster.blocks import prefix_hashes
+from kvcluster.cli import main as cli
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.client import Client
 from kvcluster.errors import InvalidArgument
-from kvcluster.model.engine import EngineConfig, load_engine
+from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.model.tokenizer import ChatMessage
 
 PROMPT = ("The verifier recomputes a warm request without the cache and compares every token and every block. "

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from kvcluster.block_io import batch_to_payloads
+from kvcluster.kv.block_io import batch_to_payloads
 from kvcluster.errors import ResourceExhausted
-from kvcluster.model.sampling import SamplingParams
-from kvcluster.worker import EngineWorker
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.worker.engine_worker import EngineWorker
 from tests.conftest import make_tiny_engine
 from tests.test_engine_tiny import prompt
 

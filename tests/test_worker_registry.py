@@ -9,10 +9,10 @@ import pytest
 from decode_service.prefill_pool import NoPrefillReplica, PrefillPool
 from gateway.replicas import Replica
 from gateway.router import Router
-from kvcluster.blocks import prefix_hashes
-from kvcluster.index import RedisIndex, StoreRef, worker_namespace
-from kvcluster.index_publisher import IndexPublisher
-from kvcluster.block_manager import BlockManager
+from kvcluster.kv.blocks import prefix_hashes
+from kvcluster.kv.index import RedisIndex, StoreRef, worker_namespace
+from kvcluster.kv.index_publisher import IndexPublisher
+from kvcluster.kv.block_manager import BlockManager
 from tests.cluster_fixtures import running_redis
 from tests.store_fixtures import wait_until
 

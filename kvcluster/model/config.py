@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from kvcluster.errors import UnsupportedModel
 
 if TYPE_CHECKING:
-    from kvcluster.kvpool import KVLayout
+    from kvcluster.kv.pool import KVLayout
 
 GGUF_ARCHITECTURES = ("llama", "gemma3")
 GEMMA3 = "gemma3"
@@ -47,7 +47,7 @@ class ModelConfig:
     attention_scale: float | None = None
 
     def kv_layout(self, block_size: int, dtype: str) -> "KVLayout":
-        from kvcluster.kvpool import KVLayout  # torch's: imported only where a layout is built
+        from kvcluster.kv.pool import KVLayout  # torch's: imported only where a layout is built
 
         return KVLayout(self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype)
 
