@@ -392,8 +392,9 @@ class FleetSim:
         self.tiers["store"] += store
         self.tiers["computed"] += computed
         job.cached_blocks = local + store
+        busy_beside = sum(1 for r in self.replicas if r.host == replica.host and r is not replica and r.phase != "idle")
         self.per_request[job.index] = {"replica": replica.position, "local_blocks": local, "store_blocks": store,
-                                       "computed_tokens": computed_tokens}
+                                       "computed_tokens": computed_tokens, "busy_on_host_at_start": busy_beside}
         cost = self.config.cost
         return cost.prefill(computed_tokens) + store * cost.pull_s_per_block
 
