@@ -122,8 +122,13 @@ def real_run(requests: list[TraceRequest]) -> tuple[dict, list[dict]]:
                    for i, r in enumerate(requests)]
         for thread in threads:
             thread.start()
+        load = [os.getloadavg()[0]]  # other jobs on the machine take cores from the cluster: recorded
         for thread in threads:
-            thread.join()
+            while thread.is_alive():
+                thread.join(5.0)
+                load.append(os.getloadavg()[0])
+        calibration["loadavg_1m_during_trace"] = {"start": round(load[0], 2), "max": round(max(load), 2),
+                                                  "end": round(load[-1], 2)}
     log.close()
     return calibration, out
 
