@@ -11,13 +11,21 @@ costs nothing, store blocks cost a pull, the rest is computed in one forward), a
 batching decode steps; an arriving request waits for the step in progress. TTFT = end of its
 prefill - arrival.
 
+Processor sharing (`FleetConfig.replicas_per_host`, `host_cores`): replicas on one host share its
+cores. While n of them run a phase (a prefill or decode steps), each goes at min(1, host_cores /
+(n x `CostModel.threads`)) of the cost model's speed (measured with one replica alone on the
+machine), and a phase in progress is re-timed whenever n changes. The default, one replica per host
+and no core count, is a GPU fleet: each replica runs at the cost model's speed whatever the others
+do. bench/fleet_check.py runs 2 replicas of 2 torch threads on one 2-core host.
+
 Tiers of a request's prompt blocks, in lookup order: local (the chosen replica's pool, `match`),
 store (the next blocks whose shard holds them: `pin` + `release`, which touches the store's LRU),
 computed. A request's TTFT adds the cost model's `request_path_s` (the gateway and gRPC path,
 measured on this machine for the CPU model, 0 for the derived H100 one). New blocks are registered
 locally (as many as the pool can spare while its running requests hold theirs) and pushed to their
 shard. Not modelled: the prefill service's own pool,
-waiting for an in-flight prefix, store spill tiers (the store has none), network contention.
+waiting for an in-flight prefix, store spill tiers (the store has none), network contention,
+attention's growth with the context (the cost per prefill token is the one measured at 1,024).
 """
 
 import heapq
@@ -111,6 +119,7 @@ class CostModel:
     pull_s_per_block: float
     max_batch: int
     request_path_s: float = 0.0
+    threads: int = 1  # cores one replica's forward keeps busy (torch's intra-op threads on a CPU)
 
     def prefill(self, tokens: int) -> float:
         """A forward over `tokens` new tokens: one decode step (every weight is read, even for the one
@@ -155,6 +164,12 @@ class SimReplica:
     current: Job | None = None
     version: int = 0
     busy_s: float = 0.0
+    host: int = 0                # replicas with the same host share its cores (FleetConfig.host_cores)
+    work_s: float = 0.0          # the phase's length at full speed (the cost model's, measured alone)
+    done_s: float = 0.0          # how much of it was done by `updated`
+    updated: float = 0.0
+    rate: float = 1.0            # full-speed seconds done per second now
+    shared: bool = False         # the phase ran below full speed at some point
 
 
 class CountingSink:
@@ -189,6 +204,18 @@ class FleetConfig:
     speedup: float = 1.0
     overlap_weight: float = 1.0  # the gateway's default: a held prompt token weighs as a queued prefill token
     block_tokens: int = TRACE_BLOCK_TOKENS  # tokens per block (a scaled-down replay uses the cluster's 16)
+    # Processor sharing: replicas `replicas_per_host` at a time (positions 0..k-1, k..2k-1, ...) share a
+    # host of `host_cores` cores; while n of them run a phase, each runs at min(1, host_cores / (n x
+    # cost.threads)) of the cost model's speed. host_cores 0: each replica has its own (a GPU each).
+    replicas_per_host: int = 1
+    host_cores: float = 0.0
+
+    def speed(self, busy: int) -> float:
+        """The speed of each of `busy` replicas running at once on one host, as a share of the cost
+        model's (measured with the replica alone on its host)."""
+        if self.host_cores <= 0 or busy <= 0:
+            return 1.0
+        return min(1.0, self.host_cores / (busy * max(self.cost.threads, 1)))
 
 
 class FleetSim:
@@ -206,7 +233,8 @@ class FleetSim:
             blocks = BlockManager(config.replica_blocks)
             blocks.listener = CountingSink(self.counters, self.index.sink(member.store_id))
             registered = {"block_size": str(config.block_tokens)}  # as a worker registers it: the router reads it
-            self.replicas.append(SimReplica(i, Replica(member, None, None, published=registered), blocks))
+            self.replicas.append(SimReplica(i, Replica(member, None, None, published=registered), blocks,
+                                            host=i // max(config.replicas_per_host, 1)))
         self._position = {id(r.view): r.position for r in self.replicas}
         self.shard_refs = [StoreRef(f"store-{s}", f"sim:s{s}", 1) for s in range(config.store_shards)]
         self.shards = {ref.store_id: StorePool(TINY_LAYOUT, config.store_blocks_per_shard,
@@ -215,6 +243,7 @@ class FleetSim:
         self._seq = 0
         self.tiers = {"local": 0, "store": 0, "computed": 0}
         self.ttft_s: list[float] = []
+        self.per_request: dict[int, dict] = {}  # request index -> its TTFT and tiers (for error analyses)
 
     # ---- the event loop --------------------------------------------------------------------
 
@@ -254,32 +283,71 @@ class FleetSim:
         if replica.phase == "idle":
             self._start_next(now, replica)
         elif replica.phase == "decode":  # the prefill goes in after the decode step in progress
-            done = min(replica.steps, math.ceil((now - replica.phase_start) / replica.step_s - 1e-9))
+            done = min(replica.steps, math.ceil(self._progress(now, replica) / replica.step_s - 1e-9))
             replica.steps = done
-            replica.version += 1
-            self._push(replica.phase_start + done * replica.step_s, "wake", (replica.position, replica.version))
+            replica.work_s = done * replica.step_s
+            self._schedule(now, replica)
 
     def _start_next(self, now: float, replica: SimReplica) -> None:
         replica.version += 1
-        replica.phase_start = now
+        replica.phase_start = replica.updated = now
+        replica.done_s, replica.shared = 0.0, False
+        was_busy = replica.phase != "idle"
         if replica.prefill_queue:
             job = replica.current = replica.prefill_queue.popleft()
-            replica.phase, duration = "prefill", self._prefill(job, replica)
+            replica.phase, replica.work_s = "prefill", self._prefill(job, replica)
         elif replica.decoding:
             batch = replica.decoding[:self.config.cost.max_batch]
             replica.step_s = self.config.cost.decode_step(len(batch))
             replica.steps = min(job.remaining for job in batch)
-            replica.phase, duration = "decode", replica.steps * replica.step_s
+            replica.phase, replica.work_s = "decode", replica.steps * replica.step_s
         else:
             replica.phase = "idle"
-            return
-        self._push(now + duration, "wake", (replica.position, replica.version))
+        if self.config.host_cores > 0 and was_busy != (replica.phase != "idle"):
+            self._share(now, replica.host)  # the others on its host slow down or speed up
+        if replica.phase != "idle":
+            replica.rate = self._speed(replica.host)
+            replica.shared = replica.rate < 1.0
+            self._schedule(now, replica)
+
+    # ---- processor sharing (FleetConfig.host_cores) ------------------------------------------
+
+    def _speed(self, host: int) -> float:
+        return self.config.speed(sum(1 for r in self.replicas if r.host == host and r.phase != "idle"))
+
+    def _progress(self, now: float, replica: SimReplica) -> float:
+        """Full-speed seconds of its phase done by `now`."""
+        if not replica.shared:
+            return now - replica.phase_start
+        return replica.done_s + (now - replica.updated) * replica.rate
+
+    def _schedule(self, now: float, replica: SimReplica) -> None:
+        """(Re)place the end of the replica's phase: at its full-speed length after its start while it
+        has always run at full speed, else what is left at its present speed."""
+        replica.version += 1
+        if replica.shared:
+            replica.done_s, replica.updated = self._progress(now, replica), now
+            end = now + max(replica.work_s - replica.done_s, 0.0) / replica.rate
+        else:
+            end = replica.phase_start + replica.work_s
+        self._push(end, "wake", (replica.position, replica.version))
+
+    def _share(self, now: float, host: int) -> None:
+        """The number of busy replicas on `host` changed: each busy one there goes on at the new speed."""
+        speed = self._speed(host)
+        for other in self.replicas:
+            if other.host != host or other.phase == "idle" or speed == other.rate:
+                continue
+            other.done_s, other.updated = self._progress(now, other), now
+            other.rate, other.shared = speed, True
+            self._schedule(now, other)
 
     def _phase_done(self, now: float, replica: SimReplica) -> None:
         replica.busy_s += now - replica.phase_start
         if replica.phase == "prefill":
             job = replica.current
             self.ttft_s.append(now - job.request.arrival_s / self.config.speedup + self.config.cost.request_path_s)
+            self.per_request[job.index]["ttft_s"] = self.ttft_s[-1]
             replica.view.queued_prefill_tokens -= job.queued_tokens
             self._cache_new_blocks(job, replica)
             job.remaining = job.request.output_tokens - 1
@@ -324,6 +392,9 @@ class FleetSim:
         self.tiers["store"] += store
         self.tiers["computed"] += computed
         job.cached_blocks = local + store
+        busy_beside = sum(1 for r in self.replicas if r.host == replica.host and r is not replica and r.phase != "idle")
+        self.per_request[job.index] = {"replica": replica.position, "local_blocks": local, "store_blocks": store,
+                                       "computed_tokens": computed_tokens, "busy_on_host_at_start": busy_beside}
         cost = self.config.cost
         return cost.prefill(computed_tokens) + store * cost.pull_s_per_block
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from bench.fleet_sim import (POLICIES, TRACES_DIR, CostModel, FleetConfig, ceiling_hit_ratio, load_trace,
-                             simulate)
+from bench.fleet_sim import (POLICIES, TRACES_DIR, CostModel, FleetConfig, FleetSim, TraceRequest, ceiling_hit_ratio,
+                             load_trace, simulate)
 from kvcluster.kv.block_manager import BlockManager
 from kvcluster.kv.index import RedisIndex, StoreRef, worker_namespace
 from kvcluster.kv.prefix_index import PrefixIndex
@@ -80,6 +80,44 @@ def test_every_request_gets_a_first_token_and_ttft_is_ordered(trace_slice, resul
         ttft = result["ttft_s"]
         assert 0 < ttft["p50"] <= ttft["p90"] <= ttft["p99"]
         assert result["load_imbalance"] >= 1.0
+
+
+def shared_host_ttfts(arrivals: list[float], replicas_per_host: int, host_cores: float, threads: int) -> list[float]:
+    """TTFTs of one cold 4-block prompt per arrival, on as many replicas (round robin: one each), one token each."""
+    requests = [TraceRequest(at, 4 * 512, 1, tuple(bytes([i, b]) * 8 for b in range(4)))
+                for i, at in enumerate(arrivals)]
+    config = FleetConfig("round_robin", replicas=len(arrivals), replica_blocks=64, store_shards=1,
+                         store_blocks_per_shard=1, cost=dataclasses.replace(COST, threads=threads),
+                         replicas_per_host=replicas_per_host, host_cores=host_cores)
+    sim = FleetSim(config)
+    sim.run(requests)
+    return [sim.per_request[i]["ttft_s"] for i in range(len(requests))]
+
+
+def test_replicas_sharing_a_host_slow_each_other_down_by_its_cores_over_their_threads():
+    """Processor sharing: two 2-thread replicas busy at once on a 2-core host each take twice as long
+    as one alone; on hosts of their own (the default, a GPU fleet) or with enough cores, not at all;
+    a prefill that a second one joins halfway goes on at half speed (alone: W; together: 1.5 W, 1.5 W)."""
+    alone = COST.prefill(4 * 512)
+    assert shared_host_ttfts([0.0], 2, 2, 2) == pytest.approx([alone])
+    assert shared_host_ttfts([0.0, 0.0], 2, 2, 2) == pytest.approx([2 * alone, 2 * alone])
+    assert shared_host_ttfts([0.0, 0.0], 1, 0, 2) == pytest.approx([alone, alone])   # one replica per host
+    assert shared_host_ttfts([0.0, 0.0], 1, 2, 2) == pytest.approx([alone, alone])   # 2 cores each
+    assert shared_host_ttfts([0.0, 0.0], 2, 4, 2) == pytest.approx([alone, alone])   # enough cores for both
+    assert shared_host_ttfts([0.0, 0.0], 2, 2, 1) == pytest.approx([alone, alone])   # 1 thread each
+    assert shared_host_ttfts([0.0, 0.0, 0.0, 0.0], 2, 2, 2) == pytest.approx([2 * alone] * 4)  # 2 hosts of 2
+    assert shared_host_ttfts([0.0, alone / 2], 2, 2, 2) == pytest.approx([1.5 * alone, 1.5 * alone])
+    assert FleetConfig("round_robin", 2, 1, 1, 1, COST).speed(2) == 1.0
+
+
+def test_one_replica_per_host_is_the_default_and_sharing_only_slows_the_fleet(trace_slice):
+    shared = dataclasses.replace(config("cache_aware"), replicas_per_host=2, host_cores=2,
+                                 cost=dataclasses.replace(COST, threads=2))
+    unshared = dataclasses.replace(shared, host_cores=0)
+    assert simulate(trace_slice, unshared) == simulate(trace_slice, config("cache_aware"))
+    slow, fast = simulate(trace_slice, shared), simulate(trace_slice, unshared)
+    assert slow["ttft_s"]["p50"] > fast["ttft_s"]["p50"]
+    assert slow["makespan_s"] >= fast["makespan_s"]
 
 
 def test_prefix_index_follows_a_block_managers_events():
