@@ -77,6 +77,9 @@ class ApiRequest:
     cache_salt: str = ""
     request_id: str = ""
 
+    def __post_init__(self):
+        self.token_ids = self.token_ids or list(self.prompt_ids)
+
     @property
     def logprobs(self) -> bool:
         return self.sampling.HasField("logprobs")
