@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ROUTING_REASONS = ("cache_hit", "least_loaded", "round_robin")
+PROMPT_INPUTS = ("token_ids", "text")
 
 
 class GatewayMetrics:
@@ -24,9 +25,15 @@ class GatewayMetrics:
                                      "replica held when it was chosen", registry=registry)
         self.failovers = Counter("kvcluster_gateway_failovers", "Requests moved to another replica after theirs "
                                  "failed, by when: before_first_token or mid_stream", ["when"], registry=registry)
+        self.prompt_inputs = Counter("kvcluster_gateway_prompt_inputs", "Generate calls by how the prompt was "
+                                     "sent: token_ids (the gateway's, or the client's) or text (the replica's "
+                                     "tokenizer differs from the gateway's or is unknown)", ["input"],
+                                     registry=registry)
         self.replicas_up = Gauge("kvcluster_gateway_replicas_up", "Decode replicas in rotation", registry=registry)
         self.replicas_up.set_function(replicas_up)
         for reason in ROUTING_REASONS:
             self.routing.labels(reason)
         for when in ("before_first_token", "mid_stream"):
             self.failovers.labels(when)
+        for sent_as in PROMPT_INPUTS:
+            self.prompt_inputs.labels(sent_as)

@@ -67,6 +67,9 @@ class ApiRequest:
     messages: list[ChatMessage] = field(default_factory=list)
     prompt: str = ""
     prompt_ids: list[int] = field(default_factory=list)   # a prompt given as token ids
+    # The prompt's ids: the client's, or what the gateway's tokenizer made of the prompt or messages
+    # (set before routing; sent in place of the text to replicas with the same tokenizer).
+    token_ids: list[int] = field(default_factory=list)
     sampling: common_pb2.SamplingParams = field(default_factory=common_pb2.SamplingParams)
     n: int = 1
     stream: bool = False
@@ -74,22 +77,32 @@ class ApiRequest:
     cache_salt: str = ""
     request_id: str = ""
 
+    def __post_init__(self):
+        self.token_ids = self.token_ids or list(self.prompt_ids)
+
     @property
     def logprobs(self) -> bool:
         return self.sampling.HasField("logprobs")
 
-    def to_grpc(self, resume_token_ids: Sequence[int] = (), index: int = 0) -> decode_pb2.GenerateRequest:
-        """Choice `index`'s Generate request (its seed is the request's + index)."""
+    @property
+    def prompt_field(self) -> str:
+        """Where the body gave the prompt: what an error about its length names."""
+        return "messages" if self.chat else "prompt"
+
+    def to_grpc(self, resume_token_ids: Sequence[int] = (), index: int = 0,
+                as_token_ids: bool = False) -> decode_pb2.GenerateRequest:
+        """Choice `index`'s Generate request (its seed is the request's + index); with `as_token_ids` the
+        prompt goes as `token_ids` (the replica then tokenizes nothing), else as the client gave it."""
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(self.sampling)
         sampling.seed = (self.sampling.seed + index) % protocol.SEED_LIMIT
         request = decode_pb2.GenerateRequest(request_id=self.request_id, sampling=sampling, cache_salt=self.cache_salt,
                                              resume_token_ids=list(resume_token_ids))
-        if self.chat:
+        if self.prompt_ids or (as_token_ids and self.token_ids):
+            request.token_ids.ids.extend(self.prompt_ids or self.token_ids)
+        elif self.chat:
             request.messages.messages.extend(decode_pb2.ChatMessage(role=m.role, content=m.content)
                                              for m in self.messages)
-        elif self.prompt_ids:
-            request.token_ids.ids.extend(self.prompt_ids)
         else:
             request.prompt = self.prompt
         return request

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.config import GatewayConfig
-from kvcluster.kv.index import LAYOUT_FIELDS, LOAD_FIELDS, NUMERICS_FIELDS, RedisIndex, StoreRef, worker_namespace
+from kvcluster.kv.index import (LAYOUT_FIELDS, LOAD_FIELDS, NUMERICS_FIELDS, TOKENIZER_FIELDS, RedisIndex, StoreRef,
+                                worker_namespace)
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
 from kvcluster.rpc.plumbing import channel_options
 
@@ -28,7 +29,7 @@ class Replica:
     member: StoreRef                   # id, address, epoch, layout, fingerprint (hex) as registered
     stub: decode_pb2_grpc.DecodeServiceStub
     channel: grpc.aio.Channel
-    published: dict = field(default_factory=dict)  # load, numerics and block size at its last heartbeat
+    published: dict = field(default_factory=dict)  # load, numerics, block size, tokenizer at its last heartbeat
     open_calls: int = 0                # Generate calls of this gateway to it now
     queued_prefill_tokens: int = 0     # uncached prompt tokens of those calls not past their first token
     suspect_until: float = 0.0         # monotonic; out of rotation before it
@@ -61,6 +62,12 @@ class Replica:
         return bytes.fromhex(self.member.fingerprint)
 
     @property
+    def tokenizer_fingerprint(self) -> str | None:
+        """Its tokenizer's fingerprint (kvcluster.model.tokenizer), None when it published none (a static
+        target, or a worker from before the field)."""
+        return self.published.get("tokenizer_fingerprint") or None
+
+    @property
     def block_size(self) -> int:
         """Tokens per KV block as it registered them (0 for a static target: it publishes nothing)."""
         return int(self.published.get("block_size", 0))
@@ -85,7 +92,8 @@ class ReplicaSet:
         if self.index is None:
             return [(member, {}) for member in self.static]
         members = self.index.live_stores()
-        fields = self.index.member_fields([m.store_id for m in members], LOAD_FIELDS + NUMERICS_FIELDS + LAYOUT_FIELDS)
+        fields = self.index.member_fields([m.store_id for m in members], LOAD_FIELDS + NUMERICS_FIELDS + LAYOUT_FIELDS
+                                           + TOKENIZER_FIELDS)
         return list(zip(members, fields))
 
     def apply(self, listing: list[tuple[StoreRef, dict]]) -> None:

@@ -6,6 +6,11 @@ stream breaks (UNAVAILABLE and the like) before it finished, the request goes to
 with `resume_token_ids` = the tokens already sent; that replica treats them as output, continues
 with the same seed and output positions, and streams only what follows, so the client sees one
 uninterrupted stream with the tokens an undisturbed run gives.
+
+Tokenized once: the gateway encodes every prompt (routing hashes its blocks) and sends those ids in
+place of the text to each replica whose tokenizer fingerprint equals its own, checked first as the
+replica would check them so an error names the same field; a replica with another tokenizer, or one
+that publishes none, gets the text and tokenizes it itself.
 """
 
 import asyncio
@@ -26,14 +31,16 @@ from starlette.routing import Route as HttpRoute
 from gateway.choices import Piece, choice_pieces, collect, sse_events
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
-from gateway.openai_api import ApiError, ApiRequest, ModelLimits, completion_object, parse_request, usage_object
+from gateway.openai_api import (ApiError, ApiRequest, ModelLimits, completion_object, invalid, parse_request,
+                                usage_object)
 from gateway.protocol import tools_refusal
 from gateway.replicas import Replica, ReplicaSet
 from gateway.prefix_follower import PrefixFollower
 from gateway.router import Route, Router
 from gateway.tokenize import TokenizeEndpoints
 from kvcluster.kv.blocks import prefix_hashes
-from kvcluster.errors import Unavailable
+from kvcluster.engine.sampling_params import check_prompt_ids
+from kvcluster.errors import InvalidArgument, Unavailable
 from kvcluster.model.files import default_model_path
 from kvcluster.model.files import read_model_config, read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer
@@ -72,6 +79,7 @@ class Gateway:
         self.keys = config.keys()
         self.metadata = ((API_KEY_HEADER, f"Bearer {config.decode_api_key}"),) if config.decode_api_key else ()
         self._registry_healthy = True
+        self._text_replicas: set[str] = set()  # replicas told apart by their tokenizer (logged once each)
 
     # ---- replicas --------------------------------------------------------------------------
 
@@ -114,8 +122,7 @@ class Gateway:
     def overlaps(self, request: ApiRequest, replicas: list[Replica]) -> tuple[int, list[int]]:
         """Blocking: the prompt's length in tokens, and the leading prompt blocks each replica holds (0 for
         all when Redis cannot say)."""
-        token_ids = (self.tokenizer.encode_chat(request.messages) if request.chat
-                     else request.prompt_ids or self.tokenizer.encode_prompt(request.prompt))
+        token_ids = request.token_ids
         counts = {}
         for key in {(r.fingerprint, r.block_size) for r in replicas if r.block_size}:
             group = [r for r in replicas if (r.fingerprint, r.block_size) == key]
@@ -127,6 +134,38 @@ class Gateway:
             counts.update(zip((r.replica_id for r in group), held))
         return len(token_ids), [counts.get(r.replica_id, 0) for r in replicas]
 
+    # ---- the prompt's token ids ------------------------------------------------------------
+
+    def tokenize(self, request: ApiRequest) -> list[int]:
+        """Blocking: the prompt's ids, computed once per request. A chat template's refusal is the 400 a
+        replica would answer."""
+        if request.prompt_ids:
+            return request.prompt_ids
+        try:
+            return (self.tokenizer.encode_chat(request.messages) if request.chat
+                    else self.tokenizer.encode_prompt(request.prompt))
+        except InvalidArgument as exc:
+            raise invalid(exc.field, exc.problem) from None
+
+    def generate_request(self, request: ApiRequest, replica: Replica, resume_token_ids: list[int],
+                         index: int) -> decode_pb2.GenerateRequest:
+        """Choice `index`'s Generate request for `replica`: the prompt as this gateway's ids when its
+        tokenizer is this one's (checked here as the replica checks a prompt, naming the field the body
+        gave it in), else as the body gave it."""
+        as_ids = bool(request.token_ids) and replica.tokenizer_fingerprint == self.tokenizer.fingerprint
+        if as_ids and not request.prompt_ids:
+            try:
+                check_prompt_ids(request.token_ids, request.prompt_field, self.limits.max_tokens,
+                                 self.limits.vocab_size)
+            except InvalidArgument as exc:
+                raise invalid(exc.field, exc.problem) from None
+        elif not as_ids and replica.replica_id not in self._text_replicas:
+            self._text_replicas.add(replica.replica_id)
+            log.warning("replica %s publishes tokenizer fingerprint %s, this gateway's is %s: it gets prompts "
+                        "as text", replica.replica_id, replica.tokenizer_fingerprint, self.tokenizer.fingerprint)
+        self.metrics.prompt_inputs.labels("token_ids" if as_ids or request.prompt_ids else "text").inc()
+        return request.to_grpc(resume_token_ids, index, as_ids)
+
     # ---- generation with failover ----------------------------------------------------------
 
     async def generate(self, request: ApiRequest, index: int = 0, prefer: str | None = None) -> AsyncIterator[Piece]:
@@ -137,10 +176,11 @@ class Gateway:
         for attempt in range(self.config.max_failovers + 1):
             route = await self.route(request, exclude, prefer)
             replica = route.replica
+            generate_request = self.generate_request(request, replica, sent, index)
             replica.open_calls += 1
             queued = route.queued_tokens  # on the replica's queue until the first response comes back
             replica.queued_prefill_tokens += queued
-            call = replica.stub.Generate(request.to_grpc(sent, index), timeout=self.config.request_timeout_seconds,
+            call = replica.stub.Generate(generate_request, timeout=self.config.request_timeout_seconds,
                                          metadata=self.metadata)
             try:
                 async for response in call:
@@ -186,6 +226,7 @@ class Gateway:
         arrival = time.perf_counter()
         self.check_key(http)
         request = parse_request(await http.body(), chat, self.limits)
+        request.token_ids = await asyncio.to_thread(self.tokenize, request)
         streams = [self.generate(request)]
         first = await anext(streams[0])  # errors before the first token still get their HTTP status
         self.metrics.ttft.observe(time.perf_counter() - arrival)

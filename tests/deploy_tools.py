@@ -117,6 +117,7 @@ GATEWAY_METRICS: dict[str, str] = {
     "kvcluster_gateway_routing_decisions_total": "counter",
     "kvcluster_gateway_routed_cached_blocks_total": "counter",
     "kvcluster_gateway_failovers_total": "counter",
+    "kvcluster_gateway_prompt_inputs_total": "counter",
     "kvcluster_gateway_replicas_up": "gauge",
 }
 SCRAPED_METRICS: dict[str, dict[str, str]] = {**KVCLUSTER_METRICS, "gateway": GATEWAY_METRICS}
@@ -136,6 +137,7 @@ LABEL_VALUES = {
     "kind": {"decode", "prefill", "mixed"},
     "where": {"local", "remote"},
     "when": {"before_first_token", "mid_stream"},
+    "input": {"token_ids", "text"},
     "route": {"/v1/chat/completions", "/v1/completions", "/v1/models", "/reset_prefix_cache", "/tokenize",
               "/detokenize"},
     # `status` (the gateway's HTTP codes) is open-ended: queries match it by class, e.g. "5..".

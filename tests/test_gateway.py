@@ -52,8 +52,26 @@ def stream_text(stream) -> tuple[str, list]:
     return "".join(text), chunks
 
 
+def prompt_inputs(cluster) -> dict[str, float]:
+    """The gateway's Generate calls so far by how it sent the prompt."""
+    return {sent_as: metric(cluster, "kvcluster_gateway_prompt_inputs_total", f'input="{sent_as}"')
+            for sent_as in ("token_ids", "text")}
+
+
+def test_every_replica_registers_the_gateways_tokenizer(cluster):
+    """Both decode replicas load the gateway's model, so the gateway sends them token ids."""
+    index = RedisIndex(cluster.redis_url, worker_namespace("kvc", "decode"))
+    members = [m.store_id for m in index.live_stores()]
+    published = index.member_fields(members, ("tokenizer_fingerprint",))
+    index.close()
+    gateway_side = Tokenizer(read_tokenizer_data(cluster.model or None)).fingerprint
+    assert len(members) == 2 and [p.get("tokenizer_fingerprint") for p in published] == [gateway_side] * 2
+
+
 def test_chat_streamed_equals_unstreamed_equals_grpc(cluster, client):
+    """The gateway sends its token ids, decode gets messages directly: the same tokens (greedy)."""
     messages = chat("What is the capital of France? Answer in one sentence.")
+    before = prompt_inputs(cluster)
     plain = client.chat.completions.create(model=cluster.served_model, messages=messages, max_tokens=12, temperature=0)
     streamed, chunks = stream_text(client.chat.completions.create(
         model=cluster.served_model, messages=messages, max_tokens=12, temperature=0, stream=True,
@@ -61,6 +79,10 @@ def test_chat_streamed_equals_unstreamed_equals_grpc(cluster, client):
     with Client(cluster.decode_target) as grpc_client:
         direct = grpc_client.generate(messages=[("user", messages[0]["content"])], max_tokens=12, temperature=0.0)
     assert plain.choices[0].message.content == streamed == direct.text and streamed
+    assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (direct.usage.prompt_tokens,
+                                                                           len(direct.token_ids))
+    after = prompt_inputs(cluster)
+    assert (after["token_ids"] - before["token_ids"], after["text"] - before["text"]) == (2, 0)
     assert plain.object == "chat.completion" and plain.id.startswith("chatcmpl-") and plain.model == cluster.served_model
     assert plain.choices[0].finish_reason in ("stop", "length")
     usage = plain.usage
@@ -72,13 +94,19 @@ def test_chat_streamed_equals_unstreamed_equals_grpc(cluster, client):
 
 
 def test_completions_streamed_equals_unstreamed_equals_grpc(cluster, client):
+    """The gateway sends its token ids, decode gets the prompt directly: the same tokens (greedy)."""
     prompt = "The three primary colors are"
+    before = prompt_inputs(cluster)
     plain = client.completions.create(model=cluster.served_model, prompt=prompt, max_tokens=10, temperature=0)
     streamed, chunks = stream_text(client.completions.create(model=cluster.served_model, prompt=prompt,
                                                              max_tokens=10, temperature=0, stream=True))
     with Client(cluster.decode_target) as grpc_client:
         direct = grpc_client.generate(prompt=prompt, max_tokens=10, temperature=0.0)
     assert plain.choices[0].text == streamed == direct.text and streamed
+    assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (direct.usage.prompt_tokens,
+                                                                           len(direct.token_ids))
+    after = prompt_inputs(cluster)
+    assert (after["token_ids"] - before["token_ids"], after["text"] - before["text"]) == (2, 0)
     assert plain.object == "text_completion" and chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
 
 

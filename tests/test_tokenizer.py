@@ -1,9 +1,13 @@
-"""Tokenizer built from the GGUF vocabulary: round trips, special tokens, chat template, streaming."""
+"""Tokenizer built from the GGUF vocabulary: round trips, special tokens, chat template, streaming, and
+its fingerprint."""
+
+from dataclasses import replace
 
 import pytest
 
 from kvcluster.errors import InvalidArgument
-from kvcluster.model.tokenizer import ChatMessage, IncrementalDetokenizer
+from kvcluster.model.files import read_tokenizer_data
+from kvcluster.model.tokenizer import ChatMessage, IncrementalDetokenizer, Tokenizer, tokenizer_fingerprint
 
 SAMPLES = [
     "Hello, world! The quick brown fox jumps over 13 lazy dogs.",
@@ -57,3 +61,17 @@ def test_incremental_detokenizer_never_splits_characters(tokenizer, text):
     deltas = [detok.push(t) for t in tokenizer.encode(text)]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_fingerprint_is_the_same_across_loads_and_differs_for_another_tokenizer(tokenizer, gemma3_path):
+    # the worker's tokenizer came through the weights' loader, the gateway's from the files alone
+    gateway_side = read_tokenizer_data()
+    assert Tokenizer(gateway_side).fingerprint == tokenizer.fingerprint == tokenizer_fingerprint(read_tokenizer_data())
+    changed = [replace(gateway_side, chat_template="{{ messages[0]['content'] }}"),
+               replace(gateway_side, add_bos=True),
+               replace(gateway_side, eos_id=gateway_side.bos_id),
+               replace(gateway_side, merges=gateway_side.merges[:-1]),
+               replace(gateway_side, tokens=[*gateway_side.tokens[:-1], "<|other|>"]),
+               read_tokenizer_data(gemma3_path)]
+    fingerprints = {tokenizer_fingerprint(data) for data in changed}
+    assert len(fingerprints) == len(changed) and tokenizer.fingerprint not in fingerprints

@@ -1,18 +1,25 @@
 """The worker registry (decode and prefill workers in Redis, with load and cached blocks), the
-local pool's stored/removed events, and the choices built on them: the gateway's router and
-decode's choice of prefill replica. Real Redis; no model."""
+local pool's stored/removed events, and the choices built on them: the gateway's router, whether
+it sends a replica token ids or text, and decode's choice of prefill replica. Real Redis; the model's
+tokenizer, no weights."""
 
+import asyncio
+import json
 from dataclasses import dataclass
 
 import pytest
 
 from decode_service.prefill_pool import NoPrefillReplica, PrefillPool
+from gateway.config import GatewayConfig
+from gateway.openai_api import ApiError, ApiRequest, parse_request
 from gateway.replicas import Replica
+from gateway.server import Gateway
 from gateway.router import Router
 from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.kv.index import RedisIndex, StoreRef, worker_namespace
 from kvcluster.kv.index_publisher import IndexPublisher
 from kvcluster.kv.block_manager import BlockManager
+from kvcluster.model.tokenizer import ChatMessage
 from tests.cluster_fixtures import running_redis
 from tests.store_fixtures import wait_until
 
@@ -167,3 +174,69 @@ def test_replica_block_size_and_fingerprint_come_from_its_registration():
     assert replica.block_size == 16 and replica.fingerprint == FINGERPRINT and replica.published_load == 3
     # the block size is a registered field of its own, never read out of the layout's text
     assert Replica(member, stub=None, channel=None, published={}).block_size == 0
+
+
+def api_request(gateway: Gateway, **body) -> ApiRequest:
+    """A checked chat (`messages=`) or completion (`prompt=`) body, with the ids the gateway computes."""
+    request = parse_request(json.dumps({"model": gateway.served_model, **body}).encode(), "messages" in body,
+                            gateway.limits)
+    request.token_ids = gateway.tokenize(request)
+    return request
+
+
+def test_gateway_sends_its_token_ids_only_to_replicas_registered_with_its_tokenizer(redis_url):
+    gateway = Gateway(GatewayConfig(redis_url=redis_url, index_namespace="t6"))
+    index = RedisIndex(redis_url, worker_namespace("t6", "decode"))
+    tokenizers = {"same": gateway.tokenizer.fingerprint, "other": "0" * 32, "older": None}
+    for port, (member, fingerprint) in enumerate(tokenizers.items(), start=1):
+        index.register(member, f"127.0.0.1:{port}", 30.0, fingerprint=FINGERPRINT.hex())
+        index.publish_load(member, {"block_size": "16"} | ({"tokenizer_fingerprint": fingerprint} if fingerprint else {}))
+    chat = api_request(gateway, messages=[{"role": "user", "content": "Hi there"}])
+    completion = api_request(gateway, prompt="Once upon")
+
+    async def built() -> dict[str, tuple]:
+        await gateway.refresh()  # the registry as the gateway reads it
+        try:
+            replicas = {r.replica_id: r for r in gateway.replicas.up()}
+            assert set(replicas) == set(tokenizers)
+            return {name: (gateway.generate_request(chat, replica, [7, 8], 1),
+                           gateway.generate_request(completion, replica, [], 0)) for name, replica in replicas.items()}
+        finally:
+            await gateway.replicas.close()
+
+    sent = asyncio.run(built())
+    chat_ids = gateway.tokenizer.encode_chat([ChatMessage("user", "Hi there")])
+    same_chat, same_completion = sent["same"]
+    assert same_chat.WhichOneof("input") == "token_ids" and list(same_chat.token_ids.ids) == chat_ids
+    assert list(same_completion.token_ids.ids) == gateway.tokenizer.encode_prompt("Once upon")
+    assert list(same_chat.resume_token_ids) == [7, 8] and same_chat.sampling.seed == (chat.sampling.seed + 1) % 2 ** 64
+    for name in ("other", "older"):  # another tokenizer, or a worker from before the field: the text, as before
+        text_chat, text_completion = sent[name]
+        assert text_chat.WhichOneof("input") == "messages" and text_chat.messages.messages[0].content == "Hi there"
+        assert text_completion.WhichOneof("input") == "prompt" and text_completion.prompt == "Once upon"
+        assert list(text_chat.resume_token_ids) == [7, 8]
+    counted = {sent_as: gateway.registry.get_sample_value("kvcluster_gateway_prompt_inputs_total", {"input": sent_as})
+               for sent_as in ("token_ids", "text")}
+    assert counted == {"token_ids": 2, "text": 4}
+    index.close()
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_gateway_checks_its_token_ids_as_decode_would_naming_the_body_field(chat):
+    gateway = Gateway(GatewayConfig(redis_url=""))
+    text = "word " * gateway.limits.max_tokens
+    request = api_request(gateway, messages=[{"role": "user", "content": text}]) if chat else \
+        api_request(gateway, prompt=text)
+    member = StoreRef("d", "127.0.0.1:1", 1, "", FINGERPRINT.hex())
+    same = Replica(member, stub=None, channel=None, published={"tokenizer_fingerprint": gateway.tokenizer.fingerprint})
+    with pytest.raises(ApiError) as refused:
+        gateway.generate_request(request, same, [], 0)
+    field = "messages" if chat else "prompt"
+    limit = gateway.limits.max_tokens - 1
+    assert (refused.value.status, refused.value.param) == (400, field)
+    assert refused.value.message == (f"{field}: has {len(request.token_ids)} tokens; the limit is {limit} "
+                                     f"(context {limit + 1} minus one output token)")
+    # a replica with another tokenizer counts the prompt itself (and names the same field)
+    other = Replica(member, stub=None, channel=None, published={})
+    assert other.tokenizer_fingerprint is None
+    assert gateway.generate_request(request, other, [], 0).WhichOneof("input") == field

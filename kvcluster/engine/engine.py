@@ -39,6 +39,7 @@ from kvcluster.engine.logits_processors import pick
 from kvcluster.engine.model_runner import ModelRunner
 from kvcluster.engine.scheduler import Scheduler, StepPlan
 from kvcluster.engine.sampling import SamplingParams
+from kvcluster.engine.sampling_params import check_prompt_ids
 from kvcluster.engine.sequence import Sequence, TokenEvent
 from kvcluster.engine.structured_output import Grammars
 from kvcluster.model.tokenizer import Tokenizer
@@ -206,15 +207,7 @@ class Engine:
 
     def check_prompt(self, prompt_ids: Seq[int], field: str = "prompt") -> None:
         """Raise InvalidArgument unless the prompt can be served."""
-        limit = self.model_config.context_length - 1
-        if not prompt_ids:
-            raise InvalidArgument(field, "must not be empty")
-        if len(prompt_ids) > limit:
-            raise InvalidArgument(field, f"has {len(prompt_ids)} tokens; the limit is {limit} (context {limit + 1} minus one output token)")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidArgument("token_ids", f"token id {bad} is outside the vocabulary [0, {vocab})")
+        check_prompt_ids(prompt_ids, field, self.model_config.context_length, self.model_config.vocab_size)
 
     def check_sampling(self, params: SamplingParams) -> None:
         """Raise InvalidArgument unless `params` can be served; compiles its grammar (any thread)."""

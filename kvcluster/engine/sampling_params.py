@@ -28,6 +28,20 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64           # (min_tokens bans them all at once: far fewer than any vocabulary)
 
 
+def check_prompt_ids(prompt_ids, field: str, context_length: int, vocab_size: int) -> None:
+    """Raise InvalidArgument unless the prompt fits the context with room for one output token and every
+    id is in the vocabulary. `field` is where the caller gave the prompt (prompt, messages or token_ids);
+    an id out of the vocabulary is always named `token_ids`."""
+    limit = context_length - 1
+    if not prompt_ids:
+        raise InvalidArgument(field, "must not be empty")
+    if len(prompt_ids) > limit:
+        raise InvalidArgument(field, f"has {len(prompt_ids)} tokens; the limit is {limit} (context {limit + 1} minus one output token)")
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument("token_ids", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
 def _float32(value: float) -> float:
     """`value` as the wire (a proto float) carries it, so a client sending the bound passes."""
     return struct.unpack("f", struct.pack("f", value))[0]

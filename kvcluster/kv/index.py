@@ -224,6 +224,9 @@ NUMERICS_FIELDS = ("numerics", "exactness_guaranteed")
 # A worker's KV block size in tokens, a field of its own (the gateway hashes prompts with it; never parsed
 # out of the layout text).
 LAYOUT_FIELDS = ("block_size",)
+# A worker's kvcluster.model.tokenizer.tokenizer_fingerprint: the gateway sends a prompt as the token ids
+# it computed only to a worker that would have computed the same ids from its text.
+TOKENIZER_FIELDS = ("tokenizer_fingerprint",)
 
 
 SENTINEL_SCHEME = "redis+sentinel"

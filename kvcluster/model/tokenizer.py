@@ -7,14 +7,20 @@ A GGUF describes its tokenizer with `tokenizer.ggml.model` and, for byte-level B
 pre-tokenizers it knows); `PRE_TOKENIZERS` names every `pre` accepted here and adds what that conversion
 leaves out. Any other model or pre-tokenizer is refused when the tokenizer is built (at start-up), since
 a wrong split still produces plausible tokens.
+
+`tokenizer_fingerprint` names everything the ids of a text or a chat depend on, so a gateway that
+tokenized a prompt can tell whether a worker would have got the same ids from its text.
 """
 
+import dataclasses
+import datetime
+import importlib.metadata
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import datetime
-
 import jinja2.ext
+import xxhash
 import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers
 
@@ -43,6 +49,11 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Bump when a change to this module changes the ids some text or chat encodes to (part of the fingerprint).
+TOKENIZER_VERSION = 1
+# The libraries that turn the files' data into ids: the tokenizer itself, transformers' GGUF conversion
+# and the chat template's renderer.
+TOKENIZER_LIBRARIES = ("tokenizers", "transformers", "jinja2")
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class Tokenizer:
                                                            extensions=[jinja2.ext.loopcontrols])
         env.globals.update(raise_exception=_raise_template_error, strftime_now=_strftime_now)
         self._template = env.from_string(data.chat_template or CHATML_TEMPLATE)
+        self.fingerprint = tokenizer_fingerprint(data)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings inside it are recognised as such."""
@@ -104,6 +116,23 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         return self.encode(self.render_chat(messages))
+
+
+def tokenizer_fingerprint(data: TokenizerData | HFTokenizerFiles) -> str:
+    """Hex xxh3-128 of what encode, encode_prompt and encode_chat depend on: the files' tokenizer data
+    (vocabulary, merges or scores, special tokens, BOS/EOS and add-BOS, chat template), this module's
+    version and the versions of the libraries that build and render them. Equal fingerprints give
+    equal ids for every text and chat; a difference anywhere only makes callers send text instead."""
+    described = json.dumps({"format": type(data).__name__, **dataclasses.asdict(data)}, sort_keys=True)
+    libraries = "|".join(f"{name}={_version(name)}" for name in TOKENIZER_LIBRARIES)
+    return xxhash.xxh3_128_hexdigest(f"v{TOKENIZER_VERSION}|{libraries}|{described}".encode())
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def gguf_tokenizer(data: TokenizerData) -> HFTokenizer:

@@ -2,7 +2,8 @@
 
 Each worker registers under `worker_namespace(ns, kind)` with the same heartbeat, epoch and
 collection rules as a cache store (kvcluster.kv.index, kvcluster.kv.index_publisher): its address, its KV
-layout and block fingerprint (the gateway hashes prompts with them), its numerics and whether
+layout and block fingerprint (the gateway hashes prompts with them), its tokenizer's fingerprint
+(the gateway sends it token ids instead of text only when it equals its own), its numerics and whether
 exactness holds on it (the gateway's /health shows them), and with every heartbeat its load. A
 decode worker also publishes what its local prefix cache holds: the pool tells the publisher of
 each block registered and evicted (on the engine thread, enqueue only) and the publisher writes
@@ -58,7 +59,8 @@ def make_registration(kind: str, config, worker: EngineWorker, port: int) -> Ind
     member_id = config.worker_id or f"{kind}-{socket.gethostname()}-{port}"
     address = config.advertise_address or f"{host}:{port}"
     publishes_blocks = kind == "decode" and engine.prefix_caching
-    published = numerics_status(engine).registry_fields() | {"block_size": str(engine.layout.block_size)}
+    published = numerics_status(engine).registry_fields() | {"block_size": str(engine.layout.block_size),
+                                                              "tokenizer_fingerprint": engine.tokenizer.fingerprint}
 
     def held_hashes() -> list[bytes]:
         if not publishes_blocks:
