@@ -31,7 +31,7 @@ def main() -> int:
         if OUT.exists():
             shutil.rmtree(OUT)
         OUT.mkdir(parents=True)
-        for generated in (Path(tmp) / "kvcluster" / "v1").iterdir():
+        for generated in (Path(tmp) / "kvcluster" / "proto").iterdir():
             text = IMPORT_RE.sub("from kvcluster.proto import", generated.read_text())
             (OUT / generated.name).write_text(text)
     (OUT / "__init__.py").write_text('"""Generated protobuf code (see scripts/gen_protos.py)."""\n')
