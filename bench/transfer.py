@@ -34,6 +34,7 @@ from cache_store.config import StoreConfig
 from kvcluster.kv.blocks import ROOT_HASH, hash_block, make_fingerprint
 from kvcluster.kv.index import RedisIndex
 from kvcluster.proto import cache_pb2, cache_pb2_grpc
+from kvcluster.cli.polling import wait_until
 from kvcluster.cli.redis_server import HOST, RedisServer
 from kvcluster.rpc.plumbing import channel_options
 from kvcluster.rpc.store_client import Block, StoreClient, make_ref
@@ -206,11 +207,9 @@ def offers_bulk(client: StoreClient, hashes: list[bytes]) -> bool:
 def measure_lookups(redis_url: str, hashes: list[bytes], count: int) -> dict:
     index = RedisIndex(redis_url)
     try:
-        deadline = time.monotonic() + 10  # the store publishes from a background thread
-        while len(index.lookup(hashes)) != len(hashes):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the index does not hold the pushed blocks")
-            time.sleep(0.1)
+        # the store publishes from a background thread
+        if not wait_until(lambda: len(index.lookup(hashes)) == len(hashes), 10, interval_s=0.1):
+            raise RuntimeError("the index does not hold the pushed blocks")
         for _ in range(50):
             index.lookup(hashes)
         times = []

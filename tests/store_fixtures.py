@@ -6,7 +6,6 @@ loopback port; the machine's own Redis is never touched.
 """
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ from cache_store.server import StoreServer, create_server
 from kvcluster.kv.blocks import Fingerprint, make_fingerprint, prefix_hashes
 from kvcluster.kv.index import RedisIndex
 from kvcluster.kv.pool import KVLayout
+from kvcluster.cli import polling
 from kvcluster.cli.redis_server import RedisServer
 from kvcluster.proto import cache_pb2, cache_pb2_grpc
 from kvcluster.rpc.plumbing import make_channel
@@ -65,12 +65,7 @@ def store_config(redis_url: str, layout: KVLayout = SMALL_LAYOUT, blocks: int = 
 
 def wait_until(condition: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.05) -> bool:
     """Poll `condition` until it is truthy; the result says whether it became so in time."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval_s)
-    return bool(condition())
+    return polling.wait_until(condition, timeout_s, interval_s)
 
 
 @contextlib.contextmanager

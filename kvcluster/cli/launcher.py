@@ -41,6 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvcluster.kv.dtypes import check_dtype
 from kvcluster.errors import Unavailable
 from kvcluster.model.files import default_model_path, read_model_config
+from kvcluster.cli.polling import wait_until
 from kvcluster.cli.redis_server import ClusterGroup, RedisServer, SentinelGroup, start_redis_server
 
 REDIS_MODES = ("single", "sentinel", "cluster")
@@ -292,37 +293,33 @@ def _with_flag(args: list, flag: str, value) -> list:
 
 def wait_http_ok(url: str, timeout_s: float) -> None:
     """Block until GET `url` answers 200."""
+    if not wait_until(lambda: _answers_200(url), timeout_s, interval_s=0.2):
+        raise Unavailable(f"{url} did not answer 200 within {timeout_s:.0f} s")
+
+
+def _answers_200(url: str) -> bool:
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise Unavailable(f"{url} did not answer 200 within {timeout_s:.0f} s")
-        time.sleep(0.2)
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def wait_serving(target: str, timeout_s: float) -> None:
-    """Block until the gRPC health check of `target` answers SERVING."""
-    deadline = time.monotonic() + timeout_s
+    """Block until the gRPC health service of `target` reports SERVING: one Watch call that waits
+    for the channel to connect (wait_for_ready) and is told of each status change."""
     channel = make_channel(target)
+    updates = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                        timeout=timeout_s, wait_for_ready=True)
     try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise Unavailable(f"{target} is not SERVING after {timeout_s:.0f} s")
-            time.sleep(0.2)
+        if any(update.status == health_pb2.HealthCheckResponse.SERVING for update in updates):
+            return
+        raise Unavailable(f"{target} ended its health watch before it was SERVING")
+    except grpc.RpcError as exc:
+        raise Unavailable(f"{target} is not SERVING after {timeout_s:.0f} s ({exc.code().name})") from None
     finally:
+        updates.cancel()
         channel.close()

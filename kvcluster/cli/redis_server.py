@@ -16,11 +16,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis
 
+from kvcluster.cli.polling import wait_until
 from kvcluster.errors import Unavailable
 
 HOST = "127.0.0.1"
@@ -108,17 +108,9 @@ class RedisServer:
     def _wait_ready(self) -> bool:
         client = redis.Redis(host=HOST, port=self.port, password=self.password, socket_timeout=1.0,
                              socket_connect_timeout=1.0)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        try:
-            while time.monotonic() < deadline:
-                if self._process.poll() is not None:
-                    return False  # exited: most likely the port was taken meanwhile
-                try:
-                    if client.ping():
-                        return True
-                except redis.RedisError:
-                    time.sleep(0.02)
-            return False
+        try:  # an exited server most likely found its port taken meanwhile
+            return wait_until(client.ping, START_TIMEOUT_S, interval_s=0.02, retry_on=(redis.RedisError,),
+                              give_up=lambda: self._process.poll() is not None)
         finally:
             client.close()
 
@@ -222,21 +214,16 @@ class SentinelGroup:
 
     def wait_replicated(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until the primary has a connected replica and every Sentinel knows it."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                primary = self.primary()
-                client = redis.Redis(host=HOST, port=primary.port, socket_timeout=1.0)
-                try:
-                    linked = client.info("replication").get("slave0", {}).get("state") == "online"
-                finally:
-                    client.close()
-                if linked and all(self._sentinel_sees_replica(s) for s in self.sentinels if s.running):
-                    return
-            except (redis.RedisError, Unavailable, StopIteration):
-                pass
-            time.sleep(0.05)
-        raise Unavailable("the Sentinel group did not settle (primary, replica, Sentinels)")
+        if not wait_until(self._replicated, timeout_s, retry_on=(redis.RedisError, Unavailable, StopIteration)):
+            raise Unavailable("the Sentinel group did not settle (primary, replica, Sentinels)")
+
+    def _replicated(self) -> bool:
+        client = redis.Redis(host=HOST, port=self.primary().port, socket_timeout=1.0)
+        try:
+            linked = client.info("replication").get("slave0", {}).get("state") == "online"
+        finally:
+            client.close()
+        return linked and all(self._sentinel_sees_replica(s) for s in self.sentinels if s.running)
 
     def _sentinel_sees_replica(self, sentinel: RedisServer) -> bool:
         client = redis.Redis(host=HOST, port=sentinel.port, socket_timeout=1.0)
@@ -319,23 +306,18 @@ class ClusterGroup:
 
     def _wait_for(self, clients: list[redis.Redis], holds) -> None:
         """Until `holds(CLUSTER INFO)` is true on every node."""
-        deadline = time.monotonic() + START_TIMEOUT_S * 3
-        while time.monotonic() < deadline:
-            if all(holds(_text(client.execute_command("CLUSTER", "INFO"))) for client in clients):
-                return
-            time.sleep(0.05)
-        raise Unavailable(f"the Redis Cluster of {len(clients)} nodes did not settle")
+        def settled() -> bool:
+            return all(holds(_text(client.execute_command("CLUSTER", "INFO"))) for client in clients)
+        if not wait_until(settled, START_TIMEOUT_S * 3):
+            raise Unavailable(f"the Redis Cluster of {len(clients)} nodes did not settle")
 
     def _wait_replicated(self, masters: list[redis.Redis]) -> None:
         """Until every master has its replicas connected and in sync."""
-        deadline = time.monotonic() + START_TIMEOUT_S * 3
-        while time.monotonic() < deadline:
-            infos = [client.info("replication") for client in masters]
-            if all(sum(info.get(f"slave{r}", {}).get("state") == "online" for r in range(self.replicas))
-                   == self.replicas for info in infos):
-                return
-            time.sleep(0.05)
-        raise Unavailable("the Redis Cluster's replicas did not reach their masters")
+        def in_sync(info: dict) -> bool:
+            online = sum(info.get(f"slave{r}", {}).get("state") == "online" for r in range(self.replicas))
+            return online == self.replicas
+        if not wait_until(lambda: all(in_sync(client.info("replication")) for client in masters), START_TIMEOUT_S * 3):
+            raise Unavailable("the Redis Cluster's replicas did not reach their masters")
 
     def nodes(self) -> list[dict]:
         """CLUSTER NODES as a running node sees it: per node its `port`, `flags` (a set: master,
