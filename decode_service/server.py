@@ -19,9 +19,8 @@ from kvcluster.errors import InvalidArgument, ResourceExhausted, Unavailable
 from kvcluster.kv.index_publisher import IndexPublisher
 from kvcluster.engine.engine import Engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
-from kvcluster.rpc.cache_client import make_cache_client
 from kvcluster.worker.registration import make_registration
-from kvcluster.worker.server import WorkerServer, make_engine_worker
+from kvcluster.worker.server import WorkerServer, make_cache_client, make_engine_worker
 from kvcluster.worker.engine_worker import EngineWorker
 
 log = logging.getLogger(__name__)

@@ -6,12 +6,11 @@ from prometheus_client import CollectorRegistry
 
 from kvcluster.rpc import plumbing as rpc
 from kvcluster.rpc.security import token_guards
-from kvcluster.rpc.cache_client import make_cache_client
 from kvcluster.rpc.messages import sampling_from_proto
 from kvcluster.engine.engine import Engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
 from kvcluster.worker.registration import make_registration
-from kvcluster.worker.server import WorkerServer, make_engine_worker
+from kvcluster.worker.server import WorkerServer, make_cache_client, make_engine_worker
 from prefill_service.config import PrefillConfig
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefiller import PrefillOutcome, Prefiller

@@ -11,8 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import grpc
 
 from kvcluster.kv.blocks import BlockHash, Fingerprint
@@ -21,8 +19,6 @@ from kvcluster.kv.index import RedisIndex, StoreRef, group_runs, pick_store
 from kvcluster.kv.pool import KVLayout
 from kvcluster.proto import cache_pb2, common_pb2
 
-if TYPE_CHECKING:
-    from kvcluster.engine.engine import Engine
 from kvcluster.rpc.faults import NO_FAULTS, Faults
 from kvcluster.rpc.security import SecuritySettings
 from kvcluster.rpc.store_client import StoreClient, iter_pull, make_ref
@@ -309,17 +305,3 @@ class KVCacheClient:
         result.push_s = time.perf_counter() - start
         return result
 
-
-def make_cache_client(config, engine: "Engine") -> KVCacheClient | None:
-    """The cache client a prefill or decode worker's config asks for (None without a Redis URL),
-    after the start-up check that the live stores hold this worker's KV layout."""
-    if not config.redis_url:
-        return None
-    client = KVCacheClient(RedisIndex(config.redis_url, config.index_namespace), engine.layout, engine.fingerprint,
-                           config.store_timeout_seconds, Faults.parse(config.faults), config)
-    try:
-        client.check_stores(config.store_wait_seconds)
-    except BaseException:
-        client.index.close()
-        raise
-    return client

@@ -5,7 +5,10 @@ from collections.abc import Callable, Sequence
 from prometheus_client import CollectorRegistry
 
 from kvcluster.engine.engine import Engine, load_engine
+from kvcluster.kv.index import RedisIndex
 from kvcluster.rpc import plumbing as rpc
+from kvcluster.rpc.cache_client import KVCacheClient
+from kvcluster.rpc.faults import Faults
 from kvcluster.rpc.service_server import ServiceServer
 from kvcluster.worker.engine_worker import EngineWorker
 from kvcluster.worker.metrics import register_numerics_info, register_pool_gauges
@@ -22,6 +25,21 @@ def make_engine_worker(name: str, config, engine: Engine | None, registry: Colle
     register_pool_gauges(registry, engine.blocks)
     register_numerics_info(registry, numerics_status(engine))
     return EngineWorker(engine, config.max_waiting, name=f"{name}-engine", on_step=on_step)
+
+
+def make_cache_client(config, engine: Engine) -> KVCacheClient | None:
+    """The cache client a prefill or decode worker's config asks for (None without a Redis URL),
+    after the start-up check that the live stores hold this worker's KV layout."""
+    if not config.redis_url:
+        return None
+    client = KVCacheClient(RedisIndex(config.redis_url, config.index_namespace), engine.layout, engine.fingerprint,
+                           config.store_timeout_seconds, Faults.parse(config.faults), config)
+    try:
+        client.check_stores(config.store_wait_seconds)
+    except BaseException:
+        client.index.close()
+        raise
+    return client
 
 
 class WorkerServer(ServiceServer):
