@@ -9,7 +9,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 import grpc
 
@@ -19,9 +19,8 @@ from kvcluster.kv.index import RedisIndex, StoreRef, group_runs, pick_store
 from kvcluster.kv.pool import KVLayout
 from kvcluster.proto import cache_pb2, common_pb2
 
-from kvcluster.rpc.faults import NO_FAULTS, Faults
 from kvcluster.rpc.security import SecuritySettings
-from kvcluster.rpc.store_client import StoreClient, iter_pull, make_ref
+from kvcluster.rpc.store_client import StoreClient, make_ref
 from kvcluster.kv.wire import block_key
 
 log = logging.getLogger(__name__)
@@ -53,13 +52,12 @@ class KVCacheClient:
     """Index + store clients for one (fingerprint, layout). Thread-safe."""
 
     def __init__(self, index: RedisIndex | None, layout: KVLayout, fingerprint: Fingerprint, timeout_s: float = 10.0,
-                 faults: Faults = NO_FAULTS, security: SecuritySettings = SecuritySettings(),
+                 security: SecuritySettings = SecuritySettings(),
                  metadata: Sequence[tuple[str, str]] = ()):
         """`metadata`: more call metadata for every store call, after the security settings' own
         (a store's replicator marks its pushes so that the receiver counts them)."""
         self.index = index
         self.metadata = tuple(metadata)
-        self.faults = faults
         self.security = security
         self.layout = layout
         self.fingerprint = fingerprint
@@ -92,8 +90,6 @@ class KVCacheClient:
             return [], 0.0, None
         start = time.perf_counter()
         try:
-            if self.faults.redis_down:
-                raise Unavailable("Redis unreachable (injected fault)")
             return self.index.lookup(hashes), time.perf_counter() - start, None
         except Unavailable as exc:
             log.warning("index lookup failed: %s", exc)
@@ -160,9 +156,7 @@ class KVCacheClient:
         if not address:
             return "store_unavailable"
         keys = [block_key(r) for r in wanted]
-        if self.faults.pull_delay_ms:
-            time.sleep(self.faults.pull_delay_ms / 1000.0)
-        blocks = self._pulled_blocks(self.store(address), keys, timeout_s)
+        blocks = self.store(address).iter_blocks(self.fingerprint, keys, cache_pb2.PullSummary(), timeout_s=timeout_s)
         received = 0
         try:  # blocks delivered before a failure stay usable: the prefix they form is intact
             for (header, payload), ref in zip(blocks, wanted):
@@ -181,42 +175,11 @@ class KVCacheClient:
             blocks.close()  # ends the pull: releases the store's pins if it stopped early
         return None if received == len(wanted) else "short_pull"
 
-    def _pulled_blocks(self, store: StoreClient, keys: Sequence[bytes | str],
-                       timeout_s: float | None) -> Iterator[tuple[common_pb2.BlockRef, bytes]]:
-        """The verified blocks of one pull: by the store client's own paths (bulk, else the gRPC
-        stream), or, with injected faults, over the gRPC stream where the faults act on its chunks."""
-        if not self.faults.active:
-            yield from store.iter_blocks(self.fingerprint, keys, cache_pb2.PullSummary(), timeout_s=timeout_s)
-            return
-        stream = store.pull_stream(self.fingerprint, keys, timeout_s=timeout_s)
-        try:
-            yield from iter_pull(self._inject(stream), self.layout.block_nbytes, cache_pb2.PullSummary())
-        finally:
-            stream.cancel()
-
-    def _inject(self, responses: Iterable[cache_pb2.PullBlocksResponse]) -> Iterator[cache_pb2.PullBlocksResponse]:
-        """The pull stream as it arrives, with any injected faults applied."""
-        if not self.faults.active:
-            yield from responses
-            return
-        drop = self.faults.roll(self.faults.pull_drop)
-        for response in responses:
-            if response.WhichOneof("item") == "chunk":
-                if self.faults.roll(self.faults.corrupt) and response.chunk.data:
-                    data = bytearray(response.chunk.data)
-                    data[len(data) // 2] ^= 0xFF
-                    response.chunk.data = bytes(data)
-                if drop and response.chunk.last:
-                    raise Unavailable("pull stream dropped (injected fault)")
-            yield response
-
     # ---- writing --------------------------------------------------------------------------
 
     def live_stores(self) -> list[StoreRef]:
         """Live stores that hold this worker's KV layout, re-read from the index at most every
         LIVE_STORES_TTL_S. Stores of another layout (another model or dtype) are never pushed to."""
-        if self.faults.redis_down:
-            raise Unavailable("Redis unreachable (injected fault)")
         stamp, stores = self._live
         if time.monotonic() - stamp > LIVE_STORES_TTL_S and self.index is not None:
             stores = self._usable(self.index.live_stores())
@@ -287,8 +250,6 @@ class KVCacheClient:
             by_store.setdefault(place(key if isinstance(key, bytes) else key.encode(), stores), []).append(i)
         for target, members in by_store.items():
             try:
-                if self.faults.roll(self.faults.push_fail):
-                    raise Unavailable("push failed (injected fault)")
                 response = self.store(target.address).push_blocks(
                     self.fingerprint, [(refs[i], blocks[i][2]) for i in members], lease_seconds)
             except (grpc.RpcError, Unavailable) as exc:

@@ -8,7 +8,7 @@ from kvcluster.engine.engine import Engine, load_engine
 from kvcluster.kv.index import RedisIndex
 from kvcluster.rpc import plumbing as rpc
 from kvcluster.rpc.cache_client import KVCacheClient
-from kvcluster.rpc.faults import Faults
+from kvcluster.rpc.faults import FaultyCacheClient, Faults
 from kvcluster.rpc.service_server import ServiceServer
 from kvcluster.worker.engine_worker import EngineWorker
 from kvcluster.worker.metrics import register_numerics_info, register_pool_gauges
@@ -29,15 +29,18 @@ def make_engine_worker(name: str, config, engine: Engine | None, registry: Colle
 
 def make_cache_client(config, engine: Engine) -> KVCacheClient | None:
     """The cache client a prefill or decode worker's config asks for (None without a Redis URL),
-    after the start-up check that the live stores hold this worker's KV layout."""
+    after the start-up check that the live stores hold this worker's KV layout. `--faults` wraps it
+    in fault injection (kvcluster.rpc.faults)."""
     if not config.redis_url:
         return None
-    client = KVCacheClient(RedisIndex(config.redis_url, config.index_namespace), engine.layout, engine.fingerprint,
-                           config.store_timeout_seconds, Faults.parse(config.faults), config)
+    faults = Faults.parse(config.faults) if config.faults else None  # a bad spec fails before Redis is opened
+    index = RedisIndex(config.redis_url, config.index_namespace)
+    args = (index, engine.layout, engine.fingerprint, config.store_timeout_seconds, config)
+    client = KVCacheClient(*args) if faults is None else FaultyCacheClient(*args, faults=faults)
     try:
         client.check_stores(config.store_wait_seconds)
     except BaseException:
-        client.index.close()
+        index.close()
         raise
     return client
 
