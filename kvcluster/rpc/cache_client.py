@@ -16,6 +16,7 @@ import grpc
 from kvcluster.kv.blocks import BlockHash, Fingerprint
 from kvcluster.errors import IncompatibleStores, IntegrityError, Unavailable
 from kvcluster.kv.index import RedisIndex, StoreRef, group_runs, pick_store
+from kvcluster.kv.membership import Membership
 from kvcluster.kv.pool import KVLayout
 from kvcluster.proto import cache_pb2, common_pb2
 
@@ -64,8 +65,9 @@ class KVCacheClient:
         self.timeout_s = timeout_s
         self._stores: dict[str, StoreClient] = {}
         self._lock = threading.Lock()
-        self._live: tuple[float, list[StoreRef]] = (0.0, [])
         self._skipped: set[str] = set()  # stores of another layout, logged once each
+        self.membership = (Membership(index, self._usable, max_age_s=LIVE_STORES_TTL_S) if index is not None
+                           else None)  # the live stores holding this worker's layout, for placing pushes
 
     def close(self) -> None:
         with self._lock:
@@ -180,11 +182,7 @@ class KVCacheClient:
     def live_stores(self) -> list[StoreRef]:
         """Live stores that hold this worker's KV layout, re-read from the index at most every
         LIVE_STORES_TTL_S. Stores of another layout (another model or dtype) are never pushed to."""
-        stamp, stores = self._live
-        if time.monotonic() - stamp > LIVE_STORES_TTL_S and self.index is not None:
-            stores = self._usable(self.index.live_stores())
-            self._live = (time.monotonic(), stores)
-        return stores
+        return [] if self.membership is None else [store for store, _ in self.membership.current()]
 
     def _usable(self, stores: list[StoreRef]) -> list[StoreRef]:
         """The stores that accept this worker's blocks; each other one is logged once."""
@@ -226,7 +224,7 @@ class KVCacheClient:
         else:
             log.info("cache stores holding this worker's KV layout %s: %s", ours,
                      ", ".join(s.store_id for s in usable))
-        self._live = (time.monotonic(), usable)
+        self.membership.keep([(store, {}) for store in usable])
         return usable
 
     def push(self, blocks: Sequence[tuple[bytes | str, Sequence[int], bytes]], lease_seconds: int = 0,
