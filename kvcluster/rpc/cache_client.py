@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
 import grpc
 
 from kvcluster.kv.blocks import BlockHash, Fingerprint
@@ -19,7 +20,6 @@ from kvcluster.kv.index import RedisIndex, StoreRef, group_runs, pick_store
 from kvcluster.kv.membership import Membership
 from kvcluster.kv.pool import KVLayout
 from kvcluster.proto import cache_pb2, common_pb2
-
 from kvcluster.rpc.security import SecuritySettings
 from kvcluster.rpc.store_client import StoreClient, make_ref
 from kvcluster.kv.wire import block_key
