@@ -6,7 +6,8 @@ Set with `--faults` / `KVC_FAULTS` on a prefill or decode worker, a comma-separa
     pull_delay_ms=MS   every pull waits MS milliseconds before starting
     corrupt=P          one byte of each pulled block is flipped in transit (probability P per block)
     push_fail=P        a push to a store fails (probability P per push)
-    redis_down=1       every Redis index call fails as if Redis were unreachable
+    redis_down=1       every index read on the cache path (lookups, holders, the live-store list for
+                       pushes) fails as if Redis were unreachable
     seed=N             seed of the dice (default: random)
 
 Each fault takes the worker down a recompute path; the output must not change. The faults act in
