@@ -9,7 +9,7 @@ their own). Labels are only `direction` ("push" | "pull") and, for the spill tie
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -134,9 +134,3 @@ def register_metrics(registry: CollectorRegistry, pool: StorePool, counters: Ser
                      publisher: IndexPublisher, watchdog: StreamWatchdog, replication: ReplicationCounters) -> None:
     registry.register(StoreCollector(pool, counters, publisher, watchdog, replication))
 
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int):
-    """Start the /metrics HTTP endpoint (port 0: a free one). Returns (http server, bound port)."""
-    host = "::" if host == "[::]" else host
-    http_server, _ = start_http_server(port, addr=host, registry=registry)
-    return http_server, http_server.server_port

@@ -26,8 +26,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from cache_store.counters import LockedCounters
 from cache_store.pool import StoredBlock, StorePool
 from kvcluster.kv.blocks import checksum
 from kvcluster.rpc.cache_client import KVCacheClient
@@ -46,24 +47,12 @@ RECHECK_SECONDS = 10.0        # a hot block is looked at again (and a failed cop
 
 
 @dataclass
-class ReplicationCounters:
+class ReplicationCounters(LockedCounters):
     """Blocks this store copied out, took in, or failed to copy; read by cache_store.metrics."""
 
     sent_blocks: int = 0
     received_blocks: int = 0
     failed_blocks: int = 0
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(slots=True)

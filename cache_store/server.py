@@ -7,12 +7,11 @@ trouble never stops the store: without Redis it serves pushes and pulls all the 
 """
 
 import logging
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
 from cache_store.config import StoreConfig
-from cache_store.metrics import register_metrics, serve_metrics
+from cache_store.metrics import register_metrics
 from cache_store.pool import StorePool
 from cache_store.spill import make_tiers
 from cache_store.replicator import HotReplicator
@@ -20,6 +19,7 @@ from kvcluster.kv.index_publisher import IndexPublisher
 from cache_store.bulk import BulkListener
 from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity, add_to_server
 from kvcluster.rpc import plumbing as rpc
+from kvcluster.rpc.service_server import ServiceServer
 from kvcluster.kv.dtypes import resolve_dtype
 from kvcluster.rpc.security import token_guards
 from kvcluster.kv.index import RedisIndex
@@ -29,18 +29,15 @@ from cache_store.stream_watchdog import StreamWatchdog
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StoreServer:
+class StoreServer(ServiceServer):
     """A built cache store. Tests and `python -m cache_store` drive it the same way."""
 
-    config: StoreConfig
-    rpc_server: rpc.RpcServer
-    servicer: CacheStoreServicer
-    publisher: IndexPublisher
-    registry: CollectorRegistry
-    port: int
-    metrics_port: int | None = None
-    _metrics_http: object = field(default=None, repr=False)
+    def __init__(self, config: StoreConfig, rpc_server: rpc.RpcServer, servicer: CacheStoreServicer,
+                 publisher: IndexPublisher, registry: CollectorRegistry, port: int):
+        super().__init__(f"cache store {servicer.identity.store_id}", config, rpc_server, registry, port)
+        self.servicer = servicer
+        self.publisher = publisher
+        self._deregister = True
 
     @property
     def pool(self) -> StorePool:
@@ -54,39 +51,33 @@ class StoreServer:
     def address(self) -> str:
         return self.servicer.identity.address
 
-    def start(self) -> "StoreServer":
-        self.rpc_server.start()
-        self.publisher.start()
-        if self.config.metrics_port >= 0:
-            self._metrics_http, self.metrics_port = serve_metrics(self.registry, self.config.host,
-                                                                  self.config.metrics_port)
-        tiers = ", ".join(f"{tier.name} tier {tier.blocks_capacity} blocks" for tier in self.pool.stats().tiers[1:])
-        log.info("cache store %s serving on %s (pool %d blocks on %s%s, metrics port %s)", self.store_id,
-                 self.address, self.pool.num_blocks, self.pool.device, f"; {tiers}" if tiers else "",
-                 self.metrics_port)
-        return self
-
     def flush_index(self, timeout_s: float = 5.0) -> bool:
         """Wait until the index reflects the pool as of now. True if it does (Redis reachable)."""
         return self.publisher.flush(timeout_s)
 
     def stop(self, grace_s: float | None = None, deregister: bool = True) -> None:
         """Graceful stop. `deregister=False` leaves the index entries behind, as a crash would."""
-        self.rpc_server.stop(self.config.grace_seconds if grace_s is None else grace_s)
+        self._deregister = deregister
+        super().stop(grace_s)
+
+    def describe_address(self) -> str:
+        return self.address
+
+    def describe_parts(self) -> str:
+        tiers = ", ".join(f"{tier.name} tier {tier.blocks_capacity} blocks" for tier in self.pool.stats().tiers[1:])
+        return f"pool {self.pool.num_blocks} blocks on {self.pool.device}{f'; {tiers}' if tiers else ''}, "
+
+    def _announce(self) -> None:
+        self.publisher.start()
+
+    def _close_parts(self) -> None:
         self.servicer.watchdog.close()
         self.servicer.replicator.close()
         if self.servicer.bulk is not None:
             self.servicer.bulk.close()
         self.pool.release_all()
-        self.publisher.stop(deregister=deregister)
+        self.publisher.stop(deregister=self._deregister)
         self.pool.close()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
-            self._metrics_http = None
-
-    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
-        return self.rpc_server.wait_for_termination(timeout_s)
 
 
 def bulk_listener(config: StoreConfig) -> BulkListener | None:

@@ -16,14 +16,14 @@ client cancels, whichever way the bytes went.
 
 import itertools
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import grpc
 
 from cache_store.bulk import BulkListener
+from cache_store.counters import LockedCounters
 from cache_store.config import FINGERPRINT_BYTES, StoreConfig
 from cache_store.pool import LeaseBudgetExceeded, StoredBlock, StorePool
 from cache_store.replicator import HotReplicator
@@ -41,7 +41,7 @@ Status = cache_pb2.BlockPushResult.Status
 
 
 @dataclass
-class ServiceCounters:
+class ServiceCounters(LockedCounters):
     """What the handlers did, read by cache_store.metrics. Updated through `add` (thread-safe)."""
 
     push_bytes: int = 0
@@ -54,18 +54,6 @@ class ServiceCounters:
     blocks_rejected: int = 0
     bulk_pulls: int = 0           # pulls whose bytes went over a claimed bulk connection
     bulk_tickets_unused: int = 0  # bulk offers whose ticket expired, or whose call ended, unclaimed
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def add(self, **deltas: float) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
-
-    def snapshot(self) -> dict[str, float]:
-        with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass

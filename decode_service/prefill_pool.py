@@ -19,7 +19,8 @@ import grpc
 
 from kvcluster.rpc import plumbing as rpc
 from kvcluster.errors import Unavailable
-from kvcluster.kv.index import RedisIndex, StoreRef, worker_namespace
+from kvcluster.kv.index import LOAD_FIELDS, RedisIndex, StoreRef, worker_namespace
+from kvcluster.kv.membership import Membership, published_load
 from kvcluster.proto import prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ class PrefillPool:
         self.index = (RedisIndex(config.redis_url, worker_namespace(config.index_namespace, "prefill"))
                       if config.redis_url and config.registry_heartbeat_seconds > 0 else None)
         self.refresh_s = refresh_s
-        self.live: list[tuple[StoreRef, int]] = []  # registered replicas and their published loads
-        self.fields: dict[str, dict[str, str]] = {}  # address -> its published load fields (queued_tokens, host_id)
+        self.membership = (Membership(self.index, self._ours, LOAD_FIELDS) if self.index is not None
+                           else None)  # registered replicas and their published load fields, re-read every refresh_s
         self._stubs: dict[str, prefill_pb2_grpc.PrefillServiceStub] = {}
         self._channels: list[grpc.Channel] = []
         self._open: Counter[str] = Counter()
@@ -68,19 +69,20 @@ class PrefillPool:
 
     def refresh(self) -> None:
         try:
-            members = [m for m in self.index.live_stores() if m.fingerprint == self.fingerprint]
-            loads = self.index.member_fields([m.store_id for m in members])
+            self.membership.refresh()
         except Unavailable:
-            return  # keep the last list; the next round retries
-        self.live = [(m, int(f.get("running", 0)) + int(f.get("waiting", 0))) for m, f in zip(members, loads)]
-        self.fields = {m.address: f for m, f in zip(members, loads)}
+            pass  # keep the last list; the next round retries
+
+    @property
+    def live(self) -> list[tuple[StoreRef, dict[str, str]]]:
+        """Registered replicas of this fingerprint with their published load fields, as last read."""
+        return [] if self.membership is None else self.membership.listing
 
     def candidates(self) -> list[ReplicaState]:
         """What decode's prefill policy weighs: each live replica's host and queued prompt tokens as
         last published; the static target (no registry) with neither known."""
         if self.live:
-            return [ReplicaState(m.address, self.fields.get(m.address, {}).get("host_id", ""),
-                                 int(self.fields.get(m.address, {}).get("queued_tokens", 0))) for m, _ in self.live]
+            return [ReplicaState(m.address, f.get("host_id", ""), int(f.get("queued_tokens", 0))) for m, f in self.live]
         return [ReplicaState(self.static_target, "", 0)] if self.static_target else []
 
     def pick(self) -> str:
@@ -89,7 +91,7 @@ class PrefillPool:
         if live:
             turn = next(self._turn)
             with self._lock:
-                best = min(range(len(live)), key=lambda i: (self._open[live[i][0].address] + live[i][1],
+                best = min(range(len(live)), key=lambda i: (self._open[live[i][0].address] + published_load(live[i][1]),
                                                             (i - turn) % len(live)))
             return live[best][0].address
         if self.static_target:
@@ -142,6 +144,10 @@ class PrefillPool:
                 stub = self._stubs[address] = prefill_pb2_grpc.PrefillServiceStub(channel)
             return stub
 
+    def _ours(self, members: list[StoreRef]) -> list[StoreRef]:
+        return [m for m in members if m.fingerprint == self.fingerprint]
+
     def _refresh_forever(self) -> None:
         while not self._stopped.wait(self.refresh_s):
             self.refresh()
+

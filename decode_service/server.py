@@ -17,13 +17,10 @@ from kvcluster.rpc import plumbing as rpc
 from kvcluster.rpc.security import token_guards
 from kvcluster.errors import InvalidArgument, ResourceExhausted, Unavailable
 from kvcluster.kv.index_publisher import IndexPublisher
-from kvcluster.engine.engine import Engine, load_engine
+from kvcluster.engine.engine import Engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
-from kvcluster.rpc.cache_client import make_cache_client
-from kvcluster.worker.numerics import numerics_status
-from kvcluster.worker.metrics import register_numerics_info, register_pool_gauges
 from kvcluster.worker.registration import make_registration
-from kvcluster.worker.server import WorkerServer
+from kvcluster.worker.server import WorkerServer, make_cache_client, make_engine_worker
 from kvcluster.worker.engine_worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -105,14 +102,10 @@ class DecodeServer(WorkerServer):
 def create_server(config: DecodeConfig, engine: Engine | None = None,
                   registry: CollectorRegistry | None = None) -> tuple[DecodeServer, int]:
     """Build a decode worker (not started). `engine` lets tests share one loaded model."""
-    engine = engine or load_engine(config.model or None, config.device or None, config.engine_config(), config.dtype,
-                                   cluster_secret=config.internal_token)
     registry = registry or CollectorRegistry()
     metrics = DecodeMetrics(registry)
-    engine.prefix_caching = engine.prefix_caching and config.prefix_caching
-    register_pool_gauges(registry, engine.blocks)
-    register_numerics_info(registry, numerics_status(engine))
-    worker = EngineWorker(engine, config.max_waiting, name="decode-engine", on_step=metrics.observe_step)
+    worker = make_engine_worker("decode", config, engine, registry, metrics.observe_step)
+    engine = worker.engine
     cache = make_cache_client(config, engine)
     prefill = PrefillPool(config, engine.fingerprint) if config.prefill_target else None
     source = PromptKVSource(engine, cache, prefill, config.local_prefill_max_tokens, config.prefill_timeout_seconds,

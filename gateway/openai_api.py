@@ -19,13 +19,12 @@ from pydantic import ValidationError
 
 from gateway import protocol
 from kvcluster.client import FINISH_NAMES
-from kvcluster.engine.sampling_params import DEFAULT_MAX_TOKENS
+from kvcluster.engine.sampling_params import DEFAULT_MAX_TOKENS, RANDOM_SEED_BITS, SEED_LIMIT
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import common_pb2, decode_pb2
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 FINISH = {**FINISH_NAMES, decode_pb2.FINISH_REASON_CANCELLED: "stop"}  # OpenAI has no "cancelled"
-SEED_BITS = 63
 TokenText = Callable[[int], str]
 
 
@@ -95,7 +94,7 @@ class ApiRequest:
         prompt goes as `token_ids` (the replica then tokenizes nothing), else as the client gave it."""
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(self.sampling)
-        sampling.seed = (self.sampling.seed + index) % protocol.SEED_LIMIT
+        sampling.seed = (self.sampling.seed + index) % SEED_LIMIT
         request = decode_pb2.GenerateRequest(request_id=self.request_id, sampling=sampling, cache_salt=self.cache_salt,
                                              resume_token_ids=list(resume_token_ids))
         if self.prompt_ids or (as_token_ids and self.token_ids):
@@ -170,7 +169,7 @@ def sampling_params(fields: protocol.SamplingFields, limits: ModelLimits) -> com
     for name in ("temperature", "top_p", "repetition_penalty"):
         if getattr(fields, name) is not None:
             setattr(sampling, name, getattr(fields, name))
-    sampling.seed = fields.seed if fields.seed is not None else secrets.randbits(SEED_BITS)
+    sampling.seed = fields.seed if fields.seed is not None else secrets.randbits(RANDOM_SEED_BITS)
     sampling.stop.extend([fields.stop] if isinstance(fields.stop, str) else fields.stop or [])
     _logprobs(fields, sampling)
     _response_format(fields.response_format, sampling)

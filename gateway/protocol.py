@@ -17,15 +17,12 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
                       field_validator)
 
-from kvcluster.engine.sampling_params import (MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_PENALTY,
-                                             MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
-                                             MAX_STOP_TOKEN_IDS,
-                                             MIN_REPETITION_PENALTY)
+from kvcluster.engine.sampling_params import (HTTP_MAX_TEMPERATURE, MAX_CHOICES, MAX_LOGIT_BIAS,
+                                             MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY,
+                                             MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOP_P,
+                                             MIN_REPETITION_PENALTY, MIN_TOP_P, SEED_LIMIT)
 
-MAX_CHOICES = 16            # n
-MAX_TEMPERATURE = 2.0       # OpenAI's range (the engine itself takes up to 100)
 MAX_TOKENIZE_IDS = 1 << 17  # tokens one /detokenize call takes
-SEED_LIMIT = 1 << 64
 # What the tool fields may say without asking for a tool call.
 TOOLS_ASK_NOTHING = {"tools": [], "functions": [], "tool_choice": "none", "function_call": "none"}
 
@@ -123,8 +120,8 @@ class SamplingFields(ApiModel):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = None
-    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=HTTP_MAX_TEMPERATURE)
+    top_p: float | None = Field(None, ge=MIN_TOP_P, le=MAX_TOP_P)
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stop: StopField | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)

@@ -16,6 +16,7 @@ import grpc
 from gateway.config import GatewayConfig
 from kvcluster.kv.index import (LAYOUT_FIELDS, LOAD_FIELDS, NUMERICS_FIELDS, TOKENIZER_FIELDS, RedisIndex, StoreRef,
                                 worker_namespace)
+from kvcluster.kv.membership import Membership, published_load
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
 from kvcluster.rpc.plumbing import channel_options
 
@@ -48,7 +49,7 @@ class Replica:
     @property
     def published_load(self) -> int:
         """Sequences running and waiting on it at its last heartbeat (every client's)."""
-        return int(self.published.get("running", 0)) + int(self.published.get("waiting", 0))
+        return published_load(self.published)
 
     @property
     def exactness_guaranteed(self) -> bool | None:
@@ -82,6 +83,9 @@ class ReplicaSet:
         static = config.static_targets()
         self.index = None if static or not config.redis_url else RedisIndex(
             config.redis_url, worker_namespace(config.index_namespace, "decode"))
+        self.membership = (None if self.index is None else
+                           Membership(self.index, fields=LOAD_FIELDS + NUMERICS_FIELDS + LAYOUT_FIELDS
+                                                      + TOKENIZER_FIELDS))
         self.static = [StoreRef(f"static-{i}", target) for i, target in enumerate(static)]
         self.replicas: dict[str, Replica] = {}
         self._retired: list[Replica] = []  # gone from the registry; closed once no call of ours uses them
@@ -89,12 +93,9 @@ class ReplicaSet:
 
     def read_registry(self) -> list[tuple[StoreRef, dict]]:
         """Blocking: every live replica, its load and numerics (static targets have none)."""
-        if self.index is None:
+        if self.membership is None:
             return [(member, {}) for member in self.static]
-        members = self.index.live_stores()
-        fields = self.index.member_fields([m.store_id for m in members], LOAD_FIELDS + NUMERICS_FIELDS + LAYOUT_FIELDS
-                                           + TOKENIZER_FIELDS)
-        return list(zip(members, fields))
+        return self.membership.refresh()
 
     def apply(self, listing: list[tuple[StoreRef, dict]]) -> None:
         """Make the rotation the registry's listing. An empty listing while replicas are in rotation

@@ -6,15 +6,11 @@ from prometheus_client import CollectorRegistry
 
 from kvcluster.rpc import plumbing as rpc
 from kvcluster.rpc.security import token_guards
-from kvcluster.rpc.cache_client import make_cache_client
 from kvcluster.rpc.messages import sampling_from_proto
-from kvcluster.engine.engine import Engine, load_engine
+from kvcluster.engine.engine import Engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
-from kvcluster.worker.numerics import numerics_status
-from kvcluster.worker.metrics import register_numerics_info, register_pool_gauges
 from kvcluster.worker.registration import make_registration
-from kvcluster.worker.server import WorkerServer
-from kvcluster.worker.engine_worker import EngineWorker
+from kvcluster.worker.server import WorkerServer, make_cache_client, make_engine_worker
 from prefill_service.config import PrefillConfig
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefiller import PrefillOutcome, Prefiller
@@ -68,15 +64,10 @@ class PrefillServer(WorkerServer):
 def create_server(config: PrefillConfig, engine: Engine | None = None,
                   registry: CollectorRegistry | None = None) -> tuple[PrefillServer, int]:
     """Build a prefill worker (not started). `engine` lets tests share one loaded model."""
-    engine = engine or load_engine(config.model or None, config.device or None,
-                                   config.engine_config(), config.dtype,
-                                   cluster_secret=config.internal_token)
     registry = registry or CollectorRegistry()
     metrics = PrefillMetrics(registry)
-    engine.prefix_caching = engine.prefix_caching and config.prefix_caching
-    register_pool_gauges(registry, engine.blocks)
-    register_numerics_info(registry, numerics_status(engine))
-    worker = EngineWorker(engine, config.max_waiting, name="prefill-engine", on_step=metrics.observe_step)
+    worker = make_engine_worker("prefill", config, engine, registry, metrics.observe_step)
+    engine = worker.engine
     cache = make_cache_client(config, engine)
     prefiller = Prefiller(worker, cache, metrics, config.lease_seconds)
     service = rpc.Service(PrefillServicer(prefiller), prefill_pb2_grpc.add_PrefillServiceServicer_to_server,

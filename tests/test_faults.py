@@ -1,6 +1,7 @@
 """Injected cache-path faults never change an answer: each one is recomputed around and counted."""
 
 import threading
+from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -8,7 +9,10 @@ from prometheus_client import CollectorRegistry
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
 from kvcluster.errors import InvalidArgument
-from kvcluster.rpc.faults import NO_FAULTS, Faults
+from kvcluster.kv.index import RedisIndex
+from kvcluster.rpc.cache_client import KVCacheClient
+from kvcluster.rpc.faults import NO_FAULTS, FaultyCacheClient, FaultyStoreClient, Faults
+from kvcluster.worker.server import make_cache_client
 from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
@@ -26,17 +30,18 @@ PROMPT = ("A freight forwarder consolidates shipments from several customers int
 @pytest.fixture(scope="module")
 def cluster():
     """Workers without their local cache tier: every reuse here goes through the store, whose
-    failure paths these tests strike (tests/test_prefix_cache.py covers the first tier)."""
+    failure paths these tests strike (tests/test_prefix_cache.py covers the first tier). `--faults`
+    with only a seed builds the fault wrappers with nothing to inject; each test sets its faults."""
     engine_config = EngineConfig(kv_capacity_bytes=128 << 20, prefix_caching=False)
     with running_redis() as redis_server:
         store = start_store(redis_server.url, blocks=48)  # small: the eviction test fills it
         prefill_registry, decode_registry = CollectorRegistry(), CollectorRegistry()
         prefill, prefill_port = create_prefill(
-            PrefillConfig(port=0, metrics_port=-1, redis_url=redis_server.url, store_timeout_seconds=3.0),
+            PrefillConfig(port=0, metrics_port=-1, redis_url=redis_server.url, store_timeout_seconds=3.0, faults="seed=1"),
             engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=prefill_registry)
         decode, decode_port = create_decode(
             DecodeConfig(port=0, metrics_port=-1, redis_url=redis_server.url, prefill_target=f"127.0.0.1:{prefill_port}",
-                         store_timeout_seconds=3.0, local_prefill_max_tokens=16),  # 30 new tokens go to Prefill
+                         store_timeout_seconds=3.0, local_prefill_max_tokens=16, faults="seed=2"),  # 30 new tokens go to Prefill
             engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=decode_registry)
         prefill.start()
         decode.start()
@@ -123,6 +128,19 @@ def test_block_evicted_between_lookup_and_pull_is_recomputed(cluster, smollm_eng
     assert ids == reference(smollm_engine, PROMPT)
     assert last.usage.cached_tokens == 0
     assert counted(cluster["decode_registry"], "short_pull") > before
+
+
+def test_faults_are_wrapped_around_the_cache_client_only_when_set(cluster):
+    decode = cluster["decode"]
+    assert isinstance(decode.generator.cache, FaultyCacheClient)
+    assert isinstance(decode.generator.cache.store(f"127.0.0.1:{cluster['store'].port}"), FaultyStoreClient)
+    plain = make_cache_client(replace(decode.config, faults=""), decode.worker.engine)
+    try:
+        assert type(plain) is KVCacheClient and type(plain.index) is RedisIndex
+        assert type(plain.store(f"127.0.0.1:{cluster['store'].port}")) is StoreClient
+    finally:
+        plain.close()
+        plain.index.close()
 
 
 def test_fault_spec_parsing():

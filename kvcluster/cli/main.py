@@ -23,7 +23,9 @@ from kvcluster.client import Client, Completion
 from kvcluster.kv.dtypes import DTYPE_CHOICES
 from kvcluster.errors import KVClusterError
 from kvcluster.rpc.messages import sampling_to_proto
-from kvcluster.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams, StructuredOutput
+from kvcluster.engine.sampling_params import (MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS,
+                                             MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_P, MIN_REPETITION_PENALTY,
+                                             MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, SamplingParams, StructuredOutput)
 from kvcluster.model.tokenizer import ChatMessage
 
 MODEL_HELP = ("GGUF file, Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3, gemma3) or a shipped "
@@ -34,17 +36,22 @@ DEMO_DOCUMENT = " ".join(
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    """The sampling flags; defaults and the bounds named in their help are SamplingParams' own."""
+    defaults, penalty = SamplingParams(), f"[{-MAX_PENALTY:g}, {MAX_PENALTY:g}]"
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help=f"0 = greedy (default), else [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help=f"[{MIN_TOP_P:g}, {MAX_TOP_P:g}]")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"[0, 2^{SEED_LIMIT.bit_length() - 1})")
+    parser.add_argument("--stop", action="append", default=[],
+                        help=f"stop string (repeatable, at most {MAX_STOP_STRINGS} of {MAX_STOP_STRING_CHARS} characters)")
     parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2]")
-    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2]")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="[0.01, 2]; 1 = off")
-    parser.add_argument("--min-tokens", type=int, default=0, help="hold back EOS until this many tokens")
+    parser.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty, help=penalty)
+    parser.add_argument("--frequency-penalty", type=float, default=defaults.frequency_penalty, help=penalty)
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
+                        help=f"[{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]; 1 = off")
+    parser.add_argument("--min-tokens", type=int, default=defaults.min_tokens, help="hold back EOS until this many tokens")
     parser.add_argument("--json-schema", default=None, metavar="SCHEMA",
                         help="hold the output to this JSON Schema (JSON text, or @FILE); '{}' for any JSON object")
 

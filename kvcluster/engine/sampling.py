@@ -11,8 +11,8 @@ import secrets
 import torch
 
 from kvcluster.engine.sampling_params import (  # noqa: F401  (re-exported: the engine's callers import them here)
-    DEFAULT_MAX_TOKENS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE, MIN_TOP_P, SamplingParams,
-    StructuredOutput)
+    DEFAULT_MAX_TOKENS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE, MIN_TOP_P, RANDOM_SEED_BITS,
+    SamplingParams, StructuredOutput)
 
 SEED_MASK = (1 << 63) - 1
 
@@ -35,6 +35,6 @@ def _draw(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
         drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    seed = params.seed if params.seed is not None else secrets.randbits(RANDOM_SEED_BITS)
     gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step) & SEED_MASK)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())

@@ -1,8 +1,8 @@
 """Sampling parameters and their one set of bounds (torch-free: the gateway imports it).
 
 Every limit lives here once: `SamplingParams.validate` enforces them for gRPC callers (InvalidArgument
-naming the field and the limit), and the gateway's request models (gateway/protocol.py) declare the
-same constants for HTTP callers. The meanings are OpenAI's and vLLM's:
+naming the field and the limit), and the gateway's request models (gateway/protocol.py) and the CLI's
+flags (kvcluster/cli/main.py) take the same constants for HTTP and command-line callers. The meanings are OpenAI's and vLLM's:
 - presence / frequency penalty: subtracted from a token's logit once it appeared in the output (once,
   or per occurrence); repetition penalty (vLLM/transformers): a logit of a token seen in the prompt
   or the output is divided by it when positive, multiplied when negative;
@@ -49,7 +49,12 @@ def _float32(value: float) -> float:
 
 MIN_TEMPERATURE = _float32(1e-4)  # logits / temperature stays far inside float32 range
 MAX_TEMPERATURE = 100.0
+HTTP_MAX_TEMPERATURE = 2.0        # the OpenAI API's range, which the gateway keeps to
 MIN_TOP_P = _float32(1e-6)        # a normal float32; smaller cuts keep only the best token anyway
+MAX_TOP_P = 1.0
+SEED_LIMIT = 1 << 64              # seeds lie in [0, 2^64)
+RANDOM_SEED_BITS = 63             # a seed drawn for a request that gave none
+MAX_CHOICES = 16                  # n: choices one HTTP request may ask for
 MAX_PENALTY = 2.0                 # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI)
 MIN_REPETITION_PENALTY = _float32(0.01)  # dividing a logit by less could overflow float32
 MAX_REPETITION_PENALTY = 2.0
@@ -143,11 +148,11 @@ class SamplingParams:
         if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
             raise InvalidArgument("sampling.temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
                                   f"{MAX_TEMPERATURE:g}], got {self.temperature}")
-        if not MIN_TOP_P <= self.top_p <= 1.0:
-            raise InvalidArgument("sampling.top_p", f"must be in [{MIN_TOP_P:g}, 1], got {self.top_p}")
+        if not MIN_TOP_P <= self.top_p <= MAX_TOP_P:
+            raise InvalidArgument("sampling.top_p", f"must be in [{MIN_TOP_P:g}, {MAX_TOP_P:g}], got {self.top_p}")
         if not 0 <= self.top_k <= vocab_size:
             raise InvalidArgument("sampling.top_k", f"must be in [0, {vocab_size}] (0 disables), got {self.top_k}")
-        if self.seed is not None and not 0 <= self.seed < 1 << 64:
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise InvalidArgument("sampling.seed", f"must be in [0, 2^64), got {self.seed}")
         self._validate_stops(vocab_size)
         self._validate_shaping(vocab_size)
@@ -190,4 +195,4 @@ class SamplingParams:
 
     def with_seed(self) -> "SamplingParams":
         """A copy with a concrete seed, so every worker draws the same randomness."""
-        return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(RANDOM_SEED_BITS))

@@ -9,23 +9,19 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import grpc
 
 from kvcluster.kv.blocks import BlockHash, Fingerprint
 from kvcluster.errors import IncompatibleStores, IntegrityError, Unavailable
 from kvcluster.kv.index import RedisIndex, StoreRef, group_runs, pick_store
+from kvcluster.kv.membership import Membership
 from kvcluster.kv.pool import KVLayout
 from kvcluster.proto import cache_pb2, common_pb2
-
-if TYPE_CHECKING:
-    from kvcluster.engine.engine import Engine
-from kvcluster.rpc.faults import NO_FAULTS, Faults
 from kvcluster.rpc.security import SecuritySettings
-from kvcluster.rpc.store_client import StoreClient, iter_pull, make_ref
+from kvcluster.rpc.store_client import StoreClient, make_ref
 from kvcluster.kv.wire import block_key
 
 log = logging.getLogger(__name__)
@@ -57,21 +53,21 @@ class KVCacheClient:
     """Index + store clients for one (fingerprint, layout). Thread-safe."""
 
     def __init__(self, index: RedisIndex | None, layout: KVLayout, fingerprint: Fingerprint, timeout_s: float = 10.0,
-                 faults: Faults = NO_FAULTS, security: SecuritySettings = SecuritySettings(),
+                 security: SecuritySettings = SecuritySettings(),
                  metadata: Sequence[tuple[str, str]] = ()):
         """`metadata`: more call metadata for every store call, after the security settings' own
         (a store's replicator marks its pushes so that the receiver counts them)."""
         self.index = index
         self.metadata = tuple(metadata)
-        self.faults = faults
         self.security = security
         self.layout = layout
         self.fingerprint = fingerprint
         self.timeout_s = timeout_s
         self._stores: dict[str, StoreClient] = {}
         self._lock = threading.Lock()
-        self._live: tuple[float, list[StoreRef]] = (0.0, [])
         self._skipped: set[str] = set()  # stores of another layout, logged once each
+        self.membership = (Membership(index, self._usable, max_age_s=LIVE_STORES_TTL_S) if index is not None
+                           else None)  # the live stores holding this worker's layout, for placing pushes
 
     def close(self) -> None:
         with self._lock:
@@ -96,8 +92,6 @@ class KVCacheClient:
             return [], 0.0, None
         start = time.perf_counter()
         try:
-            if self.faults.redis_down:
-                raise Unavailable("Redis unreachable (injected fault)")
             return self.index.lookup(hashes), time.perf_counter() - start, None
         except Unavailable as exc:
             log.warning("index lookup failed: %s", exc)
@@ -164,9 +158,7 @@ class KVCacheClient:
         if not address:
             return "store_unavailable"
         keys = [block_key(r) for r in wanted]
-        if self.faults.pull_delay_ms:
-            time.sleep(self.faults.pull_delay_ms / 1000.0)
-        blocks = self._pulled_blocks(self.store(address), keys, timeout_s)
+        blocks = self.store(address).iter_blocks(self.fingerprint, keys, cache_pb2.PullSummary(), timeout_s=timeout_s)
         received = 0
         try:  # blocks delivered before a failure stay usable: the prefix they form is intact
             for (header, payload), ref in zip(blocks, wanted):
@@ -185,47 +177,12 @@ class KVCacheClient:
             blocks.close()  # ends the pull: releases the store's pins if it stopped early
         return None if received == len(wanted) else "short_pull"
 
-    def _pulled_blocks(self, store: StoreClient, keys: Sequence[bytes | str],
-                       timeout_s: float | None) -> Iterator[tuple[common_pb2.BlockRef, bytes]]:
-        """The verified blocks of one pull: by the store client's own paths (bulk, else the gRPC
-        stream), or, with injected faults, over the gRPC stream where the faults act on its chunks."""
-        if not self.faults.active:
-            yield from store.iter_blocks(self.fingerprint, keys, cache_pb2.PullSummary(), timeout_s=timeout_s)
-            return
-        stream = store.pull_stream(self.fingerprint, keys, timeout_s=timeout_s)
-        try:
-            yield from iter_pull(self._inject(stream), self.layout.block_nbytes, cache_pb2.PullSummary())
-        finally:
-            stream.cancel()
-
-    def _inject(self, responses: Iterable[cache_pb2.PullBlocksResponse]) -> Iterator[cache_pb2.PullBlocksResponse]:
-        """The pull stream as it arrives, with any injected faults applied."""
-        if not self.faults.active:
-            yield from responses
-            return
-        drop = self.faults.roll(self.faults.pull_drop)
-        for response in responses:
-            if response.WhichOneof("item") == "chunk":
-                if self.faults.roll(self.faults.corrupt) and response.chunk.data:
-                    data = bytearray(response.chunk.data)
-                    data[len(data) // 2] ^= 0xFF
-                    response.chunk.data = bytes(data)
-                if drop and response.chunk.last:
-                    raise Unavailable("pull stream dropped (injected fault)")
-            yield response
-
     # ---- writing --------------------------------------------------------------------------
 
     def live_stores(self) -> list[StoreRef]:
         """Live stores that hold this worker's KV layout, re-read from the index at most every
         LIVE_STORES_TTL_S. Stores of another layout (another model or dtype) are never pushed to."""
-        if self.faults.redis_down:
-            raise Unavailable("Redis unreachable (injected fault)")
-        stamp, stores = self._live
-        if time.monotonic() - stamp > LIVE_STORES_TTL_S and self.index is not None:
-            stores = self._usable(self.index.live_stores())
-            self._live = (time.monotonic(), stores)
-        return stores
+        return [] if self.membership is None else [store for store, _ in self.membership.current()]
 
     def _usable(self, stores: list[StoreRef]) -> list[StoreRef]:
         """The stores that accept this worker's blocks; each other one is logged once."""
@@ -267,7 +224,7 @@ class KVCacheClient:
         else:
             log.info("cache stores holding this worker's KV layout %s: %s", ours,
                      ", ".join(s.store_id for s in usable))
-        self._live = (time.monotonic(), usable)
+        self.membership.keep([(store, {}) for store in usable])
         return usable
 
     def push(self, blocks: Sequence[tuple[bytes | str, Sequence[int], bytes]], lease_seconds: int = 0,
@@ -291,8 +248,6 @@ class KVCacheClient:
             by_store.setdefault(place(key if isinstance(key, bytes) else key.encode(), stores), []).append(i)
         for target, members in by_store.items():
             try:
-                if self.faults.roll(self.faults.push_fail):
-                    raise Unavailable("push failed (injected fault)")
                 response = self.store(target.address).push_blocks(
                     self.fingerprint, [(refs[i], blocks[i][2]) for i in members], lease_seconds)
             except (grpc.RpcError, Unavailable) as exc:
@@ -309,17 +264,3 @@ class KVCacheClient:
         result.push_s = time.perf_counter() - start
         return result
 
-
-def make_cache_client(config, engine: "Engine") -> KVCacheClient | None:
-    """The cache client a prefill or decode worker's config asks for (None without a Redis URL),
-    after the start-up check that the live stores hold this worker's KV layout."""
-    if not config.redis_url:
-        return None
-    client = KVCacheClient(RedisIndex(config.redis_url, config.index_namespace), engine.layout, engine.fingerprint,
-                           config.store_timeout_seconds, Faults.parse(config.faults), config)
-    try:
-        client.check_stores(config.store_wait_seconds)
-    except BaseException:
-        client.index.close()
-        raise
-    return client

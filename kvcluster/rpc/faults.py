@@ -6,17 +6,26 @@ Set with `--faults` / `KVC_FAULTS` on a prefill or decode worker, a comma-separa
     pull_delay_ms=MS   every pull waits MS milliseconds before starting
     corrupt=P          one byte of each pulled block is flipped in transit (probability P per block)
     push_fail=P        a push to a store fails (probability P per push)
-    redis_down=1       every Redis index call fails as if Redis were unreachable
+    redis_down=1       every index read on the cache path (lookups, holders, the live-store list for
+                       pushes) fails as if Redis were unreachable
     seed=N             seed of the dice (default: random)
 
-Each fault takes the worker down a recompute path; the output must not change.
+Each fault takes the worker down a recompute path; the output must not change. The faults act in
+wrappers under the cache client (FaultyCacheClient: its index and store clients), which a worker
+builds only when `--faults` is set: the normal path holds no fault check.
 """
 
 import random
 import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 
-from kvcluster.errors import InvalidArgument
+from kvcluster.errors import InvalidArgument, Unavailable
+from kvcluster.kv.index import RedisIndex, StoreRef
+from kvcluster.proto import cache_pb2
+from kvcluster.rpc.cache_client import KVCacheClient
+from kvcluster.rpc.store_client import Block, StoreClient, iter_pull
 
 
 @dataclass(frozen=True)
@@ -64,3 +73,96 @@ class Faults:
 
 
 NO_FAULTS = Faults()
+
+
+class FaultyIndex:
+    """A RedisIndex whose reads of block holders fail as if Redis were unreachable while `redis_down`."""
+
+    def __init__(self, index: RedisIndex, faults: Callable[[], Faults]):
+        self.index = index
+        self.faults = faults
+
+    def lookup(self, hashes: Sequence[bytes]) -> list[StoreRef]:
+        self._check()
+        return self.index.lookup(hashes)
+
+    def live_holders(self, hashes: Sequence[bytes]) -> list[set[str]]:
+        self._check()
+        return self.index.live_holders(hashes)
+
+    def __getattr__(self, name: str):
+        return getattr(self.index, name)
+
+    def _check(self) -> None:
+        _check_redis(self.faults())
+
+
+class FaultyStoreClient:
+    """A StoreClient whose pulls are delayed, dropped or corrupted and whose pushes fail as the faults say.
+    With faults active a pull goes over the gRPC stream, where they act on its chunks."""
+
+    def __init__(self, store: StoreClient, faults: Callable[[], Faults]):
+        self.store = store
+        self.faults = faults
+
+    def iter_blocks(self, fingerprint: bytes, keys: Sequence[bytes | str], summary: cache_pb2.PullSummary,
+                    timeout_s: float | None = None) -> Iterator[Block]:
+        faults = self.faults()
+        if faults.pull_delay_ms:
+            time.sleep(faults.pull_delay_ms / 1000.0)
+        if not faults.active:
+            yield from self.store.iter_blocks(fingerprint, keys, summary, timeout_s=timeout_s)
+            return
+        stream = self.store.pull_stream(fingerprint, keys, timeout_s=timeout_s)
+        try:
+            yield from iter_pull(_injected(stream, faults), self.store.layout.block_nbytes, summary)
+        finally:
+            stream.cancel()
+
+    def push_blocks(self, fingerprint: bytes, blocks, lease_seconds: int = 0) -> cache_pb2.PushBlocksResponse:
+        faults = self.faults()
+        if faults.roll(faults.push_fail):
+            raise Unavailable("push failed (injected fault)")
+        return self.store.push_blocks(fingerprint, blocks, lease_seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+
+class FaultyCacheClient(KVCacheClient):
+    """A KVCacheClient over a FaultyIndex and FaultyStoreClients, all reading `self.faults` (tests swap it)."""
+
+    def __init__(self, *args, faults: Faults, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.faults = faults
+        if self.index is not None:
+            self.index = FaultyIndex(self.index, self._current)
+
+    def store(self, address: str) -> FaultyStoreClient:
+        return FaultyStoreClient(super().store(address), self._current)
+
+    def live_stores(self) -> list[StoreRef]:
+        _check_redis(self.faults)  # before the cached list: pushes find no store while Redis is "down"
+        return super().live_stores()
+
+    def _current(self) -> Faults:
+        return self.faults
+
+
+def _check_redis(faults: Faults) -> None:
+    if faults.redis_down:
+        raise Unavailable("Redis unreachable (injected fault)")
+
+
+def _injected(responses, faults: Faults) -> Iterator[cache_pb2.PullBlocksResponse]:
+    """The pull stream as it arrives, with the faults applied to its chunks."""
+    drop = faults.roll(faults.pull_drop)
+    for response in responses:
+        if response.WhichOneof("item") == "chunk":
+            if faults.roll(faults.corrupt) and response.chunk.data:
+                data = bytearray(response.chunk.data)
+                data[len(data) // 2] ^= 0xFF
+                response.chunk.data = bytes(data)
+            if drop and response.chunk.last:
+                raise Unavailable("pull stream dropped (injected fault)")
+        yield response

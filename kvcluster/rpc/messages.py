@@ -1,19 +1,20 @@
 """Conversions between protobuf messages and the engine's own types (sampling, finish reasons, logprobs)."""
 
 from kvcluster.errors import InvalidArgument
-from kvcluster.engine.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams, StructuredOutput
+from kvcluster.engine.sampling_params import SamplingParams, StructuredOutput
 from kvcluster.engine.sequence import FinishReason
 from kvcluster.proto import common_pb2, decode_pb2
 
+DEFAULTS = SamplingParams()  # what an unset optional field means
 FINISH_REASONS = {reason: decode_pb2.FinishReason.Value(f"FINISH_REASON_{reason.name}") for reason in FinishReason}
 
 
 def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
     """Unset optional fields take SamplingParams' defaults; values are validated by the engine."""
     return SamplingParams(
-        max_tokens=message.max_tokens if message.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
-        temperature=message.temperature if message.HasField("temperature") else 1.0,
-        top_p=message.top_p if message.HasField("top_p") else 1.0,
+        max_tokens=message.max_tokens if message.HasField("max_tokens") else DEFAULTS.max_tokens,
+        temperature=message.temperature if message.HasField("temperature") else DEFAULTS.temperature,
+        top_p=message.top_p if message.HasField("top_p") else DEFAULTS.top_p,
         top_k=message.top_k,
         seed=message.seed if message.HasField("seed") else None,
         stop=tuple(message.stop),
@@ -21,7 +22,8 @@ def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=message.ignore_eos,
         presence_penalty=message.presence_penalty,
         frequency_penalty=message.frequency_penalty,
-        repetition_penalty=message.repetition_penalty if message.HasField("repetition_penalty") else 1.0,
+        repetition_penalty=(message.repetition_penalty if message.HasField("repetition_penalty")
+                            else DEFAULTS.repetition_penalty),
         min_tokens=message.min_tokens,
         logit_bias=tuple(sorted(message.logit_bias.items())),
         logprobs=message.logprobs if message.HasField("logprobs") else None,
@@ -46,7 +48,7 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         min_tokens=params.min_tokens, logit_bias=dict(params.logit_bias))
     if params.seed is not None:
         message.seed = params.seed
-    if params.repetition_penalty != 1.0:
+    if params.repetition_penalty != DEFAULTS.repetition_penalty:
         message.repetition_penalty = params.repetition_penalty
     if params.logprobs is not None:
         message.logprobs = params.logprobs

@@ -1,6 +1,6 @@
 """Metrics every worker that reads the shared cache exports (prefill and decode)."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 INDEX_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5)
@@ -100,9 +100,3 @@ class _PoolEvictions:
         yield CounterMetricFamily("kvcluster_worker_kv_evictions", "Cached blocks this worker's pool evicted for room",
                                   value=self.pool.evictions)
 
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int):
-    """Start the /metrics HTTP endpoint (port 0: a free one). Returns (http server, bound port)."""
-    host = "::" if host == "[::]" else host
-    http_server, _ = start_http_server(port, addr=host, registry=registry)
-    return http_server, http_server.server_port
