@@ -15,11 +15,11 @@ give blocks evicted from the pool a host-memory tier and then a disk file before
 """
 
 import socket
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from kvcluster.config import ServiceConfig, setting
+from kvcluster.config import setting
 from kvcluster.kv.device import default_device, device_of
 from kvcluster.rpc.security import SecuritySettings
 from kvcluster.errors import InvalidArgument
@@ -31,8 +31,7 @@ FINGERPRINT_BYTES = 16  # an xxh3-128 digest (kvcluster.kv.blocks.make_fingerpri
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
-@dataclass(frozen=True)
-class StoreConfig(SecuritySettings, ServiceConfig):
+class StoreConfig(SecuritySettings):
     """Every knob of one cache store process."""
 
     host: str = setting("127.0.0.1", "interface to listen on for gRPC and /metrics ([::] or 0.0.0.0 for all)")
@@ -84,7 +83,7 @@ class StoreConfig(SecuritySettings, ServiceConfig):
                                          "live store in the block's rendezvous order, so a hot prefix survives "
                                          "losing one store (docs/hot_replication.md); 0 = off")
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any) -> None:
         for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "max_workers"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")

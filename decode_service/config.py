@@ -1,6 +1,7 @@
 """Configuration of the decode service (the public Generate endpoint): flags `--name`, env `KVC_NAME`."""
 
-from dataclasses import dataclass
+from typing import Any
+
 
 from kvcluster.config import setting
 from kvcluster.errors import InvalidArgument
@@ -10,7 +11,6 @@ from kvcluster.worker.config import WorkerConfig
 DISAGGREGATION_MODES = ("auto", "always", "never")
 
 
-@dataclass(frozen=True)
 class DecodeConfig(WorkerConfig):
     """Every knob of one decode worker (the shared ones are in WorkerConfig)."""
 
@@ -40,8 +40,8 @@ class DecodeConfig(WorkerConfig):
     api_key: str = setting("", "when set, Generate and ResetPrefixCache require the metadata "
                            "'authorization: Bearer <key>'")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def model_post_init(self, context: Any) -> None:
+        super().model_post_init(context)
         if self.disaggregation not in DISAGGREGATION_MODES:
             raise InvalidArgument("disaggregation", f"must be one of {', '.join(DISAGGREGATION_MODES)}; "
                                   f"got {self.disaggregation!r}")

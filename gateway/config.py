@@ -1,8 +1,9 @@
 """Configuration of the gateway (OpenAI-compatible HTTP API): flags `--name`, env `KVC_NAME`."""
 
-from dataclasses import dataclass
+from typing import Any
 
-from kvcluster.config import ServiceConfig, setting
+
+from kvcluster.config import setting
 from kvcluster.errors import InvalidArgument
 from kvcluster.rpc.security import SecuritySettings
 
@@ -10,8 +11,7 @@ ROUTING_POLICIES = ("cache_aware", "round_robin", "least_loaded")
 ROUTING_INDEXES = ("redis", "local")
 
 
-@dataclass(frozen=True)
-class GatewayConfig(SecuritySettings, ServiceConfig):
+class GatewayConfig(SecuritySettings):
     """Every knob of the gateway. TLS settings apply to its gRPC calls to the decode replicas."""
 
     host: str = setting("127.0.0.1", "interface to listen on (0.0.0.0 for all)")
@@ -48,7 +48,7 @@ class GatewayConfig(SecuritySettings, ServiceConfig):
                                      "registers again")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight requests may finish")
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any) -> None:
         if self.routing not in ROUTING_POLICIES:
             raise InvalidArgument("routing", f"must be one of {ROUTING_POLICIES}, got {self.routing!r}")
         if self.routing_index not in ROUTING_INDEXES:

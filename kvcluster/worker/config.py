@@ -1,17 +1,15 @@
 """Settings every model worker (prefill and decode) has; each service adds its own and sets its ports."""
 
-from dataclasses import dataclass
 from typing import Any
 
-from kvcluster.config import ServiceConfig, setting
+from kvcluster.config import setting
 from kvcluster.kv.dtypes import check_dtype
 from kvcluster.errors import InvalidArgument
 from kvcluster.engine.engine import EngineConfig
 from kvcluster.rpc.security import SecuritySettings
 
 
-@dataclass(frozen=True)
-class WorkerConfig(SecuritySettings, ServiceConfig):
+class WorkerConfig(SecuritySettings):
     """Model, KV pool, cache and lifecycle knobs shared by prefill and decode."""
 
     host: str = setting("127.0.0.1", "interface to listen on for gRPC and /metrics (0.0.0.0 for all)")
@@ -55,7 +53,7 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     advertise_address: str = setting("", "host:port the gateway and other workers dial to reach this worker; "
                                      "empty = host:port (the hostname when listening on 0.0.0.0)")
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any) -> None:
         check_dtype(self.dtype)
         if self.chunk_tokens < 1:
             raise InvalidArgument("chunk_tokens", f"must be at least 1 token per step; got {self.chunk_tokens}")
