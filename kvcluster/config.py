@@ -36,9 +36,10 @@ ENV_PREFIX = "KVC_"
 FILE_SUFFIX = "_FILE"
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by --help and in docs/configuration.md)."""
-    return Field(default, description=help)
+def setting(default: Any, help: str, **bounds: Any) -> Any:
+    """A config field with its help text (shown by --help and in docs/configuration.md) and any
+    pydantic bounds (`ge=1`, `gt=0`, `le=1`) its values must keep."""
+    return Field(default, description=help, **bounds)
 
 
 def env_name(field_name: str) -> str:
@@ -66,6 +67,15 @@ class ServiceConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
+    def __init__(self, **values: Any) -> None:
+        """Defaults and `values` only (no environment); a bad value raises InvalidArgument naming its field."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(map(str, error["loc"]))
+            raise InvalidArgument(field, f"{error['msg']}, got {error['input']!r}") from None
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
@@ -91,13 +101,11 @@ class ServiceConfig(BaseSettings):
     def _build(cls, environ: Mapping[str, str] | None, given: dict[str, tuple[Any, str]]) -> Self:
         """Validate env values under `given` ones (field -> (value, where it came from))."""
         values = {**cls._env_values(os.environ if environ is None else environ), **given}
+        sources = {name: source for name, (_, source) in values.items()}
         try:
             return cls(**{name: value for name, (value, _) in values.items()})
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            field = str(error["loc"][0]) if error["loc"] else ""
-            source = values[field][1] if field in values else field
-            raise InvalidArgument(source, f"{error['msg']}, got {error['input']!r}") from None
+        except InvalidArgument as exc:  # named by its field: name the flag or variable the value came from
+            raise InvalidArgument(sources.get(exc.field, exc.field), exc.problem) from None
 
     @classmethod
     def _env_values(cls, environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:

@@ -92,8 +92,9 @@ def test_store_config_validates_and_defaults_to_the_smollm2_layout():
     assert config.layout(torch.device("cpu")).block_nbytes in (737_280, 368_640) and config.port == 50053 and config.metrics_port == 9103
     assert config.ttl_seconds == 3 * config.heartbeat_seconds
     assert config.identity(1234)[1] == "127.0.0.1:1234"
-    for bad in (dict(dtype="int8"), dict(block_size=0), dict(fingerprint="zz"), dict(fingerprint="ab")):
-        with pytest.raises(InvalidArgument):
+    for bad in (dict(dtype="int8"), dict(block_size=0), dict(fingerprint="zz"), dict(fingerprint="ab"),
+                dict(cuda_memory_fraction=0.0), dict(stream_idle_seconds=0.0), dict(port="many")):
+        with pytest.raises(InvalidArgument, match=next(iter(bad))):
             StoreConfig(**bad)
 
 
@@ -103,5 +104,5 @@ def test_the_step_token_budget_reaches_both_workers_engines_and_must_be_positive
 
     for config_type in (DecodeConfig, PrefillConfig):
         assert config_type.from_env({"KVC_CHUNK_TOKENS": "128"}).engine_config().max_prefill_tokens == 128
-        with pytest.raises(InvalidArgument, match="chunk_tokens.*at least 1"):
+        with pytest.raises(InvalidArgument, match="KVC_CHUNK_TOKENS.*greater than or equal to 1"):
             config_type.from_env({"KVC_CHUNK_TOKENS": "0"})
