@@ -15,11 +15,11 @@ give blocks evicted from the pool a host-memory tier and then a disk file before
 """
 
 import socket
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from kvcluster.config import ServiceConfig, setting
+from kvcluster.config import setting
 from kvcluster.kv.device import default_device, device_of
 from kvcluster.rpc.security import SecuritySettings
 from kvcluster.errors import InvalidArgument
@@ -31,8 +31,7 @@ FINGERPRINT_BYTES = 16  # an xxh3-128 digest (kvcluster.kv.blocks.make_fingerpri
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
-@dataclass(frozen=True)
-class StoreConfig(SecuritySettings, ServiceConfig):
+class StoreConfig(SecuritySettings):
     """Every knob of one cache store process."""
 
     host: str = setting("127.0.0.1", "interface to listen on for gRPC and /metrics ([::] or 0.0.0.0 for all)")
@@ -40,11 +39,12 @@ class StoreConfig(SecuritySettings, ServiceConfig):
     metrics_port: int = setting(9103, "port of the Prometheus /metrics endpoint; 0 picks a free one, -1 disables it")
     device: str = setting("auto", "where the pool lives: auto (cuda if available), cpu, cuda or cuda:N")
     capacity_bytes: int = setting(0, "pool size in bytes; 0 = 1 GiB on CPU, cuda_memory_fraction of free memory on CUDA")
-    cuda_memory_fraction: float = setting(0.5, "share of free GPU memory the pool takes when capacity_bytes is 0")
+    cuda_memory_fraction: float = setting(0.5, "share of free GPU memory the pool takes when capacity_bytes is 0",
+                                          gt=0, le=1)
     host_tier_bytes: int = setting(0, "host-memory tier for blocks evicted from the pool, in bytes (page-locked "
-                                   "when the pool is on CUDA); 0 = none")
+                                   "when the pool is on CUDA); 0 = none", ge=0)
     disk_tier_bytes: int = setting(0, "disk tier for blocks evicted from the host tier (or from the pool without "
-                                   "one), in bytes, preallocated in one file; 0 = none")
+                                   "one), in bytes, preallocated in one file; 0 = none", ge=0)
     disk_tier_path: str = setting("", "file of the disk tier (created, overwritten, removed on shutdown); "
                                   "empty = a new file in the system temp directory")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis index URL (redis:// or rediss://, "
@@ -55,53 +55,37 @@ class StoreConfig(SecuritySettings, ServiceConfig):
     store_id: str = setting("", "unique name of this store in the index; empty = <hostname>-<port>")
     advertise_address: str = setting("", "host:port clients dial to reach this store; empty = host:port "
                                      "(the hostname when host is a wildcard)")
-    heartbeat_seconds: float = setting(2.0, "how often the store refreshes its heartbeat key in Redis")
+    heartbeat_seconds: float = setting(2.0, "how often the store refreshes its heartbeat key in Redis", gt=0)
     heartbeat_ttl_seconds: float = setting(0.0, "heartbeat key TTL: readers ignore the store's entries "
                                            "once it expires; 0 = 3 x heartbeat_seconds")
     dead_store_grace_seconds: float = setting(600.0, "a store whose heartbeat has been gone this long is removed "
                                               "from the index (its entries and registration) by a live store")
-    lease_seconds: float = setting(30.0, "default lease of request-scoped (tail) blocks, freed on pull or expiry")
+    lease_seconds: float = setting(30.0, "default lease of request-scoped (tail) blocks, freed on pull or expiry", gt=0)
     max_lease_seconds: float = setting(600.0, "longest lease a push may ask for")
-    num_layers: int = setting(30, "KV layout accepted: transformer layers per block")
-    block_size: int = setting(16, "KV layout accepted: tokens per block")
-    num_kv_heads: int = setting(3, "KV layout accepted: KV heads")
-    head_dim: int = setting(64, "KV layout accepted: head dimension")
+    num_layers: int = setting(30, "KV layout accepted: transformer layers per block", ge=1)
+    block_size: int = setting(16, "KV layout accepted: tokens per block", ge=1)
+    num_kv_heads: int = setting(3, "KV layout accepted: KV heads", ge=1)
+    head_dim: int = setting(64, "KV layout accepted: head dimension", ge=1)
     dtype: str = setting("auto", "KV layout accepted: element type, one of auto, float32, bfloat16, float16; "
                          "auto resolves as a worker's on this store's device (kvcluster.kv.dtypes)")
     layout_version: int = setting(LAYOUT_VERSION, "KV layout accepted: byte layout version")
     fingerprint: str = setting("", "hex model fingerprint to accept exclusively; empty = any")
-    max_workers: int = setting(16, "gRPC handler threads (concurrent calls)")
+    max_workers: int = setting(16, "gRPC handler threads (concurrent calls)", ge=1)
     stream_idle_seconds: float = setting(30.0, "a push or pull stream that moves no block for this long is cancelled "
-                                         "(its handler thread and pins freed)")
-    stream_max_seconds: float = setting(300.0, "the longest a push or pull stream may run before it is cancelled")
+                                         "(its handler thread and pins freed)", gt=0)
+    stream_max_seconds: float = setting(300.0, "the longest a push or pull stream may run before it is cancelled", gt=0)
     bulk_port: int = setting(0, "port of the bulk pull listener (a pull's raw bytes over plain TCP, headers and checksums "
                              "over gRPC; docs/pull_path.md); 0 picks a free one, -1 disables the bulk path. "
                              "Always off when the store serves TLS")
     bulk_ticket_seconds: float = setting(5.0, "how long a bulk pull's ticket may wait for its connection before the "
-                                         "pull ends and its pins are released")
+                                         "pull ends and its pins are released", gt=0)
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight calls may finish before being cancelled")
     replicate_after_pulls: int = setting(3, "pulls of a full block after which this store copies it to the next "
                                          "live store in the block's rendezvous order, so a hot prefix survives "
-                                         "losing one store (docs/hot_replication.md); 0 = off")
+                                         "losing one store (docs/hot_replication.md); 0 = off", ge=0)
 
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "max_workers"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
+    def model_post_init(self, context: Any) -> None:
         check_dtype(self.dtype)
-        if self.replicate_after_pulls < 0:
-            raise InvalidArgument("replicate_after_pulls", f"must be >= 0 (0 = off), got {self.replicate_after_pulls}")
-        if self.stream_idle_seconds <= 0 or self.stream_max_seconds <= 0:
-            raise InvalidArgument("stream_idle_seconds/stream_max_seconds", "must be > 0")
-        if self.bulk_ticket_seconds <= 0:
-            raise InvalidArgument("bulk_ticket_seconds", f"must be > 0, got {self.bulk_ticket_seconds}")
-        if self.heartbeat_seconds <= 0 or self.lease_seconds <= 0:
-            raise InvalidArgument("heartbeat_seconds/lease_seconds", "must be > 0")
-        if not 0 < self.cuda_memory_fraction <= 1:
-            raise InvalidArgument("cuda_memory_fraction", f"must be in (0, 1], got {self.cuda_memory_fraction}")
-        for name in ("host_tier_bytes", "disk_tier_bytes"):
-            if getattr(self, name) < 0:
-                raise InvalidArgument(name, f"must be >= 0, got {getattr(self, name)}")
         if len(self.fingerprint_bytes) not in (0, FINGERPRINT_BYTES):
             raise InvalidArgument("fingerprint", f"must be {FINGERPRINT_BYTES} bytes ({2 * FINGERPRINT_BYTES} hex digits)")
 

@@ -1,16 +1,13 @@
 """Configuration of the decode service (the public Generate endpoint): flags `--name`, env `KVC_NAME`."""
 
-from dataclasses import dataclass
+from typing import Literal
 
 from kvcluster.config import setting
-from kvcluster.errors import InvalidArgument
 from kvcluster.worker.config import WorkerConfig
 
+DisaggregationMode = Literal["auto", "always", "never"]
 
-DISAGGREGATION_MODES = ("auto", "always", "never")
 
-
-@dataclass(frozen=True)
 class DecodeConfig(WorkerConfig):
     """Every knob of one decode worker (the shared ones are in WorkerConfig)."""
 
@@ -26,24 +23,16 @@ class DecodeConfig(WorkerConfig):
     local_prefill_max_tokens: int = setting(-1, "uncached prompt tokens up to which decode prefills locally "
                                             "instead of calling the prefill service; -1 = decided from measured "
                                             "costs (a Prefill call's overhead vs this worker's prefill speed)")
-    disaggregation: str = setting("auto", "when a prompt's uncached part is longer than the local-prefill threshold: "
-                                  "auto = call Prefill only when it pays, decided per request (not when every prefill "
-                                  "replica shares this worker's cores, nor when their queues are longer than computing "
-                                  "here), always = call Prefill, never = prefill locally")
+    disaggregation: DisaggregationMode = setting(
+        "auto", "when a prompt's uncached part is longer than the local-prefill threshold: auto = call Prefill only "
+        "when it pays, decided per request (not when every prefill replica shares this worker's cores, nor when their "
+        "queues are longer than computing here), always = call Prefill, never = prefill locally")
     cache_generated: bool = setting(True, "push a finished request's new full blocks (prompt + output) to the cache")
     max_pending_pushes: int = setting(8, "finished requests whose new blocks may wait to be pushed; beyond it a "
                                       "request's blocks are dropped (counted), so a slow store never piles up memory")
     prefill_timeout_seconds: float = setting(120.0, "deadline of one Prefill call (capped by the client's deadline)")
     verify_fraction: float = setting(0.0, "fraction of warm requests (prompt K/V not all computed here) recomputed "
                                      "without the cache on the side and compared token by token and block by block "
-                                     "(kvcluster_verify_mismatch_total); 0 = off, 1 = every one")
+                                     "(kvcluster_verify_mismatch_total); 0 = off, 1 = every one", ge=0, le=1)
     api_key: str = setting("", "when set, Generate and ResetPrefixCache require the metadata "
                            "'authorization: Bearer <key>'")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.disaggregation not in DISAGGREGATION_MODES:
-            raise InvalidArgument("disaggregation", f"must be one of {', '.join(DISAGGREGATION_MODES)}; "
-                                  f"got {self.disaggregation!r}")
-        if not 0.0 <= self.verify_fraction <= 1.0:
-            raise InvalidArgument("verify_fraction", f"must be between 0 and 1; got {self.verify_fraction}")

@@ -1,17 +1,15 @@
 """Configuration of the gateway (OpenAI-compatible HTTP API): flags `--name`, env `KVC_NAME`."""
 
-from dataclasses import dataclass
+from typing import Literal
 
-from kvcluster.config import ServiceConfig, setting
-from kvcluster.errors import InvalidArgument
+from kvcluster.config import setting
 from kvcluster.rpc.security import SecuritySettings
 
-ROUTING_POLICIES = ("cache_aware", "round_robin", "least_loaded")
-ROUTING_INDEXES = ("redis", "local")
+RoutingPolicy = Literal["cache_aware", "round_robin", "least_loaded"]
+RoutingIndex = Literal["redis", "local"]
 
 
-@dataclass(frozen=True)
-class GatewayConfig(SecuritySettings, ServiceConfig):
+class GatewayConfig(SecuritySettings):
     """Every knob of the gateway. TLS settings apply to its gRPC calls to the decode replicas."""
 
     host: str = setting("127.0.0.1", "interface to listen on (0.0.0.0 for all)")
@@ -28,33 +26,25 @@ class GatewayConfig(SecuritySettings, ServiceConfig):
                             "/reset_prefix_cache needs 'Authorization: Bearer <key>'")
     decode_api_key: str = setting("", "API key the decode replicas require on Generate and ResetPrefixCache, "
                                   "if any")
-    routing: str = setting("cache_aware", "cache_aware: the replica holding the longest prompt prefix, weighed "
-                           "against load; round_robin: each replica in turn; least_loaded: the replica with the fewest open "
-                           "requests, whatever it holds")
+    routing: RoutingPolicy = setting("cache_aware", "cache_aware: the replica holding the longest prompt prefix, "
+                                     "weighed against load; round_robin: each replica in turn; least_loaded: the "
+                                     "replica with the fewest open requests, whatever it holds")
     overlap_weight: float = setting(1.0, "cache_aware's cost of a replica = its queued prefill tokens (uncached "
                                     "prompt tokens of this gateway's requests on it before their first token) - "
                                     "overlap_weight x prompt tokens it holds: how many queued prefill tokens one "
                                     "cached prompt token is worth")
-    routing_index: str = setting("redis", "where cache_aware reads what each replica holds: redis (one held_prefix "
-                                 "round trip per request) or local (a copy kept from the index's KV events each "
-                                 "refresh, no round trip; up to refresh_seconds stale)")
-    refresh_seconds: float = setting(0.5, "how often the replica list and loads are re-read from Redis")
+    routing_index: RoutingIndex = setting("redis", "where cache_aware reads what each replica holds: redis (one "
+                                          "held_prefix round trip per request) or local (a copy kept from the index's "
+                                          "KV events each refresh, no round trip; up to refresh_seconds stale)")
+    refresh_seconds: float = setting(0.5, "how often the replica list and loads are re-read from Redis", gt=0)
     request_timeout_seconds: float = setting(600.0, "deadline of one Generate call to a replica")
     reset_timeout_seconds: float = setting(10.0, "deadline of one replica's ResetPrefixCache call "
                                            "(POST /reset_prefix_cache); a replica that does not answer in time "
                                            "makes the reset answer 503")
-    max_failovers: int = setting(2, "times one request moves to another replica after its replica failed")
+    max_failovers: int = setting(2, "times one request moves to another replica after its replica failed", ge=0)
     suspect_seconds: float = setting(5.0, "a replica that failed a call stays out of rotation this long, unless it "
                                      "registers again")
     grace_seconds: float = setting(5.0, "on SIGTERM, how long in-flight requests may finish")
-
-    def __post_init__(self) -> None:
-        if self.routing not in ROUTING_POLICIES:
-            raise InvalidArgument("routing", f"must be one of {ROUTING_POLICIES}, got {self.routing!r}")
-        if self.routing_index not in ROUTING_INDEXES:
-            raise InvalidArgument("routing_index", f"must be one of {ROUTING_INDEXES}, got {self.routing_index!r}")
-        if self.max_failovers < 0 or self.refresh_seconds <= 0:
-            raise InvalidArgument("max_failovers/refresh_seconds", "must be >= 0 / > 0")
 
     def keys(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]

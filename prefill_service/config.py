@@ -1,12 +1,10 @@
 """Configuration of the prefill service: flags `--name`, env `KVC_NAME`, defaults for one machine."""
 
-from dataclasses import dataclass
 
 from kvcluster.config import setting
 from kvcluster.worker.config import WorkerConfig
 
 
-@dataclass(frozen=True)
 class PrefillConfig(WorkerConfig):
     """Every knob of one prefill worker (the shared ones are in WorkerConfig)."""
 

@@ -1,6 +1,4 @@
-"""Print the configuration table of docs/configuration.md from the services' config dataclasses (one source of truth)."""
-
-import dataclasses
+"""Print the configuration table of docs/configuration.md from the services' config models (one source of truth)."""
 
 from cache_store.config import StoreConfig
 from decode_service.config import DecodeConfig
@@ -9,12 +7,12 @@ from kvcluster.config import env_name, flag_name
 from kvcluster.rpc.security import SecuritySettings
 from prefill_service.config import PrefillConfig
 
-SHARED = {f.name for f in dataclasses.fields(SecuritySettings)}
+SHARED = frozenset(SecuritySettings.model_fields)
 
 
 def rows(config_cls, skip=frozenset()) -> list[str]:
-    return [f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{f.default!r}` | {f.metadata.get('help', '')} |"
-            for f in dataclasses.fields(config_cls) if f.name not in skip]
+    return [f"| `{flag_name(name)}` | `{env_name(name)}` | `{field.default!r}` | {field.description} |"
+            for name, field in config_cls.model_fields.items() if name not in skip]
 
 
 def main() -> None:

@@ -1,10 +1,8 @@
-"""kvcluster.config: one dataclass gives env variables, flags and help; flags beat env beat defaults."""
-
-import argparse
-from dataclasses import FrozenInstanceError, dataclass
+"""kvcluster.config: one settings model gives env variables, flags and help; flags beat env beat defaults."""
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from cache_store.__main__ import main as cache_store_main
 from cache_store.config import StoreConfig
@@ -12,7 +10,6 @@ from kvcluster.config import ServiceConfig, setting
 from kvcluster.errors import InvalidArgument
 
 
-@dataclass(frozen=True)
 class DemoConfig(ServiceConfig):
     """A config with one field of every supported type."""
 
@@ -35,7 +32,7 @@ def test_defaults_then_env_then_flags():
 def test_from_env_alone_and_with_overrides():
     config = DemoConfig.from_env({"KVC_HEARTBEAT_SECONDS": "0.25"}, port=1)
     assert (config.heartbeat_seconds, config.port) == (0.25, 1)
-    with pytest.raises(FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         config.port = 2
 
 
@@ -43,6 +40,16 @@ def test_from_env_alone_and_with_overrides():
 def test_a_bad_env_value_names_the_variable(name, value):
     with pytest.raises(InvalidArgument, match=name):
         DemoConfig.from_env({name: value})
+
+
+def test_a_bad_flag_value_names_the_flag():
+    with pytest.raises(InvalidArgument, match="--port.*'many'"):
+        DemoConfig.parse(["--port", "many"], environ={})
+
+
+def test_direct_construction_reads_no_environment(monkeypatch):
+    monkeypatch.setenv("KVC_PORT", "7")
+    assert DemoConfig().port == 50053 and DemoConfig.from_env().port == 7
 
 
 def test_a_setting_can_come_from_a_file_as_mounted_secrets_do(tmp_path):
@@ -58,14 +65,15 @@ def test_a_setting_can_come_from_a_file_as_mounted_secrets_do(tmp_path):
         DemoConfig.from_env({"KVC_PORT_FILE": str(tmp_path / "missing")})
 
 
-def test_help_lists_every_field_with_its_env_variable_and_default():
-    parser = argparse.ArgumentParser()
-    DemoConfig.add_arguments(parser)
-    text = parser.format_help()
+def test_help_lists_every_field_with_its_env_variable_and_default(capsys):
+    with pytest.raises(SystemExit) as exited:
+        DemoConfig.parse(["--help"], environ={})
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
     for flag, env in (("--redis-url", "KVC_REDIS_URL"), ("--port", "KVC_PORT"),
                       ("--heartbeat-seconds", "KVC_HEARTBEAT_SECONDS"), ("--verbose", "KVC_VERBOSE")):
         assert flag in text and env in text
-    assert "where the index lives" in text and "50053" in text
+    assert "where the index lives" in text and "50053" in text and "--no-verbose" in text
 
 
 def test_cache_store_help_documents_every_flag(capsys):
@@ -84,8 +92,9 @@ def test_store_config_validates_and_defaults_to_the_smollm2_layout():
     assert config.layout(torch.device("cpu")).block_nbytes in (737_280, 368_640) and config.port == 50053 and config.metrics_port == 9103
     assert config.ttl_seconds == 3 * config.heartbeat_seconds
     assert config.identity(1234)[1] == "127.0.0.1:1234"
-    for bad in (dict(dtype="int8"), dict(block_size=0), dict(fingerprint="zz"), dict(fingerprint="ab")):
-        with pytest.raises(InvalidArgument):
+    for bad in (dict(dtype="int8"), dict(block_size=0), dict(fingerprint="zz"), dict(fingerprint="ab"),
+                dict(cuda_memory_fraction=0.0), dict(stream_idle_seconds=0.0), dict(port="many")):
+        with pytest.raises(InvalidArgument, match=next(iter(bad))):
             StoreConfig(**bad)
 
 
@@ -95,5 +104,5 @@ def test_the_step_token_budget_reaches_both_workers_engines_and_must_be_positive
 
     for config_type in (DecodeConfig, PrefillConfig):
         assert config_type.from_env({"KVC_CHUNK_TOKENS": "128"}).engine_config().max_prefill_tokens == 128
-        with pytest.raises(InvalidArgument, match="chunk_tokens.*at least 1"):
+        with pytest.raises(InvalidArgument, match="KVC_CHUNK_TOKENS.*greater than or equal to 1"):
             config_type.from_env({"KVC_CHUNK_TOKENS": "0"})

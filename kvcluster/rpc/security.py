@@ -15,12 +15,11 @@ takes does not tell a guesser how many leading characters were right.
 
 import hmac
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from kvcluster.config import setting
+from kvcluster.config import ServiceConfig, setting
 from kvcluster.errors import InvalidArgument
 
 API_KEY_HEADER = "authorization"          # "Bearer <key>", as OpenAI-style clients send it
@@ -37,8 +36,7 @@ GENERATE_METHOD = "/kvcluster.v1.DecodeService/Generate"
 API_KEY_METHODS = (GENERATE_METHOD, "/kvcluster.v1.DecodeService/ResetPrefixCache")
 
 
-@dataclass(frozen=True)
-class SecuritySettings:
+class SecuritySettings(ServiceConfig):
     """TLS and token fields shared by every service config."""
 
     tls_cert: str = setting("", "PEM certificate the gRPC server presents; with --tls-key enables TLS")

@@ -1,17 +1,14 @@
 """Settings every model worker (prefill and decode) has; each service adds its own and sets its ports."""
 
-from dataclasses import dataclass
 from typing import Any
 
-from kvcluster.config import ServiceConfig, setting
+from kvcluster.config import setting
 from kvcluster.kv.dtypes import check_dtype
-from kvcluster.errors import InvalidArgument
 from kvcluster.engine.engine import EngineConfig
 from kvcluster.rpc.security import SecuritySettings
 
 
-@dataclass(frozen=True)
-class WorkerConfig(SecuritySettings, ServiceConfig):
+class WorkerConfig(SecuritySettings):
     """Model, KV pool, cache and lifecycle knobs shared by prefill and decode."""
 
     host: str = setting("127.0.0.1", "interface to listen on for gRPC and /metrics (0.0.0.0 for all)")
@@ -40,7 +37,7 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     chunk_tokens: int = setting(512, "token budget of one engine step (vLLM's max_num_batched_tokens): every running "
                                 "sequence's next token first, then chunks of waiting prompts; longer prompts are "
                                 "chunked. Smaller = shorter steps (time to first token and between tokens under "
-                                "load), larger = fewer weight reads per prompt token")
+                                "load), larger = fewer weight reads per prompt token", ge=1)
     max_waiting: int = setting(64, "queued requests before new ones get RESOURCE_EXHAUSTED")
     lease_seconds: int = setting(30, "lease of request-scoped (tail) blocks in the store")
     store_timeout_seconds: float = setting(10.0, "deadline of one push or pull to a cache store")
@@ -55,10 +52,8 @@ class WorkerConfig(SecuritySettings, ServiceConfig):
     advertise_address: str = setting("", "host:port the gateway and other workers dial to reach this worker; "
                                      "empty = host:port (the hostname when listening on 0.0.0.0)")
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any) -> None:
         check_dtype(self.dtype)
-        if self.chunk_tokens < 1:
-            raise InvalidArgument("chunk_tokens", f"must be at least 1 token per step; got {self.chunk_tokens}")
 
     def engine_config(self, **overrides: Any) -> EngineConfig:
         """The engine knobs these settings imply (a service adds its own through `overrides`)."""
