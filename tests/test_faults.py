@@ -1,7 +1,6 @@
 """Injected cache-path faults never change an answer: each one is recomputed around and counted."""
 
 import threading
-from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -134,7 +133,7 @@ def test_faults_are_wrapped_around_the_cache_client_only_when_set(cluster):
     decode = cluster["decode"]
     assert isinstance(decode.generator.cache, FaultyCacheClient)
     assert isinstance(decode.generator.cache.store(f"127.0.0.1:{cluster['store'].port}"), FaultyStoreClient)
-    plain = make_cache_client(replace(decode.config, faults=""), decode.worker.engine)
+    plain = make_cache_client(decode.config.model_copy(update={"faults": ""}), decode.worker.engine)
     try:
         assert type(plain) is KVCacheClient and type(plain.index) is RedisIndex
         assert type(plain.store(f"127.0.0.1:{cluster['store'].port}")) is StoreClient
