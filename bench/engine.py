@@ -19,8 +19,8 @@ from bench.common import at_least, median_seconds, progress, write_result
 from bench.context import BenchContext, gpu_note
 from bench.plots import bar_plot
 from kvcluster.engine.engine import Engine, EngineConfig, load_engine
-from kvcluster.model.llama import PrefillSeq
 from kvcluster.engine.sampling import SamplingParams
+from kvcluster.model.llama import PrefillSeq
 
 PREFILL_TARGET_TOK_S = 400.0
 BATCH8_TARGET_RATIO = 4.0

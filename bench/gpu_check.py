@@ -25,8 +25,8 @@ from bench import transfer
 from bench.common import RESULTS_DIR, progress, write_result
 from bench.engine import decode_tok_s
 from bench.workload import random_tokens
-from kvcluster.client import Client
 from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.client import Client
 from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.worker.numerics import numerics_status

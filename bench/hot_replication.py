@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from bench.common import at_least, at_most, percentile, progress
 from bench.context import BenchContext
 from bench.plots import bar_plot
-from kvcluster.kv.blocks import make_fingerprint, prefix_hashes
-from kvcluster.rpc.cache_client import KVCacheClient
-from kvcluster.kv.index import RedisIndex
-from kvcluster.kv.pool import KVLayout
 from kvcluster.cli.launcher import Cluster, ClusterPorts
 from kvcluster.cli.polling import wait_until
 from kvcluster.cli.redis_server import start_redis_server
+from kvcluster.kv.blocks import make_fingerprint, prefix_hashes
+from kvcluster.kv.index import RedisIndex
+from kvcluster.kv.pool import KVLayout
+from kvcluster.rpc.cache_client import KVCacheClient
 from kvcluster.rpc.security import SecuritySettings
 
 NAME = "hot_replication"

@@ -19,9 +19,9 @@ import time
 from bench.common import at_most, below, percentile, progress
 from bench.context import BenchContext
 from bench.plots import line_plot
+from kvcluster.cli.redis_server import ClusterGroup, SentinelGroup, start_redis_server
 from kvcluster.kv.blocks import make_fingerprint, prefix_hashes
 from kvcluster.kv.index import RedisIndex
-from kvcluster.cli.redis_server import ClusterGroup, SentinelGroup, start_redis_server
 
 NAME = "index_latency"
 HASH_COUNTS = (16, 64, 128, 1024)

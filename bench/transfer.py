@@ -31,14 +31,14 @@ import torch
 
 from bench.common import write_result
 from cache_store.config import StoreConfig
-from kvcluster.kv.blocks import ROOT_HASH, hash_block, make_fingerprint
-from kvcluster.kv.index import RedisIndex
-from kvcluster.proto import cache_pb2, cache_pb2_grpc
 from kvcluster.cli.polling import wait_until
 from kvcluster.cli.redis_server import HOST, RedisServer
+from kvcluster.kv.blocks import ROOT_HASH, hash_block, make_fingerprint
+from kvcluster.kv.index import RedisIndex
+from kvcluster.kv.wire import block_chunks
+from kvcluster.proto import cache_pb2, cache_pb2_grpc
 from kvcluster.rpc.plumbing import channel_options
 from kvcluster.rpc.store_client import Block, StoreClient, make_ref
-from kvcluster.kv.wire import block_chunks
 
 LAYOUT = StoreConfig(dtype="float32").layout(torch.device("cpu"))  # SmolLM2-135M, fp32: 737,280-byte blocks
 NUM_BLOCKS = 64

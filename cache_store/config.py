@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from kvcluster.config import setting
-from kvcluster.kv.device import default_device, device_of
-from kvcluster.rpc.security import SecuritySettings
 from kvcluster.errors import InvalidArgument
+from kvcluster.kv.device import default_device, device_of
 from kvcluster.kv.dtypes import check_dtype, resolve_dtype
 from kvcluster.kv.pool import LAYOUT_VERSION, KVLayout
+from kvcluster.rpc.security import SecuritySettings
 
 GIB = 1 << 30
 FINGERPRINT_BYTES = 16  # an xxh3-128 digest (kvcluster.kv.blocks.make_fingerprint)

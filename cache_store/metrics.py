@@ -15,9 +15,9 @@ from prometheus_client.registry import Collector
 
 from cache_store.pool import PoolStats, StorePool
 from cache_store.replicator import ReplicationCounters
-from kvcluster.kv.index_publisher import IndexPublisher
 from cache_store.service import ServiceCounters
 from cache_store.stream_watchdog import StreamWatchdog
+from kvcluster.kv.index_publisher import IndexPublisher
 
 GAUGES = (  # (name, help, PoolStats field)
     ("kvcluster_store_blocks_used", "KV blocks held (including blocks being written)", "blocks_used"),

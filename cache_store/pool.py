@@ -38,14 +38,14 @@ from typing import Protocol
 import torch
 
 from cache_store.spill import DEVICE, Move, SpillTier, SpilledBlock, TierChain
+from kvcluster.errors import IntegrityError, InvalidArgument, ResourceExhausted
 from kvcluster.kv.block_io import batch_to_payloads
+from kvcluster.kv.block_manager import BlockManager
 from kvcluster.kv.blocks import checksum
 from kvcluster.kv.device import Device
-from kvcluster.errors import IntegrityError, InvalidArgument, ResourceExhausted
-from kvcluster.kv.block_manager import BlockManager
 from kvcluster.kv.pool import KVLayout, KVPool
-from kvcluster.proto import common_pb2
 from kvcluster.kv.wire import describe_key
+from kvcluster.proto import common_pb2
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 from cache_store.counters import LockedCounters
 from cache_store.pool import StoredBlock, StorePool
-from kvcluster.kv.blocks import checksum
-from kvcluster.rpc.cache_client import KVCacheClient
 from kvcluster.errors import Unavailable
+from kvcluster.kv.blocks import checksum
 from kvcluster.kv.index import RedisIndex, StoreRef, rendezvous_order
+from kvcluster.rpc.cache_client import KVCacheClient
 from kvcluster.rpc.security import SecuritySettings
 
 log = logging.getLogger(__name__)

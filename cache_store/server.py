@@ -10,21 +10,21 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
+from cache_store.bulk import BulkListener
 from cache_store.config import StoreConfig
 from cache_store.metrics import register_metrics
 from cache_store.pool import StorePool
-from cache_store.spill import make_tiers
 from cache_store.replicator import HotReplicator
-from kvcluster.kv.index_publisher import IndexPublisher
-from cache_store.bulk import BulkListener
 from cache_store.service import CacheStoreServicer, ServiceCounters, StoreIdentity, add_to_server
-from kvcluster.rpc import plumbing as rpc
-from kvcluster.rpc.service_server import ServiceServer
-from kvcluster.kv.dtypes import resolve_dtype
-from kvcluster.rpc.security import token_guards
-from kvcluster.kv.index import RedisIndex
-from kvcluster.proto import cache_pb2
+from cache_store.spill import make_tiers
 from cache_store.stream_watchdog import StreamWatchdog
+from kvcluster.kv.dtypes import resolve_dtype
+from kvcluster.kv.index import RedisIndex
+from kvcluster.kv.index_publisher import IndexPublisher
+from kvcluster.proto import cache_pb2
+from kvcluster.rpc import plumbing as rpc
+from kvcluster.rpc.security import token_guards
+from kvcluster.rpc.service_server import ServiceServer
 
 log = logging.getLogger(__name__)
 

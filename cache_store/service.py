@@ -23,16 +23,16 @@ from dataclasses import dataclass
 import grpc
 
 from cache_store.bulk import BulkListener
-from cache_store.counters import LockedCounters
 from cache_store.config import FINGERPRINT_BYTES, StoreConfig
+from cache_store.counters import LockedCounters
 from cache_store.pool import LeaseBudgetExceeded, StoredBlock, StorePool
 from cache_store.replicator import HotReplicator
-from kvcluster.kv.blocks import HASH_BYTES, checksum
-from kvcluster.errors import IntegrityError, InvalidArgument
-from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
 from cache_store.stream_watchdog import StreamWatchdog
+from kvcluster.errors import IntegrityError, InvalidArgument
+from kvcluster.kv.blocks import HASH_BYTES, checksum
 from kvcluster.kv.wire import (block_key, check_chunk_limit, describe_key, encoded_block_chunks, key_ref,
                             layout_from_proto, layout_to_proto, pass_encoded, reassemble_blocks)
+from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
 
 MAX_BLOCKS_PER_CALL = 4096     # block references one Pull or Lookup may name
 MAX_REQUEST_KEY_CHARS = 256

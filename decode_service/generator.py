@@ -15,14 +15,14 @@ import grpc
 from decode_service.metrics import DecodeMetrics
 from decode_service.prompt_kv import PromptKV, PromptKVSource
 from decode_service.verifier import Verifier
-from kvcluster.kv.blocks import check_cache_salt
-from kvcluster.rpc.cache_client import KVCacheClient
-from kvcluster.errors import InvalidArgument
-from kvcluster.rpc.messages import FINISH_REASONS, logprobs_to_proto, sampling_from_proto
 from kvcluster.engine.engine import Engine, Export
 from kvcluster.engine.sequence import Sequence as EngineSeq, TokenEvent
+from kvcluster.errors import InvalidArgument
+from kvcluster.kv.blocks import check_cache_salt
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import decode_pb2
+from kvcluster.rpc.cache_client import KVCacheClient
+from kvcluster.rpc.messages import FINISH_REASONS, logprobs_to_proto, sampling_from_proto
 from kvcluster.worker.engine_worker import EngineWorker
 
 MS = 1000.0

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvcluster.rpc import plumbing as rpc
 from kvcluster.errors import Unavailable
 from kvcluster.kv.index import LOAD_FIELDS, RedisIndex, StoreRef, worker_namespace
 from kvcluster.kv.membership import Membership, published_load
 from kvcluster.proto import prefill_pb2_grpc
+from kvcluster.rpc import plumbing as rpc
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 import grpc
 
 from decode_service.prefill_pool import ReplicaState
-from kvcluster.kv.block_io import BlockBatch
-from kvcluster.kv.blocks import BlockHash
-from kvcluster.rpc.cache_client import Fetched, KVCacheClient
-from kvcluster.rpc.messages import sampling_to_proto
 from kvcluster.engine.engine import Engine, PrefixSource, ewma
 from kvcluster.engine.sampling import SamplingParams
-from kvcluster.worker.prefix_fetch import PrefixFetcher, time_left
+from kvcluster.kv.block_io import BlockBatch
+from kvcluster.kv.blocks import BlockHash
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
+from kvcluster.rpc.cache_client import Fetched, KVCacheClient
+from kvcluster.rpc.messages import sampling_to_proto
+from kvcluster.worker.prefix_fetch import PrefixFetcher, time_left
 from kvcluster.worker.registration import host_id
 
 log = logging.getLogger(__name__)

@@ -13,15 +13,15 @@ from decode_service.metrics import DecodeMetrics
 from decode_service.prefill_pool import PrefillPool
 from decode_service.prompt_kv import PromptKVSource
 from decode_service.verifier import Verifier
-from kvcluster.rpc import plumbing as rpc
-from kvcluster.rpc.security import token_guards
+from kvcluster.engine.engine import Engine
 from kvcluster.errors import InvalidArgument, ResourceExhausted, Unavailable
 from kvcluster.kv.index_publisher import IndexPublisher
-from kvcluster.engine.engine import Engine
 from kvcluster.proto import decode_pb2, decode_pb2_grpc
+from kvcluster.rpc import plumbing as rpc
+from kvcluster.rpc.security import token_guards
+from kvcluster.worker.engine_worker import EngineWorker
 from kvcluster.worker.registration import make_registration
 from kvcluster.worker.server import WorkerServer, make_cache_client, make_engine_worker
-from kvcluster.worker.engine_worker import EngineWorker
 
 log = logging.getLogger(__name__)
 RESET_TIMEOUT_S = 30.0  # the longest a reset waits for the engine thread, then for the registry

@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from decode_service.metrics import DecodeMetrics
-from kvcluster.kv.blocks import BlockHash
-from kvcluster.errors import ResourceExhausted
 from kvcluster.engine.engine import Engine
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.engine.sequence import Sequence as EngineSeq
+from kvcluster.errors import ResourceExhausted
+from kvcluster.kv.blocks import BlockHash
 from kvcluster.worker.engine_worker import EngineWorker
 
 log = logging.getLogger(__name__)

@@ -33,14 +33,14 @@ from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import (ApiError, ApiRequest, ModelLimits, completion_object, invalid, parse_request,
                                 usage_object)
+from gateway.prefix_follower import PrefixFollower
 from gateway.protocol import tools_refusal
 from gateway.replicas import Replica, ReplicaSet
-from gateway.prefix_follower import PrefixFollower
 from gateway.router import Route, Router
 from gateway.tokenize import TokenizeEndpoints
-from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.engine.sampling_params import check_prompt_ids
 from kvcluster.errors import InvalidArgument, Unavailable
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.model.files import default_model_path
 from kvcluster.model.files import read_model_config, read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer

@@ -26,16 +26,16 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from kvcluster.kv.blocks import BlockHash, check_cache_salt
-from kvcluster.rpc.cache_client import Fetched, KVCacheClient, Pushed
-from kvcluster.errors import InvalidArgument, RequestFailed
-from kvcluster.kv.index import StoreRef
 from kvcluster.engine.engine import Engine, Export, PrefixSource
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.engine.sequence import FinishReason, Sequence as EngineSeq
-from kvcluster.worker.prefix_fetch import PrefixFetcher, PrefixLookup
+from kvcluster.errors import InvalidArgument, RequestFailed
+from kvcluster.kv.blocks import BlockHash, check_cache_salt
+from kvcluster.kv.index import StoreRef
 from kvcluster.proto import common_pb2
+from kvcluster.rpc.cache_client import Fetched, KVCacheClient, Pushed
 from kvcluster.worker.engine_worker import EngineWorker
+from kvcluster.worker.prefix_fetch import PrefixFetcher, PrefixLookup
 from prefill_service.metrics import PrefillMetrics
 
 

@@ -4,11 +4,11 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 
-from kvcluster.rpc import plumbing as rpc
-from kvcluster.rpc.security import token_guards
-from kvcluster.rpc.messages import sampling_from_proto
 from kvcluster.engine.engine import Engine
 from kvcluster.proto import prefill_pb2, prefill_pb2_grpc
+from kvcluster.rpc import plumbing as rpc
+from kvcluster.rpc.messages import sampling_from_proto
+from kvcluster.rpc.security import token_guards
 from kvcluster.worker.registration import make_registration
 from kvcluster.worker.server import WorkerServer, make_cache_client, make_engine_worker
 from prefill_service.config import PrefillConfig

@@ -14,9 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvcluster.engine.engine import Engine, EngineConfig, load_engine, random_engine
+from kvcluster.model.config import ModelConfig
 from kvcluster.model.files import default_model_path
 from kvcluster.model.gguf_loader import load_gguf
-from kvcluster.model.config import ModelConfig
 from kvcluster.model.shipped import gemma3_path as shipped_gemma3_path
 from kvcluster.model.tokenizer import Tokenizer
 

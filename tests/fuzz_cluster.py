@@ -23,14 +23,14 @@ import grpc
 import pytest
 import torch
 
-from decode_service.config import DecodeConfig
 from cache_store.server import StoreServer
+from decode_service.config import DecodeConfig
 from decode_service.server import DecodeServer, create_server as create_decode
-from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.engine.engine import Engine, EngineConfig
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.model.gguf_loader import load_gguf
 from kvcluster.model.llama import LlamaModel
-from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage, Tokenizer
 from kvcluster.proto import cache_pb2_grpc, common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from kvcluster.rpc.plumbing import make_channel

@@ -13,11 +13,11 @@ import pytest
 
 from cache_store.config import StoreConfig
 from cache_store.server import StoreServer, create_server
+from kvcluster.cli import polling
+from kvcluster.cli.redis_server import RedisServer
 from kvcluster.kv.blocks import Fingerprint, make_fingerprint, prefix_hashes
 from kvcluster.kv.index import RedisIndex
 from kvcluster.kv.pool import KVLayout
-from kvcluster.cli import polling
-from kvcluster.cli.redis_server import RedisServer
 from kvcluster.proto import cache_pb2, cache_pb2_grpc
 from kvcluster.rpc.plumbing import make_channel
 from kvcluster.rpc.store_client import Block, StoreClient, key_ref, make_ref

@@ -12,9 +12,9 @@ import time
 import pytest
 
 from cache_store import service
-from kvcluster.rpc.bulk import TICKET_BYTES, receive_blocks
 from kvcluster.errors import IntegrityError, InvalidArgument
 from kvcluster.proto import cache_pb2
+from kvcluster.rpc.bulk import TICKET_BYTES, receive_blocks
 from kvcluster.rpc.security import SecuritySettings
 from kvcluster.rpc.store_client import StoreClient, verified
 from tests.store_fixtures import (BIG_LAYOUT, SMALL_LAYOUT, fingerprint_for, hashes_of, make_blocks, store_config,

@@ -8,10 +8,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvcluster.cli.redis_server import RedisServer
 from kvcluster.kv.blocks import checksum
 from kvcluster.kv.index import RedisIndex, group_runs, pick_store
 from kvcluster.proto import cache_pb2
-from kvcluster.cli.redis_server import RedisServer
 from kvcluster.rpc.store_client import push_requests
 from tests.store_fixtures import (BIG_LAYOUT, SMALL_LAYOUT, SMOLLM2_LAYOUT, fingerprint_for, hashes_of, held_pull,
                                   make_blocks, redis_index, redis_server, redis_url, store_config,  # noqa: F401

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvcluster.kv.dtypes import DTYPES
-from kvcluster.errors import InvalidArgument
 from kvcluster.cli.launcher import Cluster
+from kvcluster.errors import InvalidArgument
+from kvcluster.kv.dtypes import DTYPES
 from tests import deploy_tools as dt
 from tests.tls_certs import make_certs
 

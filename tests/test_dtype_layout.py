@@ -12,14 +12,14 @@ from prometheus_client import CollectorRegistry
 
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
-from kvcluster.kv.block_io import batch_from_payloads, batch_to_payloads
-from kvcluster.client import Client
-from kvcluster.kv.dtypes import cpu_prefers_bf16, resolve_dtype
-from kvcluster.errors import IncompatibleStores, InvalidArgument
-from kvcluster.kv.pool import KVLayout, KVPool
 from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.client import Client
 from kvcluster.engine.engine import EngineConfig, PrefixSource, load_engine, random_engine
 from kvcluster.engine.sampling import SamplingParams
+from kvcluster.errors import IncompatibleStores, InvalidArgument
+from kvcluster.kv.block_io import batch_from_payloads, batch_to_payloads
+from kvcluster.kv.dtypes import cpu_prefers_bf16, resolve_dtype
+from kvcluster.kv.pool import KVLayout, KVPool
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import cache_pb2
 from kvcluster.rpc.store_client import StoreClient

@@ -2,9 +2,9 @@
 
 import pytest
 
-from kvcluster.errors import InvalidArgument
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.engine.sequence import FinishReason
+from kvcluster.errors import InvalidArgument
 from kvcluster.model.tokenizer import ChatMessage
 
 PROMPTS = [

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.kv.block_manager import BlockManager
 from kvcluster.model.llama import DecodeSeq, PrefillSeq
-from kvcluster.engine.sampling import SamplingParams
 from tests.conftest import make_tiny_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

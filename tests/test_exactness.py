@@ -24,8 +24,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvcluster.client import Client
 from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.client import Client
 from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage

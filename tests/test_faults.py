@@ -7,17 +7,17 @@ from prometheus_client import CollectorRegistry
 
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
-from kvcluster.errors import InvalidArgument
-from kvcluster.kv.index import RedisIndex
-from kvcluster.rpc.cache_client import KVCacheClient
-from kvcluster.rpc.faults import NO_FAULTS, FaultyCacheClient, FaultyStoreClient, Faults
-from kvcluster.worker.server import make_cache_client
 from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.engine.sampling import SamplingParams
+from kvcluster.errors import InvalidArgument
+from kvcluster.kv.index import RedisIndex
 from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
+from kvcluster.rpc.cache_client import KVCacheClient
+from kvcluster.rpc.faults import NO_FAULTS, FaultyCacheClient, FaultyStoreClient, Faults
+from kvcluster.rpc.store_client import StoreClient
+from kvcluster.worker.server import make_cache_client
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill
-from kvcluster.rpc.store_client import StoreClient
 from tests.cluster_fixtures import channel_to, running_redis, start_store
 from tests.store_fixtures import make_blocks
 

@@ -22,10 +22,10 @@ import pytest
 from google.protobuf import text_format
 from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st
 
-from kvcluster.kv.blocks import checksum
-from kvcluster.proto import cache_pb2, common_pb2, decode_pb2, prefill_pb2
-from kvcluster.kv.wire import MAX_CHUNK_BYTES
 from kvcluster.engine.sampling import MIN_TOP_P
+from kvcluster.kv.blocks import checksum
+from kvcluster.kv.wire import MAX_CHUNK_BYTES
+from kvcluster.proto import cache_pb2, common_pb2, decode_pb2, prefill_pb2
 from tests.fuzz_cluster import (CALL_TIMEOUT_S, WITH_TOKEN, Offences, Outcome, SteadyStream, cluster, finish_stream,
                                 finish_unary, problem_with, steady, verdict)
 from tests.store_fixtures import SMOLLM2_LAYOUT

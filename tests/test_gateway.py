@@ -14,8 +14,8 @@ import jsonschema
 import openai
 import pytest
 
-from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.client import Client
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.kv.index import RedisIndex, worker_namespace
 from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import ChatMessage, Tokenizer

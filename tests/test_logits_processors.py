@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvcluster.errors import InvalidArgument
 from kvcluster.engine.logits_processors import pick, shape_logits
 from kvcluster.engine.sampling_params import SamplingParams
+from kvcluster.errors import InvalidArgument
 
 VOCAB = 50
 EOS = 2

@@ -2,11 +2,11 @@
 
 import pytest
 
-from kvcluster.errors import InvalidArgument
-from kvcluster.rpc.messages import sampling_from_proto, sampling_to_proto
 from kvcluster.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from kvcluster.engine.sampling_params import StructuredOutput
+from kvcluster.errors import InvalidArgument
 from kvcluster.proto import common_pb2
+from kvcluster.rpc.messages import sampling_from_proto, sampling_to_proto
 
 
 def test_defaults_for_unset_fields():

@@ -12,16 +12,16 @@ import torch
 import transformers
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-from kvcluster.client import Client
-from kvcluster.errors import UnsupportedModel
 from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.client import Client
 from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.errors import UnsupportedModel
 from kvcluster.model.config import hf_config, llama3_freq_factors
+from kvcluster.model.files import read_model_config
 from kvcluster.model.hf_loader import checkpoint_digest
 from kvcluster.model.llama import DecodeSeq, PrefillSeq
-from kvcluster.model.files import read_model_config
 from kvcluster.model.loader import load_model
-from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
 
 STEPS = 32

@@ -20,9 +20,9 @@ from gateway.config import GatewayConfig
 from gateway.server import Gateway
 from kvcluster.engine.engine import Engine, EngineConfig, random_engine
 from kvcluster.model.kernels import invariant_linear_op
-from kvcluster.worker.numerics import OPTED_OUT, log_numerics, missing_kernels, numerics_status
-from kvcluster.worker.engine_worker import EngineWorker
 from kvcluster.worker.config import WorkerConfig
+from kvcluster.worker.engine_worker import EngineWorker
+from kvcluster.worker.numerics import OPTED_OUT, log_numerics, missing_kernels, numerics_status
 from kvcluster.worker.registration import make_registration
 from prefill_service.config import PrefillConfig
 from tests.cluster_fixtures import running_redis

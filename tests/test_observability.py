@@ -13,9 +13,9 @@ import openai
 import pytest
 import yaml
 
-from kvcluster.client import Client
 from kvcluster.cli.launcher import Cluster, ClusterPorts
 from kvcluster.cli.redis_server import free_port
+from kvcluster.client import Client
 from tests.deploy_tools import (SCRAPED_METRICS, alert_queries, concrete_promql, dashboard_panels, dashboard_queries,
                                 dashboard_rows, ensure_tools, load_dashboard, metric_family, metrics_named)
 

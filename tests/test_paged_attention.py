@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.kernels import few_rows_linear_op, paged_attention_op, rms_norm_op
 from kvcluster.model.llama import DecodeSeq, PrefillSeq
-from kvcluster.engine.sampling import SamplingParams
 from tests.conftest import TINY_CONFIG, make_tiny_engine
 
 needs_op = pytest.mark.skipif(paged_attention_op() is None, reason="compiled kernels unavailable on this machine")

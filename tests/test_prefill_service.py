@@ -8,8 +8,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.model.llama import PrefillSeq
 from kvcluster.proto import common_pb2, prefill_pb2, prefill_pb2_grpc
 from kvcluster.rpc.store_client import StoreClient

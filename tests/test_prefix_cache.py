@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
-from kvcluster.kv.block_manager import BlockManager
 from kvcluster.engine.engine import EngineConfig, load_engine
-from kvcluster.engine.scheduler import PACK_TOKENS
 from kvcluster.engine.sampling import SamplingParams
+from kvcluster.engine.scheduler import PACK_TOKENS
+from kvcluster.kv.block_manager import BlockManager
 from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
 from prefill_service.config import PrefillConfig
 from prefill_service.server import create_server as create_prefill

@@ -20,10 +20,10 @@ import redis
 
 from gateway.config import GatewayConfig
 from gateway.replicas import ReplicaSet
-from kvcluster.errors import Unavailable
-from kvcluster.kv.index import RedisIndex, StoreRef, redis_client, worker_namespace
 from kvcluster.cli.launcher import Cluster, ClusterPorts
 from kvcluster.cli.redis_server import ClusterGroup, SentinelGroup
+from kvcluster.errors import Unavailable
+from kvcluster.kv.index import RedisIndex, StoreRef, redis_client, worker_namespace
 
 FAILOVER_DEADLINE_S = 60.0  # bound of the polls below (down-after 1 s + election); not a timing claim
 

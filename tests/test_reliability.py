@@ -12,8 +12,8 @@ import grpc
 import psutil
 import pytest
 
-from kvcluster.client import Client
 from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.client import Client
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.tokenizer import ChatMessage
 from tests.store_fixtures import wait_until

@@ -14,8 +14,8 @@ import threading
 import grpc
 import pytest
 
-from kvcluster.errors import ResourceExhausted
 from kvcluster.engine.sampling import SamplingParams
+from kvcluster.errors import ResourceExhausted
 from kvcluster.proto import common_pb2, decode_pb2, prefill_pb2
 from tests.fuzz_cluster import CALL_TIMEOUT_S, WITH_TOKEN, fuzz_cluster
 

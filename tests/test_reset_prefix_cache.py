@@ -12,8 +12,8 @@ from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
-from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.client import Client
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.kv.index import RedisIndex, worker_namespace
 from kvcluster.model.files import read_tokenizer_data
 from kvcluster.model.tokenizer import Tokenizer

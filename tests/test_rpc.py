@@ -5,8 +5,8 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvcluster import errors
-from kvcluster.rpc import plumbing as rpc
 from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
+from kvcluster.rpc import plumbing as rpc
 
 RAISES = {
     b"invalid": errors.InvalidArgument("block_hashes", "5000 entries exceed the limit of 4096"),

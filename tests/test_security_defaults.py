@@ -9,11 +9,11 @@ import pytest
 
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server as create_decode
+from kvcluster.cli.launcher import INTERNAL_TOKEN_ENV, Cluster, ClusterPorts
+from kvcluster.client import Client
+from kvcluster.engine.engine import Engine, EngineConfig
 from kvcluster.kv.blocks import (MAX_CACHE_SALT_CHARS, ROOT_HASH, chain_root, fingerprint_key, make_fingerprint,
                               prefix_hashes)
-from kvcluster.client import Client
-from kvcluster.cli.launcher import INTERNAL_TOKEN_ENV, Cluster, ClusterPorts
-from kvcluster.engine.engine import Engine, EngineConfig
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import cache_pb2, common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from kvcluster.rpc.plumbing import make_channel

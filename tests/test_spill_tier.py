@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from cache_store.config import StoreConfig
 from cache_store.metrics import StoreCollector
+from cache_store.pool import StorePool
 from cache_store.replicator import ReplicationCounters
 from cache_store.service import ServiceCounters
-from cache_store.pool import StorePool
 from cache_store.spill import DiskSlots, SpillTier, make_tiers
 from kvcluster.errors import InvalidArgument, ResourceExhausted
 from tests.store_fixtures import (SMALL_LAYOUT, fingerprint_for, hashes_of, make_blocks, redis_index,  # noqa: F401

@@ -8,9 +8,9 @@ import json
 import jsonschema
 import pytest
 
-from kvcluster.errors import InvalidArgument
 from kvcluster.engine.sampling_params import MAX_SCHEMA_CHARS, SamplingParams, StructuredOutput
 from kvcluster.engine.sequence import FinishReason
+from kvcluster.errors import InvalidArgument
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
           "properties": {"name": {"type": "string", "maxLength": 10},

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from kvcluster.engine.engine import Engine, EngineConfig
-from kvcluster.model.llama import LlamaModel, LlamaWeights
 from kvcluster.engine.sampling import SamplingParams
+from kvcluster.model.llama import LlamaModel, LlamaWeights
 from tests.conftest import TINY_CONFIG
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_interpreter")]

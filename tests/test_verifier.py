@@ -10,10 +10,10 @@ from prometheus_client import CollectorRegistry
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server
 from kvcluster.cli import main as cli
-from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.client import Client
-from kvcluster.errors import InvalidArgument
 from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.errors import InvalidArgument
+from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.model.tokenizer import ChatMessage
 
 PROMPT = ("The verifier recomputes a warm request without the cache and compares every token and every block. "

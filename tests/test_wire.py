@@ -6,9 +6,9 @@ import pytest
 
 from kvcluster.errors import IntegrityError, InvalidArgument
 from kvcluster.kv.pool import KVLayout
-from kvcluster.proto import cache_pb2, common_pb2
 from kvcluster.kv.wire import (MAX_CHUNK_BYTES, block_chunks, block_key, check_chunk_limit, encoded_block_chunks,
                             layout_from_proto, layout_to_proto, pass_encoded, reassemble_blocks)
+from kvcluster.proto import cache_pb2, common_pb2
 
 HEADER = common_pb2.BlockRef(block_hash=b"h" * 16, checksum=7, num_tokens=16, token_ids=list(range(16)))
 

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from kvcluster.kv.block_io import batch_to_payloads
-from kvcluster.errors import ResourceExhausted
 from kvcluster.engine.sampling import SamplingParams
+from kvcluster.errors import ResourceExhausted
+from kvcluster.kv.block_io import batch_to_payloads
 from kvcluster.worker.engine_worker import EngineWorker
 from tests.conftest import make_tiny_engine
 from tests.test_engine_tiny import prompt

@@ -13,12 +13,12 @@ from decode_service.prefill_pool import NoPrefillReplica, PrefillPool
 from gateway.config import GatewayConfig
 from gateway.openai_api import ApiError, ApiRequest, parse_request
 from gateway.replicas import Replica
-from gateway.server import Gateway
 from gateway.router import Router
+from gateway.server import Gateway
+from kvcluster.kv.block_manager import BlockManager
 from kvcluster.kv.blocks import prefix_hashes
 from kvcluster.kv.index import RedisIndex, StoreRef, worker_namespace
 from kvcluster.kv.index_publisher import IndexPublisher
-from kvcluster.kv.block_manager import BlockManager
 from kvcluster.model.tokenizer import ChatMessage
 from tests.cluster_fixtures import running_redis
 from tests.store_fixtures import wait_until

@@ -38,11 +38,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvcluster.kv.dtypes import check_dtype
-from kvcluster.errors import Unavailable
-from kvcluster.model.files import default_model_path, read_model_config
 from kvcluster.cli.polling import wait_until
 from kvcluster.cli.redis_server import ClusterGroup, RedisServer, SentinelGroup, start_redis_server
+from kvcluster.errors import Unavailable
+from kvcluster.kv.dtypes import check_dtype
+from kvcluster.model.files import default_model_path, read_model_config
 
 REDIS_MODES = ("single", "sentinel", "cluster")
 from kvcluster.rpc.plumbing import make_channel

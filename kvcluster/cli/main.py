@@ -20,13 +20,13 @@ from pathlib import Path
 import grpc
 
 from kvcluster.client import Client, Completion
-from kvcluster.kv.dtypes import DTYPE_CHOICES
-from kvcluster.errors import KVClusterError
-from kvcluster.rpc.messages import sampling_to_proto
 from kvcluster.engine.sampling_params import (MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS,
                                              MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_P, MIN_REPETITION_PENALTY,
                                              MIN_TEMPERATURE, MIN_TOP_P, SEED_LIMIT, SamplingParams, StructuredOutput)
+from kvcluster.errors import KVClusterError
+from kvcluster.kv.dtypes import DTYPE_CHOICES
 from kvcluster.model.tokenizer import ChatMessage
+from kvcluster.rpc.messages import sampling_to_proto
 
 MODEL_HELP = ("GGUF file, Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3, gemma3) or a shipped "
               "model's name (smollm2, gemma3)")

@@ -26,22 +26,22 @@ from pathlib import Path
 
 import torch
 
+from kvcluster.engine.logits_processors import pick
+from kvcluster.engine.model_runner import ModelRunner
+from kvcluster.engine.sampling import SamplingParams
+from kvcluster.engine.sampling_params import check_prompt_ids
+from kvcluster.engine.scheduler import Scheduler, StepPlan
+from kvcluster.engine.sequence import Sequence, TokenEvent
+from kvcluster.engine.structured_output import Grammars
+from kvcluster.errors import InvalidArgument, RequestFailed, ResourceExhausted
 from kvcluster.kv.block_io import BlockBatch, batch_from_payloads, batch_to_payloads
 from kvcluster.kv.block_manager import BlockManager
 from kvcluster.kv.blocks import BlockHash, Fingerprint, chain_root, extend_hashes, fingerprint_key, make_fingerprint
 from kvcluster.kv.device import default_device
 from kvcluster.kv.dtypes import DTYPE_NAMES, DTYPES, resolve_dtype
-from kvcluster.errors import InvalidArgument, RequestFailed, ResourceExhausted
 from kvcluster.kv.pool import KVPool
-from kvcluster.model.loader import build_model, load_model, model_identity
 from kvcluster.model.llama import LlamaModel, LlamaWeights, ModelConfig, PrefillSeq
-from kvcluster.engine.logits_processors import pick
-from kvcluster.engine.model_runner import ModelRunner
-from kvcluster.engine.scheduler import Scheduler, StepPlan
-from kvcluster.engine.sampling import SamplingParams
-from kvcluster.engine.sampling_params import check_prompt_ids
-from kvcluster.engine.sequence import Sequence, TokenEvent
-from kvcluster.engine.structured_output import Grammars
+from kvcluster.model.loader import build_model, load_model, model_identity
 from kvcluster.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import torch
 
+from kvcluster.engine.scheduler import Scheduled
 from kvcluster.kv.pool import KVPool
 from kvcluster.model.llama import DecodeSeq, LlamaModel, PrefillSeq
-from kvcluster.engine.scheduler import Scheduled
 
 log = logging.getLogger(__name__)
 

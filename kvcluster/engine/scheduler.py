@@ -25,10 +25,10 @@ copy-on-write of the last block, release) live here with the queues, over `Block
 from collections import deque
 from dataclasses import dataclass, field
 
+from kvcluster.engine.sequence import FinishReason, Sequence, TokenSources
 from kvcluster.kv.block_manager import BlockManager
 from kvcluster.kv.blocks import BlockHash, Fingerprint, extend_hashes
 from kvcluster.kv.pool import KVPool
-from kvcluster.engine.sequence import FinishReason, Sequence, TokenSources
 
 MAX_SKIPS = 4  # steps a waiting prompt may be passed over for shorter ones before it goes first
 # A step stops admitting waiting prompts once its prompt chunks hold this many tokens. Past it a

@@ -20,8 +20,8 @@ from collections.abc import Sequence as Seq
 import llguidance
 import torch
 
-from kvcluster.errors import InvalidArgument
 from kvcluster.engine.sampling_params import StructuredOutput
+from kvcluster.errors import InvalidArgument
 
 MAX_COMPILED = 64               # template matchers kept per engine
 JSON_OPTIONS = {"whitespace_flexible": False}

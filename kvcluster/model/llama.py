@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvcluster.model.config import ModelConfig
 from kvcluster.model.attention import CausalAttention, KernelAttention, MaskedAttention, PaddedAttention
+from kvcluster.model.config import ModelConfig
 from kvcluster.model.kernels import (few_rows_linear_op, invariant_linear_op, invariant_pack_op, kernel_isa,
                                      paged_attention_op, rms_norm_op)
 from kvcluster.model.triton_support import triton_unavailable

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvcluster.kv.blocks import BlockHash, Fingerprint
 from kvcluster.errors import IncompatibleStores, IntegrityError, Unavailable
+from kvcluster.kv.blocks import BlockHash, Fingerprint
 from kvcluster.kv.index import RedisIndex, StoreRef, group_runs, pick_store
 from kvcluster.kv.membership import Membership
 from kvcluster.kv.pool import KVLayout
+from kvcluster.kv.wire import block_key
 from kvcluster.proto import cache_pb2, common_pb2
 from kvcluster.rpc.security import SecuritySettings
 from kvcluster.rpc.store_client import StoreClient, make_ref
-from kvcluster.kv.wire import block_key
 
 log = logging.getLogger(__name__)
 LIVE_STORES_TTL_S = 2.0  # how long a live-store list is reused for placing pushes

@@ -1,8 +1,8 @@
 """Conversions between protobuf messages and the engine's own types (sampling, finish reasons, logprobs)."""
 
-from kvcluster.errors import InvalidArgument
 from kvcluster.engine.sampling_params import SamplingParams, StructuredOutput
 from kvcluster.engine.sequence import FinishReason
+from kvcluster.errors import InvalidArgument
 from kvcluster.proto import common_pb2, decode_pb2
 
 DEFAULTS = SamplingParams()  # what an unset optional field means

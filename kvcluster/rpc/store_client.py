@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvcluster.kv.blocks import checksum
-from kvcluster.rpc.bulk import receive_blocks, store_host
 from kvcluster.errors import IntegrityError
+from kvcluster.kv.blocks import checksum
 from kvcluster.kv.pool import KVLayout
-from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
-from kvcluster.rpc.plumbing import make_channel
 from kvcluster.kv.wire import (MAX_CHUNK_BYTES, block_chunks, block_key, describe_key, key_ref, layout_to_proto,
                             reassemble_blocks)
+from kvcluster.proto import cache_pb2, cache_pb2_grpc, common_pb2
+from kvcluster.rpc.bulk import receive_blocks, store_host
+from kvcluster.rpc.plumbing import make_channel
 
 Block = tuple[common_pb2.BlockRef, bytes]  # header and payload (a memoryview when it came by the bulk path)
 log = logging.getLogger(__name__)

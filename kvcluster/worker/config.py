@@ -3,8 +3,8 @@
 from typing import Any
 
 from kvcluster.config import setting
-from kvcluster.kv.dtypes import check_dtype
 from kvcluster.engine.engine import EngineConfig
+from kvcluster.kv.dtypes import check_dtype
 from kvcluster.rpc.security import SecuritySettings
 
 

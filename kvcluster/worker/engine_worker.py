@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TypeVar
 
-from kvcluster.errors import ResourceExhausted
 from kvcluster.engine.engine import Engine, Export
 from kvcluster.engine.sequence import Sequence, TokenEvent
+from kvcluster.errors import ResourceExhausted
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ gateway's /health) and `kvcluster_numerics_info` (kvcluster.worker.metrics).
 import logging
 from dataclasses import dataclass
 
-from kvcluster.kv.dtypes import DTYPE_NAMES
 from kvcluster.engine.engine import Engine
+from kvcluster.kv.dtypes import DTYPE_NAMES
 from kvcluster.model.triton_support import triton_unavailable
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvcluster.kv.blocks import BlockHash, prefix_hashes
-from kvcluster.rpc.cache_client import Fetched, KVCacheClient
-from kvcluster.kv.index import StoreRef
 from kvcluster.engine.engine import Engine, PrefixSource
+from kvcluster.kv.blocks import BlockHash, prefix_hashes
+from kvcluster.kv.index import StoreRef
+from kvcluster.rpc.cache_client import Fetched, KVCacheClient
 
 
 @dataclass

@@ -21,8 +21,8 @@ from functools import cache
 
 from kvcluster.kv.index import RedisIndex, worker_namespace
 from kvcluster.kv.index_publisher import IndexPublisher
-from kvcluster.worker.numerics import numerics_status
 from kvcluster.worker.engine_worker import EngineWorker
+from kvcluster.worker.numerics import numerics_status
 
 log = logging.getLogger(__name__)
 
