@@ -21,6 +21,13 @@ the first token leaves, and the token's way back (the replica's gRPC thread, the
 client) competes with that step's torch threads for the cores. The same with 1 token (nothing runs
 behind the first) is recorded beside it (`path_calibration.one_token`).
 
+The context's terms of the cost model (`CostModel.context_s_per_token`, `attend_s_per_token_pair`:
+what a forward's cached tokens add, issue #29) are fitted first, before the cluster starts, on this
+machine: the in-process engine (the workers' model, float32) times a forward of N new tokens after C
+cached for N in `ATTEND_NEW` x C in `ATTEND_CONTEXT` (the fastest of `ATTEND_ROUNDS`), and least
+squares fits a + b N + c C + d N C (`context_calibration` records the points, the fit and the decode
+steps by context beside it). `simulated_without_context_terms` is the same simulation with both 0.
+
 Both sides run on one host: the simulator's 2 replicas share `os.sched_getaffinity` cores with
 `torch.get_num_threads()` threads each (`FleetConfig.replicas_per_host`, `host_cores`: processor
 sharing), as the real replicas do. The result also keeps the simulation without that sharing and
@@ -30,6 +37,7 @@ by its index in the slice, by computed tokens and by whether the other replica w
 
 import argparse
 import dataclasses
+import math
 import os
 import random
 import statistics
@@ -37,13 +45,17 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
 import openai
 import torch
 
 from bench.common import RESULTS_DIR, at_most, percentile, progress, write_result
+from bench.engine import random_prompt
 from bench.fleet import cpu_profile
 from bench.fleet_sim import TRACES_DIR, FleetConfig, FleetSim, TraceRequest, load_trace
 from kvcluster.cli.launcher import Cluster, ClusterPorts
+from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.model.llama import DecodeSeq, PrefillSeq
 
 NAME = "fleet_check"
 BLOCK_TOKENS = 16
@@ -54,6 +66,9 @@ REPLICA_SLOTS = (512 << 20) // 737_280
 STORE_SLOTS = (1 << 30) // 737_280
 CALIBRATION_PROMPT = list(range(1000, 1000 + 2 * BLOCK_TOKENS + 1))  # 2 full blocks and 1 token
 CALIBRATION_SENDS = 8
+ATTEND_NEW = (1, 16, 64, 256)          # new tokens of the forwards timed for the context term
+ATTEND_CONTEXT = (0, 256, 1024, 2048)  # cached tokens before them
+ATTEND_ROUNDS = 7
 
 
 def trace_slice(conversations: int) -> list[TraceRequest]:
@@ -107,6 +122,56 @@ def calibrate_path(client: openai.OpenAI, model: str, max_tokens: int) -> dict:
             "fully_cached_sends": len(cached),
             "ttft_p50_s": round(statistics.median(s["ttft_s"] for s in cached), 4) if cached else None,
             "ttft_s": [round(s["ttft_s"], 4) for s in sends]}
+
+
+def forward_seconds(rounds: int = ATTEND_ROUNDS) -> dict:
+    """In-process (the workers' model, float32, this process's torch threads, nothing else of the
+    cluster running): seconds of a prefill forward of N new tokens after C cached ones, for N in
+    `ATTEND_NEW` x C in `ATTEND_CONTEXT`, and of one decode step (batch 1) at each C. The whole grid
+    is run `rounds` times after a warm-up round and each point keeps its fastest: other jobs on the
+    cores only ever add time, so the minimum is the forward's own cost."""
+    engine = load_engine(None, "cpu", EngineConfig(kv_capacity_bytes=512 << 20), dtype="float32")
+    kv, bs = engine.pool.kv, engine.config.block_size
+    longest = max(ATTEND_NEW) + max(ATTEND_CONTEXT) + 1
+    ids = random_prompt(longest, seed=longest)
+    slots = engine.blocks.allocate(-(-longest // bs))
+    forwards = {(new, context): [PrefillSeq(ids[context:context + new], context, slots)]
+                for context in ATTEND_CONTEXT for new in ATTEND_NEW}
+    steps = {context: [DecodeSeq(ids[context], context, slots)] for context in ATTEND_CONTEXT}
+    prefill, decode = {key: math.inf for key in forwards}, {key: math.inf for key in steps}
+    try:
+        engine.model.prefill(kv, [PrefillSeq(ids, 0, slots)])  # every position's K/V written once
+        for round_ in range(rounds + 1):
+            for times, run, plans in ((prefill, engine.model.prefill, forwards), (decode, engine.model.decode, steps)):
+                for key, plan in plans.items():
+                    start = time.perf_counter()
+                    run(kv, plan)
+                    if round_:  # round 0 warms up
+                        times[key] = min(times[key], time.perf_counter() - start)
+    finally:
+        engine.blocks.free(slots)
+    return {"prefill": prefill, "decode": decode}
+
+
+def fit_context(timings: dict) -> dict:
+    """Least squares of the relative error over the prefill points (a 1-token forward counts as much as
+    a 256-token one): seconds = a + b x N + c x C + d x N x C (N new tokens, C cached). c is
+    `CostModel.context_s_per_token`, d `attend_s_per_token_pair`; a and b are recorded only (the cost
+    model keeps the committed results' decode step and per-token cost). With each point's fit, and
+    each decode step beside the C = 0 step plus what c + d give for its context."""
+    points = sorted(timings["prefill"].items())
+    design = np.array([[1.0, n, c, n * c] for (n, c), _ in points])
+    seconds = np.array([t for _, t in points])
+    (a, b, c, d), *_ = np.linalg.lstsq(design / seconds[:, None], np.ones(len(points)), rcond=None)
+    step0 = timings["decode"][min(timings["decode"])]
+    return {"context_s_per_token": float(c), "attend_s_per_token_pair": float(d),
+            "intercept_s": round(float(a), 5), "prefill_s_per_token": float(b),
+            "prefill_ms": [{"new": n, "context": ctx, "measured": round(t * 1e3, 1),
+                            "fit": round(float(design[i] @ (a, b, c, d)) * 1e3, 1)}
+                           for i, ((n, ctx), t) in enumerate(points)],
+            "decode_step_ms": [{"context": ctx, "measured": round(t * 1e3, 1),
+                                "context_terms_over_c0": round(float(step0 + ctx * (c + d)) * 1e3, 1)}
+                               for ctx, t in sorted(timings["decode"].items())]}
 
 
 def real_run(requests: list[TraceRequest]) -> tuple[dict, list[dict]]:
@@ -179,11 +244,20 @@ def main(argv: list[str] | None = None) -> int:
     cores, threads = len(os.sched_getaffinity(0)), torch.get_num_threads()  # the workers' torch default too
     cost = dataclasses.replace(cpu, pull_s_per_block=cpu.pull_s_per_block * BLOCK_TOKENS / 512, request_path_s=0.0,
                                threads=threads)
+    progress(NAME, f"timing the in-process forward at {len(ATTEND_NEW)} x {len(ATTEND_CONTEXT)} (new, cached) points")
+    load_before = os.getloadavg()[0]
+    context_fit = {**fit_context(forward_seconds()), "loadavg_1m": {"start": round(load_before, 2),
+                                                                    "end": round(os.getloadavg()[0], 2)}}
+    flat = cost
+    cost = dataclasses.replace(cost, context_s_per_token=context_fit["context_s_per_token"],
+                               attend_s_per_token_pair=context_fit["attend_s_per_token_pair"])
+    progress(NAME, f"context terms: {context_fit['context_s_per_token'] * 1e6:.2f} us per cached token, "
+             f"{context_fit['attend_s_per_token_pair'] * 1e9:.0f} ns per (new, cached) pair")
     progress(NAME, f"{len(requests)} requests; running the cluster")
     calibration, measured = real_run(requests)
     if calibration["ttft_p50_s"] is None or calibration["one_token"]["ttft_p50_s"] is None:
         raise SystemExit(f"calibration: no send of the tiny prompt found it cached: {calibration}")
-    one_token = cost.prefill(1)
+    one_token = cost.prefill(1, len(CALIBRATION_PROMPT) - 1)
     path_s = max(calibration["ttft_p50_s"] - one_token, 0.0)
     one_token_path_s = max(calibration["one_token"]["ttft_p50_s"] - one_token, 0.0)
     calibration.update(model_one_token_forward_s=round(one_token, 4), request_path_s=round(path_s, 4),
@@ -195,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     without_path, _ = simulate_each(requests, config)
     unshared, _ = simulate_each(requests, with_path(dataclasses.replace(config, host_cores=0), path_s))
     one_token_path, _ = simulate_each(requests, with_path(config, one_token_path_s))
+    no_context, _ = simulate_each(requests, with_path(dataclasses.replace(config, cost=flat), path_s))
     progress(NAME, f"request path {path_s * 1e3:.1f} ms (cached tiny prompt TTFT p50 "
              f"{calibration['ttft_p50_s'] * 1e3:.1f} ms at {MAX_TOKENS} tokens - {one_token * 1e3:.1f} ms forward; "
              f"{one_token_path_s * 1e3:.1f} ms at 1 token); simulated hit ratio {simulated['hit_ratio']:.3f}, "
@@ -206,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     figures = ("hit_ratio", "ttft_s")
     result = {"requests": len(requests), "conversations": args.conversations, "span_s": SPAN_S,
               "host": {"cores": cores, "threads_per_replica": threads, "replicas_per_host": 2},
-              "path_calibration": calibration, "simulated": simulated,
+              "path_calibration": calibration, "context_calibration": context_fit, "simulated": simulated,
               "simulated_without_request_path": {k: without_path[k] for k in figures},
               "simulated_one_replica_per_host": {k: unshared[k] for k in figures},
               "simulated_with_one_token_path": {k: one_token_path[k] for k in figures},
+              "simulated_without_context_terms": {k: no_context[k] for k in figures},
               "measured": {
                   "hit_ratio": round(hit, 4), "ttft_p50_s": round(ttft_p50, 4),
                   "ttft_s": {f"p{q}": round(percentile([m["ttft_s"] for m in measured], q), 4) for q in (50, 90, 99)},

@@ -23,9 +23,13 @@ store (the next blocks whose shard holds them: `pin` + `release`, which touches 
 computed. A request's TTFT adds the cost model's `request_path_s` (the gateway and gRPC path,
 measured on this machine for the CPU model, 0 for the derived H100 one). New blocks are registered
 locally (as many as the pool can spare while its running requests hold theirs) and pushed to their
-shard. Not modelled: the prefill service's own pool,
-waiting for an in-flight prefix, store spill tiers (the store has none), network contention,
-attention's growth with the context (the cost per prefill token is the one measured at 1,024).
+shard. Context (`CostModel.context_s_per_token`, `attend_s_per_token_pair`, both 0 by default): a
+prefill of N tokens after C cached ones (its local and store blocks) costs C x the first (reading the
+cached K/V once) + N x C x the second (each new token attending to each cached one) more; a decode
+step the same for each sequence of its batch (N = 1, C = its tokens so far, as the step begins). Not
+modelled: the prefill service's own pool, waiting for an in-flight prefix, store spill tiers (the
+store has none), network contention, attention among a prompt's own new tokens growing with their
+number (the cost per prefill token is the one measured at 1,024).
 """
 
 import heapq
@@ -100,7 +104,8 @@ def ttft_floor(requests: Sequence[TraceRequest], cost: "CostModel", block_tokens
                 break
             hits += 1
         seen.update(request.block_hashes)
-        ttft.append(cost.prefill(request.input_tokens - block_tokens * hits) + cost.request_path_s)
+        cached = block_tokens * hits
+        ttft.append(cost.prefill(request.input_tokens - cached, cached) + cost.request_path_s)
     ttft.sort()
     return {f"p{q}": round(percentile_sorted(ttft, q), 4) for q in (50, 90, 99)}
 
@@ -110,7 +115,9 @@ class CostModel:
     """Seconds per prefill token, per decode step by batch size (linear between the points given),
     per 512-token block pulled from the store, and of the request path outside the replica's model
     (`request_path_s`: client -> gateway -> routing -> gRPC -> scheduling and the first token's way
-    back; a latency added to each TTFT, not replica time)."""
+    back; a latency added to each TTFT, not replica time), and the context's terms: per cached token
+    a forward reads (`context_s_per_token`) and per pair of a new token and a cached one it attends to
+    (`attend_s_per_token_pair`), 0 unless calibrated (bench/fleet_check.py fits both on this machine)."""
 
     name: str
     source: str
@@ -120,14 +127,26 @@ class CostModel:
     max_batch: int
     request_path_s: float = 0.0
     threads: int = 1  # cores one replica's forward keeps busy (torch's intra-op threads on a CPU)
+    context_s_per_token: float = 0.0       # per cached token a forward reads (once, whatever its new tokens)
+    attend_s_per_token_pair: float = 0.0   # per (new token x cached token) of attention
 
-    def prefill(self, tokens: int) -> float:
-        """A forward over `tokens` new tokens: one decode step (every weight is read, even for the one
-        token of a fully cached prompt) plus the per-token cost. On this machine it gives 744 / 385 /
-        115 ms for 512 / 256 / 64 new tokens where bench/results/ttft.json measured 764 / 384 / 111."""
-        return self.decode_step(1) + max(tokens, 0) * self.prefill_s_per_token
+    def prefill(self, tokens: int, context: int = 0) -> float:
+        """A forward over `tokens` new tokens after `context` cached ones: one decode step (every weight
+        is read, even for the one token of a fully cached prompt) plus the per-token cost plus the
+        context's. Without the context terms, on the Xeon it gives 744 / 385 / 115 ms for 512 / 256 /
+        64 new tokens where bench/results/ttft.json measured 764 / 384 / 111."""
+        tokens = max(tokens, 0)
+        return self.decode_step(1) + tokens * self.prefill_s_per_token + self.context_s(tokens, context)
 
-    def decode_step(self, batch: int) -> float:
+    def context_s(self, tokens: int, context: int) -> float:
+        """What `tokens` new tokens after `context` cached ones add for the context."""
+        return context * (self.context_s_per_token + tokens * self.attend_s_per_token_pair)
+
+    def decode_step(self, batch: int, contexts: Sequence[int] = ()) -> float:
+        """One step of `batch` sequences, by the measured points; `contexts`: each one's tokens so far."""
+        return self._decode_step(batch) + sum(self.context_s(1, context) for context in contexts)
+
+    def _decode_step(self, batch: int) -> float:
         points = sorted(self.decode_step_s.items())
         for (b0, t0), (b1, t1) in zip(points, points[1:]):
             if batch <= b1:
@@ -298,7 +317,8 @@ class FleetSim:
             replica.phase, replica.work_s = "prefill", self._prefill(job, replica)
         elif replica.decoding:
             batch = replica.decoding[:self.config.cost.max_batch]
-            replica.step_s = self.config.cost.decode_step(len(batch))
+            contexts = [job.request.input_tokens + job.request.output_tokens - job.remaining for job in batch]
+            replica.step_s = self.config.cost.decode_step(len(batch), contexts)
             replica.steps = min(job.remaining for job in batch)
             replica.phase, replica.work_s = "decode", replica.steps * replica.step_s
         else:
@@ -396,7 +416,8 @@ class FleetSim:
         self.per_request[job.index] = {"replica": replica.position, "local_blocks": local, "store_blocks": store,
                                        "computed_tokens": computed_tokens, "busy_on_host_at_start": busy_beside}
         cost = self.config.cost
-        return cost.prefill(computed_tokens) + store * cost.pull_s_per_block
+        cached_tokens = self.config.block_tokens * job.cached_blocks
+        return cost.prefill(computed_tokens, cached_tokens) + store * cost.pull_s_per_block
 
     def _cache_new_blocks(self, job: Job, replica: SimReplica) -> None:
         """Register the prompt's blocks past the local hit in the replica's pool (as many as it can spare

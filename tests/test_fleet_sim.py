@@ -120,6 +120,46 @@ def test_one_replica_per_host_is_the_default_and_sharing_only_slows_the_fleet(tr
     assert slow["makespan_s"] >= fast["makespan_s"]
 
 
+CONTEXT_COST = dataclasses.replace(COST, context_s_per_token=5e-6, attend_s_per_token_pair=6e-7)
+
+
+def test_a_prefill_after_cached_tokens_costs_the_context_terms_more():
+    """N new tokens after C cached: C x context_s_per_token + N x C x attend_s_per_token_pair more
+    than the flat model; nothing more without cached tokens; a decode step adds each sequence's."""
+    for new, cached in ((1, 0), (16, 1024), (64, 2048), (256, 256)):
+        extra = cached * 5e-6 + new * cached * 6e-7
+        assert CONTEXT_COST.prefill(new, cached) == pytest.approx(COST.prefill(new) + extra)
+        assert COST.prefill(new, cached) == COST.prefill(new)
+    assert CONTEXT_COST.decode_step(2, [100, 3000]) == pytest.approx(COST.decode_step(2) + 3100 * (5e-6 + 6e-7))
+
+
+def test_the_context_terms_slow_a_cached_turn_in_the_simulator_by_exactly_their_cost():
+    """A second turn whose first 4 blocks the replica holds: its TTFT grows by the terms at C = 4
+    blocks, N = its one computed block; the cold first turn's (C = 0) not at all."""
+    turn = tuple(bytes([b]) * 16 for b in range(5))
+    requests = [TraceRequest(0.0, 4 * 512, 1, turn[:4]), TraceRequest(100.0, 5 * 512, 1, turn)]
+
+    def ttfts(cost: CostModel) -> list[float]:
+        sim = FleetSim(FleetConfig("round_robin", 1, 64, 1, 1, cost))
+        sim.run(requests)
+        return [sim.per_request[i]["ttft_s"] for i in range(2)]
+
+    flat, context = ttfts(COST), ttfts(CONTEXT_COST)
+    assert context[0] == pytest.approx(flat[0])
+    assert context[1] - flat[1] == pytest.approx(2048 * 5e-6 + 512 * 2048 * 6e-7)
+
+
+def test_zero_context_terms_leave_the_summaries_as_they_were(trace_slice, results):
+    """The default (both 0) is the model before the terms: the same figures on the trace slice; with
+    them every TTFT percentile grows (the trace's turns carry long cached contexts)."""
+    explicit = dataclasses.replace(config("cache_aware"),
+                                   cost=dataclasses.replace(COST, context_s_per_token=0.0, attend_s_per_token_pair=0.0))
+    assert simulate(trace_slice, explicit) == results["cache_aware"]
+    slower = simulate(trace_slice, dataclasses.replace(config("cache_aware"), cost=CONTEXT_COST))
+    for q in ("p50", "p90", "p99"):
+        assert slower["ttft_s"][q] > results["cache_aware"]["ttft_s"][q]
+
+
 def test_prefix_index_follows_a_block_managers_events():
     index = PrefixIndex()
     pool = BlockManager(num_blocks=2)
