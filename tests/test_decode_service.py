@@ -264,7 +264,10 @@ def test_a_handoffs_first_token_reaches_the_client_before_the_prefill_replicas_p
 def test_prefill_stopped_decode_prefills_locally(cluster, smollm_engine):
     cluster["prefill"].stop(0.2)
     before = fallbacks(cluster, "prefill_unavailable")
-    messages = chat(("system", SYSTEM), ("user", "What is a bill of lading? Explain for a first-time importer."))
+    # Over 1,024 new tokens: past the most the measured local-prefill threshold allows (its ceiling), so
+    # decode always tries the stopped prefill first instead of computing a short prompt itself.
+    question = " ".join(f"Container {i} leaves port {i % 17} on day {i % 31}." for i in range(120))
+    messages = chat(("system", SYSTEM), ("user", f"{question} Which containers leave on day 3?"))
     ids, _, _ = run(cluster, messages=messages, sampling=greedy())
     assert ids == reference(smollm_engine, messages)
     assert fallbacks(cluster, "prefill_unavailable") > before
