@@ -125,6 +125,8 @@ def not_run(ctx: BenchContext, reason: str) -> dict:
         ("cache_aware_hit_over_ceiling", f">= {CEILING_SHARE_TARGET}"),
         ("round_robin_over_cache_aware_ttft_p50", f">= {TTFT_GAIN_TARGET}"),
         ("round_robin_over_ttft_floor_p50", "(the most any router could reach)"),
+        ("cpu_profile_cache_aware_hit_over_ceiling", f">= {CEILING_SHARE_TARGET}"),
+        ("cpu_profile_round_robin_over_cache_aware_ttft_p50", f">= {TTFT_GAIN_TARGET}"),
         ("routing_decision_cpu_p99_us_256x10k", f"<= {DECISION_P99_TARGET_US:g}"))}}
     ctx.write(NAME, payload)
     line_plot(ctx.results_dir / f"{NAME}.png", f"not run: {reason}", "", "", {})
@@ -152,6 +154,8 @@ def run(ctx: BenchContext) -> dict:
     headline = HEADLINE_REPLICAS if HEADLINE_REPLICAS in sizes else sizes[-1]
     row = h100["by_size"][headline]
     aware, rr = row["cache_aware"], row["round_robin"]
+    # The same fleet with this machine's cost model (the calibrated one; loaded where the H100's idles).
+    cpu_row = profiles["cpu_smollm2_fp32"]["by_size"][headline]
     payload = {"requests": {k: len(v) for k, v in traces.items()}, "headline_replicas": headline,
                "default_pool_blocks": DEFAULT_POOL_BLOCKS, "default_pool_slots": DEFAULT_POOL_SLOTS,
                "store_blocks_per_shard": STORE_BLOCKS_PER_SHARD, "replicas_per_store_shard": REPLICAS_PER_SHARD,
@@ -163,6 +167,11 @@ def run(ctx: BenchContext) -> dict:
                    # No router reaches the floor; where this is under the target, so is every router.
                    "round_robin_over_ttft_floor_p50": at_least(
                        rr["ttft_s"]["p50"] / max(h100["ttft_floor_s"]["p50"], 1e-9), TTFT_GAIN_TARGET),
+                   "cpu_profile_cache_aware_hit_over_ceiling": at_least(cpu_row["cache_aware"]["hit_over_ceiling"],
+                                                                        CEILING_SHARE_TARGET, 3),
+                   "cpu_profile_round_robin_over_cache_aware_ttft_p50": at_least(
+                       cpu_row["round_robin"]["ttft_s"]["p50"] / max(cpu_row["cache_aware"]["ttft_s"]["p50"], 1e-9),
+                       TTFT_GAIN_TARGET),
                    "routing_decision_cpu_p99_us_256x10k": at_most(scale["prefix_index"]["cpu_p99_us"],
                                                                   DECISION_P99_TARGET_US, 1)}}
     ctx.write(NAME, payload)

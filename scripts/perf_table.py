@@ -63,8 +63,13 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "aiperf_chat.ttft_p50_cache_top_over_c1": ("aiperf: TTFT p50, concurrency 4 ÷ concurrency 1", "×"),
     "aiperf_chat.errors": ("aiperf: failed requests", ""),
     "fleet.cache_aware_hit_over_ceiling":
-        ("simulated fleet, 64 replicas: prefix hit ratio ÷ the trace's ceiling, cache-aware", ""),
-    "fleet.round_robin_over_cache_aware_ttft_p50": ("simulated fleet: TTFT p50, round robin ÷ cache-aware", "×"),
+        ("simulated fleet, 64 replicas, H100 cost model: prefix hit ratio ÷ the trace's ceiling, cache-aware", ""),
+    "fleet.round_robin_over_cache_aware_ttft_p50":
+        ("simulated fleet, H100 cost model: TTFT p50, round robin ÷ cache-aware", "×"),
+    "fleet.cpu_profile_cache_aware_hit_over_ceiling":
+        ("simulated fleet, 64 replicas, this machine's cost model: prefix hit ratio ÷ the ceiling, cache-aware", ""),
+    "fleet.cpu_profile_round_robin_over_cache_aware_ttft_p50":
+        ("simulated fleet, this machine's cost model: TTFT p50, round robin ÷ cache-aware", "×"),
     "fleet.routing_decision_cpu_p99_us_256x10k":
         ("routing decision, 256 replicas × 10k blocks, CPU time p99", " µs"),
     "fleet_check.hit_ratio_abs_difference": ("simulator vs real 2-replica cluster: hit ratio, difference", ""),
