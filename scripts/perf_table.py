@@ -66,6 +66,8 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         ("simulated fleet, 64 replicas, H100 cost model: prefix hit ratio ÷ the trace's ceiling, cache-aware", ""),
     "fleet.round_robin_over_cache_aware_ttft_p50":
         ("simulated fleet, H100 cost model: TTFT p50, round robin ÷ cache-aware", "×"),
+    "fleet.round_robin_over_ttft_floor_p50":
+        ("simulated fleet, H100 cost model: TTFT p50, round robin ÷ the floor (the most any router could show)", "×"),
     "fleet.cpu_profile_cache_aware_hit_over_ceiling":
         ("simulated fleet, 64 replicas, this machine's cost model: prefix hit ratio ÷ the ceiling, cache-aware", ""),
     "fleet.cpu_profile_round_robin_over_cache_aware_ttft_p50":
