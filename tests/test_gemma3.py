@@ -19,7 +19,7 @@ from kvcluster.client import Client
 from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.model.config import layer_windows
-from kvcluster.model.files import read_model_config
+from kvcluster.model.files import GGUFFile, read_model_config
 from kvcluster.model.loader import load_model
 from kvcluster.model.tokenizer import ChatMessage
 from tests.test_models import (PROMPT, assert_matches_transformers, tiny_tokenizer,
@@ -169,16 +169,15 @@ HF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_
 @pytest.fixture(scope="module")
 def transformers_gemma3(gemma3_path):
     """transformers' Gemma3ForCausalLM (float32, eager attention) over the GGUF's weights, dequantized by
-    gguf's own reader here. (transformers 5.23 cannot read this file itself: it lacks the Q5_0 type.)
+    gguf's own code (GGUFFile.tensors). (transformers 5.23 cannot read this file itself: it lacks the Q5_0 type; gguf's
+    GGUFReader takes ~10 s over the 262k-string vocabulary, so the header is read by GGUFFile, whose
+    parsing tests/test_models.py and the tiny Gemma 3 GGUF above check against gguf's writer.)
     Its config is google/gemma-3-270m's: the file's sizes, query_pre_attn_scalar 256, rope bases 1e6
     and 1e4, every sixth layer global."""
-    reader = gguf.GGUFReader(gemma3_path)
-
-    def field(key: str):
-        return reader.fields[key].contents()
-
+    file = GGUFFile(gemma3_path)
+    field = file.field
     config = transformers.Gemma3TextConfig(
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), hidden_size=field("gemma3.embedding_length"),
+        vocab_size=field("tokenizer.ggml.tokens"), hidden_size=field("gemma3.embedding_length"),  # a count: strings unread
         intermediate_size=field("gemma3.feed_forward_length"), num_hidden_layers=field("gemma3.block_count"),
         num_attention_heads=field("gemma3.attention.head_count"),
         num_key_value_heads=field("gemma3.attention.head_count_kv"), head_dim=field("gemma3.attention.key_length"),
@@ -186,14 +185,15 @@ def transformers_gemma3(gemma3_path):
         rms_norm_eps=1e-6, query_pre_attn_scalar=256, rope_theta=field("gemma3.rope.freq_base"),
         rope_local_base_freq=10000.0, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     state = {}
-    for tensor in reader.tensors:
-        weight = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
-        kind, layer = tensor.name.removesuffix(".weight"), None
+    for tensor_name, dequantized in file.tensors().items():  # by gguf.quants.dequantize
+        weight = torch.tensor(dequantized())  # a copy: F32 tensors are read-only views of the file
+        kind, layer = tensor_name.removesuffix(".weight"), None
         if kind.startswith("blk."):
             _, layer, kind = kind.split(".")
         name = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}.get(kind) or f"model.layers.{layer}.{HF_NAMES[kind]}"
         state[name + ".weight"] = weight - 1 if kind.endswith("norm") else weight
-    model = transformers.Gemma3ForCausalLM(config).eval()
+    with transformers.initialization.no_init_weights():  # every weight is loaded below (strict but the tied head)
+        model = transformers.Gemma3ForCausalLM(config).eval()
     model.config._attn_implementation = "eager"
     model.generation_config.eos_token_id = None  # always `STEPS` tokens, none suppressed (as ignore_eos)
     missing, unexpected = model.load_state_dict(state, strict=False)

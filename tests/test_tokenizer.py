@@ -75,3 +75,56 @@ def test_fingerprint_is_the_same_across_loads_and_differs_for_another_tokenizer(
                read_tokenizer_data(gemma3_path)]
     fingerprints = {tokenizer_fingerprint(data) for data in changed}
     assert len(fingerprints) == len(changed) and tokenizer.fingerprint not in fingerprints
+
+
+# ---- the build cache (KVC_CACHE_DIR): a later start reads what an earlier one built -------------------
+
+def test_a_built_tokenizer_is_cached_and_read_back_unchanged(tmp_path, monkeypatch):
+    from kvcluster.model import tokenizer as module
+
+    monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path))
+    data = read_tokenizer_data()
+    built = Tokenizer(data)
+    entry = tmp_path / "tokenizers" / f"{built.fingerprint}.json"
+    assert entry.is_file() and [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary left
+
+    def no_build(_):
+        raise AssertionError("built again although the cache holds it")
+
+    monkeypatch.setattr(module, "gguf_tokenizer", no_build)
+    cached = Tokenizer(data)
+    assert cached.to_json() == built.to_json()
+    for text in SAMPLES:
+        assert cached.encode(text) == built.encode(text) and cached.decode(cached.encode(text)) == text
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "not json"])
+def test_a_damaged_cache_entry_is_rebuilt_never_used(tmp_path, monkeypatch, damage):
+    from kvcluster.model import tokenizer as module
+
+    monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path))
+    data = read_tokenizer_data()
+    good = Tokenizer(data)
+    entry = tmp_path / "tokenizers" / f"{good.fingerprint}.json"
+    raw = entry.read_bytes()
+    target = raw.index(b'"Hello"') + 1 if b'"Hello"' in raw else len(raw) // 2  # a vocabulary string
+    entry.write_bytes({"flipped byte": raw[:target] + bytes([raw[target] ^ 0x01]) + raw[target + 1:],
+                       "truncated": raw[:len(raw) // 2],
+                       "not json": b"x\n{"}[damage])
+    builds = []
+    real_build = module.gguf_tokenizer
+    monkeypatch.setattr(module, "gguf_tokenizer", lambda d: builds.append(1) or real_build(d))
+    again = Tokenizer(data)
+    assert builds == [1]
+    assert again.to_json() == good.to_json() and entry.read_bytes() == raw  # the entry is whole again
+
+
+def test_no_cache_when_kvc_cache_dir_is_empty_or_unwritable(tmp_path, monkeypatch):
+    data = read_tokenizer_data()
+    monkeypatch.setenv("KVC_CACHE_DIR", "")
+    monkeypatch.chdir(tmp_path)
+    assert Tokenizer(data).encode(SAMPLES[0]) and list(tmp_path.iterdir()) == []
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("KVC_CACHE_DIR", str(blocked))
+    assert Tokenizer(data).decode(Tokenizer(data).encode(SAMPLES[1])) == SAMPLES[1]
