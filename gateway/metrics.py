@@ -11,7 +11,8 @@ PROMPT_INPUTS = ("token_ids", "text")
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry, replicas_up: Callable[[], int]):
+    def __init__(self, registry: CollectorRegistry, replicas_up: Callable[[], int],
+                 local_index_blocks: Callable[[], int] = lambda: 0):
         self.requests = Counter("kvcluster_gateway_requests", "HTTP requests by route and status code",
                                 ["route", "status"], registry=registry)
         self.ttft = Histogram("kvcluster_gateway_time_to_first_token_seconds", "Time from request arrival to the "
@@ -31,6 +32,10 @@ class GatewayMetrics:
                                      registry=registry)
         self.replicas_up = Gauge("kvcluster_gateway_replicas_up", "Decode replicas in rotation", registry=registry)
         self.replicas_up.set_function(replicas_up)
+        self.local_index_blocks = Gauge("kvcluster_gateway_local_index_blocks", "Distinct blocks some replica "
+                                        "holds in the gateway's own copy of the index (--routing-index local: "
+                                        "it follows the KV events; 0 with the Redis index)", registry=registry)
+        self.local_index_blocks.set_function(local_index_blocks)
         for reason in ROUTING_REASONS:
             self.routing.labels(reason)
         for when in ("before_first_token", "mid_stream"):

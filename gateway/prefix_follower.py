@@ -70,6 +70,12 @@ class PrefixFollower:
                     self._last_id = event_id
             self.events_applied += len(events)
 
+    @property
+    def num_blocks(self) -> int:
+        """Distinct blocks some member holds in the copy (kvcluster_gateway_local_index_blocks)."""
+        with self._lock:
+            return self.prefix_index.num_blocks
+
     def held_prefix(self, block_hashes: Sequence[bytes], members: Sequence[StoreRef]) -> list[int]:
         """RedisIndex.held_prefix's answer from the copy (0 for a member in an epoch not mirrored yet)."""
         with self._lock:

@@ -75,7 +75,8 @@ class Gateway:
         self.follower = (PrefixFollower(self.replicas.index) if config.routing_index == "local"
                          and self.replicas.index is not None else None)
         self.registry = registry or CollectorRegistry()
-        self.metrics = GatewayMetrics(self.registry, lambda: len(self.replicas.up()))
+        self.metrics = GatewayMetrics(self.registry, lambda: len(self.replicas.up()),
+                                      lambda: self.follower.num_blocks if self.follower is not None else 0)
         self.keys = config.keys()
         self.metadata = ((API_KEY_HEADER, f"Bearer {config.decode_api_key}"),) if config.decode_api_key else ()
         self._registry_healthy = True

@@ -6,6 +6,7 @@ import random
 import pytest
 
 from gateway.prefix_follower import PrefixFollower
+from kvcluster.cli.polling import wait_until
 from kvcluster.kv.index import RedisIndex, worker_namespace
 from tests.cluster_fixtures import running_redis
 
@@ -158,11 +159,13 @@ def test_a_live_cluster_routing_on_the_local_index_sends_a_repeat_to_the_replica
             reply = client.completions.create(model=cluster.served_model, prompt=ids, max_tokens=4, temperature=0)
             return reply.choices[0].text, reply.usage.kvcluster["replica"], reply.usage.kvcluster["local_cache_tokens"]
 
-        def cache_hits() -> float:
+        def gateway_metric(sample: str) -> float:
             text = httpx.get(f"{cluster.gateway_url}/metrics", timeout=10).text
-            found = [line for line in text.splitlines()
-                     if line.startswith('kvcluster_gateway_routing_decisions_total{reason="cache_hit"}')]
+            found = [line for line in text.splitlines() if line.startswith(sample + " ")]
             return float(found[0].split()[-1]) if found else 0.0
+
+        def cache_hits() -> float:
+            return gateway_metric('kvcluster_gateway_routing_decisions_total{reason="cache_hit"}')
 
         try:
             cold = [ask(ids) for ids in documents]
@@ -177,7 +180,8 @@ def test_a_live_cluster_routing_on_the_local_index_sends_a_repeat_to_the_replica
                         break
                     time.sleep(0.1)
                 assert held[replica] == len(hashes)
-            time.sleep(2.0)  # several of the gateway's 0.2 s refreshes: its local copy has the events
+            # The gateway's copy has applied those events (a refresh every 0.2 s): 8 distinct blocks a document.
+            assert wait_until(lambda: gateway_metric("kvcluster_gateway_local_index_blocks") >= 8 * len(documents), 30)
             hits = cache_hits()
             for ids, (text, replica, _) in zip(documents, cold):
                 for _ in range(2):
