@@ -2,7 +2,16 @@
 //
 // AVX-512 where the build has it (the kernels are compiled with -march=native on the machine that
 // runs them), else AVX2 + FMA, else plain loops; all accumulate in fp32. Every function takes a row length
-// that need not be a multiple of 16 (the tail is a masked load).
+// that need not be a multiple of the vector width (the tail is a masked load).
+//
+// Layout: each SIMD block defines its lane type (V16: 16 fp32 lanes in a __m512; V8: 8 lanes in a
+// __m256) as a struct of thin wrappers over one intrinsic each, or over a short fixed helper such as
+// scale2 (those that differ only in the _mm512 / _mm256 prefix come from KVC_LANE_OPS), plus the
+// functions whose algorithm is width-specific (the reduction trees, dots16, dots4x16, max_of); `Vec`
+// names the build's lane type. The functions whose sequence of fp32 operations is the same at both
+// widths (exp, dot, sum_squares, axpy, exp_shifted, widen, weighted_rows_block) are written once
+// below over `Vec`: a given build runs exactly the intrinsics, in the same order, that it ran when
+// each width had its own copy.
 
 #pragma once
 
@@ -20,6 +29,20 @@
 #endif
 
 namespace kvc {
+
+// The lane-wise ops whose AVX-512 and AVX2 intrinsics differ only in their prefix (P: _mm512 or
+// _mm256), each one intrinsic, expanded in V16 and in V8: fmadd(a, b, c) = a * b + c and
+// fnmadd(a, b, c) = c - a * b, each rounded once.
+#define KVC_LANE_OPS(P)                                                     \
+  static Reg zero() { return P##_setzero_ps(); }                            \
+  static Reg set1(float x) { return P##_set1_ps(x); }                       \
+  static Reg add(Reg a, Reg b) { return P##_add_ps(a, b); }                 \
+  static Reg sub(Reg a, Reg b) { return P##_sub_ps(a, b); }                 \
+  static Reg mul(Reg a, Reg b) { return P##_mul_ps(a, b); }                 \
+  static Reg min(Reg a, Reg b) { return P##_min_ps(a, b); }                 \
+  static Reg max(Reg a, Reg b) { return P##_max_ps(a, b); }                 \
+  static Reg fmadd(Reg a, Reg b, Reg c) { return P##_fmadd_ps(a, b, c); }   \
+  static Reg fnmadd(Reg a, Reg b, Reg c) { return P##_fnmadd_ps(a, b, c); }
 
 #if defined(__AVX512F__)
 
@@ -45,57 +68,6 @@ inline __m512 load16(const double* p, __mmask16 mask) {  // rounded to fp32 as i
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
 }
 
-// exp of 16 lanes (Cephes' expf polynomial, within 2 ulp of std::exp); -inf and very negative
-// inputs give 0, as softmax needs.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below this exp underflows to 0 anyway
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.37f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// sum_d a[d] * b[d], a in fp32.
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t dim) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dim; d += 16) {
-    const __mmask16 mask = tail_mask(dim - d);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + d), load16(b + d, mask), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-// sum_d a[d]^2
-template <typename T>
-inline float sum_squares(const T* a, int64_t dim) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dim; d += 16) {
-    const __m512 v = load16(a + d, tail_mask(dim - d));
-    acc = _mm512_fmadd_ps(v, v, acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-// acc[d] += p * b[d]
-template <typename T>
-inline void axpy(float p, const T* b, float* acc, int64_t dim) {
-  const __m512 pv = _mm512_set1_ps(p);
-  for (int64_t d = 0; d < dim; d += 16) {
-    const __mmask16 mask = tail_mask(dim - d);
-    _mm512_mask_storeu_ps(acc + d, mask, _mm512_fmadd_ps(pv, load16(b + d, mask), _mm512_maskz_loadu_ps(mask, acc + d)));
-  }
-}
-
 // Lane sums of 16 accumulators, each by one fixed tree: lanes (l, l+2), pairs of those, then
 // 128-bit quarters (0+1), (2+3), then the two halves; lane i of the result is acc[i]'s sum, and
 // its value depends on acc[i] alone (not on its slot or the other 15).
@@ -115,6 +87,28 @@ inline __m512 reduce16(const __m512* acc) {
   // halves: quarter q of the result holds slots 4q..4q+3
   return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
 }
+
+// 16 fp32 lanes: the AVX-512 side of the width-generic functions below. A Mask is a tail mask (the
+// first min(n, 16) lanes); masked loads give 0 past it and masked stores leave memory there alone.
+struct V16 {
+  using Reg = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  // weighted_rows_block's rows per pass: 6 rows x 4 zmm accumulators + 4 values + 1 broadcast <= 32 zmm
+  static constexpr int kRows = 6;
+
+  static Mask mask(int64_t n) { return tail_mask(n); }
+  template <typename T>
+  static Reg load(const T* p, Mask m) { return load16(p, m); }
+  static void store(float* p, Reg v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+  static Reg keep(Mask m, Reg v) { return _mm512_maskz_mov_ps(m, v); }  // lanes past the mask zeroed
+  static Reg broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static Reg round(Reg x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static Reg scale(Reg p, Reg n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, rounded once
+  static float sum(Reg v) { return _mm512_reduce_add_ps(v); }       // the lanes' sum, by GCC's fixed tree
+  KVC_LANE_OPS(_mm512)
+};
+using Vec = V16;
 
 // out[i] = sum_d a[d] * row(i)[d] for i < n <= 16: the attention scores of one query head against
 // 16 keys. Each key's products are summed by one fixed tree (an fma chain over d in steps of 16
@@ -185,109 +179,9 @@ inline float max_of(const float* s, int64_t n) {
   return _mm512_reduce_max_ps(top);
 }
 
-// s[j] = exp(s[j] - top); returns the sum.
-inline float exp_shifted(float* s, int64_t n, float top) {
-  const __m512 topv = _mm512_set1_ps(top);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 mask = tail_mask(n - j);
-    const __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + j), topv)));
-    _mm512_mask_storeu_ps(s + j, mask, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  return _mm512_reduce_add_ps(sum);
-}
-
-
-// out[i] = float(row[i]) for i < n: exact for bf16 and fp16 (a tile widened once, read by many queries).
-template <typename T>
-inline void widen(const T* row, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = tail_mask(n - i);
-    _mm512_mask_storeu_ps(out + i, mask, load16(row + i, mask));
-  }
-}
-
-// R rows at once over one slice of V x 16 dims: for each row r, acc[r][d] += sum_j p[r][j] * row(j)[d]
-// for j < count, in order: each value vector is loaded once for the R rows. Per element the same
-// fma chain as axpy(p[r][j], row(j), acc[r], dim) for j = 0, 1, ..., with acc held in registers.
-template <int R, int V>
-inline void weighted_block_slice(const float* const* p, float* const* acc, int64_t count, const float* const* rows,
-                                 int64_t voffset, int64_t offset, int64_t width) {
-  // Fully unrolled so that the R x V accumulators live in registers (GCC keeps a partly indexed
-  // array of vectors on the stack and stores it every iteration: 3x slower).
-  __m512 a[R][V];
-  __mmask16 masks[V];
-#pragma GCC unroll 4
-  for (int v = 0; v < V; ++v) masks[v] = tail_mask(width - 16 * v);
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) a[r][v] = _mm512_maskz_loadu_ps(masks[v], acc[r] + offset + 16 * v);
-  const float* pr[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) pr[r] = p[r];
-  for (int64_t j = 0; j < count; ++j) {
-    const float* row = rows[j] + voffset + offset;
-    __m512 values[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) values[v] = _mm512_maskz_loadu_ps(masks[v], row + 16 * v);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m512 pv = _mm512_set1_ps(pr[r][j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) a[r][v] = _mm512_fmadd_ps(pv, values[v], a[r][v]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(acc[r] + offset + 16 * v, masks[v], a[r][v]);
-}
-
-template <int R>
-inline void weighted_block(const float* const* p, float* const* acc, int64_t count, const float* const* rows,
-                           int64_t voffset, int64_t dim) {
-  for (int64_t offset = 0; offset < dim; offset += 64) {  // slices of 4 zmm: R x 4 accumulators stay in registers
-    const int64_t width = std::min<int64_t>(64, dim - offset);
-    switch ((width + 15) / 16) {
-      case 1: weighted_block_slice<R, 1>(p, acc, count, rows, voffset, offset, width); break;
-      case 2: weighted_block_slice<R, 2>(p, acc, count, rows, voffset, offset, width); break;
-      case 3: weighted_block_slice<R, 3>(p, acc, count, rows, voffset, offset, width); break;
-      default: weighted_block_slice<R, 4>(p, acc, count, rows, voffset, offset, width); break;
-    }
-  }
-}
-
-// For every row r < n_rows: acc[r][d] += sum_{j < ends[r]} p[r][j] * (rows[j] + voffset)[d], j in order
-// (d < dim): value vectors shared by up to 6 rows per load; a row's tail past the shortest row of its
-// group continues the same chain alone.
-inline void weighted_rows_block(const float* const* p, float* const* acc, const int64_t* ends, int64_t n_rows,
-                                const float* const* rows, int64_t voffset, int64_t dim) {
-  constexpr int64_t kRows = 6;  // 6 rows x 4 zmm accumulators + 4 value vectors + 1 broadcast <= 32 zmm
-  for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
-    const int64_t n = std::min(kRows, n_rows - r0);
-    const int64_t common = *std::min_element(ends + r0, ends + r0 + n);
-    switch (n) {
-      case 1: weighted_block<1>(p + r0, acc + r0, common, rows, voffset, dim); break;
-      case 2: weighted_block<2>(p + r0, acc + r0, common, rows, voffset, dim); break;
-      case 3: weighted_block<3>(p + r0, acc + r0, common, rows, voffset, dim); break;
-      case 4: weighted_block<4>(p + r0, acc + r0, common, rows, voffset, dim); break;
-      case 5: weighted_block<5>(p + r0, acc + r0, common, rows, voffset, dim); break;
-      default: weighted_block<6>(p + r0, acc + r0, common, rows, voffset, dim); break;
-    }
-    for (int64_t r = r0; r < r0 + n; ++r)
-      if (ends[r] > common) {
-        const float* pr = p[r] + common;
-        float* ar = acc[r];
-        weighted_block<1>(&pr, &ar, ends[r] - common, rows + common, voffset, dim);
-      }
-  }
-}
-
 #elif defined(__AVX2__) && defined(__FMA__)  // AVX2 + FMA (e.g. AMD Zen 2/3, Intel before AVX-512)
 
-// 8 lanes per vector. Each function keeps the contract of its AVX-512 twin: a value that depends on
+// 8 lanes per vector. Every function keeps the contract of the AVX-512 path: a value that depends on
 // one query and one key (a score), or on one row (a norm), is computed by one fixed sequence of fp32
 // operations whatever its neighbours: an fma chain over d in steps of 8 lanes (a short tail is
 // zero-padded), then the fixed tree hsum8 of the 8 lanes. (The sums differ from the AVX-512 path's
@@ -356,50 +250,27 @@ inline __m256 scale2(__m256 p, __m256 n) {
   return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
 }
 
-// exp of 8 lanes: the AVX-512 path's Cephes polynomial, op for op.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-104.0f));
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.37f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  return scale2(p, n);
-}
+// 8 fp32 lanes: the AVX2 side of the width-generic functions below. A Mask is the count of lanes
+// left (clamped to [0, 8] where used): loads give 0 past it and stores leave memory there alone.
+struct V8 {
+  using Reg = __m256;
+  using Mask = int64_t;
+  static constexpr int kLanes = 8;
+  // weighted_rows_block's rows per pass: 2 rows x 4 ymm accumulators + 4 values + 1 broadcast <= 16 ymm
+  static constexpr int kRows = 2;
 
-// sum_d a[d] * b[d], a in fp32.
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t dim) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t d = 0; d < dim; d += 8) acc = _mm256_fmadd_ps(load8(a + d, dim - d), load8(b + d, dim - d), acc);
-  return hsum8(acc);
-}
-
-// sum_d a[d]^2
-template <typename T>
-inline float sum_squares(const T* a, int64_t dim) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t d = 0; d < dim; d += 8) {
-    const __m256 v = load8(a + d, dim - d);
-    acc = _mm256_fmadd_ps(v, v, acc);
-  }
-  return hsum8(acc);
-}
-
-// acc[d] += p * b[d]
-template <typename T>
-inline void axpy(float p, const T* b, float* acc, int64_t dim) {
-  const __m256 pv = _mm256_set1_ps(p);
-  for (int64_t d = 0; d < dim; d += 8)
-    store8(acc + d, _mm256_fmadd_ps(pv, load8(b + d, dim - d), load8(acc + d, dim - d)), dim - d);
-}
+  static Mask mask(int64_t n) { return n; }
+  template <typename T>
+  static Reg load(const T* p, Mask n) { return load8(p, n); }
+  static void store(float* p, Reg v, Mask n) { store8(p, v, n); }
+  static Reg keep(Mask n, Reg v) { return _mm256_and_ps(_mm256_castsi256_ps(mask8(n)), v); }  // lanes past n zeroed
+  static Reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static Reg round(Reg x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static Reg scale(Reg p, Reg n) { return scale2(p, n); }  // p * 2^n, rounded once (as scalef)
+  static float sum(Reg v) { return hsum8(v); }
+  KVC_LANE_OPS(_mm256)
+};
+using Vec = V8;
 
 // out[i] = sum_d a[d] * row(i)[d] for i < n <= 16, 8 keys at a time: each key's score is its fma
 // chain then hsum8 (reduce8), whatever its slot and n.
@@ -464,60 +335,139 @@ inline float max_of(const float* s, int64_t n) {
   return top;
 }
 
-// s[j] = exp(s[j] - top); returns the sum (8 lane sums in order of j, then hsum8).
-inline float exp_shifted(float* s, int64_t n, float top) {
-  const __m256 topv = _mm256_set1_ps(top);
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; j += 8) {
-    const int64_t left = n - j;
-    const __m256 keep = _mm256_castsi256_ps(mask8(left));
-    const __m256 e = _mm256_and_ps(keep, exp8(_mm256_sub_ps(load8(s + j, left), topv)));
-    store8(s + j, e, left);
-    sum = _mm256_add_ps(sum, e);
-  }
-  return hsum8(sum);
+#endif
+
+#undef KVC_LANE_OPS
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+
+// The width-generic functions: one sequence of fp32 operations, run over Vec's lanes (16 or 8).
+
+// exp of one vector's lanes (Cephes' expf polynomial, within 2 ulp of std::exp); -inf and very negative
+// inputs give 0, as softmax needs.
+template <typename V>
+inline typename V::Reg exp_lanes(typename V::Reg x) {
+  x = V::max(x, V::set1(-104.0f));  // below this exp underflows to 0 anyway
+  x = V::min(x, V::set1(88.37f));
+  const typename V::Reg n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+  typename V::Reg r = V::fnmadd(n, V::set1(0.693359375f), x);
+  r = V::fnmadd(n, V::set1(-2.12194440e-4f), r);
+  typename V::Reg p = V::set1(1.9875691500e-4f);
+  p = V::fmadd(p, r, V::set1(1.3981999507e-3f));
+  p = V::fmadd(p, r, V::set1(8.3334519073e-3f));
+  p = V::fmadd(p, r, V::set1(4.1665795894e-2f));
+  p = V::fmadd(p, r, V::set1(1.6666665459e-1f));
+  p = V::fmadd(p, r, V::set1(5.0000001201e-1f));
+  p = V::fmadd(V::mul(p, r), r, V::add(r, V::set1(1.0f)));
+  return V::scale(p, n);
 }
 
-// out[i] = float(row[i]) for i < n: exact for bf16 and fp16.
+// sum_d a[d] * b[d], a in fp32: one fma chain over d in steps of the width, then Vec::sum.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t dim) {
+  using V = Vec;
+  typename V::Reg acc = V::zero();
+  for (int64_t d = 0; d < dim; d += V::kLanes) {
+    const typename V::Mask mask = V::mask(dim - d);
+    acc = V::fmadd(V::load(a + d, mask), V::load(b + d, mask), acc);
+  }
+  return V::sum(acc);
+}
+
+// sum_d a[d]^2, by the same chain and sum as dot.
+template <typename T>
+inline float sum_squares(const T* a, int64_t dim) {
+  using V = Vec;
+  typename V::Reg acc = V::zero();
+  for (int64_t d = 0; d < dim; d += V::kLanes) {
+    const typename V::Reg v = V::load(a + d, V::mask(dim - d));
+    acc = V::fmadd(v, v, acc);
+  }
+  return V::sum(acc);
+}
+
+// acc[d] += p * b[d], one fma per element.
+template <typename T>
+inline void axpy(float p, const T* b, float* acc, int64_t dim) {
+  using V = Vec;
+  const typename V::Reg pv = V::set1(p);
+  for (int64_t d = 0; d < dim; d += V::kLanes) {
+    const typename V::Mask mask = V::mask(dim - d);
+    V::store(acc + d, V::fmadd(pv, V::load(b + d, mask), V::load(acc + d, mask)), mask);
+  }
+}
+
+// s[j] = exp(s[j] - top) (exp_lanes); returns the sum (the lane sums in order of j, then Vec::sum).
+inline float exp_shifted(float* s, int64_t n, float top) {
+  using V = Vec;
+  const typename V::Reg topv = V::set1(top);
+  typename V::Reg sum = V::zero();
+  for (int64_t j = 0; j < n; j += V::kLanes) {
+    const typename V::Mask mask = V::mask(n - j);
+    const typename V::Reg e = V::keep(mask, exp_lanes<V>(V::sub(V::load(s + j, mask), topv)));
+    V::store(s + j, e, mask);
+    sum = V::add(sum, e);
+  }
+  return V::sum(sum);
+}
+
+// out[i] = float(row[i]) for i < n: exact for bf16 and fp16 (a tile widened once, read by many queries).
 template <typename T>
 inline void widen(const T* row, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 8) store8(out + i, load8(row + i, n - i), n - i);
+  using V = Vec;
+  for (int64_t i = 0; i < n; i += V::kLanes) {
+    const typename V::Mask mask = V::mask(n - i);
+    V::store(out + i, V::load(row + i, mask), mask);
+  }
 }
 
-// R rows over one slice of V x 8 dims: acc[r][d] += sum_{j < count} p[r][j] * row(j)[d], j in order:
-// per element the fma chain of axpy, with the R x V accumulators in registers.
-template <int R, int V>
+// R rows at once over one slice of Vs vectors (Vs x Vec::kLanes dims): for each row r,
+// acc[r][d] += sum_j p[r][j] * row(j)[d] for j < count, in order: each value vector is loaded once for
+// the R rows. Per element the same fma chain as axpy(p[r][j], row(j), acc[r], dim) for j = 0, 1, ...,
+// with acc held in registers.
+template <int R, int Vs>
 inline void weighted_block_slice(const float* const* p, float* const* acc, int64_t count, const float* const* rows,
                                  int64_t voffset, int64_t offset, int64_t width) {
-  __m256 a[R][V];
-#pragma GCC unroll 3
+  using V = Vec;
+  constexpr int W = V::kLanes;
+  // Fully unrolled so that the R x Vs accumulators live in registers (GCC keeps a partly indexed
+  // array of vectors on the stack and stores it every iteration: 3x slower).
+  typename V::Reg a[R][Vs];
+  typename V::Mask masks[Vs];
+#pragma GCC unroll 4
+  for (int v = 0; v < Vs; ++v) masks[v] = V::mask(width - W * v);
+#pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) a[r][v] = load8(acc[r] + offset + 8 * v, width - 8 * v);
+    for (int v = 0; v < Vs; ++v) a[r][v] = V::load(acc[r] + offset + W * v, masks[v]);
+  const float* pr[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) pr[r] = p[r];
   for (int64_t j = 0; j < count; ++j) {
     const float* row = rows[j] + voffset + offset;
-    __m256 values[V];
+    typename V::Reg values[Vs];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) values[v] = load8(row + 8 * v, width - 8 * v);
-#pragma GCC unroll 3
+    for (int v = 0; v < Vs; ++v) values[v] = V::load(row + W * v, masks[v]);
+#pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      const __m256 pv = _mm256_broadcast_ss(p[r] + j);
+      const typename V::Reg pv = V::broadcast(pr[r] + j);
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) a[r][v] = _mm256_fmadd_ps(pv, values[v], a[r][v]);
+      for (int v = 0; v < Vs; ++v) a[r][v] = V::fmadd(pv, values[v], a[r][v]);
     }
   }
-#pragma GCC unroll 3
+#pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) store8(acc[r] + offset + 8 * v, a[r][v], width - 8 * v);
+    for (int v = 0; v < Vs; ++v) V::store(acc[r] + offset + W * v, a[r][v], masks[v]);
 }
 
 template <int R>
 inline void weighted_block(const float* const* p, float* const* acc, int64_t count, const float* const* rows,
                            int64_t voffset, int64_t dim) {
-  for (int64_t offset = 0; offset < dim; offset += 32) {  // slices of 4 ymm: R x 4 accumulators in registers
-    const int64_t width = std::min<int64_t>(32, dim - offset);
-    switch ((width + 7) / 8) {
+  constexpr int W = Vec::kLanes;
+  for (int64_t offset = 0; offset < dim; offset += 4 * W) {  // slices of 4 vectors: R x 4 accumulators in registers
+    const int64_t width = std::min<int64_t>(4 * W, dim - offset);
+    switch ((width + W - 1) / W) {
       case 1: weighted_block_slice<R, 1>(p, acc, count, rows, voffset, offset, width); break;
       case 2: weighted_block_slice<R, 2>(p, acc, count, rows, voffset, offset, width); break;
       case 3: weighted_block_slice<R, 3>(p, acc, count, rows, voffset, offset, width); break;
@@ -526,15 +476,24 @@ inline void weighted_block(const float* const* p, float* const* acc, int64_t cou
   }
 }
 
-// For every row r < n_rows: acc[r][d] += sum_{j < ends[r]} p[r][j] * (rows[j] + voffset)[d], j in order.
+// For every row r < n_rows: acc[r][d] += sum_{j < ends[r]} p[r][j] * (rows[j] + voffset)[d], j in order
+// (d < dim): value vectors shared by up to Vec::kRows rows per load (6 with AVX-512, 2 with AVX2); a
+// row's tail past the shortest row of its group continues the same chain alone.
 inline void weighted_rows_block(const float* const* p, float* const* acc, const int64_t* ends, int64_t n_rows,
                                 const float* const* rows, int64_t voffset, int64_t dim) {
-  constexpr int64_t kRows = 2;  // 2 rows x 4 ymm accumulators + 4 value vectors + 1 broadcast <= 16 ymm
+  constexpr int K = Vec::kRows;
+  constexpr int64_t kRows = K;
   for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
     const int64_t n = std::min(kRows, n_rows - r0);
     const int64_t common = *std::min_element(ends + r0, ends + r0 + n);
-    if (n == 1) weighted_block<1>(p + r0, acc + r0, common, rows, voffset, dim);
-    else weighted_block<2>(p + r0, acc + r0, common, rows, voffset, dim);
+    switch (n) {  // n <= K: with AVX2 (K = 2) the cases past 2 are never taken (capped at K, not instantiated)
+      case 1: weighted_block<1>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      case 2: weighted_block<std::min(2, K)>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      case 3: weighted_block<std::min(3, K)>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      case 4: weighted_block<std::min(4, K)>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      case 5: weighted_block<std::min(5, K)>(p + r0, acc + r0, common, rows, voffset, dim); break;
+      default: weighted_block<K>(p + r0, acc + r0, common, rows, voffset, dim); break;
+    }
     for (int64_t r = r0; r < r0 + n; ++r)
       if (ends[r] > common) {
         const float* pr = p[r] + common;
