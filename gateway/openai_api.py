@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from gateway import protocol
 from kvcluster.client import FINISH_NAMES
+from kvcluster.errors import InvalidArgument
 from kvcluster.engine.sampling_params import DEFAULT_MAX_TOKENS, RANDOM_SEED_BITS, SEED_LIMIT
 from kvcluster.model.tokenizer import ChatMessage
 from kvcluster.proto import common_pb2, decode_pb2
@@ -69,6 +70,7 @@ class ApiRequest:
     # The prompt's ids: the client's, or what the gateway's tokenizer made of the prompt or messages
     # (set before routing; sent in place of the text to replicas with the same tokenizer).
     token_ids: list[int] = field(default_factory=list)
+    ids_problem: InvalidArgument | None = None  # why a replica with the gateway's tokenizer would refuse token_ids
     sampling: common_pb2.SamplingParams = field(default_factory=common_pb2.SamplingParams)
     n: int = 1
     stream: bool = False

@@ -137,29 +137,30 @@ class Gateway:
 
     # ---- the prompt's token ids ------------------------------------------------------------
 
-    def tokenize(self, request: ApiRequest) -> list[int]:
-        """Blocking: the prompt's ids, computed once per request. A chat template's refusal is the 400 a
-        replica would answer."""
+    def tokenize(self, request: ApiRequest) -> None:
+        """Blocking: the prompt's ids (`request.token_ids`), computed and checked once per request. A
+        chat template's refusal is the 400 a replica would answer; ids that a replica with this
+        tokenizer would refuse (too long for the model) are kept in `request.ids_problem`, raised only
+        if they are to be sent (a replica with another tokenizer gets the text and judges it itself)."""
         if request.prompt_ids:
-            return request.prompt_ids
+            return
         try:
-            return (self.tokenizer.encode_chat(request.messages) if request.chat
-                    else self.tokenizer.encode_prompt(request.prompt))
+            request.token_ids = (self.tokenizer.encode_chat(request.messages) if request.chat
+                                 else self.tokenizer.encode_prompt(request.prompt))
+            check_prompt_ids(request.token_ids, request.prompt_field, self.limits.max_tokens, self.limits.vocab_size)
         except InvalidArgument as exc:
-            raise invalid(exc.field, exc.problem) from None
+            if not request.token_ids:
+                raise invalid(exc.field, exc.problem) from None
+            request.ids_problem = exc
 
     def generate_request(self, request: ApiRequest, replica: Replica, resume_token_ids: list[int],
                          index: int) -> decode_pb2.GenerateRequest:
         """Choice `index`'s Generate request for `replica`: the prompt as this gateway's ids when its
-        tokenizer is this one's (checked here as the replica checks a prompt, naming the field the body
-        gave it in), else as the body gave it."""
+        tokenizer is this one's (refused here, naming the field the body gave it in, when `tokenize`
+        found them too long), else as the body gave it."""
         as_ids = bool(request.token_ids) and replica.tokenizer_fingerprint == self.tokenizer.fingerprint
-        if as_ids and not request.prompt_ids:
-            try:
-                check_prompt_ids(request.token_ids, request.prompt_field, self.limits.max_tokens,
-                                 self.limits.vocab_size)
-            except InvalidArgument as exc:
-                raise invalid(exc.field, exc.problem) from None
+        if as_ids and request.ids_problem is not None:
+            raise invalid(request.ids_problem.field, request.ids_problem.problem)
         elif not as_ids and replica.replica_id not in self._text_replicas:
             self._text_replicas.add(replica.replica_id)
             log.warning("replica %s publishes tokenizer fingerprint %s, this gateway's is %s: it gets prompts "
@@ -227,7 +228,7 @@ class Gateway:
         arrival = time.perf_counter()
         self.check_key(http)
         request = parse_request(await http.body(), chat, self.limits)
-        request.token_ids = await asyncio.to_thread(self.tokenize, request)
+        await asyncio.to_thread(self.tokenize, request)
         streams = [self.generate(request)]
         first = await anext(streams[0])  # errors before the first token still get their HTTP status
         self.metrics.ttft.observe(time.perf_counter() - arrival)

@@ -180,7 +180,7 @@ def api_request(gateway: Gateway, **body) -> ApiRequest:
     """A checked chat (`messages=`) or completion (`prompt=`) body, with the ids the gateway computes."""
     request = parse_request(json.dumps({"model": gateway.served_model, **body}).encode(), "messages" in body,
                             gateway.limits)
-    request.token_ids = gateway.tokenize(request)
+    gateway.tokenize(request)
     return request
 
 
