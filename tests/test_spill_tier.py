@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -193,6 +192,17 @@ def test_concurrent_pulls_of_a_moving_block_wait_for_one_promotion(tmp_path):
         results[name] = (pool.read(pinned), reason)
         pool.release(name)
 
+    landed, waiting = pool._landed, threading.Event()
+
+    class Watched:  # the pool's condition, telling the test when a pull starts waiting on it
+        def wait_for(self, predicate, timeout):
+            waiting.set()
+            return landed.wait_for(predicate, timeout)
+
+        def notify_all(self):
+            landed.notify_all()
+
+    pool._landed = Watched()
     try:
         fill(pool, blocks)  # block 0 on disk
         disk.gated = True
@@ -201,7 +211,7 @@ def test_concurrent_pulls_of_a_moving_block_wait_for_one_promotion(tmp_path):
         assert disk.reading.wait(10)          # the first pull is promoting block 0: it is moving
         second = threading.Thread(target=pull, args=("second",))
         second.start()
-        time.sleep(0.2)                       # let the second pull reach the moving block (ordering only)
+        assert waiting.wait(10)               # the second pull reached the moving block and waits for it
         disk.proceed.set()
         first.join(10)
         second.join(10)
