@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -12,7 +13,7 @@ PROMPT_INPUTS = ("token_ids", "text")
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry, replicas_up: Callable[[], int],
-                 local_index_blocks: Callable[[], int] = lambda: 0):
+                 local_index_blocks: Callable[[], dict[str, int]] = dict):
         self.requests = Counter("kvcluster_gateway_requests", "HTTP requests by route and status code",
                                 ["route", "status"], registry=registry)
         self.ttft = Histogram("kvcluster_gateway_time_to_first_token_seconds", "Time from request arrival to the "
@@ -32,13 +33,26 @@ class GatewayMetrics:
                                      registry=registry)
         self.replicas_up = Gauge("kvcluster_gateway_replicas_up", "Decode replicas in rotation", registry=registry)
         self.replicas_up.set_function(replicas_up)
-        self.local_index_blocks = Gauge("kvcluster_gateway_local_index_blocks", "Distinct blocks some replica "
-                                        "holds in the gateway's own copy of the index (--routing-index local: "
-                                        "it follows the KV events; 0 with the Redis index)", registry=registry)
-        self.local_index_blocks.set_function(local_index_blocks)
+        registry.register(LocalIndexBlocks(local_index_blocks))
         for reason in ROUTING_REASONS:
             self.routing.labels(reason)
         for when in ("before_first_token", "mid_stream"):
             self.failovers.labels(when)
         for sent_as in PROMPT_INPUTS:
             self.prompt_inputs.labels(sent_as)
+
+
+class LocalIndexBlocks:
+    """kvcluster_gateway_local_index_blocks{replica}: what the gateway's own copy of the index
+    (--routing-index local, kept from the KV events) credits to each replica, as routing reads it;
+    no samples with the Redis index."""
+
+    def __init__(self, blocks_by_replica: Callable[[], dict[str, int]]):
+        self.blocks_by_replica = blocks_by_replica
+
+    def collect(self):
+        family = GaugeMetricFamily("kvcluster_gateway_local_index_blocks", "Blocks the gateway's own copy of the "
+                                   "index credits to each decode replica (--routing-index local)", labels=["replica"])
+        for replica, blocks in sorted(self.blocks_by_replica().items()):
+            family.add_metric([replica], blocks)
+        yield family

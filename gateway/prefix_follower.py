@@ -70,11 +70,11 @@ class PrefixFollower:
                     self._last_id = event_id
             self.events_applied += len(events)
 
-    @property
-    def num_blocks(self) -> int:
-        """Distinct blocks some member holds in the copy (kvcluster_gateway_local_index_blocks)."""
+    def blocks_by_member(self) -> dict[str, int]:
+        """Blocks the copy credits to each mirrored member (kvcluster_gateway_local_index_blocks)."""
         with self._lock:
-            return self.prefix_index.num_blocks
+            counts = self.prefix_index.blocks_by_member()
+            return {member: counts.get(member, 0) for member in self._epochs}
 
     def held_prefix(self, block_hashes: Sequence[bytes], members: Sequence[StoreRef]) -> list[int]:
         """RedisIndex.held_prefix's answer from the copy (0 for a member in an epoch not mirrored yet)."""

@@ -244,7 +244,7 @@ class TokenizeRequest(ApiModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = Field(None, min_length=1)
-    add_special_tokens: bool = True      # the prompt is tokenized as Generate tokenizes it (no special tokens added)
+    add_special_tokens: bool = True      # a plain prompt as a completion tokenizes it (BOS where the model adds one)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False

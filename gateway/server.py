@@ -76,7 +76,7 @@ class Gateway:
                          and self.replicas.index is not None else None)
         self.registry = registry or CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry, lambda: len(self.replicas.up()),
-                                      lambda: self.follower.num_blocks if self.follower is not None else 0)
+                                      lambda: self.follower.blocks_by_member() if self.follower is not None else {})
         self.keys = config.keys()
         self.metadata = ((API_KEY_HEADER, f"Bearer {config.decode_api_key}"),) if config.decode_api_key else ()
         self._registry_healthy = True
@@ -142,7 +142,8 @@ class Gateway:
         chat template's refusal is the 400 a replica would answer; ids that a replica with this
         tokenizer would refuse (too long for the model) are kept in `request.ids_problem`, raised only
         if they are to be sent (a replica with another tokenizer gets the text and judges it itself)."""
-        if request.prompt_ids:
+        if request.prompt_ids:  # the client's ids: a replica checks them itself
+            request.token_ids = list(request.prompt_ids)
             return
         try:
             request.token_ids = (self.tokenizer.encode_chat(request.messages) if request.chat

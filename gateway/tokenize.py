@@ -2,9 +2,9 @@
 
 /tokenize takes `{"prompt": text}` or `{"messages": [...], "add_generation_prompt": true}` and answers
 `{"count", "max_model_len", "tokens", "token_strs"}`: exactly the token ids a completion of that
-prompt (or chat) is computed on, so `count` is what `usage.prompt_tokens` will say. This server's
-prompts get no special tokens added (the chat template writes its own), so `add_special_tokens`
-changes nothing. /detokenize takes `{"tokens": [...]}` and answers `{"prompt": text}` (special tokens
+prompt (or chat) is computed on, so `count` is what `usage.prompt_tokens` will say: a plain prompt
+starts with BOS for a model that wants it (Gemma, Llama), as a completion's does, unless
+`add_special_tokens` is false; a chat's specials are its template's. /detokenize takes `{"tokens": [...]}` and answers `{"prompt": text}` (special tokens
 kept, so a tokenized chat comes back as its rendered template).
 """
 
@@ -28,7 +28,10 @@ class TokenizeEndpoints:
         fields = parse_body(protocol.TokenizeRequest, await http.body(), self.limits)
         if (fields.prompt is None) == (fields.messages is None):
             raise invalid("prompt", "give exactly one of prompt or messages")
-        tokens = self.tokenizer.encode(fields.prompt) if fields.prompt is not None else self._chat(fields)
+        if fields.prompt is None:
+            tokens = self._chat(fields)
+        else:  # as a completion tokenizes it (BOS first where the model wants one), unless told not to
+            tokens = (self.tokenizer.encode_prompt if fields.add_special_tokens else self.tokenizer.encode)(fields.prompt)
         token_strs = [self.tokenizer.decode([t], skip_special=False) for t in tokens] if fields.return_token_strs \
             else None
         return JSONResponse({"count": len(tokens), "max_model_len": self.limits.max_tokens, "tokens": tokens,

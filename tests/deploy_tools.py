@@ -119,7 +119,6 @@ GATEWAY_METRICS: dict[str, str] = {
     "kvcluster_gateway_failovers_total": "counter",
     "kvcluster_gateway_prompt_inputs_total": "counter",
     "kvcluster_gateway_replicas_up": "gauge",
-    "kvcluster_gateway_local_index_blocks": "gauge",
 }
 SCRAPED_METRICS: dict[str, dict[str, str]] = {**KVCLUSTER_METRICS, "gateway": GATEWAY_METRICS}
 METRIC_TYPES = {name: kind for job in SCRAPED_METRICS.values() for name, kind in job.items()}

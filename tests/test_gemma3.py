@@ -264,3 +264,31 @@ def test_gemma3_270m_through_a_cluster_cold_and_warm(gemma3_path, gemma3_engine,
     stop = next((i for i, t in enumerate(chat_tokens) if t in tokenizer.stop_ids), len(chat_tokens))
     assert chat.choices[0].message.content == tokenizer.decode(chat_tokens[:stop])
     assert chat.choices[0].finish_reason == ("stop" if stop < len(chat_tokens) else "length")
+
+
+def test_tokenize_counts_a_plain_prompt_as_a_completion_does_bos_included(gemma3_engine):
+    """Gemma adds BOS to a plain prompt: /tokenize says so (as vLLM does), so its count is the
+    completion's usage.prompt_tokens; add_special_tokens=false gives the bare text's ids."""
+    import asyncio
+    import json as json_module
+
+    from starlette.requests import Request
+
+    from gateway.openai_api import ModelLimits
+    from gateway.tokenize import TokenizeEndpoints
+
+    tokenizer = gemma3_engine.tokenizer
+    endpoints = TokenizeEndpoints(tokenizer, ModelLimits("gemma3", 32768, tokenizer.vocab_size))
+
+    def tokenize(body: dict) -> dict:
+        async def receive():
+            return {"type": "http.request", "body": json_module.dumps(body).encode()}
+
+        response = asyncio.run(endpoints.tokenize(Request({"type": "http", "method": "POST", "headers": []}, receive)))
+        return json_module.loads(response.body)
+
+    text = "The lighthouse keeper counted the ships."
+    assert tokenize({"prompt": text})["tokens"] == tokenizer.encode_prompt(text) == [tokenizer.bos_id, *tokenizer.encode(text)]
+    assert tokenize({"prompt": text, "add_special_tokens": False})["tokens"] == tokenizer.encode(text)
+    chat = tokenize({"messages": [{"role": "user", "content": text}]})["tokens"]
+    assert chat == tokenizer.encode_chat([ChatMessage("user", text)]) and chat.count(tokenizer.bos_id) == 1

@@ -180,8 +180,11 @@ def test_a_live_cluster_routing_on_the_local_index_sends_a_repeat_to_the_replica
                         break
                     time.sleep(0.1)
                 assert held[replica] == len(hashes)
-            # The gateway's copy has applied those events (a refresh every 0.2 s): 8 distinct blocks a document.
-            assert wait_until(lambda: gateway_metric("kvcluster_gateway_local_index_blocks") >= 8 * len(documents), 30)
+            # The gateway's copy credits each replica with its documents' blocks (a refresh every 0.2 s).
+            owed = {replica: 8 * sum(r == replica for _, r, _ in cold) for _, replica, _ in cold}
+            assert wait_until(lambda: all(
+                gateway_metric(f'kvcluster_gateway_local_index_blocks{{replica="{replica}"}}') >= blocks
+                for replica, blocks in owed.items()), 30)
             hits = cache_hits()
             for ids, (text, replica, _) in zip(documents, cold):
                 for _ in range(2):
@@ -247,3 +250,16 @@ def test_gateway_queues_a_routed_prompts_uncached_tokens_on_its_replica_until_th
         chosen, queued, seen, after, pieces = asyncio.run(scenario(server.url))
     assert chosen == "b" and queued == len(ids) - 48
     assert seen == [len(ids) - 48, 0] and after == {"a": 0, "b": 0} and pieces == 2
+
+
+def test_the_copy_counts_each_members_blocks_as_routing_reads_them():
+    from kvcluster.kv.prefix_index import PrefixIndex
+
+    index = PrefixIndex()
+    a, b = index.sink("a"), index.sink("b")
+    a.blocks_added([b"1", b"2", b"3"])
+    b.blocks_added([b"2", b"3"])
+    a.blocks_removed([b"3"])
+    assert index.blocks_by_member() == {"a": 2, "b": 2} and index.num_blocks == 3
+    index.drop_member("b")
+    assert index.blocks_by_member() == {"a": 2, "b": 0}

@@ -73,6 +73,17 @@ class PrefixIndex:
         """Distinct blocks some member holds."""
         return len(self._holders)
 
+    def blocks_by_member(self) -> dict[str, int]:
+        """Blocks each member holds (one walk over the (block, member) entries)."""
+        counts: dict[int, int] = {}
+        for mask in self._holders.values():
+            while mask:
+                low = mask & -mask
+                bit = low.bit_length() - 1
+                counts[bit] = counts.get(bit, 0) + 1
+                mask ^= low
+        return {member: counts.get(bit, 0) for member, bit in self._bit_of.items()}
+
     def held_prefix(self, block_hashes: Sequence[bytes], members: Sequence[StoreRef]) -> list[int]:
         """For each member, how many leading `block_hashes` it holds (RedisIndex.held_prefix's answer)."""
         bits = [self._bit_of.get(m.store_id) for m in members]
