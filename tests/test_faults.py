@@ -3,22 +3,17 @@
 import threading
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from decode_service.config import DecodeConfig
-from decode_service.server import create_server as create_decode
-from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.engine.engine import EngineConfig
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.errors import InvalidArgument
 from kvcluster.kv.index import RedisIndex
-from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
+from kvcluster.proto import common_pb2, decode_pb2
 from kvcluster.rpc.cache_client import KVCacheClient
 from kvcluster.rpc.faults import NO_FAULTS, FaultyCacheClient, FaultyStoreClient, Faults
 from kvcluster.rpc.store_client import StoreClient
 from kvcluster.worker.server import make_cache_client
-from prefill_service.config import PrefillConfig
-from prefill_service.server import create_server as create_prefill
-from tests.cluster_fixtures import channel_to, running_redis, start_store
+from tests.cluster_fixtures import in_process_cluster
 from tests.store_fixtures import make_blocks
 
 PROMPT = ("A freight forwarder consolidates shipments from several customers into one container, "
@@ -31,24 +26,10 @@ def cluster():
     """Workers without their local cache tier: every reuse here goes through the store, whose
     failure paths these tests strike (tests/test_prefix_cache.py covers the first tier). `--faults`
     with only a seed builds the fault wrappers with nothing to inject; each test sets its faults."""
-    engine_config = EngineConfig(kv_capacity_bytes=128 << 20, prefix_caching=False)
-    with running_redis() as redis_server:
-        store = start_store(redis_server.url, blocks=48)  # small: the eviction test fills it
-        prefill_registry, decode_registry = CollectorRegistry(), CollectorRegistry()
-        prefill, prefill_port = create_prefill(
-            PrefillConfig(port=0, metrics_port=-1, redis_url=redis_server.url, store_timeout_seconds=3.0, faults="seed=1"),
-            engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=prefill_registry)
-        decode, decode_port = create_decode(
-            DecodeConfig(port=0, metrics_port=-1, redis_url=redis_server.url, prefill_target=f"127.0.0.1:{prefill_port}",
-                         store_timeout_seconds=3.0, local_prefill_max_tokens=16, faults="seed=2"),  # 30 new tokens go to Prefill
-            engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=decode_registry)
-        prefill.start()
-        decode.start()
-        yield {"store": store, "prefill": prefill, "decode": decode, "decode_registry": decode_registry,
-               "prefill_registry": prefill_registry, "stub": decode_pb2_grpc.DecodeServiceStub(channel_to(decode_port))}
-        decode.stop(0.5)
-        prefill.stop(0.5)
-        store.stop(0.5)
+    with in_process_cluster(EngineConfig(kv_capacity_bytes=128 << 20, prefix_caching=False), 48,  # small: the eviction test fills it
+                            dict(store_timeout_seconds=3.0, faults="seed=1"),
+                            dict(store_timeout_seconds=3.0, local_prefill_max_tokens=16, faults="seed=2")) as running:
+        yield running  # (30 new tokens go to Prefill)
 
 
 def reference(smollm_engine, prompt: str) -> list[int]:

@@ -8,18 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
-from decode_service.config import DecodeConfig
-from decode_service.server import create_server as create_decode
-from kvcluster.engine.engine import EngineConfig, load_engine
+from kvcluster.engine.engine import EngineConfig
 from kvcluster.engine.sampling import SamplingParams
 from kvcluster.engine.scheduler import PACK_TOKENS
 from kvcluster.kv.block_manager import BlockManager
-from kvcluster.proto import common_pb2, decode_pb2, decode_pb2_grpc
-from prefill_service.config import PrefillConfig
-from prefill_service.server import create_server as create_prefill
-from tests.cluster_fixtures import channel_to, running_redis, start_store
+from kvcluster.proto import common_pb2, decode_pb2
+from tests.cluster_fixtures import in_process_cluster
 from tests.conftest import make_tiny_engine
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -199,25 +194,11 @@ def test_bypassing_requests_neither_read_nor_fill_the_local_cache(tokenizer):
 
 @pytest.fixture(scope="module")
 def cluster():
-    engine_config = EngineConfig(kv_capacity_bytes=160 << 20, max_prefill_tokens=512)
-    with running_redis() as redis_server:
-        store = start_store(redis_server.url, blocks=512)
-        prefill_registry = CollectorRegistry()
-        prefill, prefill_port = create_prefill(
-            PrefillConfig(port=0, metrics_port=-1, redis_url=redis_server.url, store_timeout_seconds=5.0),
-            engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=prefill_registry)
-        prefill.start()
-        registry = CollectorRegistry()
-        decode, decode_port = create_decode(
-            DecodeConfig(port=0, metrics_port=-1, redis_url=redis_server.url, prefill_target=f"127.0.0.1:{prefill_port}",
-                         store_timeout_seconds=5.0, prefill_timeout_seconds=60.0, max_batch=8, disaggregation="always"),
-            engine=load_engine(device="cpu", dtype="float32", config=engine_config), registry=registry)
-        decode.start()
-        yield {"store": store, "prefill": prefill, "decode": decode, "registry": registry,
-               "prefill_registry": prefill_registry, "stub": decode_pb2_grpc.DecodeServiceStub(channel_to(decode_port))}
-        decode.stop(0.5)
-        prefill.stop(0.5)
-        store.stop(0.5)
+    with in_process_cluster(EngineConfig(kv_capacity_bytes=160 << 20, max_prefill_tokens=512), 512,
+                            dict(store_timeout_seconds=5.0),
+                            dict(store_timeout_seconds=5.0, prefill_timeout_seconds=60.0, max_batch=8,
+                                 disaggregation="always")) as running:
+        yield running
 
 
 def generate(cluster, prompt: list[int], max_tokens: int = 4, **kw) -> tuple[list[int], decode_pb2.Usage]:
@@ -244,7 +225,7 @@ def sources_add_up(usage: decode_pb2.Usage) -> bool:
 
 def computed_tokens(cluster) -> float:
     prefill = cluster["prefill_registry"].get_sample_value("kvcluster_prefill_tokens_total", {"source": "computed"})
-    local = cluster["registry"].get_sample_value("kvcluster_prompt_tokens_total", {"source": "local_computed"})
+    local = cluster["decode_registry"].get_sample_value("kvcluster_prompt_tokens_total", {"source": "local_computed"})
     return (prefill or 0.0) + (local or 0.0)
 
 
