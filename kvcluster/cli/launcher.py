@@ -8,9 +8,10 @@ Cluster of 3 masters with a replica each (kvcluster.cli.redis_server.ClusterGrou
 small redis-server processes), so a dead master's replica takes over its slots. Every child gets the
 same `--dtype`, and the store the KV layout of the workers' `--model` (layers, KV heads, head dim read
 from the model's config), so the store holds exactly the blocks the workers compute.
-Then one cache store, one prefill and one decode
-service start together (decode gets prefill's address on its command line: a free port is picked for
-it when asked for any), each child's log lines prefixed with its name. A child is up when it printed its READY line and its gRPC health says SERVING.
+Then one cache store, one prefill and one decode service start together (decode gets prefill's
+address on its command line: a free port is picked for it when asked for any), each child's log
+lines prefixed with its name. A child is up when it printed its READY line and its gRPC health
+says SERVING.
 `decode_replicas` / `prefill_replicas` start several of each (replica i > 0 is named `<service>-<i>`,
 on port base + 10 i, or a free one); decode replica i calls prefill replica i mod M. With `gateway`
 the OpenAI HTTP gateway starts last (it finds the decode replicas through the Redis registry) and is
