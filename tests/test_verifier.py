@@ -2,7 +2,6 @@
 local cache is the cached tier here) with batch-invariant numerics (the default)."""
 
 import logging
-import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -10,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from decode_service.config import DecodeConfig
 from decode_service.server import create_server
 from kvcluster.cli import main as cli
+from kvcluster.cli.polling import wait_until
 from kvcluster.client import Client
 from kvcluster.engine.engine import EngineConfig, load_engine
 from kvcluster.errors import InvalidArgument
@@ -34,12 +34,13 @@ def server():
 
 
 def verified(registry: CollectorRegistry, result: str, at_least: float) -> float:
-    """The verifier's count for `result`, once it reaches `at_least` (it runs in the background)."""
-    deadline = time.monotonic() + 120
-    while True:
-        value = registry.get_sample_value("kvcluster_verify_total", {"result": result}) or 0.0
-        if value >= at_least or time.monotonic() > deadline:
-            return value
+    """The verifier's count for `result`, once it reaches `at_least` (it runs in the background, on
+    this process's cores: polled, not spun, so it is not starved of the GIL)."""
+    def value() -> float:
+        return registry.get_sample_value("kvcluster_verify_total", {"result": result}) or 0.0
+
+    wait_until(lambda: value() >= at_least, 120)
+    return value()
 
 
 def corrupt_cached_block(decode, prompt_ids: list[int], index: int) -> None:
