@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 
 from kvcluster.kv.index import RedisIndex, StoreRef
-from kvcluster.kv.prefix_index import PrefixIndex
+from kvcluster.kv.prefix_index import PrefixIndex, count_by_member
 
 READ_COUNT = 2000
 
@@ -71,10 +71,12 @@ class PrefixFollower:
             self.events_applied += len(events)
 
     def blocks_by_member(self) -> dict[str, int]:
-        """Blocks the copy credits to each mirrored member (kvcluster_gateway_local_index_blocks)."""
+        """Blocks the copy credits to each mirrored member (kvcluster_gateway_local_index_blocks):
+        the lock routing waits on is held for a copy of the masks, the counting runs after."""
         with self._lock:
-            counts = self.prefix_index.blocks_by_member()
-            return {member: counts.get(member, 0) for member in self._epochs}
+            (bit_of, masks), mirrored = self.prefix_index.masks(), list(self._epochs)
+        counts = count_by_member(bit_of, masks)
+        return {member: counts.get(member, 0) for member in mirrored}
 
     def held_prefix(self, block_hashes: Sequence[bytes], members: Sequence[StoreRef]) -> list[int]:
         """RedisIndex.held_prefix's answer from the copy (0 for a member in an epoch not mirrored yet)."""

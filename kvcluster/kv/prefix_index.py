@@ -73,16 +73,14 @@ class PrefixIndex:
         """Distinct blocks some member holds."""
         return len(self._holders)
 
+    def masks(self) -> tuple[dict[str, int], list[int]]:
+        """Copies of the member -> bit map and of every block's holder mask: what `blocks_by_member`
+        counts, taken quickly so an owner holding a lock can count after letting it go."""
+        return dict(self._bit_of), list(self._holders.values())
+
     def blocks_by_member(self) -> dict[str, int]:
-        """Blocks each member holds (one walk over the (block, member) entries)."""
-        counts: dict[int, int] = {}
-        for mask in self._holders.values():
-            while mask:
-                low = mask & -mask
-                bit = low.bit_length() - 1
-                counts[bit] = counts.get(bit, 0) + 1
-                mask ^= low
-        return {member: counts.get(bit, 0) for member, bit in self._bit_of.items()}
+        """Blocks each member holds."""
+        return count_by_member(*self.masks())
 
     def held_prefix(self, block_hashes: Sequence[bytes], members: Sequence[StoreRef]) -> list[int]:
         """For each member, how many leading `block_hashes` it holds (RedisIndex.held_prefix's answer)."""
@@ -114,3 +112,15 @@ class PrefixIndex:
         if bit is None:
             bit = self._bit_of[member_id] = len(self._bit_of)
         return bit
+
+
+def count_by_member(bit_of: dict[str, int], masks: Sequence[int]) -> dict[str, int]:
+    """Blocks each member holds, from PrefixIndex.masks() (one walk over the (block, member) entries)."""
+    counts: dict[int, int] = {}
+    for mask in masks:
+        while mask:
+            low = mask & -mask
+            bit = low.bit_length() - 1
+            counts[bit] = counts.get(bit, 0) + 1
+            mask ^= low
+    return {member: counts.get(bit, 0) for member, bit in bit_of.items()}
