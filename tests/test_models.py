@@ -237,6 +237,79 @@ def test_gguf_matches_transformers(checkpoints, tok, tmp_path, variant):
     assert gguf_engine.fingerprint != hf_engine.fingerprint  # different files: blocks never shared
 
 
+# ---- the weights build cache (KVC_CACHE_DIR/weights): a later start maps what an earlier one dequantized
+
+def weights_entries(cache: Path) -> list[Path]:
+    return sorted((cache / "weights").iterdir())
+
+
+def assert_same_weights(a, b) -> None:
+    named_a, named_b = a.named_tensors(), b.named_tensors()
+    assert named_a.keys() == named_b.keys()
+    assert all(torch.equal(named_a[k], named_b[k]) and named_a[k].dtype == named_b[k].dtype for k in named_a)
+    assert (a.lm_head is a.embed) == (b.lm_head is b.embed)
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama3-rope-scaling-tied"])
+def test_dequantized_gguf_weights_are_cached_and_read_back_bitwise(checkpoints, tok, tmp_path, monkeypatch, variant):
+    from kvcluster.model import gguf_loader
+
+    monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / f"{variant}.gguf", checkpoints[variant], tok)
+    fresh = load_model(path)
+    (entry,) = weights_entries(tmp_path / "cache")  # one entry, no temporary left
+    assert entry.name.startswith(fresh.digest.hex())
+
+    def no_dequantization(*_):
+        raise AssertionError("dequantized again although the cache holds the weights")
+
+    monkeypatch.setattr(gguf_loader, "_read_weights", no_dequantization)
+    cached = load_model(path)
+    assert_same_weights(cached.weights, fresh.weights)
+    assert (cached.digest, cached.config) == (fresh.digest, fresh.config)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "header garbage"])
+def test_a_damaged_weights_entry_is_dequantized_again_never_used(checkpoints, tok, tmp_path, monkeypatch, damage):
+    from kvcluster.model import gguf_loader
+
+    monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "llama.gguf", checkpoints["llama"], tok)
+    good = load_model(path)
+    (entry,) = weights_entries(tmp_path / "cache")
+    raw = entry.read_bytes()
+    entry.write_bytes({"flipped byte": raw[:-5] + bytes([raw[-5] ^ 0x01]) + raw[-4:],  # a tensor's byte
+                       "truncated": raw[:len(raw) // 2],
+                       "header garbage": b"\xff" * 64 + raw[64:]}[damage])
+    dequantized = []
+    real = gguf_loader._read_weights
+    monkeypatch.setattr(gguf_loader, "_read_weights", lambda *a: dequantized.append(1) or real(*a))
+    again = load_model(path)
+    assert dequantized == [1]
+    assert_same_weights(again.weights, good.weights)
+    monkeypatch.setattr(gguf_loader, "_read_weights", None)  # the entry is whole again: read, not rebuilt
+    assert_same_weights(load_model(path).weights, good.weights)
+
+
+def test_no_weights_entry_when_the_cache_is_off_unwritable_or_the_disk_short(checkpoints, tok, tmp_path, monkeypatch):
+    from kvcluster.model import gguf_loader
+
+    path = write_gguf(tmp_path / "llama.gguf", checkpoints["llama"], tok)
+    monkeypatch.setenv("KVC_CACHE_DIR", "")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    reference = load_model(path)
+    assert sorted(tmp_path.iterdir()) == before
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("KVC_CACHE_DIR", str(blocked))
+    assert_same_weights(load_model(path).weights, reference.weights)
+    monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf_loader, "CACHE_FREE_MARGIN", 1 << 62)  # no disk has that much free
+    assert_same_weights(load_model(path).weights, reference.weights)
+    assert list((tmp_path / "cache" / "weights").iterdir()) == []
+
+
 def test_gguf_of_another_architecture_or_rope_scaling_is_refused(checkpoints, tok, tmp_path):
     path = write_gguf(tmp_path / "linear.gguf", checkpoints["llama"], tok, gguf.RopeScalingType.LINEAR)
     with pytest.raises(UnsupportedModel, match="rope scaling 'linear'"):

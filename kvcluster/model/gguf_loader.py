@@ -5,19 +5,38 @@ Llama 3's rope scaling travels in the file as the `rope_freqs.weight` tensor (on
 frequency, as llama.cpp's converter writes it) and is applied; any other rope scaling is refused.
 The file's metadata, config and tokenizer are read by kvcluster.model.files (torch-free); this adds the
 weights.
+
+Dequantizing takes seconds (~3 s for SmolLM2-135M on a 2-core CPU, about half a worker's start), so the
+result is kept in the build cache (kvcluster.model.build_cache: `KVC_CACHE_DIR`, folder `weights/`) as
+a safetensors file named by the GGUF file's digest and the versions of what computed it, with an xxh3
+checksum of every tensor's bytes in its metadata. A later start memory-maps it (the page cache then holds
+one copy for every worker on the machine) and checks the checksum (~0.05 s): the same bits as a fresh
+dequantization, or a fresh dequantization when the entry does not match. Entries are skipped when the
+disk would be left with less than `CACHE_FREE_MARGIN` free.
 """
 
+import importlib.metadata
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
+import xxhash
 
 from kvcluster.model import gemma3
+from kvcluster.model.build_cache import cache_dir, write_entry
 from kvcluster.model.config import ModelConfig
 from kvcluster.model.files import (VOCABULARY_KEYS, GGUFFile, TokenizerData, default_model_path, file_digest,
                                    gguf_file_config, read_gguf_tokenizer_of)
 from kvcluster.model.llama import LayerWeights, LlamaWeights
+
+log = logging.getLogger(__name__)
+WEIGHTS_CACHE_VERSION = 1       # bump when _read_weights changes what it returns
+CACHE_FREE_MARGIN = 2 << 30     # bytes a cache entry must leave free on its disk
 
 
 @dataclass
@@ -35,7 +54,62 @@ def load_gguf(path: str | Path | None = None) -> GGUFModel:
     path = Path(path) if path else default_model_path()
     file = GGUFFile(path, VOCABULARY_KEYS)
     config = gguf_file_config(file)
-    return GGUFModel(path, config, _read_weights(file, config), read_gguf_tokenizer_of(file), file_digest(path))
+    digest = file_digest(path)
+    return GGUFModel(path, config, cached_weights(file, config, digest), read_gguf_tokenizer_of(file), digest)
+
+
+def weights_cache_entry(digest: bytes) -> Path | None:
+    """The build-cache file of the weights of the GGUF file with this digest (None: cache off). Its name
+    holds what the dequantized values depend on: the file, this loader's version, gguf's and numpy's."""
+    folder = cache_dir("weights")
+    if folder is None:
+        return None
+    versions = "-".join(f"{p}{importlib.metadata.version(p)}" for p in ("gguf", "numpy"))
+    return folder / f"{digest.hex()}-v{WEIGHTS_CACHE_VERSION}-{versions}.safetensors"
+
+
+def tensors_checksum(named: dict[str, torch.Tensor]) -> str:
+    """xxh3-128 over the names, shapes, dtypes and bytes of the tensors, in name order."""
+    h = xxhash.xxh3_128()
+    for name in sorted(named):
+        t = named[name]
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def cached_weights(file: GGUFFile, config: ModelConfig, digest: bytes) -> LlamaWeights:
+    """_read_weights(file, config), read from the build cache when a start before dequantized the same
+    file (see the module's docstring), else dequantized and written there."""
+    path = weights_cache_entry(digest)
+    if path is not None:
+        try:
+            with safetensors.safe_open(path, framework="pt") as entry:
+                checksum = (entry.metadata() or {}).get("xxh3_128")
+            named = safetensors.torch.load_file(path)  # memory-mapped
+            if checksum == tensors_checksum(named):
+                return LlamaWeights.from_named(named, config.num_layers)
+            log.warning("weights cache entry %s is corrupt: dequantizing again", path)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # OSError, safetensors' errors on a damaged header, a missing tensor
+            log.warning("weights cache entry %s unreadable (%s): dequantizing again", path, exc)
+    weights = _read_weights(file, config)
+    if path is not None:
+        named = weights.named_tensors()
+        size = sum(t.numel() * t.element_size() for t in named.values())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            room = shutil.disk_usage(path.parent).free >= size + CACHE_FREE_MARGIN
+        except OSError as exc:
+            log.info("weights not cached (%s): the next start dequantizes them again", exc)
+            room = None
+        if room is False:
+            log.info("weights not cached: %s would have less than %d MiB free", path.parent, CACHE_FREE_MARGIN >> 20)
+        elif room:
+            metadata = {"xxh3_128": tensors_checksum(named), "source": str(file.path)}
+            write_entry(path, lambda temporary: safetensors.torch.save_file(named, temporary, metadata))
+    return weights
 
 
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:

@@ -56,6 +56,26 @@ class LlamaWeights:
         embed = cast(self.embed)
         return LlamaWeights(embed, layers, cast(self.norm), embed if tied else cast(self.lm_head))
 
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor under a flat name (embed, norm, layers.<i>.<field>); lm_head only when it is not
+        the embedding itself. `from_named` inverts it."""
+        named = {"embed": self.embed, "norm": self.norm}
+        if self.lm_head is not self.embed:
+            named["lm_head"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            for f in LayerWeights.__dataclass_fields__:
+                if (t := getattr(layer, f)) is not None:
+                    named[f"layers.{i}.{f}"] = t
+        return named
+
+    @classmethod
+    def from_named(cls, named: dict[str, torch.Tensor], num_layers: int) -> "LlamaWeights":
+        """The weights `named_tensors` gave; KeyError when a required tensor is missing."""
+        layers = [LayerWeights(**{f: named[f"layers.{i}.{f}"] for f in LayerWeights.__dataclass_fields__
+                                  if f"layers.{i}.{f}" in named}) for i in range(num_layers)]
+        embed = named["embed"]
+        return cls(embed, layers, named["norm"], named.get("lm_head", embed))
+
     @classmethod
     def random(cls, config: ModelConfig, seed: int) -> "LlamaWeights":
         """Seeded random weights (fp32) for fast tests of the engine's mechanics."""

@@ -12,10 +12,8 @@ a wrong split still produces plausible tokens.
 tokenized a prompt can tell whether a worker would have got the same ids from its text. It also keys the
 build cache: the conversion takes seconds (transformers' import, then the vocabulary: ~1 s for SmolLM2,
 ~4 s for Gemma 3's 262k pieces) in every worker, gateway and CLI start, so the built tokenizer.json is kept
-in `KVC_CACHE_DIR` (default `$XDG_CACHE_HOME/kvcluster`, else `~/.cache/kvcluster`; set it empty to turn
-the cache off) under its fingerprint, with a checksum of its bytes: a later start with the same
-fingerprint reads it in ~0.1 s. A missing, unreadable or corrupt entry is rebuilt; an unwritable folder
-only means no cache.
+in the build cache (kvcluster.model.build_cache: `KVC_CACHE_DIR`) under its fingerprint, with a checksum
+of its bytes: a later start with the same fingerprint reads it in ~0.1 s.
 """
 
 import dataclasses
@@ -23,11 +21,8 @@ import datetime
 import importlib.metadata
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import jinja2.ext
 import xxhash
@@ -35,6 +30,7 @@ import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers
 
 from kvcluster.errors import InvalidArgument, UnsupportedModel
+from kvcluster.model.build_cache import cache_dir, write_entry
 from kvcluster.model.files import HFTokenizerFiles, TokenizerData
 
 log = logging.getLogger(__name__)
@@ -150,19 +146,10 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def tokenizer_cache_dir() -> Path | None:
-    """Where built tokenizers are kept (see the module's docstring); None when KVC_CACHE_DIR is empty."""
-    configured = os.environ.get("KVC_CACHE_DIR")
-    if configured is not None:
-        return Path(configured) / "tokenizers" if configured else None
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kvcluster" / "tokenizers"
-
-
 def cached_gguf_tokenizer(data: TokenizerData, fingerprint: str) -> HFTokenizer:
     """gguf_tokenizer(data), read from the build cache when a start before built the same one (same
     fingerprint), else built and written there. An entry is its checksum's line, then the tokenizer.json."""
-    folder = tokenizer_cache_dir()
+    folder = cache_dir("tokenizers")
     path = folder / f"{fingerprint}.json" if folder is not None else None
     if path is not None:
         try:
@@ -177,18 +164,8 @@ def cached_gguf_tokenizer(data: TokenizerData, fingerprint: str) -> HFTokenizer:
     tok = gguf_tokenizer(data)
     if path is not None:
         text = tok.to_str()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{fingerprint}.")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as out:
-                    out.write(f"{xxhash.xxh3_128_hexdigest(text.encode())}\n{text}")
-                os.replace(temporary, path)  # whole or absent, whoever else writes it at the same time
-            except BaseException:
-                os.unlink(temporary)
-                raise
-        except OSError as exc:
-            log.info("tokenizer not cached (%s): the next start builds it again", exc)
+        write_entry(path, lambda temporary: temporary.write_text(
+            f"{xxhash.xxh3_128_hexdigest(text.encode())}\n{text}", encoding="utf-8"))
     return tok
 
 
