@@ -24,10 +24,11 @@ from kvcluster.model.llama import PrefillSeq
 
 PREFILL_TARGET_TOK_S = 400.0
 BATCH8_TARGET_RATIO = 4.0
-WARM_CACHED_TOKENS = 1023
 FULL_OVER_WARM_TARGET = 40.0
 NAME = "engine"
-SUITE_SIZES = {"full": (3, 16), "quick": (1, 4), "tiny": (1, 2)}  # (repeats, decode steps)
+PREFILL_LENGTHS = (512, 1024)  # the last is also the warm forward's context (its last token after the rest)
+# (repeats, decode steps, prefill lengths); tiny only checks that the measure runs and writes its files
+SUITE_SIZES = {"full": (3, 16, PREFILL_LENGTHS), "quick": (1, 4, PREFILL_LENGTHS), "tiny": (1, 2, (128, 256))}
 
 
 def random_prompt(length: int, seed: int) -> list[int]:
@@ -45,16 +46,17 @@ def prefill_tok_s(engine: Engine, length: int, repeats: int) -> float:
     return length / seconds
 
 
-def warm_forward_seconds(engine: Engine, repeats: int) -> tuple[float, float]:
-    """(seconds of one forward of token 1,024 over 1,023 cached, seconds of the full 1,024-token
-    prefill), alternated so both see the same machine load; the warm figure is a median of 5."""
-    ids = random_prompt(WARM_CACHED_TOKENS + 1, seed=WARM_CACHED_TOKENS)
+def warm_forward_seconds(engine: Engine, repeats: int, length: int = PREFILL_LENGTHS[-1]) -> tuple[float, float]:
+    """(seconds of one forward of the last of `length` tokens over the others cached, seconds of the full
+    `length`-token prefill), alternated so both see the same machine load; the warm figure is a median of 5."""
+    cached = length - 1
+    ids = random_prompt(length, seed=cached)
     slots = engine.blocks.allocate(-(-len(ids) // engine.config.block_size))
     full, warm = [], []
     try:
         for _ in range(repeats):
             full.append(median_seconds(lambda: engine.model.prefill(engine.pool.kv, [PrefillSeq(ids, 0, slots)]), 1))
-            last = [PrefillSeq(ids[WARM_CACHED_TOKENS:], WARM_CACHED_TOKENS, slots)]
+            last = [PrefillSeq(ids[cached:], cached, slots)]
             warm.append(median_seconds(lambda: engine.model.prefill(engine.pool.kv, last), 5))
     finally:
         engine.blocks.free(slots)
@@ -92,21 +94,22 @@ def decode_tok_s(engine: Engine, batch: int, steps: int, repeats: int) -> float:
     return batch * steps / seconds
 
 
-def measure(engine: Engine, repeats: int, steps: int) -> dict:
-    """Prefill tok/s at 512 and 1024 tokens, decode tok/s at batch 1, 4, 8, and the targets' ratios."""
-    prefill = {n: prefill_tok_s(engine, n, repeats) for n in (512, 1024)}
+def measure(engine: Engine, repeats: int, steps: int, lengths: tuple[int, ...] = PREFILL_LENGTHS) -> dict:
+    """Prefill tok/s at `lengths` (512 and 1024 tokens), decode tok/s at batch 1, 4, 8, and the targets' ratios."""
+    prefill = {n: prefill_tok_s(engine, n, repeats) for n in lengths}
     decode = {b: decode_tok_s(engine, b, steps, repeats) for b in (1, 4, 8)}
     ratio = decode[8] / decode[1]
-    warm, full = warm_forward_seconds(engine, repeats)
+    longest = lengths[-1]
+    warm, full = warm_forward_seconds(engine, repeats, longest)
     return {
         "model": str(engine.model.config), "dtype": engine.layout.dtype, "repeats": repeats, "steps": steps,
         "prefill_tok_s": {str(n): round(v, 1) for n, v in prefill.items()},
         "decode_tok_s": {str(b): round(v, 1) for b, v in decode.items()},
-        "warm_forward_ms": {f"last_token_after_{WARM_CACHED_TOKENS}_cached": round(warm * 1e3, 2),
-                            f"full_{WARM_CACHED_TOKENS + 1}_prefill": round(full * 1e3, 1)},
+        "warm_forward_ms": {f"last_token_after_{longest - 1}_cached": round(warm * 1e3, 2),
+                            f"full_{longest}_prefill": round(full * 1e3, 1)},
         "ratios": {
             "full_prefill_over_warm_forward": at_least(full / warm, FULL_OVER_WARM_TARGET, digits=1),
-            "prefill_1024_tok_s": at_least(prefill[1024], PREFILL_TARGET_TOK_S, digits=1),
+            f"prefill_{longest}_tok_s": at_least(prefill[longest], PREFILL_TARGET_TOK_S, digits=1),
             "decode_batch8_over_batch1": at_least(ratio, BATCH8_TARGET_RATIO),
         },
     }
@@ -114,15 +117,15 @@ def measure(engine: Engine, repeats: int, steps: int) -> dict:
 
 def run(ctx: BenchContext) -> dict:
     """The suite measure: bench/results/engine.json and engine.png."""
-    repeats, steps = ctx.pick(SUITE_SIZES)
-    progress(NAME, f"prefill 512/1024 tokens and decode batch 1/4/8, {repeats} repeats of {steps} steps")
-    result = measure(ctx.engine(), repeats, steps)
+    repeats, steps, lengths = ctx.pick(SUITE_SIZES)
+    progress(NAME, f"prefill {'/'.join(map(str, lengths))} tokens and decode batch 1/4/8, {repeats} repeats of {steps} steps")
+    result = measure(ctx.engine(), repeats, steps, lengths)
     progress(NAME, "prefill " + ", ".join(f"{n}: {v} tok/s" for n, v in result["prefill_tok_s"].items())
              + "; decode " + ", ".join(f"batch {b}: {v} tok/s" for b, v in result["decode_tok_s"].items()))
     result["gpu"] = gpu_note()
     ctx.write(NAME, result)
     bar_plot(ctx.results_dir / f"{NAME}.png", "In-process engine speed", "tokens / s",
-             ["prefill 512", "prefill 1024", "decode b1", "decode b4", "decode b8"],
+             [*(f"prefill {n}" for n in lengths), "decode b1", "decode b4", "decode b8"],
              {"tok/s": [*result["prefill_tok_s"].values(), *result["decode_tok_s"].values()]})
     return result
 

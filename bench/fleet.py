@@ -41,10 +41,10 @@ TTFT_GAIN_TARGET = 3.0
 DECISION_P99_TARGET_US = 1000.0
 HEADLINE_REPLICAS = 64
 
-# (sizes, request limit, capacity sweep, router-scale blocks per replica)
-SIZES = {"full": ((4, 16, 64, 256), None, (22, 728, 2048, 8192), 10_000),
-         "quick": ((4, 64), 3000, (22, 728, 4096), 10_000),
-         "tiny": ((4,), 300, (22, 728), 500)}
+# (sizes, request limit, capacity sweep, router-scale blocks per replica, router-scale decisions timed)
+SIZES = {"full": ((4, 16, 64, 256), None, (22, 728, 2048, 8192), 10_000, 2000),
+         "quick": ((4, 64), 3000, (22, 728, 4096), 10_000, 2000),
+         "tiny": ((4,), 150, (22, 728), 500, 200)}
 
 
 def cpu_profile(results_dir: Path = RESULTS_DIR) -> CostModel:
@@ -134,7 +134,7 @@ def not_run(ctx: BenchContext, reason: str) -> dict:
 
 
 def run(ctx: BenchContext) -> dict:
-    sizes, limit, capacities, router_blocks = ctx.pick(SIZES)
+    sizes, limit, capacities, router_blocks, router_rounds = ctx.pick(SIZES)
     if not (TRACES_DIR / "mooncake_conversation_trace.jsonl").exists():
         return not_run(ctx, f"no Mooncake traces in {TRACES_DIR}")
     traces = {name: load_trace(TRACES_DIR / f"mooncake_{name}_trace.jsonl", limit)
@@ -144,7 +144,7 @@ def run(ctx: BenchContext) -> dict:
         profiles[cost.name] = run_profile(cost, traces, sizes, capacities, sweep)
     redis_server = RedisServer().start()
     try:
-        scale = router_scale.measure(blocks_per_replica=router_blocks, redis_url=redis_server.url)
+        scale = router_scale.measure(blocks_per_replica=router_blocks, rounds=router_rounds, redis_url=redis_server.url)
     finally:
         redis_server.stop()
     progress(NAME, f"routing decision at 256 x {router_blocks}: PrefixIndex CPU p99 "
