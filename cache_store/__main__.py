@@ -5,11 +5,10 @@ prints `READY grpc_port=<port> metrics_port=<port> store_id=<id>` to stdout.
 """
 
 import ctypes
-import sys
 
 from cache_store.config import StoreConfig
 from cache_store.server import create_server
-from kvcluster.rpc.service_main import run_service
+from kvcluster.rpc.service_main import exit_process, run_service
 
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
@@ -34,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

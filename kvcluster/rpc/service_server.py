@@ -2,29 +2,54 @@
 HTTP endpoint, and one start and stop order (tests and kvcluster.rpc.service_main drive them alike)."""
 
 import logging
+import socket
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from kvcluster.rpc import plumbing as rpc
 
 log = logging.getLogger(__name__)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # a scrape every few seconds is not news
+        pass
+
+
+class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
 class MetricsEndpoint:
-    """The /metrics HTTP endpoint of one registry (port 0: a free one; below 0: none)."""
+    """The /metrics HTTP endpoint of one registry (port 0: a free one; below 0: none). prometheus_client's
+    exposition app, served from a thread that looks for `stop` every `POLL_S` (its own start_http_server
+    polls every 0.5 s, which every stop of every service waited for)."""
+
+    POLL_S = 0.05
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int):
         self.registry = registry
         self.host = "::" if host == "[::]" else host
         self.requested_port = port
         self.port: int | None = None
-        self._http = None
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> int | None:
         """Serve, unless turned off; returns the bound port (None when off)."""
         if self.requested_port >= 0:
-            self._http, _ = start_http_server(self.requested_port, addr=self.host, registry=self.registry)
+            family, _, _, _, address = socket.getaddrinfo(self.host, self.requested_port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+            server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+            self._http = make_server(address[0], self.requested_port, make_wsgi_app(self.registry), server_class,
+                                     handler_class=_QuietHandler)
             self.port = self._http.server_port
+            self._thread = threading.Thread(target=self._http.serve_forever, args=(self.POLL_S,),
+                                            name="metrics-http", daemon=True)
+            self._thread.start()
         return self.port
 
     def stop(self) -> None:
