@@ -108,3 +108,27 @@ def test_a_taken_port_is_unavailable_not_shared():
             rpc.create_server([service], port=port)
     finally:
         first.stop(0)
+
+
+# ---- /metrics of every gRPC service (kvcluster.rpc.service_server.MetricsEndpoint) -------------------
+
+@pytest.mark.parametrize("host, connect", [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"),
+                                           ("localhost", "localhost"), ("[::]", "[::1]")])
+def test_metrics_endpoint_serves_its_registry_and_stop_closes_the_port(host, connect):
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from kvcluster.rpc.service_server import MetricsEndpoint
+
+    registry = CollectorRegistry()
+    Counter("kvc_probe", "a probe", registry=registry).inc(3)
+    endpoint = MetricsEndpoint(registry, host, 0)
+    port = endpoint.start()
+    url = f"http://{connect}:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200 and "kvc_probe_total 3.0" in response.read().decode()
+    endpoint.stop()
+    with pytest.raises(OSError):  # refused: the port is closed, not left to a background thread
+        urllib.request.urlopen(url, timeout=5)
+    assert MetricsEndpoint(registry, host, -1).start() is None  # below 0: no endpoint at all
