@@ -292,7 +292,7 @@ def test_a_damaged_weights_entry_is_dequantized_again_never_used(checkpoints, to
 
 
 def test_no_weights_entry_when_the_cache_is_off_unwritable_or_the_disk_short(checkpoints, tok, tmp_path, monkeypatch):
-    from kvcluster.model import gguf_loader
+    from kvcluster.model import build_cache
 
     path = write_gguf(tmp_path / "llama.gguf", checkpoints["llama"], tok)
     monkeypatch.setenv("KVC_CACHE_DIR", "")
@@ -305,7 +305,7 @@ def test_no_weights_entry_when_the_cache_is_off_unwritable_or_the_disk_short(che
     monkeypatch.setenv("KVC_CACHE_DIR", str(blocked))
     assert_same_weights(load_model(path).weights, reference.weights)
     monkeypatch.setenv("KVC_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(gguf_loader, "CACHE_FREE_MARGIN", 1 << 62)  # no disk has that much free
+    monkeypatch.setattr(build_cache, "FREE_MARGIN", 1 << 62)  # no disk has that much free
     assert_same_weights(load_model(path).weights, reference.weights)
     assert list((tmp_path / "cache" / "weights").iterdir()) == []
 

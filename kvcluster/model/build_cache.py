@@ -6,16 +6,19 @@ empty to turn the cache off), one folder per kind. An entry is named by everythi
 on and carries a checksum of its bytes, checked on every read: a missing, unreadable or corrupt entry is
 built again, never used. Entries are written whole or not at all (a temporary file, then a rename), so
 workers starting at once on one machine may both build an entry but never read half of one. An
-unwritable folder or a full disk only means no cache.
+unwritable folder only means no cache, and so does a disk that an entry would leave with less than
+`FREE_MARGIN` free.
 """
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+FREE_MARGIN = 2 << 30  # bytes an entry must leave free on its disk
 
 
 def cache_dir(kind: str) -> Path | None:
@@ -27,11 +30,14 @@ def cache_dir(kind: str) -> Path | None:
     return Path(base) / "kvcluster" / kind
 
 
-def write_entry(path: Path, write: Callable[[Path], None]) -> bool:
-    """Make the entry `path` with `write(temporary_path)`, then rename it into place; False (and a log
-    line) when it could not be written: the next start builds it again."""
+def write_entry(path: Path, write: Callable[[Path], None], size: int) -> bool:
+    """Make the entry `path` (about `size` bytes) with `write(temporary_path)`, then rename it into place;
+    False (and a log line) when it was not written: the next start builds it again."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(path.parent).free < size + FREE_MARGIN:
+            log.info("%s not cached: its disk would have less than %d MiB free", path.name, FREE_MARGIN >> 20)
+            return False
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.close(fd)
         try:

@@ -11,13 +11,11 @@ result is kept in the build cache (kvcluster.model.build_cache: `KVC_CACHE_DIR`,
 a safetensors file named by the GGUF file's digest and the versions of what computed it, with an xxh3
 checksum of every tensor's bytes in its metadata. A later start memory-maps it (the page cache then holds
 one copy for every worker on the machine) and checks the checksum (~0.05 s): the same bits as a fresh
-dequantization, or a fresh dequantization when the entry does not match. Entries are skipped when the
-disk would be left with less than `CACHE_FREE_MARGIN` free.
+dequantization, or a fresh dequantization when the entry does not match.
 """
 
 import importlib.metadata
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +33,7 @@ from kvcluster.model.files import (VOCABULARY_KEYS, GGUFFile, TokenizerData, def
 from kvcluster.model.llama import LayerWeights, LlamaWeights
 
 log = logging.getLogger(__name__)
-WEIGHTS_CACHE_VERSION = 1       # bump when _read_weights changes what it returns
-CACHE_FREE_MARGIN = 2 << 30     # bytes a cache entry must leave free on its disk
+WEIGHTS_CACHE_VERSION = 1  # bump when _read_weights changes what it returns
 
 
 @dataclass
@@ -84,9 +81,9 @@ def cached_weights(file: GGUFFile, config: ModelConfig, digest: bytes) -> LlamaW
     path = weights_cache_entry(digest)
     if path is not None:
         try:
-            with safetensors.safe_open(path, framework="pt") as entry:
+            with safetensors.safe_open(path, framework="pt") as entry:  # memory-mapped
                 checksum = (entry.metadata() or {}).get("xxh3_128")
-            named = safetensors.torch.load_file(path)  # memory-mapped
+                named = {name: entry.get_tensor(name) for name in entry.keys()}
             if checksum == tensors_checksum(named):
                 return LlamaWeights.from_named(named, config.num_layers)
             log.warning("weights cache entry %s is corrupt: dequantizing again", path)
@@ -97,18 +94,9 @@ def cached_weights(file: GGUFFile, config: ModelConfig, digest: bytes) -> LlamaW
     weights = _read_weights(file, config)
     if path is not None:
         named = weights.named_tensors()
-        size = sum(t.numel() * t.element_size() for t in named.values())
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            room = shutil.disk_usage(path.parent).free >= size + CACHE_FREE_MARGIN
-        except OSError as exc:
-            log.info("weights not cached (%s): the next start dequantizes them again", exc)
-            room = None
-        if room is False:
-            log.info("weights not cached: %s would have less than %d MiB free", path.parent, CACHE_FREE_MARGIN >> 20)
-        elif room:
-            metadata = {"xxh3_128": tensors_checksum(named), "source": str(file.path)}
-            write_entry(path, lambda temporary: safetensors.torch.save_file(named, temporary, metadata))
+        metadata = {"xxh3_128": tensors_checksum(named), "source": str(file.path)}
+        write_entry(path, lambda temporary: safetensors.torch.save_file(named, temporary, metadata),
+                    size=sum(t.numel() * t.element_size() for t in named.values()))
     return weights
 
 

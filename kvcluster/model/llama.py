@@ -70,7 +70,7 @@ class LlamaWeights:
 
     @classmethod
     def from_named(cls, named: dict[str, torch.Tensor], num_layers: int) -> "LlamaWeights":
-        """The weights `named_tensors` gave; KeyError when a required tensor is missing."""
+        """The weights `named_tensors` gave; KeyError or TypeError when a required tensor is missing."""
         layers = [LayerWeights(**{f: named[f"layers.{i}.{f}"] for f in LayerWeights.__dataclass_fields__
                                   if f"layers.{i}.{f}" in named}) for i in range(num_layers)]
         embed = named["embed"]

@@ -164,8 +164,8 @@ def cached_gguf_tokenizer(data: TokenizerData, fingerprint: str) -> HFTokenizer:
     tok = gguf_tokenizer(data)
     if path is not None:
         text = tok.to_str()
-        write_entry(path, lambda temporary: temporary.write_text(
-            f"{xxhash.xxh3_128_hexdigest(text.encode())}\n{text}", encoding="utf-8"))
+        entry = f"{xxhash.xxh3_128_hexdigest(text.encode())}\n{text}".encode()
+        write_entry(path, lambda temporary: temporary.write_bytes(entry), size=len(entry))
     return tok
 
 
