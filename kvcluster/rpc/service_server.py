@@ -36,7 +36,6 @@ class MetricsEndpoint:
         self.requested_port = port
         self.port: int | None = None
         self._http: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def start(self) -> int | None:
         """Serve, unless turned off; returns the bound port (None when off)."""
@@ -47,9 +46,8 @@ class MetricsEndpoint:
             self._http = make_server(address[0], self.requested_port, make_wsgi_app(self.registry), server_class,
                                      handler_class=_QuietHandler)
             self.port = self._http.server_port
-            self._thread = threading.Thread(target=self._http.serve_forever, args=(self.POLL_S,),
-                                            name="metrics-http", daemon=True)
-            self._thread.start()
+            threading.Thread(target=self._http.serve_forever, args=(self.POLL_S,), name="metrics-http",
+                             daemon=True).start()
         return self.port
 
     def stop(self) -> None:
