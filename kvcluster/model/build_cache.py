@@ -30,14 +30,14 @@ def cache_dir(kind: str) -> Path | None:
     return Path(base) / "kvcluster" / kind
 
 
-def write_entry(path: Path, write: Callable[[Path], None], size: int) -> bool:
+def write_entry(path: Path, write: Callable[[Path], None], size: int) -> None:
     """Make the entry `path` (about `size` bytes) with `write(temporary_path)`, then rename it into place;
-    False (and a log line) when it was not written: the next start builds it again."""
+    when it cannot be written, a log line says so and the next start builds it again."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if shutil.disk_usage(path.parent).free < size + FREE_MARGIN:
             log.info("%s not cached: its disk would have less than %d MiB free", path.name, FREE_MARGIN >> 20)
-            return False
+            return
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.close(fd)
         try:
@@ -48,5 +48,3 @@ def write_entry(path: Path, write: Callable[[Path], None], size: int) -> bool:
             raise
     except OSError as exc:
         log.info("%s not cached (%s): the next start builds it again", path.name, exc)
-        return False
-    return True
